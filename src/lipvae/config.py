@@ -1,0 +1,125 @@
+"""From a composed Hydra config to objects, with every user-facing field checked first.
+
+Each check raises ``UserError`` with one line naming the field, the value given and
+what is accepted, before any data is read or any model is built.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+from omegaconf import DictConfig, OmegaConf
+
+from lipvae.data import DATASETS, ImageDataModule
+from lipvae.errors import UserError
+from lipvae.vae import KINDS, LIKELIHOODS, STD_MODES, VAE
+
+
+def _number(cfg: DictConfig, path: str):
+    try:
+        value = OmegaConf.select(cfg, path, throw_on_missing=True)
+    except Exception as e:  # interpolation or missing-value errors
+        raise UserError(f"{path}: cannot be resolved ({e.__class__.__name__}: {e})") from None
+    return value
+
+
+def _check(ok: bool, path: str, value, accepted: str) -> None:
+    if not ok:
+        raise UserError(f"{path}: got {value!r}; accepted: {accepted}")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _positive(cfg: DictConfig, path: str, integer: bool = False) -> None:
+    v = _number(cfg, path)
+    kind = "integer" if integer else "number"
+    ok = (isinstance(v, int) and not isinstance(v, bool)) if integer else _is_num(v)
+    _check(ok and v > 0, path, v, f"a positive {kind}")
+
+
+def _choice(cfg: DictConfig, path: str, accepted) -> None:
+    v = _number(cfg, path)
+    _check(v in accepted, path, v, ", ".join(map(str, accepted)))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the fields a user sets; raises ``UserError`` on the first bad one."""
+    _choice(cfg, "model.kind", KINDS)
+    _choice(cfg, "model.likelihood", LIKELIHOODS)
+    _choice(cfg, "model.encoder_std.mode", STD_MODES)
+    _choice(cfg, "data.name", tuple(DATASETS))
+    _positive(cfg, "model.latent_dim", integer=True)
+    hidden = _number(cfg, "model.hidden")
+    _check(
+        OmegaConf.is_list(hidden) and len(hidden) > 0 and all(isinstance(h, int) and h > 0 for h in hidden),
+        "model.hidden",
+        hidden,
+        "a non-empty list of positive integers",
+    )
+    if cfg.model.kind == "lipschitz":
+        for net in ("encoder_mean", "encoder_std", "decoder"):
+            _positive(cfg, f"model.lipschitz.{net}")
+        _check(
+            all(h % 2 == 0 for h in hidden),
+            "model.hidden",
+            list(hidden),
+            "even widths (GroupSort groups of 2)",
+        )
+        _positive(cfg, "model.bjorck.iters", integer=True)
+        b = _number(cfg, "model.bjorck.beta")
+        _check(_is_num(b) and 0 < b <= 0.5, "model.bjorck.beta", b, "a number in (0, 0.5]")
+    mode = cfg.model.encoder_std.mode
+    if mode == "fixed":
+        _positive(cfg, "model.encoder_std.gamma")
+    if mode == "bounded":
+        _positive(cfg, "model.encoder_std.max_norm")
+    beta = _number(cfg, "model.beta")
+    _check(_is_num(beta) and beta >= 0, "model.beta", beta, "a number >= 0")
+    _positive(cfg, "model.lr")
+    if cfg.model.likelihood == "gaussian":
+        _positive(cfg, "model.obs_std")
+    limit = _number(cfg, "data.limit")
+    _check(limit is None or (isinstance(limit, int) and limit > 0), "data.limit", limit, "a positive integer or null")
+    _choice(cfg, "data.resplit", (True, False, "auto"))
+    _positive(cfg, "data.batch_size", integer=True)
+    _positive(cfg, "trainer.max_epochs", integer=True)
+    _positive(cfg, "trainer.patience", integer=True)
+    ft = _number(cfg, "trainer.finetune.max_epochs")
+    _check(isinstance(ft, int) and ft >= 0, "trainer.finetune.max_epochs", ft, "an integer >= 0")
+
+
+def build_vae(model: DictConfig) -> VAE:
+    lip = model.lipschitz
+    return VAE(
+        kind=model.kind,
+        latent_dim=model.latent_dim,
+        hidden=tuple(model.hidden),
+        encoder_mean_L=float(lip.encoder_mean),
+        encoder_std_L=float(lip.encoder_std),
+        decoder_L=float(lip.decoder),
+        std_mode=model.encoder_std.mode,
+        gamma=model.encoder_std.gamma,
+        max_norm=model.encoder_std.max_norm,
+        likelihood=model.likelihood,
+        obs_std=model.obs_std,
+        beta=float(model.beta),
+        bjorck_iters=model.bjorck.iters,
+        bjorck_beta=model.bjorck.beta,
+    )
+
+
+def build_datamodule(data: DictConfig, seed: int) -> ImageDataModule:
+    return ImageDataModule(
+        name=data.name,
+        root=data.root,
+        batch_size=data.batch_size,
+        eval_batch_size=data.eval_batch_size,
+        val_fraction=data.val_fraction,
+        resplit=data.resplit,
+        resplit_test_fraction=data.resplit_test_fraction,
+        limit=data.limit,
+        download=data.download,
+        seed=seed,
+    )

@@ -1,0 +1,263 @@
+"""MNIST and Fashion-MNIST as in-memory tensors, found offline where possible.
+
+Where a split's IDX files are looked for, in order: ``data.root``, ``$LIPVAE_DATA_DIR/<name>``,
+``/usr/share/datasets/<name>`` (Debian's ``dataset-fashion-mnist``), ``../shared/data/<name>``
+beside the project, and finally torchvision's download (when ``data.download`` allows and the
+network answers). Each place may hold the files directly (``.gz`` or not) or in torchvision's
+``<Class>/raw/`` layout.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lipvae.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+DATASETS = {
+    "mnist": {"class": "MNIST", "debian": ("mnist",)},
+    "fashion_mnist": {"class": "FashionMNIST", "debian": ("fashion-mnist", "fashion_mnist")},
+}
+SPLIT_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), checking its header against its size."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"data: cannot read IDX file {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise UserError(f"data: {path} is not an IDX file (bad magic number); re-download it")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"data: {path} is truncated (header incomplete); re-download it")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise UserError(
+            f"data: {path} is corrupt ({len(raw)} bytes, header says {expected}); re-download it"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _idx_file(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def candidate_dirs(name: str, root: str | None) -> list[Path]:
+    """The places searched for ``name``, in order (each also tried in torchvision's layout)."""
+    places: list[Path] = []
+    if root:
+        places.append(Path(root).expanduser())
+    if os.environ.get("LIPVAE_DATA_DIR"):
+        places.append(Path(os.environ["LIPVAE_DATA_DIR"]).expanduser() / name)
+    places += [Path("/usr/share/datasets") / d for d in DATASETS[name]["debian"]]
+    places.append(PROJECT_ROOT.parent / "shared" / "data" / name)
+    expanded = []
+    for p in places:
+        expanded += [p, p / DATASETS[name]["class"] / "raw", p / name]
+    return expanded
+
+
+def find_split(name: str, split: str, root: str | None) -> tuple[Path, Path] | None:
+    images, labels = SPLIT_FILES[split]
+    for d in candidate_dirs(name, root):
+        found = _idx_file(d, images), _idx_file(d, labels)
+        if all(found):
+            return found  # type: ignore[return-value]
+    return None
+
+
+def download_dir() -> Path:
+    return Path(os.environ.get("LIPVAE_CACHE_DIR", Path.home() / ".cache" / "lipvae"))
+
+
+def _download(name: str, split: str) -> tuple[Path, Path] | None:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, DATASETS[name]["class"])
+    target = download_dir() / name
+    try:
+        cls(root=str(target), train=(split == "train"), download=True)
+    except Exception:  # any network failure means "not available"
+        return None
+    return find_split(name, split, str(target))
+
+
+def load_split(name: str, split: str, root: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N × 28 × 28, uint8) and labels of one official split."""
+    if name not in DATASETS:
+        raise UserError(f"data.name: unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
+    found = find_split(name, split, root) or (_download(name, split) if download else None)
+    if found is None:
+        where = ", ".join(dict.fromkeys(str(p) for p in candidate_dirs(name, root)[::3]))
+        how = (
+            "apt-get install dataset-fashion-mnist"
+            if name == "fashion_mnist"
+            else f"put {SPLIT_FILES[split][0]}(.gz) in one of them"
+        )
+        extra = " or use data.resplit=true to split the test set" if split == "train" else ""
+        raise UserError(
+            f"data: {name} {split} split not found (looked in {where}"
+            f"{'; download failed' if download else '; download disabled'}); {how}, set data.root"
+            f" or LIPVAE_DATA_DIR{extra}"
+        )
+    images, labels = read_idx(found[0]), read_idx(found[1])
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(f"data: {found[0]} and {found[1]} do not match (shapes {images.shape}, {labels.shape})")
+    return images, labels
+
+
+class TensorBatches(Dataset):
+    """Images and labels held as tensors; batches are fetched by one indexing op."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> None:
+        self.images, self.labels, self.index = images, labels, index
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i], self.index[i]
+
+    def __getitems__(self, idx: list[int]):
+        i = torch.as_tensor(idx)
+        return self.images[i], self.labels[i], self.index[i]
+
+
+def _as_batch(batch):
+    return batch
+
+
+@dataclass
+class SplitInfo:
+    name: str
+    split: str
+    num_train: int
+    num_val: int
+    num_test: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """A 28×28 grey-scale dataset, flattened to vectors in [0, 1].
+
+    The official training split is divided ``1 − val_fraction`` / ``val_fraction``
+    (seeded). With ``resplit`` (``true``; ``auto`` when the training split is
+    missing) the official *test* split is divided into train/val/test instead, and
+    ``info.split`` says so. ``limit`` keeps the first N images of each source file.
+    ``index`` of a test image is its position in the official test file.
+    """
+
+    def __init__(
+        self,
+        name: str = "mnist",
+        root: str | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        val_fraction: float = 0.1,
+        resplit: bool | str = False,
+        resplit_test_fraction: float = 0.2,
+        limit: int | None = None,
+        download: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if name not in DATASETS:
+            raise UserError(f"data.name: unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
+        if resplit not in (True, False, "auto"):
+            raise UserError(f"data.resplit: got {resplit!r}; accepted: true, false, auto")
+        if limit is not None and (not isinstance(limit, int) or limit <= 0):
+            raise UserError(f"data.limit: got {limit!r}; accepted: a positive integer or null")
+        if not 0 < val_fraction < 1:
+            raise UserError(f"data.val_fraction: got {val_fraction}; accepted: a number in (0, 1)")
+        if batch_size < 1:
+            raise UserError(f"data.batch_size: got {batch_size}; accepted: a positive integer")
+        self.name, self.root, self.download = name, root, download
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_fraction, self.resplit, self.test_fraction = val_fraction, resplit, resplit_test_fraction
+        self.limit, self.seed = limit, seed
+        self.info: SplitInfo | None = None
+        self._splits: dict[str, TensorBatches] = {}
+
+    def _source(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = load_split(self.name, split, self.root, self.download)
+        if self.limit:
+            images, labels = images[: self.limit], labels[: self.limit]
+        x = torch.from_numpy(images.astype(np.float32) / 255.0).flatten(1)
+        return x, torch.from_numpy(labels.astype(np.int64))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits:
+            return
+        gen = torch.Generator().manual_seed(self.seed)
+        resplit = self.resplit
+        if resplit == "auto":
+            resplit = find_split(self.name, "train", self.root) is None and (
+                not self.download or _download(self.name, "train") is None
+            )
+        test_x, test_y = self._source("test")
+        test_index = torch.arange(len(test_x))
+        if resplit:
+            perm = torch.randperm(len(test_x), generator=gen)
+            n_test = max(1, int(round(self.test_fraction * len(test_x))))
+            pool, held = perm[n_test:], perm[:n_test].sort().values
+            train_x, train_y, train_index = test_x[pool], test_y[pool], test_index[pool]
+            test_x, test_y, test_index = test_x[held], test_y[held], test_index[held]
+        else:
+            train_x, train_y = self._source("train")
+            train_index = torch.arange(len(train_x))
+        perm = torch.randperm(len(train_x), generator=gen)
+        n_val = max(1, int(round(self.val_fraction * len(train_x))))
+        val, train = perm[:n_val], perm[n_val:]
+        self._splits = {
+            "train": TensorBatches(train_x[train], train_y[train], train_index[train]),
+            "val": TensorBatches(train_x[val], train_y[val], train_index[val]),
+            "test": TensorBatches(test_x, test_y, test_index),
+        }
+        self.info = SplitInfo(
+            self.name, "resplit-test" if resplit else "official", len(train), len(val), len(test_x)
+        )
+
+    def split(self, name: str) -> TensorBatches:
+        self.setup()
+        return self._splits[name]
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.split(split), batch_size=batch_size, shuffle=shuffle, collate_fn=_as_batch, generator=gen
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)

@@ -1,0 +1,231 @@
+"""Lipschitz networks (math.md §1; Anil et al. 2019) and their unconstrained twins.
+
+A Lipschitz MLP with k linear layers is built from ``BjorckLinear`` layers whose
+weights are orthonormalised by Björck iteration and whose outputs are scaled by
+``L^(1/k)``, with ``GroupSort2`` between them. ``freeze`` swaps every Björck layer
+for a plain ``nn.Linear`` holding the exact polar factor, and
+``measured_lipschitz`` computes the bound ``L̂ = Π scale_i ‖W_i‖₂ · Π act`` from
+the weights actually used, which is what certificates must trust.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def bjorck_orthonormalize(
+    w: torch.Tensor, iters: int, beta: float = 0.5, tol: float | None = None
+) -> torch.Tensor:
+    """Björck iteration of order 1: ``W ← (1 + β) W − β W Wᵀ W``, ``iters`` times.
+
+    It converges to the polar factor of ``W`` when ``‖W‖₂ < √3``. The product is
+    formed on whichever of ``W``, ``Wᵀ`` has the smaller Gram matrix: the result is
+    identical, the cost is ``O(max·min²)`` instead of ``O(max²·min)``. With ``tol``,
+    iteration stops early once ``‖WᵀW − I‖_F ≤ tol`` (checked on the small Gram).
+    Works on batches of matrices (``... × out × in``).
+    """
+    wide = w.shape[-2] < w.shape[-1]
+    v = w.mT if wide else w
+    eye = None
+    for _ in range(iters):
+        gram = v.mT @ v
+        if tol is not None:
+            if eye is None:
+                eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+            if torch.linalg.matrix_norm(gram - eye).max().item() <= tol:
+                break
+        v = (1.0 + beta) * v - beta * (v @ gram)
+    return v.mT if wide else v
+
+
+def polar_factor(w: torch.Tensor) -> torch.Tensor:
+    """The nearest (semi-)orthonormal matrix ``U Vᵀ`` to ``W = U S Vᵀ``: Björck's limit."""
+    u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return (u @ vh).to(w.dtype)
+
+
+class GroupSort2(nn.Module):
+    """GroupSort with groups of two: each pair becomes (min, max).
+
+    1-Lipschitz and gradient-norm preserving (a permutation on every input).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = x.unflatten(-1, (-1, 2))
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim=-1).flatten(-2)
+
+
+class BjorckLinear(nn.Module):
+    """``y = scale · orth(W) x + b`` with ``orth`` Björck's orthonormalisation.
+
+    Before iterating, ``W`` is divided by a power-iteration estimate of ``‖W‖₂`` so
+    that Björck starts inside its region of convergence whatever training did to
+    the raw parameter. Lipschitz constant: ``scale · ‖orth(W)‖₂`` (≈ ``scale``).
+    In eval mode the orthonormalised weight is cached until the parameter changes,
+    so evaluation never repeats the iteration.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        scale: float = 1.0,
+        iters: int = 3,
+        beta: float = 0.5,
+        tol: float | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scale, self.iters, self.beta, self.tol = float(scale), int(iters), float(beta), tol
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.orthogonal_(self.weight)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_buffer("_u", F.normalize(torch.randn(out_features), dim=0))
+        self._cache: tuple[int, int, torch.Tensor] | None = None
+
+    def _normalised_weight(self) -> torch.Tensor:
+        w = self.weight
+        if self.training and torch.is_grad_enabled():
+            with torch.no_grad():
+                v = F.normalize(w.mT @ self._u, dim=0)
+                self._u.copy_(F.normalize(w @ v, dim=0))
+        with torch.no_grad():
+            v = F.normalize(w.mT @ self._u, dim=0)
+        sigma = torch.dot(self._u, w @ v)
+        return w / sigma.clamp_min(1e-12)
+
+    def orthonormal_weight(self) -> torch.Tensor:
+        """``orth(W)``, without the output scale."""
+        return bjorck_orthonormalize(self._normalised_weight(), self.iters, self.beta, self.tol)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or torch.is_grad_enabled():
+            self._cache = None
+            w = self.orthonormal_weight()
+        else:
+            key = (self.weight._version, self.iters)
+            if self._cache is None or self._cache[:2] != key:
+                self._cache = (*key, self.orthonormal_weight())
+            w = self._cache[2]
+        return F.linear(x, self.scale * w, self.bias)
+
+    def frozen(self) -> nn.Linear:
+        """A plain layer with weight ``scale · polar(W)``: Björck run to convergence."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = linear.to(self.weight.device, self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.scale * polar_factor(self.weight))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"scale={self.scale:.4g}, iters={self.iters}, beta={self.beta}"
+        )
+
+
+#: Lipschitz constant of each activation (Euclidean norm), for ``measured_lipschitz``.
+ACTIVATION_LIPSCHITZ: dict[type[nn.Module], float] = {
+    GroupSort2: 1.0,
+    nn.ReLU: 1.0,
+    nn.Identity: 1.0,
+    nn.Sigmoid: 0.25,
+}
+
+
+def lipschitz_mlp(
+    sizes: Sequence[int],
+    lipschitz: float,
+    iters: int = 3,
+    beta: float = 0.5,
+    sigmoid_head: bool = False,
+) -> nn.Sequential:
+    """An MLP with Lipschitz constant at most ``lipschitz`` (nominal, before the head).
+
+    ``sizes = [n_in, h_1, ..., n_out]``; each of the k linear layers is scaled by
+    ``lipschitz^(1/k)``; GroupSort2 between layers, so hidden widths must be even.
+    """
+    k = len(sizes) - 1
+    if k < 1:
+        raise ValueError(f"sizes: need at least input and output sizes, got {list(sizes)}")
+    if lipschitz <= 0:
+        raise ValueError(f"lipschitz: must be > 0, got {lipschitz}")
+    odd = [h for h in sizes[1:-1] if h % 2]
+    if odd:
+        raise ValueError(f"hidden widths: GroupSort(2) needs even widths, got {list(sizes[1:-1])}")
+    scale = lipschitz ** (1.0 / k)
+    layers: list[nn.Module] = []
+    for i in range(k):
+        layers.append(BjorckLinear(sizes[i], sizes[i + 1], scale=scale, iters=iters, beta=beta))
+        if i < k - 1:
+            layers.append(GroupSort2())
+    if sigmoid_head:
+        layers.append(nn.Sigmoid())
+    return nn.Sequential(*layers)
+
+
+def standard_mlp(sizes: Sequence[int], sigmoid_head: bool = False) -> nn.Sequential:
+    """The unconstrained baseline: linear layers with ReLU between them."""
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    if sigmoid_head:
+        layers.append(nn.Sigmoid())
+    return nn.Sequential(*layers)
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Replace, in place, every ``BjorckLinear`` below ``module`` by its frozen polar layer."""
+    for name, child in module.named_children():
+        if isinstance(child, BjorckLinear):
+            setattr(module, name, child.frozen())
+        else:
+            freeze(child)
+    return module
+
+
+def set_bjorck(module: nn.Module, iters: int | None = None, tol: float | None = None) -> None:
+    """Set the iteration count (and early-stop tolerance) of every Björck layer."""
+    for m in module.modules():
+        if isinstance(m, BjorckLinear):
+            if iters is not None:
+                m.iters = int(iters)
+            m.tol = tol
+
+
+def spectral_norm_exact(w: torch.Tensor) -> float:
+    """Largest singular value, in float64."""
+    return float(torch.linalg.matrix_norm(w.detach().double(), ord=2))
+
+
+@torch.no_grad()
+def measured_lipschitz(net: nn.Module) -> float:
+    """Upper bound ``L̂ = Π_i (scale_i ‖W_i‖₂) · Π(activation constants)`` of a sequential net.
+
+    Uses exactly the weights the forward pass uses (Björck layers at their current
+    iteration count), so it is sound where the nominal constant may not be.
+    """
+    bound = 1.0
+    for m in net.children() if isinstance(net, nn.Sequential) else [net]:
+        if isinstance(m, BjorckLinear):
+            bound *= m.scale * spectral_norm_exact(m.orthonormal_weight())
+        elif isinstance(m, nn.Linear):
+            bound *= spectral_norm_exact(m.weight)
+        elif isinstance(m, nn.Sequential):
+            bound *= measured_lipschitz(m)
+        elif type(m) in ACTIVATION_LIPSCHITZ:
+            bound *= ACTIVATION_LIPSCHITZ[type(m)]
+        else:
+            raise TypeError(f"measured_lipschitz: no Lipschitz constant known for {type(m).__name__}")
+    return bound

@@ -1,0 +1,60 @@
+"""Run outputs: ``results.json`` (docs/results_schema.md) and tables, written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+RESULTS_FILE = "results.json"
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null (an absent value), tensors and numpy scalars become numbers."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and ``os.replace``: readers see the
+    old file or the whole new one, never a half-written one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(run_dir: Path, results: dict) -> Path:
+    results = {"schema_version": SCHEMA_VERSION, **results}
+    path = Path(run_dir) / RESULTS_FILE
+    atomic_write_text(path, json.dumps(_plain(results), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def write_table(path: Path, frame) -> Path:
+    """A pandas DataFrame as CSV, atomically."""
+    atomic_write_text(Path(path), frame.to_csv(index=False))
+    return Path(path)
+
+
+def read_results(run_dir: Path) -> dict:
+    with open(Path(run_dir) / RESULTS_FILE) as f:
+        return json.load(f)

@@ -1,0 +1,207 @@
+"""Entry point: ``python -m lipvae.train [overrides] [-m]``.
+
+Trains (and, for Lipschitz models, fine-tunes and freezes) a VAE, evaluates it on the
+test split, and writes ``results.json`` with everything a report needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from lipvae.config import build_datamodule, build_vae, validate
+from lipvae.data import PROJECT_ROOT
+from lipvae.errors import UserError
+from lipvae.module import NonFiniteLossError, TrainingSchedule, VAEModule
+from lipvae.plots import save_reconstructions
+from lipvae.results import write_results
+
+log = logging.getLogger("lipvae")
+CONF_DIR = str(PROJECT_ROOT / "conf")
+#: Measured above nominal by more than this relative margin means the nominal constant does not hold.
+LIPSCHITZ_TOLERANCE = 1e-3
+
+
+def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers: list = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    wb = cfg.logger.wandb
+    if wb.enabled:
+        import os
+
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not os.environ.get("WANDB_MODE"):
+            os.environ["WANDB_MODE"] = wb.mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(
+            WandbLogger(
+                project=wb.project,
+                entity=wb.entity,
+                group=wb.group,
+                tags=list(wb.tags),
+                name=cfg.name,
+                save_dir=str(run_dir),
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
+    return loggers
+
+
+def check_lipschitz(constants: dict) -> None:
+    """Warn, naming the network, where a measured constant exceeds its nominal one."""
+    nominal, measured = constants["nominal"], constants["measured"]
+    if not nominal:
+        return
+    for net, value in measured.items():
+        # σ's and g's sigmoid heads (1/4) make their measured value a quarter of nominal.
+        limit = nominal[net] * (0.25 if net in ("encoder_std", "decoder") else 1.0)
+        if value > limit * (1 + LIPSCHITZ_TOLERANCE):
+            log.warning(
+                "measured Lipschitz bound of %s is %.6g, above its nominal %.6g: certificates use the measured one",
+                net,
+                value,
+                limit,
+            )
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """One complete run; returns the results dictionary it also writes."""
+    t0 = time.perf_counter()
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg.data, cfg.seed)
+    datamodule.setup()
+    log.info("data: %s", datamodule.info.as_dict())
+    vae = build_vae(cfg.model)
+    module = VAEModule(vae, lr=cfg.model.lr, num_importance=cfg.trainer.num_importance)
+    tr = cfg.trainer
+    lipschitz = cfg.model.kind == "lipschitz"
+    schedule = TrainingSchedule(
+        max_epochs=tr.max_epochs,
+        patience=tr.patience,
+        finetune_epochs=tr.finetune.max_epochs if lipschitz else 0,
+        finetune_iters=tr.finetune.bjorck_iters,
+        finetune_lr=tr.finetune.lr,
+        finetune_tol=tr.finetune.tol,
+        finetune_patience=tr.finetune.patience,
+    )
+    ckpt_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=str(ckpt_dir), filename="best", monitor="val/loss", save_last=True, save_top_k=1
+    )
+    loggers = make_loggers(cfg, run_dir)
+    trainer = L.Trainer(
+        accelerator=tr.accelerator,
+        devices=tr.devices,
+        precision=tr.precision,
+        max_epochs=schedule.total_epochs,
+        callbacks=[schedule, checkpoint],
+        logger=loggers or False,
+        log_every_n_steps=tr.log_every_n_steps,
+        enable_progress_bar=tr.enable_progress_bar,
+        default_root_dir=str(run_dir),
+        num_sanity_val_steps=0,
+    )
+    ckpt_path = None
+    if cfg.resume:
+        last = ckpt_dir / "last.ckpt"
+        if last.is_file():
+            ckpt_path = str(last)
+            log.info("resuming from %s", last)
+        else:
+            log.warning("resume=true but %s does not exist: starting from scratch", last)
+
+    t_fit = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    fit_s = time.perf_counter() - t_fit
+
+    vae.freeze()
+    constants = vae.lipschitz_constants()
+    if lipschitz:
+        check_lipschitz(constants)
+        log.info("Lipschitz constants after freezing: %s", constants)
+    torch.save(vae.state_dict(), run_dir / "frozen_model.pt")
+
+    t_test = time.perf_counter()
+    test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    test_s = time.perf_counter() - t_test
+    x = datamodule.split("test").images[:8].to(module.device)
+    save_reconstructions(vae, x, run_dir / "reconstructions.png", loggers)
+
+    results = {
+        "status": "completed",
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "model": {
+            "kind": vae.kind,
+            "latent_dim": vae.latent_dim,
+            "encoder_std": {
+                "mode": vae.std_mode,
+                "gamma": vae.gamma if vae.std_mode == "fixed" else None,
+                "max_norm": vae.max_norm if vae.std_mode == "bounded" else None,
+            },
+            "beta": vae.beta,
+            "likelihood": vae.likelihood,
+        },
+        "lipschitz": constants if lipschitz else None,
+        "data": datamodule.info.as_dict(),
+        "metrics": {
+            "test_elbo": test.get("test/elbo"),
+            "test_log_likelihood": test.get("test/log_likelihood"),
+            "test_kl": test.get("test/kl"),
+            "epochs": trainer.current_epoch,
+            "final_phase": schedule.phase,
+        },
+        "certified": None,
+        "estimated": None,
+        "soundness_violations": None,
+        "timings": {"fit_s": fit_s, "test_s": test_s, "total_s": time.perf_counter() - t0},
+    }
+    write_results(run_dir, results)
+    log.info("results written to %s", run_dir / "results.json")
+    for lg in loggers:
+        if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
+            lg.experiment.summary.update({f"results/{k}": v for k, v in results["metrics"].items()})
+            lg.experiment.finish()
+    return results
+
+
+def _fail(cfg: DictConfig, run_dir: Path, error: str) -> None:
+    config = OmegaConf.to_container(cfg, resolve=False)
+    write_results(run_dir, {"status": "failed", "error": error, "config": config})
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        results = run(cfg, run_dir)
+    except (UserError, NonFiniteLossError) as e:
+        message = str(e).splitlines()[0]
+        _fail(cfg, run_dir, message)
+        log.error("%s", message)
+        if multirun:  # the other jobs of the sweep go on; the report lists this one as failed
+            return None
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        _fail(cfg, run_dir, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise
+    return results["metrics"]["test_elbo"]
+
+
+if __name__ == "__main__":
+    main()

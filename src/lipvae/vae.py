@@ -1,0 +1,172 @@
+"""The VAE of math.md §1: encoder mean μ, encoder std σ, decoder mean g.
+
+``q(z|x) = N(μ(x), diag σ(x)²)``; ``p(x|z)`` one of the likelihoods below with
+mean parameter ``g(z)``; the objective is ``E_q[log p(x|z)] − β·KL(q ‖ N(0, I))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributions import ContinuousBernoulli
+from torch.nn import functional as F
+
+from lipvae.networks import freeze, lipschitz_mlp, measured_lipschitz, standard_mlp
+
+STD_MODES = ("learned", "bounded", "fixed")
+LIKELIHOODS = ("continuous_bernoulli", "bernoulli", "gaussian")
+KINDS = ("lipschitz", "standard")
+_PROB_EPS = 1e-6
+
+
+@dataclass
+class Posterior:
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_std: torch.Tensor
+
+    def sample(self, n: int | None = None) -> torch.Tensor:
+        shape = self.mean.shape if n is None else (n, *self.mean.shape)
+        return self.mean + self.std * torch.randn(shape, dtype=self.mean.dtype, device=self.mean.device)
+
+
+class VAE(nn.Module):
+    """A VAE whose μ, σ and g are either Lipschitz (Björck + GroupSort) or standard MLPs.
+
+    ``std_mode``: ``learned`` (σ = sigmoid(net(x))), ``bounded`` (that σ projected
+    onto the ball ``‖σ‖₂ ≤ max_norm``, 1-Lipschitz so the constant still holds) or
+    ``fixed`` (σ ≡ γ·1, no network).
+    """
+
+    def __init__(
+        self,
+        kind: str = "lipschitz",
+        input_dim: int = 784,
+        latent_dim: int = 10,
+        hidden: tuple[int, ...] = (512, 512),
+        encoder_mean_L: float = 5.0,
+        encoder_std_L: float = 5.0,
+        decoder_L: float = 5.0,
+        std_mode: str = "learned",
+        gamma: float | None = None,
+        max_norm: float | None = None,
+        likelihood: str = "continuous_bernoulli",
+        obs_std: float = 1.0,
+        beta: float = 1.0,
+        bjorck_iters: int = 3,
+        bjorck_beta: float = 0.5,
+    ) -> None:
+        super().__init__()
+        _check_choice("model.kind", kind, KINDS)
+        _check_choice("model.encoder_std.mode", std_mode, STD_MODES)
+        _check_choice("model.likelihood", likelihood, LIKELIHOODS)
+        if std_mode == "fixed" and not (gamma is not None and gamma > 0):
+            raise ValueError(f"model.encoder_std.gamma: must be > 0 with mode=fixed, got {gamma}")
+        if std_mode == "bounded" and not (max_norm is not None and max_norm > 0):
+            raise ValueError(f"model.encoder_std.max_norm: must be > 0 with mode=bounded, got {max_norm}")
+        self.kind, self.std_mode, self.likelihood = kind, std_mode, likelihood
+        self.input_dim, self.latent_dim = input_dim, latent_dim
+        self.gamma, self.max_norm, self.obs_std, self.beta = gamma, max_norm, obs_std, beta
+        self.nominal = {"encoder_mean": encoder_mean_L, "encoder_std": encoder_std_L, "decoder": decoder_L}
+
+        enc_sizes = [input_dim, *hidden, latent_dim]
+        dec_sizes = [latent_dim, *hidden, input_dim]
+        if kind == "lipschitz":
+
+            def build(sizes, lip, head):
+                return lipschitz_mlp(sizes, lip, iters=bjorck_iters, beta=bjorck_beta, sigmoid_head=head)
+
+        else:
+
+            def build(sizes, lip, head):
+                return standard_mlp(sizes, sigmoid_head=head)
+
+        self.encoder_mean = build(enc_sizes, encoder_mean_L, False)
+        # σ's sigmoid is applied in ``encode`` so log σ can be taken stably.
+        self.encoder_std = None if std_mode == "fixed" else build(enc_sizes, encoder_std_L, False)
+        self.decoder = build(dec_sizes, decoder_L, True)
+
+    def encode(self, x: torch.Tensor) -> Posterior:
+        mean = self.encoder_mean(x)
+        if self.encoder_std is None:
+            std = torch.full_like(mean, self.gamma)
+            return Posterior(mean, std, std.log())
+        pre = self.encoder_std(x)
+        std, log_std = torch.sigmoid(pre), F.logsigmoid(pre)
+        if self.std_mode == "bounded":
+            norm = std.norm(dim=-1, keepdim=True)
+            shrink = torch.clamp(self.max_norm / norm.clamp_min(1e-30), max=1.0)
+            std, log_std = std * shrink, log_std + shrink.log()
+        return Posterior(mean, std, log_std)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def log_likelihood(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """``log p(x|z)`` summed over pixels; ``probs = g(z)``, broadcast against ``x``."""
+        if self.likelihood == "gaussian":
+            var = self.obs_std**2
+            return (-0.5 * (x - probs) ** 2 / var - 0.5 * math.log(2 * math.pi * var)).sum(-1)
+        probs = probs.clamp(_PROB_EPS, 1 - _PROB_EPS)
+        if self.likelihood == "bernoulli":
+            return -F.binary_cross_entropy(probs, x.expand_as(probs), reduction="none").sum(-1)
+        return ContinuousBernoulli(probs=probs).log_prob(x.expand_as(probs)).sum(-1)
+
+    @staticmethod
+    def kl(q: Posterior) -> torch.Tensor:
+        """``KL(N(μ, σ²) ‖ N(0, I))`` summed over latent dimensions."""
+        return 0.5 * (q.mean**2 + q.std**2 - 1.0 - 2.0 * q.log_std).sum(-1)
+
+    def elbo(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-input ELBO (β-weighted), reconstruction term and KL, one sample of z."""
+        q = self.encode(x)
+        rec = self.log_likelihood(x, self.decode(q.sample()))
+        kl = self.kl(q)
+        return {"elbo": rec - self.beta * kl, "rec": rec, "kl": kl}
+
+    @torch.no_grad()
+    def importance_log_likelihood(self, x: torch.Tensor, num_samples: int) -> torch.Tensor:
+        """``log p(x) ≈ log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x)``, ``z_k ~ q(·|x)`` (IWAE)."""
+        q = self.encode(x)
+        z = q.sample(num_samples)  # K × B × m
+        log_px_z = self.log_likelihood(x, self.decode(z))
+        log_pz = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)
+        eps = (z - q.mean) / q.std
+        log_qz = (-0.5 * eps**2 - q.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        return torch.logsumexp(log_px_z + log_pz - log_qz, dim=0) - math.log(num_samples)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        q = self.encode(x)
+        return self.decode(q.sample() if sample else q.mean)
+
+    def freeze(self) -> VAE:
+        """Replace Björck layers by their converged (polar) weights; a no-op for a standard VAE."""
+        freeze(self)
+        return self
+
+    def lipschitz_constants(self) -> dict[str, dict[str, float] | None]:
+        """Nominal and measured ``a = Lip(g)``, ``b = Lip(μ)``, ``c = Lip(σ)`` (math.md §1).
+
+        ``c`` includes σ's sigmoid (1/4); ``a`` includes g's sigmoid. With fixed σ, c = 0.
+        """
+        if self.kind != "lipschitz":
+            return {"nominal": None, "measured": None}
+        std_measured = 0.0 if self.encoder_std is None else 0.25 * measured_lipschitz(self.encoder_std)
+        nominal = dict(self.nominal)
+        if self.encoder_std is None:
+            nominal["encoder_std"] = 0.0
+        measured = {
+            "encoder_mean": measured_lipschitz(self.encoder_mean),
+            "encoder_std": std_measured,
+            "decoder": measured_lipschitz(self.decoder),
+        }
+        return {"nominal": nominal, "measured": measured}
+
+
+def _check_choice(field: str, value: str, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{field}: unknown value {value!r}; accepted: {', '.join(accepted)}")

@@ -1,0 +1,137 @@
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lipvae.networks import (
+    BjorckLinear,
+    GroupSort2,
+    bjorck_orthonormalize,
+    freeze,
+    lipschitz_mlp,
+    measured_lipschitz,
+    polar_factor,
+)
+
+
+def _singular_values(w):
+    return torch.linalg.svdvals(w.double())
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32)])
+def test_bjorck_converges_to_polar_factor(shape):
+    w = torch.randn(*shape, dtype=torch.float64)
+    w = w / torch.linalg.matrix_norm(w, ord=2) * 1.5  # inside Björck's region (‖W‖₂ < √3)
+    errors = []
+    for iters in (1, 3, 10, 40):
+        s = _singular_values(bjorck_orthonormalize(w, iters))
+        errors.append((s - 1).abs().max().item())
+    assert errors == sorted(errors, reverse=True)
+    assert errors[-1] < 1e-10
+    assert torch.allclose(bjorck_orthonormalize(w, 60), polar_factor(w), atol=1e-9)
+
+
+def test_bjorck_small_gram_side_equals_textbook_iteration():
+    w = torch.randn(40, 7, dtype=torch.float64) * 0.2
+    for v in (w, w.T):
+        ref = v.clone()
+        for _ in range(5):
+            ref = 1.5 * ref - 0.5 * ref @ ref.T @ ref
+        assert torch.allclose(bjorck_orthonormalize(v, 5), ref, atol=1e-12)
+
+
+def test_bjorck_tolerance_stops_early_but_converged():
+    w = torch.randn(30, 20, dtype=torch.float64)
+    w = w / torch.linalg.matrix_norm(w, ord=2)
+    out = bjorck_orthonormalize(w, 200, tol=1e-8)
+    assert torch.linalg.matrix_norm(out.T @ out - torch.eye(20, dtype=torch.float64)) < 1e-7
+
+
+def test_groupsort_is_one_lipschitz_and_sorts_pairs():
+    f = GroupSort2()
+    x, y = torch.randn(500, 16), torch.randn(500, 16)
+    assert torch.all((f(x) - f(y)).norm(dim=1) <= (x - y).norm(dim=1) + 1e-6)
+    out = f(torch.tensor([[3.0, 1.0, -2.0, 5.0]]))
+    assert out.tolist() == [[1.0, 3.0, -2.0, 5.0]]
+
+
+def test_groupsort_preserves_gradient_norm():
+    x = torch.randn(8, 10, requires_grad=True)
+    v = torch.randn(8, 10)
+    (g,) = torch.autograd.grad(GroupSort2()(x), x, grad_outputs=v)
+    assert torch.allclose(g.norm(dim=1), v.norm(dim=1), atol=1e-6)
+
+
+def _empirical_lipschitz(net, dim, n=2000):
+    """Brute force lower estimate: the largest Jacobian spectral norm over random inputs."""
+    xs = torch.randn(20, dim) * 3
+    best = 0.0
+    for x in xs:
+        jac = torch.autograd.functional.jacobian(net, x)
+        best = max(best, torch.linalg.matrix_norm(jac, ord=2).item())
+    x, y = torch.randn(n, dim), torch.randn(n, dim)
+    ratio = ((net(x) - net(y)).norm(dim=1) / (x - y).norm(dim=1)).max().item()
+    return max(best, ratio)
+
+
+@pytest.mark.parametrize("L", [0.5, 5.0, 10.0])
+def test_measured_bound_is_sound_and_close_to_nominal(L):
+    net = lipschitz_mlp([20, 16, 16, 4], L, iters=3)
+    with torch.no_grad():  # move weights away from orthonormal, as training does
+        for m in net.modules():
+            if isinstance(m, BjorckLinear):
+                m.weight.add_(0.3 * torch.randn_like(m.weight))
+    for _ in range(30):  # training forwards keep the power-iteration estimate of ‖W‖₂ current
+        net(torch.randn(4, 20))
+    measured = measured_lipschitz(net)
+    assert _empirical_lipschitz(net, 20) <= measured * (1 + 1e-5)
+    # Björck maps singular values in (0, √3) into (0, 1]: never above nominal.
+    assert measured <= L * (1 + 1e-4)
+    freeze(net)
+    assert not any(isinstance(m, BjorckLinear) for m in net.modules())
+    assert abs(measured_lipschitz(net) - L) <= 1e-3 * L
+    assert _empirical_lipschitz(net, 20) <= L * (1 + 1e-3)
+
+
+def test_sigmoid_head_counts_one_quarter():
+    net = lipschitz_mlp([6, 4, 2], 4.0, sigmoid_head=True)
+    freeze(net)
+    assert abs(measured_lipschitz(net) - 1.0) < 1e-4
+
+
+def test_frozen_layer_matches_converged_bjorck_layer():
+    layer = BjorckLinear(12, 8, scale=2.0, iters=60)
+    with torch.no_grad():
+        layer.weight.mul_(1.3).add_(0.1 * torch.randn_like(layer.weight))
+    x = torch.randn(5, 12)
+    expected = layer(x)
+    assert torch.allclose(layer.frozen()(x), expected, atol=1e-5)
+
+
+def test_eval_cache_follows_parameter_updates():
+    layer = BjorckLinear(6, 6, iters=5)
+    layer.eval()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer._cache is not None
+        layer.weight.mul_(0.9).add_(0.1 * torch.randn_like(layer.weight))
+        second = layer(x)
+        fresh = copy.deepcopy(layer)
+        fresh._cache = None
+        expected = fresh(x)
+    assert not torch.allclose(first, second)
+    assert torch.allclose(second, expected, atol=1e-7)
+
+
+def test_odd_hidden_width_rejected():
+    with pytest.raises(ValueError, match="even"):
+        lipschitz_mlp([10, 5, 2], 1.0)
+
+
+def test_measured_lipschitz_rejects_unknown_activation():
+    with pytest.raises(TypeError, match="Tanh"):
+        measured_lipschitz(nn.Sequential(nn.Linear(3, 3), nn.Tanh()))
+    assert math.isclose(measured_lipschitz(nn.Sequential(nn.Identity())), 1.0)

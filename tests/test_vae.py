@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from conftest import needs_mnist
+from lipvae.data import ImageDataModule
+from lipvae.vae import VAE
+
+
+def tiny(**kw):
+    args = dict(input_dim=20, latent_dim=4, hidden=(16, 16))
+    args.update(kw)
+    return VAE(**args)
+
+
+def test_kl_matches_torch_distributions():
+    vae = tiny()
+    q = vae.encode(torch.rand(7, 20))
+    expected = kl_divergence(Normal(q.mean, q.std), Normal(0.0, 1.0)).sum(-1)
+    assert torch.allclose(VAE.kl(q), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("likelihood", ["continuous_bernoulli", "bernoulli", "gaussian"])
+def test_likelihood_is_a_normalised_density_or_mass(likelihood):
+    vae = tiny(input_dim=1, likelihood=likelihood, obs_std=0.3)
+    probs = torch.tensor([[0.03], [0.3], [0.5], [0.8]])
+    if likelihood == "bernoulli":
+        total = sum(vae.log_likelihood(torch.full((1,), v), probs).exp() for v in (0.0, 1.0))
+    else:
+        lo, hi = (0.0, 1.0) if likelihood == "continuous_bernoulli" else (-4.0, 5.0)
+        grid = torch.linspace(lo, hi, 20001)
+        dens = torch.stack([vae.log_likelihood(v.view(1), probs).exp() for v in grid], dim=-1)
+        total = torch.trapezoid(dens, grid, dim=-1)
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-3)
+
+
+def test_fixed_and_bounded_std():
+    fixed = tiny(std_mode="fixed", gamma=0.1)
+    q = fixed.encode(torch.rand(5, 20))
+    assert fixed.encoder_std is None and torch.all(q.std == 0.1)
+    assert torch.allclose(q.log_std, torch.full_like(q.std, math.log(0.1)))
+    bounded = tiny(std_mode="bounded", max_norm=0.05)
+    q = bounded.encode(torch.rand(50, 20))
+    assert torch.all(q.std.norm(dim=-1) <= 0.05 + 1e-7)
+    assert torch.allclose(q.log_std, q.std.log(), atol=1e-5)
+
+
+def test_bad_arguments_name_the_field():
+    with pytest.raises(ValueError, match="model.encoder_std.gamma"):
+        tiny(std_mode="fixed", gamma=0.0)
+    with pytest.raises(ValueError, match="model.likelihood.*accepted"):
+        tiny(likelihood="poisson")
+
+
+def test_importance_estimate_is_above_elbo():
+    vae = tiny()
+    x = torch.rand(64, 20)
+    elbo = torch.stack([vae.elbo(x)["elbo"] for _ in range(50)]).mean()
+    iw = vae.importance_log_likelihood(x, 200).mean()
+    assert iw >= elbo - 0.05
+
+
+def test_lipschitz_constants_of_fixed_std_model():
+    vae = tiny(std_mode="fixed", gamma=0.2, encoder_mean_L=3.0, decoder_L=2.0).freeze()
+    c = vae.lipschitz_constants()
+    assert c["nominal"]["encoder_std"] == 0.0 and c["measured"]["encoder_std"] == 0.0
+    assert abs(c["measured"]["encoder_mean"] - 3.0) < 3e-3
+    assert abs(c["measured"]["decoder"] - 0.5) < 1e-3
+    assert tiny(kind="standard").lipschitz_constants() == {"nominal": None, "measured": None}
+
+
+@needs_mnist
+@pytest.mark.parametrize("kind", ["lipschitz", "standard"])
+def test_elbo_improves_on_real_images(kind, monkeypatch):
+    from conftest import SHARED_DATA
+
+    monkeypatch.setenv("LIPVAE_DATA_DIR", str(SHARED_DATA))
+    dm = ImageDataModule(resplit=True, limit=512, batch_size=64)
+    x = dm.split("train").images[:256]
+    vae = VAE(kind=kind, hidden=(64, 64), latent_dim=8)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss = -vae.elbo(x)["elbo"].mean()
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 20  # nats per image
