@@ -1,0 +1,319 @@
+r"""Certified robustness bounds of math.md §3: Theorem 1, Lemma 2, Theorem 3 and their inverse.
+
+Pure NumPy/SciPy functions of numbers (no torch, no model), vectorised: every argument may
+be an array and all broadcast together. Symbols are those of math.md:
+
+- ``t = ‖δ‖₂`` the perturbation size, ``r`` the reconstruction radius, ``p`` the probability;
+- ``a = Lip(g)``, ``b = Lip(μ)``, ``c = Lip(σ)``;
+- ``s = ‖σ(x)‖₂``, ``s_inf = ‖σ(x)‖_∞``, ``m`` the latent dimension;
+- ``std_mode``: ``learned``/``bounded`` (σ depends on x) or ``fixed`` (σ ≡ γ, so c = 0,
+  ``s = √m γ``, ``s_inf = γ``).
+
+Forms (``form``):
+
+- ``paper``: Markov ``p_M = a²[(b² + c²)t² + 4cst + 4s²]/r²`` and Inglot's χ² tail bound;
+- ``exact``: the paper's Markov term and the exact χ² tail ``P(χ²_m ≥ u)``;
+- ``tight``: the tight Markov term ``p_M = a²[b²t² + (s + ct)² + s²]/r²`` and the best χ²
+  term for the σ mode (non-central χ² for fixed σ, the exact χ² tail otherwise).
+
+``tight`` ≥ ``exact`` ≥ ``paper`` margins everywhere.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, special, stats
+
+FORMS = ("paper", "exact", "tight")
+STD_MODES = ("learned", "bounded", "fixed")
+#: Relative accuracy of every root found here (math.md §3: 1e-9, never a grid).
+RTOL = 1e-9
+_MAX_BISECT = 400
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check(r=None, p=None, m=None, form=None, std_mode=None, chi2=False, **nonneg) -> None:
+    if r is not None and np.any(~(np.asarray(r, dtype=float) > 0)):
+        raise ValueError(f"r: must be > 0, got {r}")
+    if p is not None and np.any(~((np.asarray(p, dtype=float) > 0) & (np.asarray(p, dtype=float) < 1))):
+        raise ValueError(f"p: must be in (0, 1), got {p}")
+    if m is not None:
+        m_arr = np.asarray(m)
+        if np.any(m_arr < 1) or np.any(m_arr != np.round(m_arr)):
+            raise ValueError(f"m: the latent dimension must be an integer >= 1, got {m}")
+        if chi2 and np.any(m_arr < 2):
+            raise ValueError(f"m: the χ² bound needs a latent dimension >= 2, got {m}")
+    if form is not None and form not in FORMS:
+        raise ValueError(f"form: unknown {form!r}; accepted: {', '.join(FORMS)}")
+    if std_mode is not None and std_mode not in STD_MODES:
+        raise ValueError(f"std_mode: unknown {std_mode!r}; accepted: {', '.join(STD_MODES)}")
+    for name, value in nonneg.items():
+        if value is not None and np.any(~(np.asarray(value, dtype=float) >= 0)):
+            raise ValueError(f"{name}: must be >= 0 (and finite), got {value}")
+
+
+# --------------------------------------------------------------------------- tail terms
+
+
+def inglot_chi2_tail(u, m):
+    r"""Inglot (2010) upper bound on ``P(χ²_m ≥ u)``, valid for m ≥ 2 and u > m − 2:
+
+    ``C_m u^{m/2} e^{−u/2} / (u − m + 2)``, ``C_m = π^{−1/2} exp(½(m − (m − 1) ln m))``.
+
+    Returns 1 outside its validity and never more than 1.
+    """
+    u, m = np.broadcast_arrays(np.asarray(u, dtype=float), np.asarray(m, dtype=float))
+    valid = u > m - 2
+    us = np.where(valid, u, m)  # any point inside the domain, to keep the logs finite
+    log_c = -0.5 * np.log(np.pi) + 0.5 * (m - (m - 1) * np.log(m))
+    with np.errstate(divide="ignore"):
+        log_bound = log_c + 0.5 * m * np.log(us) - 0.5 * us - np.log(us - m + 2)
+    return np.where(valid, np.minimum(1.0, np.exp(np.minimum(log_bound, 0.0))), 1.0)
+
+
+def markov_term(t, r, a, b, c, s, form="tight"):
+    """``p_M``: Markov's bound on ``P(‖Δ‖ > r)`` (paper or tight form; ``exact`` = paper)."""
+    t, a, b, c, s = (np.asarray(v, dtype=float) for v in (t, a, b, c, s))
+    if form == "tight":
+        second_moment = b**2 * t**2 + (s + c * t) ** 2 + s**2
+    else:
+        second_moment = (b**2 + c**2) * t**2 + 4 * c * s * t + 4 * s**2
+    return a**2 * second_moment / np.asarray(r, dtype=float) ** 2
+
+
+def chi2_term(t, r, a, b, c, s_inf, m, std_mode="learned", form="tight"):
+    """``p_χ``: the χ² bound on ``P(‖Δ‖ > r)``, 1 outside the form's validity."""
+    t, r, a, b, c, s_inf, m = np.broadcast_arrays(
+        *(np.asarray(v, dtype=float) for v in (t, r, a, b, c, s_inf, m))
+    )
+    if std_mode == "fixed":
+        gamma = s_inf
+        if form == "tight":
+            # ‖z'−z‖²/(2γ²) is non-central χ²_m with λ ≤ b²t²/(2γ²); its tail grows with λ.
+            with np.errstate(all="ignore"):
+                x = r**2 / (2 * a**2 * gamma**2)
+                lam = b**2 * t**2 / (2 * gamma**2)
+            central = special.chdtrc(m, x)
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                nc = stats.ncx2.sf(x, m, np.where(lam > 0, lam, 1.0))
+            # Soundness guard: the tail grows with λ, so it is never below the central one;
+            # where the series does not converge, fall back to the exact χ² form below.
+            usable = np.isfinite(nc) & np.isfinite(lam)
+            if usable.all():
+                return np.clip(np.where(lam > 0, np.maximum(nc, central), central), 0.0, 1.0)
+            exact = chi2_term(t, r, a, b, c, s_inf, m, std_mode, "exact")
+            tight = np.where(lam > 0, np.maximum(nc, central), central)
+            return np.clip(np.where(usable, np.minimum(tight, exact), exact), 0.0, 1.0)
+        v2 = 2 * gamma**2
+    else:
+        v2 = (s_inf + c * t) ** 2 + s_inf**2
+    slack = r / a - b * t
+    valid = (slack > 0) & (v2 > 0)
+    u = np.where(valid, slack**2 / np.where(v2 > 0, v2, 1.0), 0.0)
+    if form == "paper":
+        tail = inglot_chi2_tail(u, m)
+    else:
+        tail = special.chdtrc(m, u)
+    return np.where(valid, np.clip(tail, 0.0, 1.0), 1.0)
+
+
+# --------------------------------------------------------------------------- Theorem 1
+
+
+@dataclass
+class ProbBound:
+    """Theorem 1: ``prob`` lower-bounds ``P(‖Δ‖ ≤ r)``; ``p_markov``, ``p_chi2`` its two terms."""
+
+    prob: np.ndarray
+    p_markov: np.ndarray
+    p_chi2: np.ndarray
+    robust: np.ndarray | None = None  # prob > p, when p was given
+
+
+def prob_bound(t, r, a, b, c, s, s_inf, m, p=None, std_mode="learned", form="tight") -> ProbBound:
+    """``P(‖Δ‖₂ ≤ r) ≥ 1 − min(1, p_M, p_χ)`` (Theorem 1)."""
+    _check(r=r, p=p, m=m, form=form, std_mode=std_mode, chi2=True, t=t, a=a, b=b, c=c, s=s, s_inf=s_inf)
+    if std_mode == "fixed":
+        c = np.zeros_like(np.asarray(c, dtype=float))
+    p_m = markov_term(t, r, a, b, c, s, form)
+    p_c = chi2_term(t, r, a, b, c, s_inf, m, std_mode, form)
+    prob = 1.0 - np.minimum(1.0, np.minimum(p_m, p_c))
+    return ProbBound(prob, p_m, p_c, None if p is None else prob > np.asarray(p))
+
+
+# --------------------------------------------------------------------------- Lemma 2
+
+
+def _quadratic_margin(A, B, C):
+    """Largest t ≥ 0 with ``A t² + B t + C < 0`` (A, B ≥ 0): the positive root, 0 if C ≥ 0."""
+    A, B, C = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (A, B, C)))
+    disc = np.maximum(B**2 - 4 * A * C, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # (−B + √disc)/(2A) rewritten as −2C/(B + √disc): no cancellation when A is tiny.
+        root = np.where(B + np.sqrt(disc) > 0, -2 * C / (B + np.sqrt(disc)), np.inf)
+    return np.where(C < 0, root, 0.0)
+
+
+def margin_markov(r, a, b, c, s, p=0.5, std_mode="learned", form="tight"):
+    """Lemma 2's Markov margin ``R_M``: the largest t with ``p_M(t) < 1 − p`` (closed form).
+
+    Paper form: ``A = b² + c², B = 4cs, C = 4s² − (1−p) r²/a²``; tight form:
+    ``A = b² + c², B = 2cs, C = 2s² − (1−p) r²/a²``. ``R_M = (−B + √(B² − 4AC)) / (2A)``
+    if C < 0, else 0; infinite when A = B = 0 and C < 0 (a constant encoder).
+    """
+    _check(r=r, p=p, form=form, std_mode=std_mode, a=a, b=b, c=c, s=s)
+    a, b, c, s, r, p = (np.asarray(v, dtype=float) for v in (a, b, c, s, r, p))
+    if std_mode == "fixed":
+        c = np.zeros_like(c)
+    k = 2.0 if form == "tight" else 4.0
+    with np.errstate(divide="ignore"):
+        budget = np.where(a > 0, (1 - p) * r**2 / np.where(a > 0, a, 1.0) ** 2, np.inf)
+    return _quadratic_margin(b**2 + c**2, k * c * s, k * s**2 - budget)
+
+
+def _largest_below(f, target, hi, rtol=RTOL):
+    """Vectorised bisection: the largest t in ``[0, hi]`` with ``f(t) < target``, f increasing.
+
+    0 where ``f(0) ≥ target``; ``hi`` where the bound holds all the way (inf when it never
+    fails). An infinite ``hi`` is first replaced by doubling until f fails. Bisection stops
+    when every bracket is narrower than ``rtol`` times its upper end and returns the lower
+    end, where the bound provably holds.
+    """
+    shape = np.broadcast_shapes(np.shape(target), np.shape(hi), np.shape(f(np.zeros(()))))
+    target = np.broadcast_to(np.asarray(target, dtype=float), shape)
+    hi = np.broadcast_to(np.asarray(hi, dtype=float), shape).copy()
+    holds_at_zero = f(np.zeros(shape)) < target
+    probe = np.ones(shape)
+    search = holds_at_zero & np.isinf(hi)
+    while search.any():
+        fails = f(probe) >= target
+        hi = np.where(search & fails, probe, hi)
+        search &= ~fails & (probe < 1e300)
+        probe = np.where(search, 2.0 * probe, probe)
+    finite = np.isfinite(hi)
+    active = holds_at_zero & finite & (f(np.where(finite, hi, 0.0)) >= target)
+    lo, up = np.zeros(shape), np.where(active, hi, 0.0)
+    for _ in range(_MAX_BISECT):
+        if not (active & (up - lo > rtol * up)).any():
+            break
+        mid = 0.5 * (lo + up)
+        below = f(mid) < target
+        lo = np.where(active & below, mid, lo)
+        up = np.where(active & ~below, mid, up)
+    return np.where(holds_at_zero, np.where(active, lo, hi), 0.0)
+
+
+def margin_chi2(r, a, b, c, s_inf, m, p=0.5, std_mode="learned", form="tight"):
+    """Lemma 2's χ² margin ``R_χ``: the largest t with ``p_χ(t) < 1 − p``, by bisection to
+    1e-9 relative accuracy on ``[0, r/(ab))`` (unbounded where the form allows)."""
+    _check(r=r, p=p, m=m, form=form, std_mode=std_mode, chi2=True, a=a, b=b, c=c, s_inf=s_inf)
+    r, a, b, c, s_inf, m, p = np.broadcast_arrays(
+        *(np.asarray(v, dtype=float) for v in (r, a, b, c, s_inf, m, p))
+    )
+    if std_mode == "fixed":
+        c = np.zeros_like(c)
+    if std_mode == "fixed" and form == "tight":
+        # The non-central term needs no r/a > bt, but χ'²_m(λ) ≥ (its first coordinate)², so
+        # p_χ ≥ Φ(√λ − √x) ≥ 1 − p once bt ≥ r/a + √2 γ Φ⁻¹(1 − p): a finite bracket.
+        with np.errstate(divide="ignore"):
+            reach = r / a + np.sqrt(2) * s_inf * np.maximum(special.ndtri(1 - p), 0.0)
+            hi = np.where(b > 0, reach / np.where(b > 0, b, 1.0), np.inf)
+    else:
+        with np.errstate(divide="ignore"):
+            hi = np.where(a * b > 0, r / np.where(a * b > 0, a * b, 1.0), np.inf)
+
+    def f(t):
+        return chi2_term(t, r, a, b, c, s_inf, m, std_mode, form)
+
+    return _largest_below(f, 1 - p, hi)
+
+
+@dataclass
+class Margin:
+    """Lemma 2: ``margin = max(markov, chi2)`` lower-bounds the (r, p)-robustness margin."""
+
+    margin: np.ndarray
+    markov: np.ndarray
+    chi2: np.ndarray
+
+
+def margin(r, a, b, c, s, s_inf, m, p=0.5, std_mode="learned", form="tight") -> Margin:
+    """``R^{r,p}(x) ≥ max(R_M, R_χ)`` (Lemma 2). ``R > 0`` certifies x."""
+    r_m = margin_markov(r, a, b, c, s, p, std_mode, form)
+    r_c = margin_chi2(r, a, b, c, s_inf, m, p, std_mode, form)
+    return Margin(np.maximum(r_m, r_c), r_m, r_c)
+
+
+# --------------------------------------------------------------------------- Theorem 3
+
+
+def global_margin(a, b, gamma=None, m=10, r=8.0, p=0.5, form="tight", c=0.0, max_norm=None) -> Margin:
+    """Theorem 3: the margin every input has, known from the configuration alone.
+
+    Fixed σ ≡ ``gamma``: ``c = 0, s = √m γ, s_inf = γ``. Bounded σ (``‖σ(x)‖₂ ≤ max_norm``,
+    give ``max_norm`` and ``c``, no ``gamma``): ``s = s_inf = max_norm``.
+    """
+    if (gamma is None) == (max_norm is None):
+        raise ValueError("gamma/max_norm: give exactly one (gamma for fixed σ, max_norm for bounded σ)")
+    if gamma is not None:
+        _check(gamma=gamma, m=m)
+        if np.any(np.asarray(gamma, dtype=float) <= 0):
+            raise ValueError(f"gamma: must be > 0, got {gamma}")
+        s = np.sqrt(np.asarray(m, dtype=float)) * np.asarray(gamma, dtype=float)
+        return margin(r, a, b, 0.0, s, gamma, m, p, "fixed", form)
+    if np.any(~(np.asarray(max_norm, dtype=float) > 0)):
+        raise ValueError(f"max_norm: must be > 0, got {max_norm}")
+    return margin(r, a, b, c, max_norm, max_norm, m, p, "bounded", form)
+
+
+# --------------------------------------------------------------------------- design (inverse)
+
+
+def _solve_decreasing(fn, target: float, start: float, lo: float, hi: float) -> float | None:
+    """The x in [lo, hi] where the decreasing ``fn`` falls to ``target``, bracketed
+    geometrically from ``start``; None if even ``fn(lo)`` is below target, ``hi`` if
+    ``fn(hi)`` is still above it."""
+    x = start
+    if fn(x) >= target:
+        while x < hi and fn(min(2 * x, hi)) >= target:
+            x = min(2 * x, hi)
+        if x >= hi:
+            return hi
+        left, right = x, min(2 * x, hi)
+    else:
+        while x > lo and fn(max(x / 2, lo)) < target:
+            x = max(x / 2, lo)
+        if x <= lo:
+            return None
+        left, right = max(x / 2, lo), x
+    return optimize.brentq(lambda v: fn(v) - target, left, right, rtol=RTOL, xtol=1e-15)
+
+
+def max_lipschitz(target, gamma, m=10, r=8.0, p=0.5, form="tight", decoder_ratio=1.0) -> float | None:
+    """Largest encoder constant ``b`` (decoder ``a = decoder_ratio · b``) whose global
+    margin with fixed σ ≡ γ is at least ``target``; None if no positive constant reaches it."""
+    _check(target=target, gamma=gamma, r=r, p=p, m=m, form=form)
+
+    def fn(b):
+        return float(global_margin(decoder_ratio * b, b, gamma=gamma, m=m, r=r, p=p, form=form).margin)
+
+    return _solve_decreasing(fn, target, 1.0, 1e-6, 1e6)
+
+
+def max_gamma(target, a, b, m=10, r=8.0, p=0.5, form="tight") -> float | None:
+    """Largest fixed encoder std γ whose global margin with constants (a, b) is at least
+    ``target``; None when even γ → 0 (margin → r/(ab)) does not reach it."""
+    _check(target=target, a=a, b=b, r=r, p=p, m=m, form=form)
+
+    def fn(gamma):
+        return float(global_margin(a, b, gamma=gamma, m=m, r=r, p=p, form=form).margin)
+
+    if target >= r / (a * b):  # γ → 0 leaves the margin below r/(ab): unreachable
+        return None
+    return _solve_decreasing(fn, target, 0.1, 1e-6 * r / a, 1e3)

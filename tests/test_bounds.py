@@ -1,0 +1,206 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+from lipvae.certify import bounds
+from lipvae.certify.bounds import (
+    FORMS,
+    chi2_term,
+    global_margin,
+    inglot_chi2_tail,
+    margin,
+    margin_chi2,
+    margin_markov,
+    markov_term,
+    max_gamma,
+    max_lipschitz,
+    prob_bound,
+)
+
+
+def _orthonormal_columns(rng, rows, cols):
+    q, _ = np.linalg.qr(rng.standard_normal((rows, cols)))
+    return q
+
+
+def _monte_carlo_case(rng, mode, n=12, m=4, samples=20000):
+    """A random linear-Gaussian VAE with known constants, a worst-case-aligned δ, and
+    the Monte Carlo estimate of P(‖g(z') − g(z)‖ ≤ r) (math.md §2)."""
+    a, b, c = rng.uniform(0.5, 3.0, 3)
+    A = a * _orthonormal_columns(rng, n, m)  # ‖A v‖ = a ‖v‖: the decoder bound is tight
+    U, _, Vt = np.linalg.svd(rng.standard_normal((m, n)), full_matrices=False)
+    B = b * U @ Vt  # all singular values b
+    C = rng.standard_normal((m, n))
+    C *= c / np.linalg.norm(C, 2)
+    sigma0 = rng.uniform(0.05, 0.6, m)
+    gamma = rng.uniform(0.05, 0.4)
+
+    def sigma(x):
+        return np.full(m, gamma) if mode == "fixed" else np.abs(sigma0 + C @ x)  # Lip ≤ ‖C‖₂ = c
+
+    x = rng.standard_normal(n) * 0.1
+    t = rng.uniform(0.0, 0.6)
+    direction = Vt[0] if rng.random() < 0.7 else rng.standard_normal(n)
+    delta = t * direction / np.linalg.norm(direction)
+    s_x, s_xd = sigma(x), sigma(x + delta)
+    z = B @ x + s_x * rng.standard_normal((samples, m))
+    z2 = B @ (x + delta) + s_xd * rng.standard_normal((samples, m))
+    dist = np.linalg.norm((z2 - z) @ A.T, axis=1)
+    # radii where the probability, and the looser forms' bounds, are informative
+    r = np.quantile(dist, rng.uniform(0.3, 0.95)) * rng.uniform(1.0, 2.5)
+    p_hat = np.mean(dist <= r)
+    c_eff = 0.0 if mode == "fixed" else c
+    return dict(t=t, r=r, a=a, b=b, c=c_eff, s=np.linalg.norm(s_x), s_inf=np.max(s_x), m=m), p_hat, samples
+
+
+@pytest.mark.parametrize("mode", ["learned", "fixed"])
+@pytest.mark.parametrize("form", FORMS)
+def test_theorem1_holds_by_monte_carlo(mode, form):
+    rng = np.random.default_rng(hash((mode, form)) % 2**32)
+    informative = 0
+    for _ in range(60):
+        case, p_hat, n = _monte_carlo_case(rng, mode)
+        bound = prob_bound(**case, std_mode=mode, form=form).prob
+        err = 4.5 * np.sqrt(max(p_hat * (1 - p_hat), 1e-4) / n)
+        assert p_hat >= bound - err, (case, p_hat, bound)
+        informative += bound > 0.05
+    assert informative >= 10  # the check is not vacuous
+
+
+def test_tight_fixed_bound_is_exact_for_aligned_linear_model():
+    """With A = a·(orthonormal columns), ‖μ(x+δ)−μ(x)‖ = bt and fixed σ the non-central χ²
+    term is the exact probability: Monte Carlo must agree with it, not merely exceed it."""
+    rng = np.random.default_rng(1)
+    m, a, b, gamma, t, r = 6, 2.0, 3.0, 0.2, 0.15, 1.6
+    shift = np.zeros(m)
+    shift[0] = b * t
+    diff = shift + np.sqrt(2) * gamma * rng.standard_normal((200000, m))
+    p_hat = np.mean(a * np.linalg.norm(diff, axis=1) <= r)
+    p_chi = chi2_term(t, r, a, b, 0.0, gamma, m, std_mode="fixed", form="tight")
+    assert abs((1 - p_chi) - p_hat) < 4 * np.sqrt(p_hat * (1 - p_hat) / 200000)
+
+
+@pytest.mark.parametrize("form", ["paper", "tight"])
+def test_markov_margin_matches_brute_force(form):
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        r, a, b, c, s, p = rng.uniform(1, 10), *rng.uniform(0.5, 5, 3), rng.uniform(0, 1), rng.uniform(0.05, 0.95)
+        grid = np.linspace(0, 5 * r / (a * b), 400001)
+        ok = markov_term(grid, r, a, b, c, s, form) < 1 - p
+        brute = grid[ok].max() if ok[0] else 0.0
+        got = float(margin_markov(r, a, b, c, s, p, form=form))
+        assert got == pytest.approx(brute, abs=grid[1] - grid[0])
+        if got > 0:  # p_M(R) = 1 − p at the root
+            assert markov_term(got, r, a, b, c, s, form) == pytest.approx(1 - p, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode,form", [("learned", "paper"), ("learned", "exact"), ("fixed", "tight"), ("fixed", "paper")])
+def test_chi2_margin_matches_brute_force_and_root(mode, form):
+    rng = np.random.default_rng(3)
+    found = 0
+    for _ in range(20):
+        r, a, b = rng.uniform(2, 10), *rng.uniform(0.5, 3, 2)
+        c = 0.0 if mode == "fixed" else rng.uniform(0, 3)
+        s_inf, m, p = rng.uniform(0.02, 0.3), int(rng.integers(2, 12)), rng.uniform(0.1, 0.9)
+        R = float(margin_chi2(r, a, b, c, s_inf, m, p, mode, form))
+        hi = 3 * r / (a * b)
+        grid = np.linspace(0, hi, 20001)
+        ok = chi2_term(grid, r, a, b, c, s_inf, m, mode, form) < 1 - p
+        brute = grid[: np.argmin(ok)].max() if ok[0] and not ok.all() else (0.0 if not ok[0] else hi)
+        assert R == pytest.approx(brute, abs=grid[1] - grid[0])
+        if R > 0:
+            found += 1
+            assert chi2_term(R, r, a, b, c, s_inf, m, mode, form) < 1 - p
+            assert chi2_term(R * (1 + 1e-8), r, a, b, c, s_inf, m, mode, form) >= (1 - p) - 1e-6
+    assert found >= 5
+
+
+def test_inglot_dominates_exact_chi2_tail():
+    m = np.arange(2, 41)[:, None]
+    u = np.linspace(0.01, 200, 4000)[None, :]
+    ing = inglot_chi2_tail(u, m)
+    assert np.all(ing >= stats.chi2.sf(u, m) - 1e-15)
+    assert np.all(ing[u.repeat(len(m), 0) <= m - 2] == 1.0)
+    # the two textbook forms of Inglot's bound agree
+    uu, mm = np.meshgrid(np.linspace(12, 100, 50), np.arange(2, 12))
+    alt = 1 / np.sqrt(np.pi) * uu / (uu - mm + 2) * np.exp(-0.5 * (uu - mm - (mm - 2) * np.log(uu / mm) + np.log(mm)))
+    assert np.allclose(inglot_chi2_tail(uu, mm), np.minimum(alt, 1), rtol=1e-10)
+
+
+@pytest.mark.parametrize("mode", ["learned", "fixed"])
+def test_form_ordering_tight_exact_paper(mode):
+    rng = np.random.default_rng(4)
+    n = 3000
+    r, a, b = rng.uniform(0.5, 10, n), rng.uniform(0.1, 10, n), rng.uniform(0.1, 10, n)
+    c = np.zeros(n) if mode == "fixed" else rng.uniform(0, 10, n)
+    s_inf, m, p = rng.uniform(0.01, 1, n), rng.integers(2, 20, n), rng.uniform(0.05, 0.95, n)
+    s = s_inf * np.sqrt(m) if mode == "fixed" else s_inf * rng.uniform(1, np.sqrt(m), n)
+    got = {f: margin(r, a, b, c, s, s_inf, m, p, mode, f).margin for f in FORMS}
+    tol = 1e-8 * (1 + got["tight"])
+    assert np.all(got["tight"] >= got["exact"] - tol)
+    assert np.all(got["exact"] >= got["paper"] - tol)
+    assert np.mean(got["paper"] > 0) > 0.2 and np.mean(got["tight"] > got["paper"] + 1e-6) > 0.2
+
+
+def test_paper_reference_value_against_200_point_grid():
+    """The reference implementation's procedure (math.md §3): m=10, γ=0.1, r=8, a=b=10, p=1/2,
+    paper χ² form, largest point of a 200-point grid on [0, r/(ab)] where the bound holds."""
+    m, gamma, r, a, b, p = 10, 0.1, 8.0, 10.0, 10.0, 0.5
+    grid = np.linspace(0, r / (a * b), 200)
+    u = ((r / a - b * grid) / (np.sqrt(2) * gamma)) ** 2
+    c_m = np.pi**-0.5 * np.exp(0.5 * (m - (m - 1) * np.log(m)))
+    with np.errstate(all="ignore"):
+        ing = np.where(u > m - 2, c_m * u ** (m / 2) * np.exp(-u / 2) / (u - m + 2), 1.0)
+    reference = grid[ing < 1 - p].max()
+    got = float(global_margin(a, b, gamma=gamma, m=m, r=r, p=p, form="paper").margin)
+    assert reference <= got <= reference + (grid[1] - grid[0])
+    assert got == pytest.approx(0.032230, abs=1e-6)
+
+
+def test_global_margin_is_the_per_input_margin_at_the_worst_sigma():
+    g = global_margin(5.0, 7.0, gamma=0.1, m=10, r=8.0, p=0.5)
+    per_input = margin(8.0, 5.0, 7.0, 0.0, np.sqrt(10) * 0.1, 0.1, 10, 0.5, "fixed", "tight")
+    assert float(g.margin) == float(per_input.margin) > 0
+    bounded = global_margin(2.0, 2.0, m=10, r=8.0, c=2.0, max_norm=0.3)
+    inner = margin(8.0, 2.0, 2.0, 2.0, np.linspace(0.01, 0.3, 30), np.linspace(0.005, 0.3, 30), 10, 0.5, "bounded")
+    assert np.all(inner.margin >= float(bounded.margin) - 1e-12)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_design_inverse_reaches_target(form):
+    target = 0.05
+    L = max_lipschitz(target, gamma=0.1, m=10, r=8.0, p=0.5, form=form)
+    assert float(global_margin(L, L, gamma=0.1, form=form).margin) == pytest.approx(target, rel=1e-6)
+    assert float(global_margin(L * 1.01, L * 1.01, gamma=0.1, form=form).margin) < target
+    g = max_gamma(target, a=L, b=L, form=form)
+    assert g == pytest.approx(0.1, rel=1e-5)
+    assert max_gamma(10.0, a=10, b=10, form=form) is None  # beyond r/(ab): unreachable
+
+
+def test_constant_encoder_has_infinite_markov_margin():
+    assert np.isinf(margin_markov(8.0, 1.0, 0.0, 0.0, 0.1, 0.5))
+    assert float(margin_markov(8.0, 1.0, 0.0, 0.0, 10.0, 0.5)) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        (dict(r=0.0), "r"),
+        (dict(p=1.0), "p"),
+        (dict(p=0.0), "p"),
+        (dict(m=1), "m"),
+        (dict(m=0), "m"),
+        (dict(a=-1.0), "a"),
+        (dict(c=-0.1), "c"),
+        (dict(form="loose"), "form"),
+        (dict(std_mode="wobbly"), "std_mode"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, field):
+    args = dict(t=0.1, r=8.0, a=1.0, b=1.0, c=1.0, s=0.1, s_inf=0.05, m=10, p=0.5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=rf"^{field}:"):
+        prob_bound(**args)
+    with pytest.raises(ValueError, match="gamma"):
+        global_margin(1.0, 1.0, gamma=-0.1)
+    assert bounds.RTOL == 1e-9
