@@ -95,3 +95,4 @@ def test_wandb_offline_by_default_records_run(tmp_path):
     assert len(runs) == 1
     blob = runs[0].read_bytes()
     assert b"results/test_elbo" in blob and b"val/loss" in blob
+    assert b"results/certified_mean" in blob and b"certified_margins" in blob

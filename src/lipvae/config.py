@@ -10,6 +10,7 @@ import numbers
 
 from omegaconf import DictConfig, OmegaConf
 
+from lipvae.certify.bounds import FORMS
 from lipvae.data import DATASETS, ImageDataModule
 from lipvae.errors import UserError
 from lipvae.vae import KINDS, LIKELIHOODS, STD_MODES, VAE
@@ -86,8 +87,26 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "data.batch_size", integer=True)
     _positive(cfg, "trainer.max_epochs", integer=True)
     _positive(cfg, "trainer.patience", integer=True)
+    _validate_certify(cfg)
     ft = _number(cfg, "trainer.finetune.max_epochs")
     _check(isinstance(ft, int) and ft >= 0, "trainer.finetune.max_epochs", ft, "an integer >= 0")
+
+
+def _validate_certify(cfg: DictConfig) -> None:
+    if not cfg.certify.enabled:
+        return
+    for field, ok, accepted in (
+        ("certify.r", lambda v: _is_num(v) and v > 0, "a list of numbers > 0"),
+        ("certify.p", lambda v: _is_num(v) and 0 < v < 1, "a list of numbers in (0, 1)"),
+        ("certify.forms", lambda v: v in FORMS, f"a list drawn from {', '.join(FORMS)}"),
+    ):
+        values = _number(cfg, field)
+        _check(OmegaConf.is_list(values) and len(values) > 0 and all(map(ok, values)), field, values, accepted)
+    n = _number(cfg, "certify.num_inputs")
+    _check(n is None or (isinstance(n, int) and n > 0), "certify.num_inputs", n, "a positive integer or null")
+    if cfg.model.kind == "lipschitz":
+        m = cfg.model.latent_dim
+        _check(m >= 2, "model.latent_dim", m, "an integer >= 2 when certifying (the χ² bound; or certify.enabled=false)")
 
 
 def build_vae(model: DictConfig) -> VAE:

@@ -8,10 +8,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def _log_image(loggers, key: str, path: Path) -> None:
+def log_image(loggers, key: str, path: Path) -> None:
     for lg in loggers or []:
         if hasattr(lg, "log_image"):
             lg.log_image(key=key, images=[str(path)])
@@ -38,5 +39,23 @@ def save_reconstructions(vae, x: torch.Tensor, path: Path, loggers=None) -> Path
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    _log_image(loggers, "reconstructions", path)
+    log_image(loggers, "reconstructions", path)
+    return path
+
+
+def save_margin_histogram(margins: dict, path: Path, title: str = "", xlabel: str = "margin ‖δ‖₂") -> Path:
+    """Overlaid histograms of per-input margins, one per name (e.g. per bound form)."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    finite = [v[np.isfinite(v)] for v in margins.values()]
+    top = max((float(v.max()) for v in finite if len(v)), default=1.0) or 1.0
+    bins = np.linspace(0, top * 1.02, 40)
+    for (name, values), v in zip(margins.items(), finite):
+        ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (mean {np.mean(v):.3g})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("inputs")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path

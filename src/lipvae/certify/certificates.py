@@ -1,0 +1,129 @@
+"""Certified margins of a trained (frozen) VAE, per input, from its *measured* constants.
+
+``a = Lip(g)``, ``b = Lip(μ)``, ``c = Lip(σ)`` are the measured bounds of math.md §1 (sigmoid
+heads included); ``s = ‖σ(x)‖₂`` and ``s_inf = ‖σ(x)‖_∞`` come from one encoder pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import product
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lipvae.certify.bounds import global_margin, margin
+
+log = logging.getLogger("lipvae")
+#: A measured constant above nominal by more than this (relative) is reported.
+LIPSCHITZ_TOLERANCE = 1e-3
+#: The sigmoid heads of σ and g make their constants a quarter of the nominal L.
+HEAD_FACTOR = {"encoder_mean": 1.0, "encoder_std": 0.25, "decoder": 0.25}
+
+
+def check_lipschitz(constants: dict) -> list[str]:
+    """Warn, naming the network, where a measured constant exceeds its nominal one; returns them."""
+    nominal, measured = constants.get("nominal"), constants.get("measured")
+    if not nominal:
+        return []
+    above = []
+    for net, value in measured.items():
+        limit = nominal[net] * HEAD_FACTOR[net]
+        if value > limit * (1 + LIPSCHITZ_TOLERANCE):
+            above.append(net)
+            log.warning(
+                "measured Lipschitz bound of %s is %.6g, above its nominal %.6g: certificates use the measured one",
+                net,
+                value,
+                limit,
+            )
+    return above
+
+
+@torch.no_grad()
+def encoder_std_norms(vae, x: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """``s = ‖σ(x)‖₂`` and ``s_inf = ‖σ(x)‖_∞`` for every row of ``x``, batched."""
+    was_training = vae.training
+    vae.eval()
+    s, s_inf = [], []
+    device = next(vae.parameters()).device
+    for chunk in torch.split(x, batch_size):
+        std = vae.encode(chunk.to(device)).std.double()
+        s.append(std.norm(dim=-1).cpu())
+        s_inf.append(std.amax(dim=-1).cpu())
+    vae.train(was_training)
+    return torch.cat(s).numpy(), torch.cat(s_inf).numpy()
+
+
+def _suffix(i: int, r: float, p: float) -> str:
+    return "" if i == 0 else f"_r{r:g}_p{p:g}"
+
+
+def _stats(values: np.ndarray) -> dict:
+    return {
+        "mean": float(np.mean(values)),
+        "median": float(np.median(values)),
+        "min": float(np.min(values)),
+        "max": float(np.max(values)),
+        "fraction_certified": float(np.mean(values > 0)),
+    }
+
+
+def certify(
+    vae,
+    x: torch.Tensor,
+    index: np.ndarray,
+    labels: np.ndarray,
+    constants: dict,
+    r: list[float],
+    p: list[float],
+    forms: list[str],
+    batch_size: int = 1000,
+) -> tuple[pd.DataFrame, dict]:
+    """Per-input Lemma 2 margins for every (r, p, form), and a summary for results.json.
+
+    The first (r, p) and the first form are the primary ones: their columns are
+    ``R_M_<form>``, ``R_chi2_<form>``, ``certified_<form>``; other (r, p) pairs add the
+    suffix ``_r<r>_p<p>``. The summary's top-level numbers are the primary form's.
+    """
+    measured = constants["measured"]
+    a, b, c = measured["decoder"], measured["encoder_mean"], measured["encoder_std"]
+    m = vae.latent_dim
+    s, s_inf = encoder_std_norms(vae, x, batch_size)
+    table = pd.DataFrame({"index": index, "label": labels, "s": s, "s_inf": s_inf})
+    by = {}
+    for i, (rr, pp) in enumerate(product(r, p)):
+        sfx = _suffix(i, rr, pp)
+        key = f"r{rr:g}_p{pp:g}"
+        by[key] = {}
+        for form in forms:
+            res = margin(rr, a, b, c, s, s_inf, m, pp, vae.std_mode, form)
+            table[f"R_M_{form}{sfx}"] = res.markov
+            table[f"R_chi2_{form}{sfx}"] = res.chi2
+            table[f"certified_{form}{sfx}"] = res.margin
+            entry = _stats(res.margin)
+            entry["global_margin"] = _global(vae, a, b, c, rr, pp, form)
+            by[key][form] = entry
+    primary = by[f"r{r[0]:g}_p{p[0]:g}"][forms[0]]
+    summary = {
+        "r": float(r[0]),
+        "p": float(p[0]),
+        "form": forms[0],
+        "num_inputs": int(len(table)),
+        **primary,
+        "constants": {"a": a, "b": b, "c": c, "m": m},
+        "by_r_p_form": by,
+    }
+    return table, summary
+
+
+def _global(vae, a, b, c, r, p, form) -> float | None:
+    """Theorem 3's margin, when σ is fixed or bounded; None when σ is learned."""
+    if vae.std_mode == "fixed":
+        return float(global_margin(a, b, gamma=vae.gamma, m=vae.latent_dim, r=r, p=p, form=form).margin)
+    if vae.std_mode == "bounded":
+        return float(
+            global_margin(a, b, m=vae.latent_dim, r=r, p=p, form=form, c=c, max_norm=vae.max_norm).margin
+        )
+    return None

@@ -1,0 +1,150 @@
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import needs_mnist, run_cli
+from lipvae.certify.__main__ import main as certify_main
+from lipvae.certify.bounds import global_margin, margin
+from lipvae.certify.recertify import load_model, load_state
+from lipvae.errors import UserError
+
+pytestmark = needs_mnist
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny trained Lipschitz VAEs (learned and fixed σ) and a standard one, one multirun."""
+    root = tmp_path_factory.mktemp("sweep")
+    proc = run_cli(
+        "experiment=smoke",
+        "data.resplit=true",
+        "logger.wandb.enabled=false",
+        "trainer.enable_progress_bar=false",
+        "model=lipschitz,standard",
+        "model.encoder_std.mode=learned,fixed",
+        f"hydra.sweep.dir={root}",
+        "-m",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = {}
+    for results in root.glob("*/results.json"):
+        r = json.loads(results.read_text())
+        out[(r["model"]["kind"], r["model"]["encoder_std"]["mode"])] = results.parent
+    assert len(out) == 4
+    return out
+
+
+def test_callback_table_matches_bounds(runs):
+    run = runs[("lipschitz", "learned")]
+    r = json.loads((run / "results.json").read_text())
+    cert = r["certified"]
+    table = pd.read_csv(run / cert["table"])
+    assert cert["num_inputs"] == len(table) == r["data"]["num_test"]
+    assert {"index", "label", "s", "s_inf", "certified_tight", "certified_exact", "certified_paper"} <= set(table)
+    a, b, c = (r["lipschitz"]["measured"][k] for k in ("decoder", "encoder_mean", "encoder_std"))
+    assert (cert["constants"]["a"], cert["constants"]["b"], cert["constants"]["c"]) == (a, b, c)
+    expected = margin(8.0, a, b, c, table.s, table.s_inf, 10, 0.5, "learned", "tight").margin
+    assert np.allclose(table.certified_tight, expected, rtol=1e-12)
+    # a = 5/4, b = 5: the tight Markov term alone certifies any s ≤ √m (σ < 1) at r = 8
+    assert cert["fraction_certified"] == 1.0 and cert["min"] > 0
+    assert np.all(table.certified_tight >= table.certified_exact - 1e-12)
+    assert np.all(table.certified_exact >= table.certified_paper - 1e-12)
+    assert cert["mean"] == pytest.approx(table.certified_tight.mean())
+    assert cert["global_margin"] is None
+    assert (run / "certified_margins.png").is_file()
+
+
+def test_fixed_sigma_inputs_share_the_global_margin(runs):
+    r = json.loads((runs[("lipschitz", "fixed")] / "results.json").read_text())
+    cert = r["certified"]
+    m = r["lipschitz"]["measured"]
+    g = float(global_margin(m["decoder"], m["encoder_mean"], gamma=0.1, m=10, r=8.0, p=0.5).margin)
+    assert cert["global_margin"] == pytest.approx(g, rel=1e-12)
+    assert cert["min"] == pytest.approx(g, rel=1e-6) and cert["min"] <= g * (1 + 1e-9)
+
+
+def test_standard_vae_gets_null_not_zero(runs):
+    r = json.loads((runs[("standard", "learned")] / "results.json").read_text())
+    assert r["certified"] is None and r["lipschitz"] is None
+
+
+def test_certificate_holds_on_the_trained_network(runs):
+    """Monte Carlo on the real network: at ‖δ‖ just below the certified margin,
+    P(‖g(z') − g(z)‖ ≤ r) must exceed p (math.md §2) for random and gradient-chosen δ."""
+    vae, cfg, _ = load_model(runs[("lipschitz", "learned")])
+    table = pd.read_csv(runs[("lipschitz", "learned")] / "certified_margins.csv")
+    from lipvae.config import build_datamodule
+
+    test = build_datamodule(cfg.data, cfg.seed).split("test")
+    torch.manual_seed(0)
+    r, p, n = 8.0, 0.5, 4000
+    for i in range(5):
+        x = test.images[i : i + 1].double()
+        R = float(table.certified_tight[i])
+        vae.double()
+        delta = torch.randn_like(x, requires_grad=True)
+        for _ in range(30):  # push the reconstruction away: a crude maximum-damage direction
+            d = delta / delta.norm() * R * 0.999
+            loss = (vae.decode(vae.encode(x + d).mean) - vae.decode(vae.encode(x).mean)).norm()
+            (g,) = torch.autograd.grad(loss, delta)
+            delta = (delta + 0.5 * g / g.norm()).detach().requires_grad_(True)
+        d = (delta / delta.norm() * R * 0.999).detach()
+        with torch.no_grad():
+            q, q2 = vae.encode(x.expand(n, -1)), vae.encode((x + d).expand(n, -1))
+            dist = (vae.decode(q2.sample()) - vae.decode(q.sample())).norm(dim=-1)
+        assert (dist <= r).double().mean() > p
+
+
+def test_recertify_cli_reproduces_callback(runs, capsys):
+    run = runs[("lipschitz", "learned")]
+    before = pd.read_csv(run / "certified_margins.csv")
+    assert certify_main(["model", str(run), "forms=paper,tight"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    after = pd.read_csv(run / "certified_margins.csv")
+    assert summary["form"] == "paper"
+    assert np.allclose(after.certified_tight, before.certified_tight, rtol=1e-6)
+    assert json.loads((run / "results.json").read_text())["certified"]["form"] == "paper"
+    assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "num_inputs=7"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_inputs"] == 7
+
+
+def test_design_cli_rows_reach_the_target(capsys):
+    assert certify_main(["design", "r=8", "p=0.5", "m=10", "target=0.5", "gamma=0.1", "L=5,12"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    def override(line, key):
+        return float(line.split(f"{key}=")[1].split()[0])
+
+    L_for_gamma = override(out[2], "enc_L")
+    assert float(global_margin(L_for_gamma / 4, L_for_gamma, gamma=0.1).margin) == pytest.approx(0.5, rel=1e-4)
+    gamma_for_5 = override(out[3], "model.encoder_std.gamma")
+    assert float(global_margin(5 / 4, 5, gamma=gamma_for_5).margin) == pytest.approx(0.5, rel=1e-4)
+    assert "unreachable" in out[-1]  # L = 12: r/(ab) = 8/(3·12) < 0.5
+    assert "enc_L=5 dec_L=5" in out[3]
+
+
+def test_certify_cli_errors_are_one_line(capsys, tmp_path):
+    assert certify_main(["design", "target=1", "form=loose"]) == 2
+    assert capsys.readouterr().err.strip() == "error: form: got 'loose'; accepted: paper, exact, tight"
+    assert certify_main(["design", "target=1", "p=2"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: p: must be in (0, 1)")
+    assert certify_main(["model", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": _Exploit()}, f)
+    with pytest.raises(UserError, match="cannot load"):
+        load_state(path)
+    assert not (tmp_path / "PWNED").exists()
