@@ -59,3 +59,52 @@ def save_margin_histogram(margins: dict, path: Path, title: str = "", xlabel: st
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_margin_scatter(table, certified_columns, path: Path, title: str = "") -> Path:
+    """Certified (y) vs estimated (x) margin per input, one colour per form, with the
+    diagonal: every point must lie on or below it (paper Fig. 4, axes as there)."""
+    fig, ax = plt.subplots(figsize=(4.2, 4.2))
+    est = table["estimated"].to_numpy()
+    top = 1.05 * max(float(np.nanmax(est)), float(np.nanmax(table[certified_columns].to_numpy())), 1e-3)
+    for col in certified_columns:
+        ax.scatter(est, table[col], s=14, alpha=0.7, label=col.removeprefix("certified_"))
+    ax.plot([0, top], [0, top], "k--", lw=1, label="certified = estimated")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("estimated margin (attack)")
+    ax.set_ylabel("certified margin (bound)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def save_latent_attack(x, attack, target, path: Path, budget: float) -> Path:
+    """Paper Fig. 1: original, adversarial input, its reconstruction, target; a row per input."""
+    cols = {
+        "original": x,
+        f"adversarial (‖δ‖≤{budget:g})": attack.adversarial,
+        "reconstruction": attack.reconstruction,
+        "target": target,
+    }
+    n = len(x)
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.5 * len(cols), 1.4 * n), squeeze=False)
+    for c, (title, images) in enumerate(cols.items()):
+        for r in range(n):
+            ax = axes[r][c]
+            ax.imshow(images[r].detach().cpu().reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0][c].set_title(title, fontsize=7)
+    for r in range(n):
+        axes[r][2].set_xlabel(
+            f"to target {attack.dist_to_target[r]:.2f}\nto original {attack.dist_to_original[r]:.2f}", fontsize=6
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from lipvae.attack_callback import AttackCallback
 from lipvae.certify.callback import CertifyCallback
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.config import build_datamodule, build_vae, validate
@@ -93,7 +94,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         num_inputs=cfg.certify.num_inputs,
         batch_size=cfg.data.eval_batch_size,
     )
+    attacker = AttackCallback(run_dir, cfg.attack, certifier if cfg.certify.enabled else None, seed=cfg.seed)
     test_callbacks = [certifier] if cfg.certify.enabled else []
+    if cfg.attack.enabled:
+        test_callbacks.append(attacker)
     loggers = make_loggers(cfg, run_dir)
     trainer = L.Trainer(
         accelerator=tr.accelerator,
@@ -130,7 +134,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     t_test = time.perf_counter()
     trainer.callbacks.extend(test_callbacks)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    test_s = time.perf_counter() - t_test - certifier.seconds
+    test_s = time.perf_counter() - t_test - certifier.seconds - attacker.seconds
     x = datamodule.split("test").images[:8].to(module.device)
     save_reconstructions(vae, x, run_dir / "reconstructions.png", loggers)
 
@@ -158,12 +162,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "final_phase": schedule.phase,
         },
         "certified": certifier.summary,
-        "estimated": None,
-        "soundness_violations": None,
+        "estimated": attacker.summary,
+        "latent_attack": attacker.latent,
+        "soundness_violations": attacker.violations,
         "timings": {
             "fit_s": fit_s,
             "test_s": test_s,
             "certify_s": certifier.seconds,
+            "attack_s": attacker.seconds,
             "total_s": time.perf_counter() - t0,
         },
     }
@@ -172,9 +178,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     for lg in loggers:
         if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
             summary = {f"results/{k}": v for k, v in results["metrics"].items()}
-            for k in ("mean", "median", "min", "fraction_certified", "global_margin"):
-                if certifier.summary and certifier.summary.get(k) is not None:
-                    summary[f"results/certified_{k}"] = certifier.summary[k]
+            for name, part in (("certified", certifier.summary), ("estimated", attacker.summary)):
+                for k in ("mean", "median", "min", "fraction_certified", "global_margin"):
+                    if part and part.get(k) is not None:
+                        summary[f"results/{name}_{k}"] = part[k]
+            if attacker.violations is not None:
+                summary["results/soundness_violations"] = attacker.violations
             lg.experiment.summary.update(summary)
             lg.experiment.finish()
     return results

@@ -1,0 +1,182 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import optimize, stats
+from torch import nn
+
+from lipvae.attack_callback import other_class_targets, soundness_violations
+from lipvae.attacks import (
+    damage,
+    estimate_margins,
+    gaussian_kl,
+    latent_space_attack,
+    max_damage_attack,
+    project_ball_box,
+    robust_probability,
+)
+from lipvae.certify.bounds import global_margin
+from lipvae.certify.certificates import certify
+from lipvae.vae import VAE, Posterior
+
+
+def tiny_vae(**kw):
+    torch.manual_seed(0)
+    vae = VAE(input_dim=36, latent_dim=4, hidden=(16, 16), **kw).freeze().double()
+    return vae.eval()
+
+
+class LinearGaussianVAE(nn.Module):
+    """μ(x) = Bx (all singular values b), σ ≡ γ, g(z) = Az with ‖Av‖ = a‖v‖: the (r, p)-margin
+    is known in closed form (non-central χ²), and equals the tight fixed-σ certificate."""
+
+    def __init__(self, n=30, m=3, a=2.0, b=3.0, gamma=0.2):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        u, _, vh = torch.linalg.svd(torch.randn(m, n, generator=g, dtype=torch.float64), full_matrices=False)
+        q, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64))
+        self.B, self.A, self.gamma, self.m = b * u @ vh, a * q, gamma, m
+        self.latent_dim, self.std_mode, self.kind = m, "fixed", "lipschitz"
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        mean = x @ self.B.T
+        std = torch.full_like(mean, self.gamma)
+        return Posterior(mean, std, std.log())
+
+    def decode(self, z):
+        return z @ self.A.T
+
+    def true_margin(self, r, p):
+        x = r**2 / (2 * (self.A.norm(dim=0)[0].item()) ** 2 * self.gamma**2)
+        b = torch.linalg.matrix_norm(self.B, ord=2).item()
+
+        def robust_minus_p(t):
+            return stats.ncx2.cdf(x, self.m, max(b**2 * t**2 / (2 * self.gamma**2), 1e-300)) - p
+
+        return optimize.brentq(robust_minus_p, 1e-9, 100.0)
+
+
+def test_projection_is_the_euclidean_projection():
+    g = torch.Generator().manual_seed(0)
+    n = 20
+    x = torch.rand(50, n, generator=g, dtype=torch.float64)
+    y = 2 * torch.randn(50, n, generator=g, dtype=torch.float64)
+    radius = torch.rand(50, generator=g, dtype=torch.float64) * 1.5
+    lo, hi = -x, 1 - x
+    proj = project_ball_box(y, radius, lo, hi)
+    assert torch.all(proj.norm(dim=1) <= radius + 1e-9)
+    assert torch.all(proj >= lo - 1e-12) and torch.all(proj <= hi + 1e-12)
+    # variational inequality ⟨y − P, w − P⟩ ≤ 0 for every feasible w characterises projection
+    for _ in range(200):
+        w = project_ball_box(torch.randn(50, n, generator=g, dtype=torch.float64), radius, lo, hi)
+        assert torch.all(((y - proj) * (w - proj)).sum(1) <= 1e-7)
+    plain = project_ball_box(y, radius)
+    assert torch.allclose(plain.norm(dim=1), torch.minimum(y.norm(dim=1), radius))
+
+
+@pytest.mark.parametrize("pixel_range", [True, False])
+def test_max_damage_beats_random_and_respects_constraints(pixel_range):
+    vae = tiny_vae()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(10, 36, generator=g, dtype=torch.float64)
+    radius = torch.linspace(0.2, 2.0, 10, dtype=torch.float64)
+    delta, dmg = max_damage_attack(vae, x, radius, starts=3, steps=30, pixel_range=pixel_range, generator=g)
+    assert torch.all(delta.norm(dim=-1) <= radius[:, None] + 1e-9)
+    if pixel_range:
+        adv = x[:, None] + delta
+        assert torch.all(adv >= -1e-12) and torch.all(adv <= 1 + 1e-12)
+    assert torch.allclose(dmg[:, 0], damage(vae, x, delta[:, 0]))
+    rand = torch.randn(10, 200, 36, generator=g, dtype=torch.float64)
+    rand = rand / rand.norm(dim=-1, keepdim=True) * radius[:, None, None]
+    if pixel_range:
+        rand = torch.stack([project_ball_box(rand[i], radius[i].expand(200), -x[i], 1 - x[i]) for i in range(10)])
+    random_best = torch.stack([damage(vae, x[i].expand(200, -1), rand[i]).max() for i in range(10)])
+    assert torch.all(dmg.max(1).values >= random_best)
+    assert dmg.max(1).values.mean() > 1.5 * random_best.mean()
+
+
+def test_estimated_margin_matches_the_analytic_one():
+    model = LinearGaussianVAE()
+    x = torch.rand(6, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    r, p = 1.5, 0.5
+    truth = model.true_margin(r, p)
+    certified = float(global_margin(2.0, 3.0, gamma=0.2, m=3, r=r, p=p, form="tight").margin)
+    assert certified == pytest.approx(truth, rel=1e-6)  # this certificate is exact here
+    est = estimate_margins(
+        model, x, r=r, p=p, samples=4000, starts=2, steps=30, max_radius=3.0, tol=0.01,
+        pixel_range=False, generator=torch.Generator().manual_seed(3), progress=False,
+    )
+    assert not est.censored.any()
+    assert torch.allclose(est.margin, torch.full_like(est.margin, truth), atol=0.03)
+
+
+def test_bisection_and_grid_agree():
+    vae = tiny_vae()
+    x = torch.rand(8, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kw = dict(r=1.0, p=0.5, samples=200, starts=2, steps=20, max_radius=3.0, progress=False)
+    bis = estimate_margins(vae, x, tol=0.02, generator=torch.Generator().manual_seed(5), **kw)
+    grid = estimate_margins(vae, x, search="grid", grid_step=0.25, generator=torch.Generator().manual_seed(5), **kw)
+    assert (0 < bis.margin).all() and (bis.margin < 3.0).all()
+    assert torch.all((grid.margin - bis.margin).abs() <= 0.25 + 0.02 + 0.05)
+    assert bis.radii_evaluated < grid.radii_evaluated
+
+
+def test_robust_probability_is_a_monte_carlo_probability():
+    model = LinearGaussianVAE(gamma=0.3)
+    x = torch.zeros(1, 30, dtype=torch.float64)
+    delta = torch.zeros(1, 1, 30, dtype=torch.float64)
+    r = 2.0
+    exact = stats.chi2.cdf(r**2 / (2 * 4.0 * 0.09), 3)
+    est = robust_probability(model, x, delta, r, 20000, torch.Generator().manual_seed(0))
+    assert abs(est.item() - exact) < 4 * np.sqrt(exact * (1 - exact) / 20000)
+
+
+def test_latent_attack_moves_towards_target():
+    vae = tiny_vae()
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(5, 36, generator=g, dtype=torch.float64)
+    xt = torch.rand(5, 36, generator=g, dtype=torch.float64)
+    q, qt = vae.encode(x), vae.encode(xt)
+    before = gaussian_kl(q.mean, q.log_std, qt.mean, qt.log_std)
+    res = latent_space_attack(vae, x, xt, budget=1.0, steps=60, generator=g)
+    assert torch.all(res.kl < before)
+    assert torch.all(res.delta.norm(dim=1) <= 1.0 + 1e-9)
+    assert torch.all((res.adversarial >= -1e-12) & (res.adversarial <= 1 + 1e-12))
+    ref = torch.distributions.kl_divergence(
+        torch.distributions.Normal(q.mean, q.std), torch.distributions.Normal(qt.mean, qt.std)
+    ).sum(-1)
+    assert torch.allclose(before, ref)
+
+
+def test_soundness_check_catches_a_planted_violation():
+    """A model whose real encoder constant is 20× its nominal one, certified with the nominal
+    constants: the attack must find inputs whose true margin is below the 'certificate'."""
+    vae = VAE(
+        input_dim=36, latent_dim=4, hidden=(16, 16), encoder_mean_L=1.0, decoder_L=2.0, std_mode="fixed", gamma=0.02
+    )
+    vae = vae.freeze().double().eval()
+    honest = vae.lipschitz_constants()
+    with torch.no_grad():
+        vae.encoder_mean[0].weight.mul_(20.0)
+    x = torch.rand(10, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    idx, labels = np.arange(10), np.zeros(10, dtype=int)
+    r, p = 0.5, 0.5
+    table, _ = certify(vae, x, idx, labels, honest, [r], [p], ["tight"])
+    est = estimate_margins(vae, x, r=r, p=p, samples=200, starts=2, steps=20, max_radius=5.0, progress=False,
+                           generator=torch.Generator().manual_seed(8))
+    table["estimated"] = est.margin.numpy()
+    bad = soundness_violations(table, ["certified_tight"])
+    assert (table.certified_tight > 0.3).all()
+    assert len(bad) >= 5, table
+    # with the measured constants of the tampered model the certificates are sound again
+    table2, _ = certify(vae, x, idx, labels, vae.lipschitz_constants(), [r], [p], ["tight"])
+    table2["estimated"] = est.margin.numpy()
+    assert soundness_violations(table2, ["certified_tight"]) == []
+
+
+def test_other_class_targets():
+    labels = torch.tensor([3, 3, 5, 3, 1])
+    t = other_class_targets(labels)
+    assert all(labels[t[i]] != labels[i] for i in range(5))
+    assert soundness_violations(pd.DataFrame({"index": [0], "estimated": [1.0]}), []) == []
