@@ -1,5 +1,6 @@
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -99,8 +100,8 @@ def test_certificate_holds_on_the_trained_network(runs):
         assert (dist <= r).double().mean() > p
 
 
-def test_recertify_cli_reproduces_callback(runs, capsys):
-    run = runs[("lipschitz", "learned")]
+def test_recertify_cli_reproduces_callback(runs, capsys, tmp_path):
+    run = shutil.copytree(runs[("lipschitz", "learned")], tmp_path / "run")
     before = pd.read_csv(run / "certified_margins.csv")
     assert certify_main(["model", str(run), "forms=paper,tight"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -148,3 +149,23 @@ def test_malicious_checkpoint_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot load"):
         load_state(path)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_every_run_ends_with_estimated_margins_and_soundness(runs):
+    for (kind, mode), run in runs.items():
+        r = json.loads((run / "results.json").read_text())
+        est = r["estimated"]
+        table = pd.read_csv(run / est["table"])
+        assert est["num_inputs"] == len(table) == 25
+        assert est["mean"] == pytest.approx(table.estimated.mean())
+        assert (table.estimated > 0).all() and (table.estimated <= 10.0).all()
+        assert (run / "latent_attack.png").is_file()
+        assert r["latent_attack"]["mean_kl"] >= 0
+        if kind == "lipschitz":
+            assert r["soundness_violations"] == 0
+            cert = pd.read_csv(run / "certified_margins.csv").set_index("index")
+            assert np.allclose(table.certified_tight, cert.loc[table["index"], "certified_tight"])
+            assert (table.certified_tight <= table.estimated).all()
+            assert (run / "certified_vs_estimated.png").is_file()
+        else:
+            assert r["soundness_violations"] is None and "certified_tight" not in table

@@ -90,3 +90,13 @@ def test_elbo_improves_on_real_images(kind, monkeypatch):
         opt.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 20  # nats per image
+
+
+def test_continuous_bernoulli_matches_torch_and_tolerates_nan():
+    vae = tiny(input_dim=1)
+    probs = torch.tensor([[1e-5], [0.2], [0.4999], [0.5], [0.5003], [0.9], [1 - 1e-5]], dtype=torch.float64)
+    for v in (0.0, 0.37, 1.0):
+        x = torch.full((1,), v, dtype=torch.float64)
+        ref = torch.distributions.ContinuousBernoulli(probs=probs).log_prob(x.expand_as(probs)).squeeze(-1)
+        assert torch.allclose(vae.log_likelihood(x, probs), ref, atol=1e-9)
+    assert torch.isnan(vae.log_likelihood(torch.zeros(1), torch.tensor([[float("nan")]])))

@@ -88,6 +88,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.max_epochs", integer=True)
     _positive(cfg, "trainer.patience", integer=True)
     _validate_certify(cfg)
+    _validate_attack(cfg)
     ft = _number(cfg, "trainer.finetune.max_epochs")
     _check(isinstance(ft, int) and ft >= 0, "trainer.finetune.max_epochs", ft, "an integer >= 0")
 
@@ -107,6 +108,20 @@ def _validate_certify(cfg: DictConfig) -> None:
     if cfg.model.kind == "lipschitz":
         m = cfg.model.latent_dim
         _check(m >= 2, "model.latent_dim", m, "an integer >= 2 when certifying (the χ² bound; or certify.enabled=false)")
+
+
+def _validate_attack(cfg: DictConfig) -> None:
+    if not cfg.attack.enabled:
+        return
+    for field in ("attack.num_inputs", "attack.samples", "attack.starts", "attack.steps", "attack.latent.num_inputs"):
+        _positive(cfg, field, integer=True)
+    for field in ("attack.r", "attack.max_radius", "attack.tol", "attack.grid_step"):
+        _positive(cfg, field)
+    p = _number(cfg, "attack.p")
+    _check(_is_num(p) and 0 < p < 1, "attack.p", p, "a number in (0, 1)")
+    _choice(cfg, "attack.search", ("bisection", "grid"))
+    budget = _number(cfg, "attack.latent.budget")
+    _check(_is_num(budget) and budget >= 0, "attack.latent.budget", budget, "a number >= 0")
 
 
 def build_vae(model: DictConfig) -> VAE:

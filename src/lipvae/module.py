@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lipvae.networks import set_bjorck
+from lipvae.networks import project_bjorck_, set_bjorck
 from lipvae.vae import VAE
 
 
@@ -22,9 +22,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 class VAEModule(L.LightningModule):
-    def __init__(self, vae: VAE, lr: float = 1e-4, num_importance: int = 50) -> None:
+    def __init__(self, vae: VAE, lr: float = 1e-4, num_importance: int = 50, project_iters: int = 0) -> None:
         super().__init__()
         self.vae, self.lr, self.num_importance = vae, lr, num_importance
+        self.project_iters = project_iters
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.project_iters:
+            project_bjorck_(self.vae, self.project_iters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.reconstruct(x)
@@ -62,6 +67,27 @@ class VAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class SaveOnInterrupt(Callback):
+    """On SIGINT/SIGTERM or a non-finite loss, save the current state as ``last.ckpt`` so the
+    run resumes where it stopped (``resume=true``). A non-finite loss is caught before its
+    backward pass, so the weights saved are the last finite ones; that is checked first."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+        self.saved: str | None = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        interrupted = isinstance(exception, (KeyboardInterrupt, NonFiniteLossError)) or (
+            type(exception).__name__ == "SIGTERMException"
+        )
+        if not interrupted or trainer.state.fn != "fit":
+            return
+        if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+            return
+        trainer.save_checkpoint(self.path)
+        self.saved = self.path
 
 
 class TrainingSchedule(Callback):

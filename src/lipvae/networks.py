@@ -105,6 +105,16 @@ class BjorckLinear(nn.Module):
         """``orth(W)``, without the output scale."""
         return bjorck_orthonormalize(self._normalised_weight(), self.iters, self.beta, self.tol)
 
+    @torch.no_grad()
+    def project_(self, iters: int) -> None:
+        """Replace the raw parameter by ``orth(W)`` (``iters`` Björck steps, no gradient).
+
+        Run after each optimiser step, it keeps ``W`` orthonormal, so the few in-graph
+        iterations start converged: the trained function is the frozen one, and no long
+        fine-tune phase is needed to make them agree.
+        """
+        self.weight.copy_(bjorck_orthonormalize(self._normalised_weight(), iters, self.beta))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training or torch.is_grad_enabled():
             self._cache = None
@@ -202,6 +212,24 @@ def set_bjorck(module: nn.Module, iters: int | None = None, tol: float | None = 
             if iters is not None:
                 m.iters = int(iters)
             m.tol = tol
+
+
+def project_bjorck_(module: nn.Module, iters: int) -> None:
+    """``BjorckLinear.project_`` on every Björck layer below ``module``."""
+    for m in module.modules():
+        if isinstance(m, BjorckLinear):
+            m.project_(iters)
+
+
+def orthonormality_error(module: nn.Module) -> float:
+    """``max |σ_i(orth(W)) − 1|`` over the Björck layers below ``module`` (0 when none)."""
+    worst = 0.0
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, BjorckLinear):
+                s = torch.linalg.svdvals(m.orthonormal_weight().double())
+                worst = max(worst, float((s - 1).abs().max()))
+    return worst
 
 
 def spectral_norm_exact(w: torch.Tensor) -> float:

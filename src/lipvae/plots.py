@@ -108,3 +108,42 @@ def save_latent_attack(x, attack, target, path: Path, budget: float) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+@torch.no_grad()
+def save_aggregate_posterior(vae, x: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
+    """Paper Fig. 6: posterior means μ(x) of test inputs in a 2-D latent space, by class,
+    with the prior's 1σ and 2σ circles."""
+    vae.eval()
+    mu = torch.cat([vae.encode(chunk).mean for chunk in torch.split(x, 1000)]).cpu()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    sc = ax.scatter(mu[:, 0], mu[:, 1], c=labels.cpu(), cmap="tab10", s=4, alpha=0.7)
+    theta = np.linspace(0, 2 * np.pi, 200)
+    for k in (1, 2):
+        ax.plot(k * np.cos(theta), k * np.sin(theta), "k--", lw=0.8)
+    ax.set_aspect("equal")
+    ax.set_xlabel("z₁")
+    ax.set_ylabel("z₂")
+    ax.set_title("aggregate posterior (dashed: prior 1σ, 2σ)", fontsize=9)
+    fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04, label="class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def save_prior_samples(vae, path: Path, n: int = 8, generator: torch.Generator | None = None) -> Path:
+    """Paper Fig. 7: decoder means g(z) of z ~ N(0, I), an n × n grid."""
+    vae.eval()
+    device = next(vae.parameters()).device
+    z = torch.randn(n * n, vae.latent_dim, generator=generator).to(device)
+    images = vae.decode(z).cpu().reshape(n, n, 28, 28).permute(0, 2, 1, 3).reshape(n * 28, n * 28)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(images, cmap="gray", vmin=0, vmax=1)
+    ax.set_axis_off()
+    ax.set_title("samples g(z), z ~ N(0, I)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -23,15 +23,25 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.attack_callback import AttackCallback
 from lipvae.certify.callback import CertifyCallback
 from lipvae.certify.certificates import check_lipschitz
+from lipvae.certify.recertify import load_state
 from lipvae.config import build_datamodule, build_vae, validate
 from lipvae.data import PROJECT_ROOT
 from lipvae.errors import UserError
-from lipvae.module import NonFiniteLossError, TrainingSchedule, VAEModule
-from lipvae.plots import save_reconstructions
+from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
+from lipvae.plots import log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import write_results
 
 log = logging.getLogger("lipvae")
 CONF_DIR = str(PROJECT_ROOT / "conf")
+
+
+def sweep_group() -> str | None:
+    """The W&B group shared by the runs of one multirun: named after its sweep folder."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    parts = Path(hc.sweep.dir).parts
+    return "_".join(parts[-3:]) if len(parts) >= 3 else "_".join(parts)
 
 
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -51,7 +61,7 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
             WandbLogger(
                 project=wb.project,
                 entity=wb.entity,
-                group=wb.group,
+                group=wb.group or sweep_group(),
                 tags=list(wb.tags),
                 name=cfg.name,
                 save_dir=str(run_dir),
@@ -104,7 +114,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         devices=tr.devices,
         precision=tr.precision,
         max_epochs=schedule.total_epochs,
-        callbacks=[schedule, checkpoint],
+        callbacks=[schedule, checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt")],
         logger=loggers or False,
         log_every_n_steps=tr.log_every_n_steps,
         enable_progress_bar=tr.enable_progress_bar,
@@ -115,13 +125,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.resume:
         last = ckpt_dir / "last.ckpt"
         if last.is_file():
+            load_state(last)  # refuses, in one line, a file that is not a safe checkpoint
             ckpt_path = str(last)
             log.info("resuming from %s", last)
         else:
             log.warning("resume=true but %s does not exist: starting from scratch", last)
 
     t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_s = time.perf_counter() - t_fit
 
     vae.freeze()
@@ -137,6 +148,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     test_s = time.perf_counter() - t_test - certifier.seconds - attacker.seconds
     x = datamodule.split("test").images[:8].to(module.device)
     save_reconstructions(vae, x, run_dir / "reconstructions.png", loggers)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log_image(loggers, "prior_samples", save_prior_samples(vae, run_dir / "prior_samples.png", generator=gen))
+    if vae.latent_dim == 2:
+        test_split = datamodule.split("test")
+        figure = save_aggregate_posterior(
+            vae, test_split.images.to(module.device), test_split.labels, run_dir / "aggregate_posterior.png"
+        )
+        log_image(loggers, "aggregate_posterior", figure)
 
     results = {
         "status": "completed",
@@ -194,24 +213,40 @@ def _fail(cfg: DictConfig, run_dir: Path, error: str) -> None:
     write_results(run_dir, {"status": "failed", "error": error, "config": config})
 
 
+RESUME_HINT = "resume with the same command plus hydra.run.dir={run_dir} resume=true"
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    code = 0
     try:
         results = run(cfg, run_dir)
     except (UserError, NonFiniteLossError) as e:
         message = str(e).splitlines()[0]
-        _fail(cfg, run_dir, message)
-        log.error("%s", message)
-        if multirun:  # the other jobs of the sweep go on; the report lists this one as failed
-            return None
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        if isinstance(e, NonFiniteLossError) and (run_dir / "checkpoints" / "last.ckpt").is_file():
+            message += f"; last finite state saved: {RESUME_HINT.format(run_dir=run_dir)}"
+        code, error = 2, message
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Lightning turns SIGINT into SystemExit(1) and SIGTERM into SIGTERMException(SystemExit)
+        signal_name = "SIGTERM" if type(e).__name__ == "SIGTERMException" else "SIGINT"
+        code = 143 if signal_name == "SIGTERM" else 130
+        error = f"interrupted ({signal_name}); {RESUME_HINT.format(run_dir=run_dir)}"
     except Exception as e:
         _fail(cfg, run_dir, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if multirun:  # a bug in one job: record it, keep the sweep going, and show the trace
+            log.exception("job failed")
+            return None
         raise
-    return results["metrics"]["test_elbo"]
+    else:
+        return results["metrics"]["test_elbo"]
+    _fail(cfg, run_dir, error)
+    log.error("%s", error)
+    if multirun and code == 2:  # the other jobs of the sweep go on; the report lists this one as failed
+        return None
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributions import ContinuousBernoulli
 from torch.nn import functional as F
 
 from lipvae.networks import freeze, lipschitz_mlp, measured_lipschitz, standard_mlp
@@ -113,7 +112,8 @@ class VAE(nn.Module):
         probs = probs.clamp(_PROB_EPS, 1 - _PROB_EPS)
         if self.likelihood == "bernoulli":
             return -F.binary_cross_entropy(probs, x.expand_as(probs), reduction="none").sum(-1)
-        return ContinuousBernoulli(probs=probs).log_prob(x.expand_as(probs)).sum(-1)
+        log_density = x * probs.log() + (1 - x) * torch.log1p(-probs) + continuous_bernoulli_log_norm(probs)
+        return log_density.sum(-1)
 
     @staticmethod
     def kl(q: Posterior) -> torch.Tensor:
@@ -165,6 +165,19 @@ class VAE(nn.Module):
             "decoder": measured_lipschitz(self.decoder),
         }
         return {"nominal": nominal, "measured": measured}
+
+
+def continuous_bernoulli_log_norm(lam: torch.Tensor) -> torch.Tensor:
+    """``log C(λ)`` of the continuous Bernoulli (Loaiza-Ganem & Cunningham 2019),
+    ``C(λ) = 2 artanh(1 − 2λ) / (1 − 2λ)``, ``C(½) = 2``; a Taylor series near λ = ½,
+    ``artanh(d)/d = 1 + d²/3 + d⁴/5 + d⁶/7 + …``, where the quotient loses precision."""
+    d = 1 - 2 * lam
+    far = d.abs() > 1e-2
+    safe = torch.where(far, d, torch.full_like(d, 0.5))
+    exact = torch.log(2 * torch.atanh(safe) / safe)
+    d2 = d * d
+    taylor = math.log(2.0) + torch.log1p(d2 / 3 + d2 * d2 / 5 + d2**3 / 7)
+    return torch.where(far, exact, taylor)
 
 
 def _check_choice(field: str, value: str, accepted: tuple[str, ...]) -> None:

@@ -1,0 +1,181 @@
+"""Bad input, faults and security (issue: reliability)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import PROJECT, SHARED_DATA, needs_mnist, run_cli
+from lipvae.config import validate
+from lipvae.data import find_split
+from lipvae.errors import UserError
+from lipvae.module import NonFiniteLossError, SaveOnInterrupt, VAEModule
+from lipvae.results import write_results
+from lipvae.vae import VAE
+
+SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false", "trainer.enable_progress_bar=false"]
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+BAD_INPUTS = [
+    (["enc_L=0"], "model.lipschitz.encoder_mean: got 0; accepted: a positive number"),
+    (["enc_L=abc"], "model.lipschitz.encoder_mean: got 'abc'; accepted: a positive number"),
+    (["dec_L=-2"], "model.lipschitz.decoder: got -2; accepted: a positive number"),
+    (["certify.r=[0]"], "certify.r: got [0]; accepted: a list of numbers > 0"),
+    (["certify.p=[1.5]"], "certify.p: got [1.5]; accepted: a list of numbers in (0, 1)"),
+    (["model.latent_dim=0"], "model.latent_dim: got 0; accepted: a positive integer"),
+    (["model.latent_dim=1"], "model.latent_dim: got 1; accepted: an integer >= 2 when certifying"),
+    (["model.hidden=[31,32]"], "model.hidden: got [31, 32]; accepted: even widths (GroupSort groups of 2)"),
+    (["model.encoder_std.mode=wild"], "model.encoder_std.mode: got 'wild'; accepted: learned, bounded, fixed"),
+    (["model.likelihood=poisson"], "model.likelihood: got 'poisson'; accepted: continuous_bernoulli, bernoulli, gaussian"),
+    (["data.name=cifar"], "data.name: got 'cifar'; accepted: mnist, fashion_mnist"),
+    (["certify.forms=[loose]"], "certify.forms: got ['loose']; accepted: a list drawn from paper, exact, tight"),
+    (["model.encoder_std.mode=fixed", "model.encoder_std.gamma=0"], "model.encoder_std.gamma: got 0; accepted"),
+    (["model.encoder_std.mode=bounded"], "model.encoder_std.max_norm: got None; accepted: a positive number"),
+    (["model.encoder_std.mode=bounded", "model.encoder_std.max_norm=-1"], "model.encoder_std.max_norm: got -1"),
+    (["model.beta=-1"], "model.beta: got -1; accepted: a number >= 0"),
+    (["data.limit=0"], "data.limit: got 0; accepted: a positive integer or null"),
+    (["attack.num_inputs=0"], "attack.num_inputs: got 0; accepted: a positive integer"),
+    (["attack.p=0"], "attack.p: got 0; accepted: a number in (0, 1)"),
+    (["attack.search=random"], "attack.search: got 'random'; accepted: bisection, grid"),
+    (["data.resplit=maybe"], "data.resplit: got 'maybe'; accepted: True, False, auto"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_names_field_value_and_accepted(overrides, message):
+    with pytest.raises(UserError) as err:
+        validate(composed(*overrides))
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_defaults_and_presets_are_valid():
+    validate(composed())
+    validate(composed("model=standard", "model.encoder_std.mode=fixed"))
+    validate(composed("experiment=smoke", "model.encoder_std.mode=bounded", "model.encoder_std.max_norm=0.5"))
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["model.hidden=[31,32]"], "error: model.hidden: got [31, 32]; accepted: even widths"),
+        (["certify.p=[2]"], "error: certify.p: got [2]; accepted"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, fragment):
+    proc = run_cli(*SMOKE, *args, f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(fragment)
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
+def test_cli_missing_and_corrupt_dataset(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if find_split("fashion_mnist", "test", None) is None:  # only MNIST is beside the project
+        proc = run_cli(
+            *SMOKE, "data=fashion_mnist", "data.download=false", f"hydra.run.dir={tmp_path / 'a'}",
+            env={"LIPVAE_DATA_DIR": str(empty)},
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: data: fashion_mnist test split not found (looked in ")
+        assert str(empty / "fashion_mnist") in last and "apt-get install dataset-fashion-mnist" in last
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)
+    (bad / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05" + b"\x01" * 5)
+    proc = run_cli(*SMOKE, f"data.root={bad}", "data.download=false", f"hydra.run.dir={tmp_path / 'b'}")
+    assert proc.returncode == 2
+    assert "is corrupt" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+
+
+def test_cli_unreadable_checkpoint_on_resume(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    proc = run_cli(*SMOKE, "resume=true", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: checkpoint: cannot load")
+
+
+def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
+    write_results(tmp_path, {"status": "completed", "n": 1})
+    before = (tmp_path / "results.json").read_text()
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(OSError):
+        write_results(tmp_path, {"status": "completed", "n": 2})
+    assert (tmp_path / "results.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
+
+
+def test_nan_loss_stops_with_message_and_finite_checkpoint(tmp_path):
+    x = torch.rand(64, 20)
+    x[40] = float("nan")  # the third batch of 16 is poisoned
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16)
+    module = VAEModule(VAE(input_dim=20, latent_dim=2, hidden=(8, 8)), lr=1e-3, num_importance=0)
+    saver = SaveOnInterrupt(tmp_path / "last.ckpt")
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[saver])
+    with pytest.raises(NonFiniteLossError, match="training loss became nan at epoch 0, step 2"):
+        trainer.fit(module, train_dataloaders=loader)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@needs_mnist
+def test_multirun_with_a_failing_job(tmp_path):
+    proc = run_cli(*SMOKE, "attack.enabled=false", "enc_L=5,-1,7", f"hydra.sweep.dir={tmp_path}", "-m")
+    assert proc.returncode == 1
+    assert "error: 1 of 3 jobs failed" in proc.stderr
+    statuses = {}
+    for job in tmp_path.iterdir():
+        if (job / "results.json").is_file():
+            r = json.loads((job / "results.json").read_text())
+            statuses[job.name] = r["status"]
+    assert sorted(statuses.values()) == ["completed", "completed", "failed"]
+
+
+@needs_mnist
+def test_sigterm_then_resume_finishes_the_run(tmp_path):
+    args = [
+        *SMOKE, "attack.enabled=false", "data.limit=3000", "model.hidden=[256,256]",
+        "trainer.max_epochs=8", "trainer.patience=100", f"hydra.run.dir={tmp_path}",
+    ]
+    env = {**os.environ, "LIPVAE_DATA_DIR": str(SHARED_DATA)}
+    proc = subprocess.Popen([sys.executable, "-m", "lipvae.train", *args], cwd=PROJECT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    failed = json.loads((tmp_path / "results.json").read_text())
+    assert failed["status"] == "failed" and "resume=true" in failed["error"]
+    stopped_at = torch.load(last, weights_only=True)["epoch"]
+    assert stopped_at < 8
+
+    done = run_cli(*args, "resume=true")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stderr + done.stdout or True
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["status"] == "completed" and r["metrics"]["epochs"] == 9  # 8 + 1 fine-tune epoch
+    assert r["certified"]["fraction_certified"] == 1.0

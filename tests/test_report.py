@@ -1,0 +1,102 @@
+"""Sweeps, experiment presets, reports and W&B grouping."""
+
+import json
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import PROJECT, needs_mnist, run_cli
+from lipvae.report import main as report_main
+
+TINY = [
+    "experiment=smoke",
+    "data.resplit=true",
+    "trainer.enable_progress_bar=false",
+    "attack.num_inputs=6",
+    "attack.starts=2",
+    "attack.steps=10",
+]
+
+
+def composed(*overrides, hydra=False):
+    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multirun")
+    proc = run_cli(*TINY, "model=lipschitz", "enc_L=5,7", f"hydra.sweep.dir={root}", "-m", env={"WANDB_MODE": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # a killed job (no results.json) and a half-written one, as a crash would leave them
+    (root / "9_killed" / ".hydra").mkdir(parents=True)
+    (root / "8_torn" / ".hydra").mkdir(parents=True)
+    (root / "8_torn" / "results.json").write_text('{"schema_version": 1, "status": "compl')
+    return root
+
+
+@needs_mnist
+def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):
+    assert report_main([str(sweep)]) == 0
+    table = pd.read_csv(sweep / "results.csv")
+    done = table[table.status == "completed"].sort_values("enc_L")
+    assert list(done.enc_L) == [5.0, 7.0]
+    for _, row in done.iterrows():
+        r = json.loads((sweep / row.run / "results.json").read_text())
+        assert row.estimated_mean == pytest.approx(r["estimated"]["mean"])
+        assert row.certified_mean == pytest.approx(r["certified"]["mean"])
+        assert row.test_log_likelihood == pytest.approx(r["metrics"]["test_log_likelihood"])
+        assert row.soundness_violations == 0
+    broken = dict(zip(table.run, table.status))
+    assert broken["9_killed"].startswith("missing results.json")
+    assert broken["8_torn"].startswith("unreadable results.json")
+    md = (sweep / "report.md").read_text()
+    assert "## Runs not included" in md and "`9_killed`" in md and "`8_torn`" in md
+    assert "| L=5" not in md and "Soundness violations (certified > estimated) over all runs: 0." in md
+    page = (sweep / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "src='http" not in page
+    for fig in ("estimated_margins.png", "likelihood_vs_robustness.png", "certified_vs_estimated.png"):
+        assert (sweep / fig).stat().st_size > 1000
+
+
+@needs_mnist
+def test_sweep_runs_share_a_wandb_group(sweep):
+    blobs = [p.read_bytes() for p in sweep.glob("*/wandb/offline-run-*/run-*.wandb")]
+    assert len(blobs) == 2
+    group = "_".join(sweep.parts[-3:]).encode()
+    assert all(group in b for b in blobs)
+    assert all(b"results/estimated_mean" in b and b"results/certified_mean" in b for b in blobs)
+
+
+def test_report_on_folder_without_runs_is_one_line(tmp_path, capsys):
+    assert report_main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: report: no runs (folders with .hydra/ or results.json) below {tmp_path}"
+
+
+@pytest.mark.parametrize(
+    "experiment,variant,expect",
+    [
+        ("fig5_quick", "lipschitz_L7", dict(kind="lipschitz", enc_L=7.0, hidden=[128, 128])),
+        ("fig5", "standard", dict(kind="standard", lr=1e-3, hidden=[512, 512])),
+        ("fig6_7_quick", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2)),
+    ],
+)
+def test_experiment_presets_compose(experiment, variant, expect):
+    from lipvae.config import validate
+
+    cfg = composed(f"experiment={experiment}", f"variant={variant}")
+    validate(cfg)
+    got = {"kind": cfg.model.kind, "enc_L": cfg.enc_L, "hidden": list(cfg.model.hidden), "lr": cfg.model.lr,
+           "beta": cfg.model.beta, "latent_dim": cfg.model.latent_dim}
+    assert {k: got[k] for k in expect} == expect
+
+
+def test_sweep_grids_and_launchers_compose():
+    cfg = composed("experiment=fig5", hydra=True)
+    assert cfg.hydra.sweeper.params.variant.split(",")[-1] == "standard"
+    cfg = composed("experiment=fig3_quick", hydra=True)
+    assert cfg.model.encoder_std.mode == "fixed" and "enc_L" in cfg.hydra.sweeper.params
+    assert "Joblib" in composed("hydra/launcher=joblib", hydra=True).hydra.launcher._target_
+    slurm = composed("hydra/launcher=slurm", hydra=True).hydra.launcher
+    assert "Slurm" in slurm._target_ and slurm.gpus_per_node == 1
