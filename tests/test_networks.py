@@ -135,3 +135,26 @@ def test_measured_lipschitz_rejects_unknown_activation():
     with pytest.raises(TypeError, match="Tanh"):
         measured_lipschitz(nn.Sequential(nn.Linear(3, 3), nn.Tanh()))
     assert math.isclose(measured_lipschitz(nn.Sequential(nn.Identity())), 1.0)
+
+
+def test_projection_keeps_trained_weights_orthonormal():
+    from lipvae.networks import orthonormality_error, project_bjorck_
+
+    torch.manual_seed(0)
+    net = lipschitz_mlp([30, 16, 16, 6], 3.0, iters=3)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-2)
+    drifted = copy.deepcopy(net)
+    opt_d = torch.optim.Adam(drifted.parameters(), lr=3e-2)
+    for _ in range(30):
+        for model, optimiser, project in ((net, opt, True), (drifted, opt_d, False)):
+            loss = (model(torch.randn(64, 30)) - 1.0).pow(2).mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            if project:
+                project_bjorck_(model, 2)
+    assert orthonormality_error(net) < 1e-4
+    assert orthonormality_error(drifted) > 10 * orthonormality_error(net)
+    x = torch.randn(8, 30)
+    before = net(x)
+    assert torch.allclose(freeze(copy.deepcopy(net))(x), before, atol=1e-4)  # freezing changes nothing

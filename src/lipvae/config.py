@@ -69,6 +69,8 @@ def validate(cfg: DictConfig) -> None:
             "even widths (GroupSort groups of 2)",
         )
         _positive(cfg, "model.bjorck.iters", integer=True)
+        proj = _number(cfg, "model.bjorck.project_iters")
+        _check(isinstance(proj, int) and proj >= 0, "model.bjorck.project_iters", proj, "an integer >= 0")
         b = _number(cfg, "model.bjorck.beta")
         _check(_is_num(b) and 0 < b <= 0.5, "model.bjorck.beta", b, "a number in (0, 0.5]")
     mode = cfg.model.encoder_std.mode

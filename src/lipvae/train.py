@@ -80,7 +80,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule.setup()
     log.info("data: %s", datamodule.info.as_dict())
     vae = build_vae(cfg.model)
-    module = VAEModule(vae, lr=cfg.model.lr, num_importance=cfg.trainer.num_importance)
+    project = cfg.model.bjorck.project_iters if cfg.model.kind == "lipschitz" else 0
+    module = VAEModule(vae, lr=cfg.model.lr, num_importance=cfg.trainer.num_importance, project_iters=project)
     tr = cfg.trainer
     lipschitz = cfg.model.kind == "lipschitz"
     schedule = TrainingSchedule(
