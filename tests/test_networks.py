@@ -158,3 +158,25 @@ def test_projection_keeps_trained_weights_orthonormal():
     x = torch.randn(8, 30)
     before = net(x)
     assert torch.allclose(freeze(copy.deepcopy(net))(x), before, atol=1e-4)  # freezing changes nothing
+
+
+def test_aol_layer_is_one_lipschitz_without_iterations():
+    from lipvae.networks import AOLLinear
+
+    torch.manual_seed(0)
+    net = lipschitz_mlp([20, 16, 16, 4], 3.0, layer="aol")
+    assert not any(isinstance(m, BjorckLinear) for m in net.modules())
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, AOLLinear):
+                m.weight.add_(torch.randn_like(m.weight))  # any weights stay 1-Lipschitz
+    measured = measured_lipschitz(net)
+    assert measured <= 3.0 * (1 + 1e-6)
+    assert _empirical_lipschitz(net, 20) <= measured * (1 + 1e-5)
+    x = torch.randn(5, 20)
+    before = net(x)
+    freeze(net)
+    assert torch.allclose(net(x), before, atol=1e-6)
+    assert abs(measured_lipschitz(net) - measured) < 1e-6 * measured
+    with pytest.raises(ValueError, match="model.layer"):
+        lipschitz_mlp([4, 2, 2], 1.0, layer="cayley")

@@ -77,7 +77,7 @@ def test_report_on_folder_without_runs_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(
     "experiment,variant,expect",
     [
-        ("fig5_quick", "lipschitz_L7", dict(kind="lipschitz", enc_L=7.0, hidden=[128, 128])),
+        ("fig5_quick", "lipschitz_L7", dict(kind="lipschitz", enc_L=7.0, hidden=[256, 256])),
         ("fig5", "standard", dict(kind="standard", lr=1e-3, hidden=[512, 512])),
         ("fig6_7_quick", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2)),
     ],

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.certify.bounds import FORMS
 from lipvae.data import DATASETS, ImageDataModule
 from lipvae.errors import UserError
+from lipvae.networks import LAYERS
 from lipvae.vae import KINDS, LIKELIHOODS, STD_MODES, VAE
 
 
@@ -68,6 +69,7 @@ def validate(cfg: DictConfig) -> None:
             list(hidden),
             "even widths (GroupSort groups of 2)",
         )
+        _choice(cfg, "model.layer", LAYERS)
         _positive(cfg, "model.bjorck.iters", integer=True)
         proj = _number(cfg, "model.bjorck.project_iters")
         _check(isinstance(proj, int) and proj >= 0, "model.bjorck.project_iters", proj, "an integer >= 0")
@@ -143,6 +145,7 @@ def build_vae(model: DictConfig) -> VAE:
         beta=float(model.beta),
         bjorck_iters=model.bjorck.iters,
         bjorck_beta=model.bjorck.beta,
+        layer=model.layer,
     )
 
 

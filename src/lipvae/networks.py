@@ -143,6 +143,44 @@ class BjorckLinear(nn.Module):
         )
 
 
+class AOLLinear(nn.Module):
+    """Almost-orthogonal layer (Prach & Lampert 2022): ``y = scale · W D x + b`` with
+    ``D = diag(Σ_j |WᵀW|_ij)^(−1/2)``, which makes ``‖W D‖₂ ≤ 1`` exactly, with no iteration.
+
+    Iteration-free and certifiably 1-Lipschitz (times ``scale``), but not orthonormal, so it
+    is not gradient-norm preserving like a converged Björck layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 1.0, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scale = in_features, out_features, float(scale)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        nn.init.orthogonal_(self.weight)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def rescaled_weight(self) -> torch.Tensor:
+        w = self.weight
+        d = (w.mT @ w).abs().sum(dim=0).clamp_min(1e-12).rsqrt()
+        return w * d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.scale * self.rescaled_weight(), self.bias)
+
+    def frozen(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = linear.to(self.weight.device, self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.scale * self.rescaled_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:.4g}"
+
+
+LAYERS = ("bjorck", "aol")
+
 #: Lipschitz constant of each activation (Euclidean norm), for ``measured_lipschitz``.
 ACTIVATION_LIPSCHITZ: dict[type[nn.Module], float] = {
     GroupSort2: 1.0,
@@ -158,12 +196,16 @@ def lipschitz_mlp(
     iters: int = 3,
     beta: float = 0.5,
     sigmoid_head: bool = False,
+    layer: str = "bjorck",
 ) -> nn.Sequential:
     """An MLP with Lipschitz constant at most ``lipschitz`` (nominal, before the head).
 
     ``sizes = [n_in, h_1, ..., n_out]``; each of the k linear layers is scaled by
     ``lipschitz^(1/k)``; GroupSort2 between layers, so hidden widths must be even.
+    ``layer``: ``bjorck`` (orthonormalised, the paper's) or ``aol`` (iteration-free rescaling).
     """
+    if layer not in LAYERS:
+        raise ValueError(f"model.layer: unknown {layer!r}; accepted: {', '.join(LAYERS)}")
     k = len(sizes) - 1
     if k < 1:
         raise ValueError(f"sizes: need at least input and output sizes, got {list(sizes)}")
@@ -175,7 +217,10 @@ def lipschitz_mlp(
     scale = lipschitz ** (1.0 / k)
     layers: list[nn.Module] = []
     for i in range(k):
-        layers.append(BjorckLinear(sizes[i], sizes[i + 1], scale=scale, iters=iters, beta=beta))
+        if layer == "aol":
+            layers.append(AOLLinear(sizes[i], sizes[i + 1], scale=scale))
+        else:
+            layers.append(BjorckLinear(sizes[i], sizes[i + 1], scale=scale, iters=iters, beta=beta))
         if i < k - 1:
             layers.append(GroupSort2())
     if sigmoid_head:
@@ -196,9 +241,10 @@ def standard_mlp(sizes: Sequence[int], sigmoid_head: bool = False) -> nn.Sequent
 
 
 def freeze(module: nn.Module) -> nn.Module:
-    """Replace, in place, every ``BjorckLinear`` below ``module`` by its frozen polar layer."""
+    """Replace, in place, every ``BjorckLinear`` (``AOLLinear``) below ``module`` by a plain
+    layer holding its polar factor (its rescaled weight)."""
     for name, child in module.named_children():
-        if isinstance(child, BjorckLinear):
+        if isinstance(child, (BjorckLinear, AOLLinear)):
             setattr(module, name, child.frozen())
         else:
             freeze(child)
@@ -248,6 +294,8 @@ def measured_lipschitz(net: nn.Module) -> float:
     for m in net.children() if isinstance(net, nn.Sequential) else [net]:
         if isinstance(m, BjorckLinear):
             bound *= m.scale * spectral_norm_exact(m.orthonormal_weight())
+        elif isinstance(m, AOLLinear):
+            bound *= m.scale * spectral_norm_exact(m.rescaled_weight())
         elif isinstance(m, nn.Linear):
             bound *= spectral_norm_exact(m.weight)
         elif isinstance(m, nn.Sequential):

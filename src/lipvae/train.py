@@ -28,6 +28,7 @@ from lipvae.config import build_datamodule, build_vae, validate
 from lipvae.data import PROJECT_ROOT
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
+from lipvae.networks import orthonormality_error
 from lipvae.plots import log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import write_results
 
@@ -136,6 +137,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_s = time.perf_counter() - t_fit
 
+    orthonormality = orthonormality_error(vae)  # how much freezing will change the trained function
     vae.freeze()
     constants = vae.lipschitz_constants()
     if lipschitz:
@@ -180,6 +182,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "test_kl": test.get("test/kl"),
             "epochs": trainer.current_epoch,
             "final_phase": schedule.phase,
+            "orthonormality_error_before_freeze": orthonormality if lipschitz else None,
         },
         "certified": certifier.summary,
         "estimated": attacker.summary,

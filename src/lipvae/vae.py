@@ -57,6 +57,7 @@ class VAE(nn.Module):
         beta: float = 1.0,
         bjorck_iters: int = 3,
         bjorck_beta: float = 0.5,
+        layer: str = "bjorck",
     ) -> None:
         super().__init__()
         _check_choice("model.kind", kind, KINDS)
@@ -76,7 +77,7 @@ class VAE(nn.Module):
         if kind == "lipschitz":
 
             def build(sizes, lip, head):
-                return lipschitz_mlp(sizes, lip, iters=bjorck_iters, beta=bjorck_beta, sigmoid_head=head)
+                return lipschitz_mlp(sizes, lip, iters=bjorck_iters, beta=bjorck_beta, sigmoid_head=head, layer=layer)
 
         else:
 
