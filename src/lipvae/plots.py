@@ -12,6 +12,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def log_image(loggers, key: str, path: Path) -> None:
     for lg in loggers or []:
         if hasattr(lg, "log_image"):
@@ -36,9 +44,7 @@ def save_reconstructions(vae, x: torch.Tensor, path: Path, loggers=None) -> Path
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     log_image(loggers, "reconstructions", path)
     return path
 
@@ -55,10 +61,7 @@ def save_margin_histogram(margins: dict, path: Path, title: str = "", xlabel: st
     ax.set_ylabel("inputs")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_margin_scatter(table, certified_columns, path: Path, title: str = "") -> Path:
@@ -76,10 +79,7 @@ def save_margin_scatter(table, certified_columns, path: Path, title: str = "") -
     ax.set_ylabel("certified margin (bound)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -104,10 +104,7 @@ def save_latent_attack(x, attack, target, path: Path, budget: float) -> Path:
         axes[r][2].set_xlabel(
             f"to target {attack.dist_to_target[r]:.2f}\nto original {attack.dist_to_original[r]:.2f}", fontsize=6
         )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -126,10 +123,7 @@ def save_aggregate_posterior(vae, x: torch.Tensor, labels: torch.Tensor, path: P
     ax.set_ylabel("z₂")
     ax.set_title("aggregate posterior (dashed: prior 1σ, 2σ)", fontsize=9)
     fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04, label="class")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -143,7 +137,4 @@ def save_prior_samples(vae, path: Path, n: int = 8, generator: torch.Generator |
     ax.imshow(images, cmap="gray", vmin=0, vmax=1)
     ax.set_axis_off()
     ax.set_title("samples g(z), z ~ N(0, I)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -15,15 +15,12 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from lipvae.errors import UserError  # noqa: E402
-from lipvae.results import RESULTS_FILE, atomic_write_text, write_table  # noqa: E402
+from lipvae.errors import UserError
+from lipvae.plots import plt, save_figure
+from lipvae.results import RESULTS_FILE, atomic_write_text, write_table
 
 COLUMNS = [
     "run", "status", "data", "split", "model", "enc_L", "dec_L", "std_mode", "gamma", "beta", "latent_dim",
@@ -133,10 +130,7 @@ def fig_estimated_distributions(rows, margins, path: Path) -> Path | None:
     ax.set_xticks(range(1, len(idx) + 1), [label(rows[i]) for i in idx], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("estimated margin")
     ax.set_title("estimated (r, p)-robustness margins per input", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def fig_likelihood_vs_robustness(rows, path: Path) -> Path | None:
@@ -153,10 +147,7 @@ def fig_likelihood_vs_robustness(rows, path: Path) -> Path | None:
     ax.set_xlabel("mean estimated margin")
     ax.set_ylabel("mean test log-likelihood (nats)")
     ax.set_title("likelihood vs robustness", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def fig_certified_vs_estimated(rows, margins, path: Path) -> Path | None:
@@ -177,10 +168,7 @@ def fig_certified_vs_estimated(rows, margins, path: Path) -> Path | None:
     ax.set_ylabel("certified margin (tight)")
     ax.legend(fontsize=7)
     ax.set_title("every point must lie on or below the diagonal", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _fmt(v) -> str:
