@@ -152,7 +152,8 @@ def test_multirun_with_a_failing_job(tmp_path):
 
 
 @needs_mnist
-def test_sigterm_then_resume_finishes_the_run(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     args = [
         *SMOKE, "attack.enabled=false", "data.limit=3000", "model.hidden=[256,256]",
         "trainer.max_epochs=8", "trainer.patience=100", f"hydra.run.dir={tmp_path}",
@@ -165,9 +166,9 @@ def test_sigterm_then_resume_finishes_the_run(tmp_path):
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     failed = json.loads((tmp_path / "results.json").read_text())
     assert failed["status"] == "failed" and "resume=true" in failed["error"]
     stopped_at = torch.load(last, weights_only=True)["epoch"]
@@ -175,7 +176,6 @@ def test_sigterm_then_resume_finishes_the_run(tmp_path):
 
     done = run_cli(*args, "resume=true")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming from" in done.stderr + done.stdout or True
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "completed" and r["metrics"]["epochs"] == 9  # 8 + 1 fine-tune epoch
     assert r["certified"]["fraction_certified"] == 1.0
