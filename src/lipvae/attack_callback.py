@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lipvae.attacks import estimate_margins, latent_space_attack
+from lipvae.certify.certificates import column_suffix
 from lipvae.plots import log_image, save_latent_attack, save_margin_scatter
 from lipvae.results import write_table
 
@@ -168,14 +169,12 @@ class AttackCallback(Callback):
         if cert is None or cert.table is None:
             return []
         r, p = float(self.cfg.r), float(self.cfg.p)
-        pairs = [(float(a), float(b)) for a in cert.r for b in cert.p]
-        if (r, p) not in pairs:
+        suffix = column_suffix(cert.r, cert.p, r, p)
+        if suffix is None:
             log.warning(
-                "attack (r=%g, p=%g) matches no certified (r, p) %s: no soundness check", r, p, pairs
+                "attack (r=%g, p=%g) matches no certified (r, p) of %s × %s: no soundness check", r, p, cert.r, cert.p
             )
             return []
-        i = pairs.index((r, p))
-        suffix = "" if i == 0 else f"_r{r:g}_p{p:g}"
         cols = [f"certified_{form}{suffix}" for form in cert.forms]
         by_index = cert.table.set_index("index")
         for col in cols:

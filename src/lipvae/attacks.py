@@ -262,8 +262,7 @@ def estimate_margins(
             todo = active & (hi - lo > tol)
             mid = 0.5 * (lo + hi)
             idx = todo.nonzero().flatten()
-            gen_args = (r, p, samples, starts, steps, pixel_range, generator)
-            robust = _robust_at(vae, x[idx], mid[idx], *gen_args)
+            robust = _robust_at(vae, x[idx], mid[idx], *args)
             lo[idx] = torch.where(robust, mid[idx], lo[idx])
             hi[idx] = torch.where(robust, hi[idx], mid[idx])
             evaluated += 1

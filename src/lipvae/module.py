@@ -76,7 +76,6 @@ class SaveOnInterrupt(Callback):
 
     def __init__(self, path) -> None:
         self.path = str(path)
-        self.saved: str | None = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         interrupted = isinstance(exception, (KeyboardInterrupt, NonFiniteLossError)) or (
@@ -87,7 +86,6 @@ class SaveOnInterrupt(Callback):
         if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
             return
         trainer.save_checkpoint(self.path)
-        self.saved = self.path
 
 
 class TrainingSchedule(Callback):

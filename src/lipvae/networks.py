@@ -10,7 +10,6 @@ the weights actually used, which is what certificates must trust.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch

@@ -81,10 +81,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     datamodule.setup()
     log.info("data: %s", datamodule.info.as_dict())
     vae = build_vae(cfg.model)
-    project = cfg.model.bjorck.project_iters if cfg.model.kind == "lipschitz" else 0
+    lipschitz = cfg.model.kind == "lipschitz"
+    project = cfg.model.bjorck.project_iters if lipschitz else 0
     module = VAEModule(vae, lr=cfg.model.lr, num_importance=cfg.trainer.num_importance, project_iters=project)
     tr = cfg.trainer
-    lipschitz = cfg.model.kind == "lipschitz"
     schedule = TrainingSchedule(
         max_epochs=tr.max_epochs,
         patience=tr.patience,
@@ -224,7 +224,6 @@ RESUME_HINT = "resume with the same command plus hydra.run.dir={run_dir} resume=
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    code = 0
     try:
         results = run(cfg, run_dir)
     except (UserError, NonFiniteLossError) as e:

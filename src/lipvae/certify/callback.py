@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from lipvae.certify.certificates import certify
+from lipvae.certify.certificates import certify_test_split
 from lipvae.plots import log_image, save_margin_histogram
 from lipvae.results import write_table
 
@@ -36,13 +36,10 @@ class CertifyCallback(Callback):
             log.info("standard VAE: its Lipschitz constants are unknown, so no certificate (certified: null)")
             return
         start = time.perf_counter()
-        test = trainer.datamodule.split("test")
-        n = len(test) if self.num_inputs is None else min(self.num_inputs, len(test))
-        table, summary = certify(
+        table, summary = certify_test_split(
             vae,
-            test.images[:n],
-            test.index[:n].numpy(),
-            test.labels[:n].numpy(),
+            trainer.datamodule.split("test"),
+            self.num_inputs,
             vae.lipschitz_constants(),
             self.r,
             self.p,

@@ -56,8 +56,13 @@ def encoder_std_norms(vae, x: torch.Tensor, batch_size: int = 1000) -> tuple[np.
     return torch.cat(s).numpy(), torch.cat(s_inf).numpy()
 
 
-def _suffix(i: int, r: float, p: float) -> str:
-    return "" if i == 0 else f"_r{r:g}_p{p:g}"
+def column_suffix(r_list, p_list, r: float, p: float) -> str | None:
+    """Suffix of the table columns computed at (r, p): none for the first (primary) pair of
+    ``product(r_list, p_list)``, ``_r<r>_p<p>`` for the others; None if (r, p) is not there."""
+    pairs = [(float(a), float(b)) for a, b in product(r_list, p_list)]
+    if (float(r), float(p)) not in pairs:
+        return None
+    return "" if pairs.index((float(r), float(p))) == 0 else f"_r{r:g}_p{p:g}"
 
 
 def _stats(values: np.ndarray) -> dict:
@@ -93,8 +98,8 @@ def certify(
     s, s_inf = encoder_std_norms(vae, x, batch_size)
     table = pd.DataFrame({"index": index, "label": labels, "s": s, "s_inf": s_inf})
     by = {}
-    for i, (rr, pp) in enumerate(product(r, p)):
-        sfx = _suffix(i, rr, pp)
+    for rr, pp in product(r, p):
+        sfx = column_suffix(r, p, rr, pp)
         key = f"r{rr:g}_p{pp:g}"
         by[key] = {}
         for form in forms:
@@ -116,6 +121,14 @@ def certify(
         "by_r_p_form": by,
     }
     return table, summary
+
+
+def certify_test_split(vae, test, num_inputs, constants, r, p, forms, batch_size=1000):
+    """``certify`` on the first ``num_inputs`` (all when None) inputs of a test split."""
+    n = len(test) if num_inputs is None else min(num_inputs, len(test))
+    return certify(
+        vae, test.images[:n], test.index[:n].numpy(), test.labels[:n].numpy(), constants, r, p, forms, batch_size
+    )
 
 
 def _global(vae, a, b, c, r, p, form) -> float | None:

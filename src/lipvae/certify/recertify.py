@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lipvae.certify.certificates import certify, check_lipschitz
+from lipvae.certify.certificates import certify_test_split, check_lipschitz
 from lipvae.config import build_datamodule, build_vae
 from lipvae.errors import UserError
 from lipvae.results import RESULTS_FILE, read_results, write_results, write_table
@@ -76,14 +76,10 @@ def recertify(path: Path, r=None, p=None, forms=None, num_inputs=None) -> dict:
     forms = list(forms or cfg.certify.forms)
     num_inputs = num_inputs or cfg.certify.num_inputs
     dm = build_datamodule(cfg.data, cfg.seed)
-    test = dm.split("test")
-    n = len(test) if num_inputs is None else min(num_inputs, len(test))
     constants = vae.lipschitz_constants()
     check_lipschitz(constants)
     try:
-        table, summary = certify(
-            vae, test.images[:n], test.index[:n].numpy(), test.labels[:n].numpy(), constants, r, p, forms
-        )
+        table, summary = certify_test_split(vae, dm.split("test"), num_inputs, constants, r, p, forms)
     except ValueError as e:
         raise UserError(str(e)) from None
     write_table(run_dir / "certified_margins.csv", table)
