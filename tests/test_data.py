@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, needs_mnist
+from conftest import needs_real_mnist
 from lipvae.data import ImageDataModule, find_split, load_split, read_idx
 from lipvae.errors import UserError
 
@@ -58,7 +58,8 @@ def test_root_resolution_order(tmp_path, monkeypatch):
 
 def test_missing_dataset_names_places_and_remedy(tmp_path, monkeypatch):
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(tmp_path))
-    monkeypatch.setattr("lipvae.data.PROJECT_ROOT", tmp_path / "nowhere")
+    monkeypatch.setattr("lipvae.data._beside_project", lambda: [tmp_path / "nowhere" / "project"])
+    monkeypatch.setenv("LIPVAE_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(UserError) as err:
         load_split("mnist", "train", None, download=False)
     msg = str(err.value)
@@ -91,9 +92,8 @@ def test_resplit_auto_uses_test_split_only_when_train_missing(tmp_path):
     assert sum(map(len, parts)) == 50 and len(set.union(*parts)) == 50
 
 
-@needs_mnist
-def test_real_mnist_test_split_resplit(monkeypatch):
-    monkeypatch.setenv("LIPVAE_DATA_DIR", str(SHARED_DATA))
+@needs_real_mnist
+def test_real_mnist_test_split_resplit():
     dm = ImageDataModule(resplit=True)
     dm.setup()
     assert dm.info.split == "resplit-test"

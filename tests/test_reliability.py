@@ -12,7 +12,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import PROJECT, SHARED_DATA, needs_mnist, run_cli
+from conftest import CONF, PROJECT, run_cli, synthetic_data_dir
 from lipvae.config import validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
@@ -24,7 +24,7 @@ SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false", 
 
 
 def composed(*overrides):
-    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 
@@ -138,7 +138,7 @@ def test_nan_loss_stops_with_message_and_finite_checkpoint(tmp_path):
     assert state and all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-@needs_mnist
+@pytest.mark.slow
 def test_multirun_with_a_failing_job(tmp_path):
     proc = run_cli(*SMOKE, "attack.enabled=false", "enc_L=5,-1,7", f"hydra.sweep.dir={tmp_path}", "-m")
     assert proc.returncode == 1
@@ -151,14 +151,14 @@ def test_multirun_with_a_failing_job(tmp_path):
     assert sorted(statuses.values()) == ["completed", "completed", "failed"]
 
 
-@needs_mnist
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     args = [
-        *SMOKE, "attack.enabled=false", "data.limit=3000", "model.hidden=[256,256]",
-        "trainer.max_epochs=8", "trainer.patience=100", f"hydra.run.dir={tmp_path}",
+        *SMOKE, "attack.enabled=false", "model.hidden=[256,256]",
+        "trainer.max_epochs=20", "trainer.patience=100", f"hydra.run.dir={tmp_path}",
     ]
-    env = {**os.environ, "LIPVAE_DATA_DIR": str(SHARED_DATA)}
+    env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
     proc = subprocess.Popen([sys.executable, "-m", "lipvae.train", *args], cwd=PROJECT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -172,10 +172,10 @@ def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     failed = json.loads((tmp_path / "results.json").read_text())
     assert failed["status"] == "failed" and "resume=true" in failed["error"]
     stopped_at = torch.load(last, weights_only=True)["epoch"]
-    assert stopped_at < 8
+    assert stopped_at < 20
 
     done = run_cli(*args, "resume=true")
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
-    assert r["status"] == "completed" and r["metrics"]["epochs"] == 9  # 8 + 1 fine-tune epoch
+    assert r["status"] == "completed" and r["metrics"]["epochs"] == 21  # 20 + 1 fine-tune epoch
     assert r["certified"]["fraction_certified"] == 1.0

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import PROJECT, needs_mnist, run_cli
+from conftest import CONF, run_cli
 from lipvae.report import main as report_main
 
 TINY = [
@@ -20,7 +20,7 @@ TINY = [
 
 
 def composed(*overrides, hydra=False):
-    with initialize_config_dir(config_dir=str(PROJECT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
@@ -36,7 +36,7 @@ def sweep(tmp_path_factory):
     return root
 
 
-@needs_mnist
+@pytest.mark.slow
 def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):
     assert report_main([str(sweep)]) == 0
     table = pd.read_csv(sweep / "results.csv")
@@ -60,7 +60,7 @@ def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):
         assert (sweep / fig).stat().st_size > 1000
 
 
-@needs_mnist
+@pytest.mark.slow
 def test_sweep_runs_share_a_wandb_group(sweep):
     blobs = [p.read_bytes() for p in sweep.glob("*/wandb/offline-run-*/run-*.wandb")]
     assert len(blobs) == 2

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_mnist, run_cli
+from conftest import run_cli
 
 SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false"]
 
@@ -24,7 +24,7 @@ def check_schema(r: dict) -> None:
     assert r["timings"]["total_s"] >= r["timings"]["fit_s"] > 0
 
 
-@needs_mnist
+@pytest.mark.slow
 def test_single_lipschitz_run(tmp_path):
     proc = run_cli(*SMOKE, "enc_L=4", "dec_L=6", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,7 +47,7 @@ def test_single_lipschitz_run(tmp_path):
         assert (tmp_path / f).is_file(), f
 
 
-@needs_mnist
+@pytest.mark.slow
 def test_standard_beta_vae_with_fixed_std(tmp_path):
     proc = run_cli(
         *SMOKE, "model=standard", "model.beta=5", "model.encoder_std.mode=fixed", f"hydra.run.dir={tmp_path}"
@@ -60,7 +60,7 @@ def test_standard_beta_vae_with_fixed_std(tmp_path):
     assert r["metrics"]["epochs"] == 1  # no fine-tune phase for a standard VAE
 
 
-@needs_mnist
+@pytest.mark.slow
 def test_multirun_over_lipschitz_grid(tmp_path):
     proc = run_cli(*SMOKE, "model=lipschitz", "enc_L=5,7", f"hydra.sweep.dir={tmp_path}", "-m")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -85,7 +85,7 @@ def test_bad_input_is_one_line(tmp_path):
     assert r["status"] == "failed" and "encoder_mean" in r["error"]
 
 
-@needs_mnist
+@pytest.mark.slow
 def test_wandb_offline_by_default_records_run(tmp_path):
     proc = run_cli(
         "experiment=smoke", "data.resplit=true", f"hydra.run.dir={tmp_path}", env={"WANDB_MODE": "", "WANDB_API_KEY": ""}

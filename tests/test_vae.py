@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from conftest import needs_mnist
+from conftest import needs_real_mnist
 from lipvae.data import ImageDataModule
 from lipvae.vae import VAE
 
@@ -71,12 +71,9 @@ def test_lipschitz_constants_of_fixed_std_model():
     assert tiny(kind="standard").lipschitz_constants() == {"nominal": None, "measured": None}
 
 
-@needs_mnist
+@needs_real_mnist
 @pytest.mark.parametrize("kind", ["lipschitz", "standard"])
-def test_elbo_improves_on_real_images(kind, monkeypatch):
-    from conftest import SHARED_DATA
-
-    monkeypatch.setenv("LIPVAE_DATA_DIR", str(SHARED_DATA))
+def test_elbo_improves_on_real_images(kind):
     dm = ImageDataModule(resplit=True, limit=512, batch_size=64)
     x = dm.split("train").images[:256]
     vae = VAE(kind=kind, hidden=(64, 64), latent_dim=8)

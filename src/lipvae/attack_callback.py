@@ -115,6 +115,9 @@ class AttackCallback(Callback):
             "samples": cfg.samples,
             "starts": cfg.starts,
             "steps": cfg.steps,
+            "tol": float(cfg.tol),
+            "max_radius": float(cfg.max_radius),
+            "pixel_range": bool(cfg.pixel_range),
             "table": TABLE,
         }
         if vae.kind == "lipschitz" and cert_cols:

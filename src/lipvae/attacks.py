@@ -1,4 +1,4 @@
-"""Attacks on VAEs and the estimated robustness margin (math.md §4). Torch only, no Hydra.
+"""Attacks on VAEs and the estimated robustness margin (docs/math.md §4). Torch only, no Hydra.
 
 Everything is batched: inputs × random starts run as one batch through the model, and the
 estimated-margin bisection moves every input's bracket at once. Tensors stay on the model's
@@ -196,7 +196,7 @@ class EstimatedMargins:
 
 
 def _robust_at(vae, x, radius, r, p, samples, starts, steps, pixel_range, generator) -> torch.Tensor:
-    """x is judged robust at ``radius`` only if every start leaves ``P̂ > p`` (math.md §4)."""
+    """x is judged robust at ``radius`` only if every start leaves ``P̂ > p`` (docs/math.md §4)."""
     if torch.all(radius == 0):
         delta = torch.zeros(len(x), 1, x.shape[1], dtype=x.dtype, device=x.device)
     else:

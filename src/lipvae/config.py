@@ -11,7 +11,7 @@ import numbers
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.bounds import FORMS
-from lipvae.data import DATASETS, ImageDataModule
+from lipvae.data import DATASETS, ImageDataModule, check_root
 from lipvae.errors import UserError
 from lipvae.networks import LAYERS
 from lipvae.vae import KINDS, LIKELIHOODS, STD_MODES, VAE
@@ -88,6 +88,7 @@ def validate(cfg: DictConfig) -> None:
     limit = _number(cfg, "data.limit")
     _check(limit is None or (isinstance(limit, int) and limit > 0), "data.limit", limit, "a positive integer or null")
     _choice(cfg, "data.resplit", (True, False, "auto"))
+    check_root(_number(cfg, "data.root"))
     _positive(cfg, "data.batch_size", integer=True)
     _positive(cfg, "trainer.max_epochs", integer=True)
     _positive(cfg, "trainer.patience", integer=True)

@@ -1,10 +1,12 @@
 """MNIST and Fashion-MNIST as in-memory tensors, found offline where possible.
 
-Where a split's IDX files are looked for, in order: ``data.root``, ``$LIPVAE_DATA_DIR/<name>``,
-``/usr/share/datasets/<name>`` (Debian's ``dataset-fashion-mnist``), ``../shared/data/<name>``
-beside the project, and finally torchvision's download (when ``data.download`` allows and the
-network answers). Each place may hold the files directly (``.gz`` or not) or in torchvision's
-``<Class>/raw/`` layout.
+Where a split's IDX files are looked for, in order: ``$LIPVAE_DATA_DIR/<name>``,
+``/usr/share/datasets/<name>`` (Debian's ``dataset-fashion-mnist``), ``shared/data/<name>``
+beside the project folder (or the current folder), then torchvision's download into
+``$LIPVAE_CACHE_DIR`` (default ``~/.cache/lipvae``) when ``data.download`` allows and the
+network answers. An explicit ``data.root`` replaces that search: only that folder is used
+(and downloaded into). Each place may hold the files directly (``.gz`` or not) or in
+torchvision's ``<Class>/raw/`` layout.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from lipvae.errors import UserError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _beside_project() -> list[Path]:
+    """Folders that may hold a ``shared/`` sibling: the source checkout (when lipvae runs from
+    one) and the current working folder."""
+    here = Path(__file__).resolve().parents[2]
+    roots = [here] if (here / "pyproject.toml").is_file() else []
+    return [*roots, Path.cwd()]
 
 DATASETS = {
     "mnist": {"class": "MNIST", "debian": ("mnist",)},
@@ -68,17 +77,30 @@ def _idx_file(directory: Path, stem: str) -> Path | None:
 
 def candidate_dirs(name: str, root: str | None) -> list[Path]:
     """The places searched for ``name``, in order (each also tried in torchvision's layout)."""
-    places: list[Path] = []
     if root:
-        places.append(Path(root).expanduser())
-    if os.environ.get("LIPVAE_DATA_DIR"):
-        places.append(Path(os.environ["LIPVAE_DATA_DIR"]).expanduser() / name)
-    places += [Path("/usr/share/datasets") / d for d in DATASETS[name]["debian"]]
-    places.append(PROJECT_ROOT.parent / "shared" / "data" / name)
+        places = [Path(root).expanduser()]
+    else:
+        places = []
+        if os.environ.get("LIPVAE_DATA_DIR"):
+            places.append(Path(os.environ["LIPVAE_DATA_DIR"]).expanduser() / name)
+        places += [Path("/usr/share/datasets") / d for d in DATASETS[name]["debian"]]
+        places += [p.parent / "shared" / "data" / name for p in _beside_project()]
+        places.append(download_dir() / name)  # an earlier download
     expanded = []
-    for p in places:
+    for p in dict.fromkeys(places):
         expanded += [p, p / DATASETS[name]["class"] / "raw", p / name]
     return expanded
+
+
+def check_root(root: str | None) -> None:
+    """An explicit ``data.root`` must be an existing folder: never a silent fallback elsewhere."""
+    if root is None:
+        return
+    path = Path(str(root)).expanduser()
+    if not path.exists():
+        raise UserError(f"data.root: got {str(root)!r}, which does not exist; accepted: a folder holding the IDX files, or null to search")
+    if not path.is_dir():
+        raise UserError(f"data.root: got {str(root)!r}, which is not a folder; accepted: a folder holding the IDX files, or null to search")
 
 
 def find_split(name: str, split: str, root: str | None) -> tuple[Path, Path] | None:
@@ -94,11 +116,11 @@ def download_dir() -> Path:
     return Path(os.environ.get("LIPVAE_CACHE_DIR", Path.home() / ".cache" / "lipvae"))
 
 
-def _download(name: str, split: str) -> tuple[Path, Path] | None:
+def _download(name: str, split: str, root: str | None = None) -> tuple[Path, Path] | None:
     import torchvision
 
     cls = getattr(torchvision.datasets, DATASETS[name]["class"])
-    target = download_dir() / name
+    target = Path(root).expanduser() if root else download_dir() / name
     try:
         cls(root=str(target), train=(split == "train"), download=True)
     except Exception:  # any network failure means "not available"
@@ -106,11 +128,14 @@ def _download(name: str, split: str) -> tuple[Path, Path] | None:
     return find_split(name, split, str(target))
 
 
-def load_split(name: str, split: str, root: str | None, download: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N × 28 × 28, uint8) and labels of one official split."""
+def load_split(
+    name: str, split: str, root: str | None, download: bool
+) -> tuple[np.ndarray, np.ndarray, Path]:
+    """Images (N × 28 × 28, uint8), labels and the folder they were read from, of one official split."""
     if name not in DATASETS:
         raise UserError(f"data.name: unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
-    found = find_split(name, split, root) or (_download(name, split) if download else None)
+    check_root(root)
+    found = find_split(name, split, root) or (_download(name, split, root) if download else None)
     if found is None:
         where = ", ".join(dict.fromkeys(str(p) for p in candidate_dirs(name, root)[::3]))
         how = (
@@ -127,7 +152,7 @@ def load_split(name: str, split: str, root: str | None, download: bool) -> tuple
     images, labels = read_idx(found[0]), read_idx(found[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise UserError(f"data: {found[0]} and {found[1]} do not match (shapes {images.shape}, {labels.shape})")
-    return images, labels
+    return images, labels, found[0].parent.resolve()
 
 
 class TensorBatches(Dataset):
@@ -158,6 +183,8 @@ class SplitInfo:
     num_train: int
     num_val: int
     num_test: int
+    folder: str | None = None  # where the images were read from
+    train_folder: str | None = None  # the official training split's, when different
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -180,7 +207,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 1000,
         val_fraction: float = 0.1,
-        resplit: bool | str = False,
+        resplit: bool | str = "auto",
         resplit_test_fraction: float = 0.2,
         limit: int | None = None,
         download: bool = True,
@@ -203,9 +230,11 @@ class ImageDataModule(L.LightningDataModule):
         self.limit, self.seed = limit, seed
         self.info: SplitInfo | None = None
         self._splits: dict[str, TensorBatches] = {}
+        self._folders: dict[str, str] = {}
 
     def _source(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = load_split(self.name, split, self.root, self.download)
+        images, labels, folder = load_split(self.name, split, self.root, self.download)
+        self._folders[split] = str(folder)
         if self.limit:
             images, labels = images[: self.limit], labels[: self.limit]
         x = torch.from_numpy(images.astype(np.float32) / 255.0).flatten(1)
@@ -217,8 +246,9 @@ class ImageDataModule(L.LightningDataModule):
         gen = torch.Generator().manual_seed(self.seed)
         resplit = self.resplit
         if resplit == "auto":
+            check_root(self.root)
             resplit = find_split(self.name, "train", self.root) is None and (
-                not self.download or _download(self.name, "train") is None
+                not self.download or _download(self.name, "train", self.root) is None
             )
         test_x, test_y = self._source("test")
         test_index = torch.arange(len(test_x))
@@ -239,8 +269,16 @@ class ImageDataModule(L.LightningDataModule):
             "val": TensorBatches(train_x[val], train_y[val], train_index[val]),
             "test": TensorBatches(test_x, test_y, test_index),
         }
+        folder = self._folders.get("test")
+        train_folder = self._folders.get("train")
         self.info = SplitInfo(
-            self.name, "resplit-test" if resplit else "official", len(train), len(val), len(test_x)
+            self.name,
+            "resplit-test" if resplit else "official",
+            len(train),
+            len(val),
+            len(test_x),
+            folder,
+            train_folder if train_folder not in (None, folder) else None,
         )
 
     def split(self, name: str) -> TensorBatches:

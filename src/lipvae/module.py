@@ -2,7 +2,7 @@
 
 Lipschitz models train with few Björck iterations, then fine-tune with many more at a
 lower learning rate until the epoch's training loss changes by at most ``tol`` nats for
-``patience`` epochs (paper_setup.md), and are frozen afterwards (``VAE.freeze``).
+``patience`` epochs (docs/reproduction.md), and are frozen afterwards (``VAE.freeze``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Lipschitz networks (math.md §1; Anil et al. 2019) and their unconstrained twins.
+"""Lipschitz networks (docs/math.md §1; Anil et al. 2019) and their unconstrained twins.
 
 A Lipschitz MLP with k linear layers is built from ``BjorckLinear`` layers whose
 weights are orthonormalised by Björck iteration and whose outputs are scaled by
@@ -42,10 +42,17 @@ def bjorck_orthonormalize(
     return v.mT if wide else v
 
 
+def cpu_float64(t: torch.Tensor) -> torch.Tensor:
+    """``t`` detached, on the CPU, in float64: where every soundness-relevant number is
+    computed, whatever device the model is on (Apple's MPS has no float64)."""
+    return t.detach().to("cpu").to(torch.float64)
+
+
 def polar_factor(w: torch.Tensor) -> torch.Tensor:
-    """The nearest (semi-)orthonormal matrix ``U Vᵀ`` to ``W = U S Vᵀ``: Björck's limit."""
-    u, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    return (u @ vh).to(w.dtype)
+    """The nearest (semi-)orthonormal matrix ``U Vᵀ`` to ``W = U S Vᵀ``: Björck's limit,
+    computed in float64 on the CPU and returned on ``w``'s device and dtype."""
+    u, _, vh = torch.linalg.svd(cpu_float64(w), full_matrices=False)
+    return (u @ vh).to(device=w.device, dtype=w.dtype)
 
 
 class GroupSort2(nn.Module):
@@ -272,14 +279,14 @@ def orthonormality_error(module: nn.Module) -> float:
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, BjorckLinear):
-                s = torch.linalg.svdvals(m.orthonormal_weight().double())
+                s = torch.linalg.svdvals(cpu_float64(m.orthonormal_weight()))
                 worst = max(worst, float((s - 1).abs().max()))
     return worst
 
 
 def spectral_norm_exact(w: torch.Tensor) -> float:
-    """Largest singular value, in float64."""
-    return float(torch.linalg.matrix_norm(w.detach().double(), ord=2))
+    """Largest singular value, in float64 on the CPU."""
+    return float(torch.linalg.matrix_norm(cpu_float64(w), ord=2))
 
 
 @torch.no_grad()

@@ -24,9 +24,14 @@ from lipvae.results import RESULTS_FILE, atomic_write_text, write_table
 
 COLUMNS = [
     "run", "status", "data", "split", "model", "enc_L", "dec_L", "std_mode", "gamma", "beta", "latent_dim",
-    "test_log_likelihood", "test_elbo", "certified_mean", "certified_median", "certified_min",
+    "lr", "epochs", "test_log_likelihood", "test_elbo", "certified_mean", "certified_median", "certified_min",
     "fraction_certified", "global_margin", "estimated_mean", "estimated_median", "estimated_min",
-    "soundness_violations", "total_s",
+    "estimated_censored", "soundness_violations", "total_s", "code", "wandb_run_id",
+]
+#: The columns of the compact table (the full one is behind a toggle and in results.csv).
+KEY_COLUMNS = [
+    "epochs", "test_log_likelihood", "certified_mean", "fraction_certified", "estimated_mean",
+    "estimated_median", "estimated_censored", "soundness_violations",
 ]
 
 
@@ -58,6 +63,8 @@ def load_row(run: Path, root: Path) -> tuple[dict, dict | None]:
         return {"run": name, "status": "missing results.json (killed or still running?)"}, None
     except (OSError, ValueError) as e:
         return {"run": name, "status": f"unreadable results.json ({type(e).__name__})"}, None
+    if not isinstance(r, dict):
+        return {"run": name, "status": f"unreadable results.json (a JSON {type(r).__name__}, not an object)"}, None
     if r.get("status") != "completed":
         return {"run": name, "status": f"failed: {r.get('error', 'unknown error')}"}, None
     cfg = r.get("config", {})
@@ -74,6 +81,8 @@ def load_row(run: Path, root: Path) -> tuple[dict, dict | None]:
         "gamma": _get(r, "model", "encoder_std", "gamma"),
         "beta": _get(r, "model", "beta"),
         "latent_dim": _get(r, "model", "latent_dim"),
+        "lr": _get(cfg, "model", "lr"),
+        "epochs": _get(r, "metrics", "epochs"),
         "test_log_likelihood": _get(r, "metrics", "test_log_likelihood"),
         "test_elbo": _get(r, "metrics", "test_elbo"),
         "certified_mean": _get(r, "certified", "mean"),
@@ -84,8 +93,11 @@ def load_row(run: Path, root: Path) -> tuple[dict, dict | None]:
         "estimated_mean": _get(r, "estimated", "mean"),
         "estimated_median": _get(r, "estimated", "median"),
         "estimated_min": _get(r, "estimated", "min"),
+        "estimated_censored": _get(r, "estimated", "censored"),
         "soundness_violations": r.get("soundness_violations"),
         "total_s": _get(r, "timings", "total_s"),
+        "code": _get(r, "run", "code"),
+        "wandb_run_id": _get(r, "run", "wandb_run_id"),
     }
     row["seed"] = cfg.get("seed")
     return row, r
@@ -120,16 +132,33 @@ def _order(rows: list[dict]) -> list[int]:
     return sorted(range(len(rows)), key=lambda i: (rows[i]["model"] != "lipschitz", rows[i]["enc_L"] or 0, label(rows[i])))
 
 
-def fig_estimated_distributions(rows, margins, path: Path) -> Path | None:
-    """Paper Fig. 5 (left): estimated-margin distributions per run."""
+def _attack_setting(results: list[dict]) -> str:
+    """``r=8, p=0.5, 25 inputs`` when every run shares it, else a note that they differ."""
+    settings = {
+        (_get(r, "estimated", "r"), _get(r, "estimated", "p"), _get(r, "estimated", "num_inputs"))
+        for r in results
+        if r.get("estimated")
+    }
+    if len(settings) == 1:
+        r_, p_, n = settings.pop()
+        return f"r={r_:g}, p={p_:g}, {n} test inputs per model"
+    return "attack settings differ between runs"
+
+
+def fig_estimated_distributions(rows, margins, results, path: Path) -> Path | None:
+    """Paper Fig. 5 (left): estimated-margin distributions, one box per model, the standard
+    VAE(s) in red at the right."""
     idx = [i for i in _order(rows) if margins[i] is not None]
     if not idx:
         return None
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(idx) + 1.5), 3.5))
-    ax.boxplot([margins[i]["estimated"].to_numpy() for i in idx], showmeans=True)
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.8 * len(idx) + 2), 3.6))
+    box = ax.boxplot([margins[i]["estimated"].to_numpy() for i in idx], showmeans=True, patch_artist=True)
+    for patch, i in zip(box["boxes"], idx):
+        patch.set_facecolor("#f4b6b6" if rows[i]["model"] != "lipschitz" else "#b6cdf4")
     ax.set_xticks(range(1, len(idx) + 1), [label(rows[i]) for i in idx], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("estimated margin")
-    ax.set_title("estimated (r, p)-robustness margins per input", fontsize=9)
+    ax.set_xlabel("model (blue: Lipschitz VAE, red: standard VAE; triangle: mean)", fontsize=8)
+    ax.set_ylabel("estimated margin ‖δ‖₂")
+    ax.set_title(f"estimated robustness margins\n{_attack_setting([results[i] for i in idx])}", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -138,15 +167,41 @@ def fig_likelihood_vs_robustness(rows, path: Path) -> Path | None:
     pts = [r for r in rows if r.get("test_log_likelihood") is not None and r.get("estimated_mean") is not None]
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    for r in pts:
-        colour = "tab:blue" if r["model"] == "lipschitz" else "tab:red"
-        ax.scatter(r["estimated_mean"], r["test_log_likelihood"], c=colour)
-        ax.annotate(label(r), (r["estimated_mean"], r["test_log_likelihood"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for kind, colour, marker in (("lipschitz", "tab:blue", "o"), ("standard", "tab:red", "s")):
+        group = [r for r in pts if (r["model"] == "lipschitz") == (kind == "lipschitz")]
+        if not group:
+            continue
+        ax.scatter([r["estimated_mean"] for r in group], [r["test_log_likelihood"] for r in group], c=colour,
+                   marker=marker, label=f"{kind} VAE")
+        for r in group:
+            ax.annotate(label(r), (r["estimated_mean"], r["test_log_likelihood"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
     ax.set_xlabel("mean estimated margin")
     ax.set_ylabel("mean test log-likelihood (nats)")
     ax.set_title("likelihood vs robustness", fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def fig_latent_attack_pair(rows, runs, path: Path) -> Path | None:
+    """Paper Fig. 1: the latent-space attack on a standard VAE and on a Lipschitz VAE (the
+    smallest L), side by side, from the runs' own ``latent_attack.png``."""
+    def first(kind):
+        for i in _order(rows):
+            if (rows[i]["model"] == "lipschitz") == (kind == "lipschitz") and (runs[i] / "latent_attack.png").is_file():
+                return i
+        return None
+
+    pair = [i for i in (first("standard"), first("lipschitz")) if i is not None]
+    if len(pair) < 2:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 5.5))
+    for ax, i in zip(axes, pair):
+        ax.imshow(plt.imread(runs[i] / "latent_attack.png"))
+        ax.set_axis_off()
+        ax.set_title(f"{'standard VAE' if rows[i]['model'] != 'lipschitz' else 'Lipschitz VAE, ' + label(rows[i])}",
+                     fontsize=10)
     return save_figure(fig, path)
 
 
@@ -179,25 +234,83 @@ def _fmt(v) -> str:
     return str(v)
 
 
+class NothingCompleted(UserError):
+    """The folders hold runs, but none of them completed (the report is still written)."""
+
+
+def _context(results: list[dict], rows: list[dict], dirs: list[Path]) -> list[tuple[str, str]]:
+    """Header lines: how the runs were made and what their numbers mean."""
+    def distinct(values):
+        return ", ".join(dict.fromkeys(str(v) for v in values if v not in (None, ""))) or "–"
+
+    splits = distinct(
+        f"{_get(r, 'data', 'name')} {_get(r, 'data', 'split')} "
+        f"({_get(r, 'data', 'num_train')}/{_get(r, 'data', 'num_val')}/{_get(r, 'data', 'num_test')} train/val/test)"
+        for r in results
+    )
+    epochs = [row["epochs"] for row in rows if row.get("epochs") is not None]
+    certified = distinct(
+        f"r={_get(r, 'certified', 'r'):g}, p={_get(r, 'certified', 'p'):g}, {_get(r, 'certified', 'form')} form, "
+        f"{_get(r, 'certified', 'num_inputs')} inputs"
+        for r in results
+        if r.get("certified")
+    )
+    attack = distinct(
+        f"r={e['r']:g}, p={e['p']:g}, {e['num_inputs']} inputs, {e.get('samples')} samples × {e.get('starts')} starts, "
+        f"{e.get('steps')} steps, {e.get('search')}"
+        for e in (r.get("estimated") for r in results)
+        if e
+    )
+    return [
+        ("folders", ", ".join(map(str, dirs))),
+        ("preset", distinct(_get(r, "run", "experiment") for r in results)),
+        ("commands", distinct(_get(r, "run", "command") for r in results)),
+        ("data", splits),
+        ("epochs trained", f"{min(epochs)}–{max(epochs)} (per run in the table)" if epochs else "–"),
+        ("certified margins", certified),
+        ("estimated margins", attack),
+        ("code", distinct(_get(r, "run", "code") for r in results)),
+        ("W&B runs", distinct(_get(r, "run", "wandb_run_id") for r in results)),
+    ]
+
+
+def _soundness_line(rows: list[dict]) -> str:
+    checked = [r for r in rows if r.get("soundness_violations") is not None]
+    total = sum(int(r["soundness_violations"]) for r in checked)
+    return (
+        f"Soundness violations (certified > estimated): {total} in {len(checked)} checked run(s)"
+        f" of {len(rows)} completed (standard VAEs have no certificate to check)."
+    )
+
+
 def build_report(dirs: list[Path], out: Path | None = None) -> Path:
+    """Write report.md, report.html, results.csv and the figures; raises ``NothingCompleted``
+    (after writing) when no run completed."""
     dirs = [Path(d) for d in dirs]
     runs = find_runs(dirs)
     if not runs:
         raise UserError(f"report: no runs (folders with .hydra/ or {RESULTS_FILE}) below {', '.join(map(str, dirs))}")
     out = Path(out or dirs[0])
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: got {str(out)!r}, which is a file; accepted: a folder (made if missing)")
     out.mkdir(parents=True, exist_ok=True)
     root = dirs[0] if len(dirs) == 1 else Path("/")
     loaded = [load_row(run, root) for run in runs]
     good = [(row, r, run) for (row, r), run in zip(loaded, runs) if r is not None]
     problems = [row for row, r in loaded if r is None]
     rows = [row for row, _, _ in good]
+    results = [r for _, r, _ in good]
+    run_dirs = [run for _, _, run in good]
     margins = [_margins(run, r) for _, r, run in good]
     frame = pd.DataFrame([*rows, *problems], columns=COLUMNS + ["seed"])
     write_table(out / "results.csv", frame)
 
     figures = {
-        "Estimated margins per run (paper Fig. 5, left)": fig_estimated_distributions(
-            rows, margins, out / "estimated_margins.png"
+        "Latent-space attack, standard vs Lipschitz VAE (paper Fig. 1)": fig_latent_attack_pair(
+            rows, run_dirs, out / "latent_attack_pair.png"
+        ),
+        "Estimated margins per model (paper Fig. 5, left)": fig_estimated_distributions(
+            rows, margins, results, out / "estimated_margins.png"
         ),
         "Log-likelihood vs robustness (paper Fig. 5, right)": fig_likelihood_vs_robustness(
             rows, out / "likelihood_vs_robustness.png"
@@ -206,59 +319,87 @@ def build_report(dirs: list[Path], out: Path | None = None) -> Path:
             rows, margins, out / "certified_vs_estimated.png"
         ),
     }
+    if any(row["model"] == "lipschitz" for row in rows):
+        from lipvae.certify.tightness import save_tightness_figure
+
+        figures["Tightness of Theorem 1's terms at the paper's setting (paper Fig. 2)"] = save_tightness_figure(
+            out / "tightness.png", samples=20_000
+        )
     for row, r, run in good:
         if row.get("latent_dim") == 2:
             for name, title in (("aggregate_posterior.png", "aggregate posterior"), ("prior_samples.png", "prior samples")):
                 if (run / name).is_file():
                     figures[f"{label(row)}: {title} (paper Fig. {6 if 'posterior' in name else 7})"] = run / name
     figures = {k: v for k, v in figures.items() if v is not None}
+    context = _context(results, rows, dirs)
+    order = _order(rows)
+    soundness = _soundness_line(rows)
+    headline = f"{len(rows)} completed run(s), {len(problems)} not usable."
 
-    shown = [c for c in COLUMNS if c not in ("run",)]
-    md = [f"# lipvae report\n\n{len(rows)} completed run(s), {len(problems)} not usable, from {', '.join(map(str, dirs))}.\n"]
-    md.append("| run | " + " | ".join(shown) + " |")
-    md.append("|" + "---|" * (len(shown) + 1))
-    for i in _order(rows):
-        md.append(f"| {rows[i]['run']} | " + " | ".join(_fmt(rows[i].get(c)) for c in shown) + " |")
+    md = [f"# lipvae report\n\n{headline}\n"]
+    md += [f"- **{k}**: {v}" for k, v in context]
+    md.append("\n| model | " + " | ".join(KEY_COLUMNS) + " |")
+    md.append("|" + "---|" * (len(KEY_COLUMNS) + 1))
+    for i in order:
+        md.append(f"| {label(rows[i])} | " + " | ".join(_fmt(rows[i].get(c)) for c in KEY_COLUMNS) + " |")
+    md.append("\nEvery column of every run is in `results.csv`.")
     if problems:
         md.append("\n## Runs not included\n")
         md += [f"- `{p['run']}`: {p['status']}" for p in problems]
-    violations = sum(r.get("soundness_violations") or 0 for r in rows)
-    md.append(f"\n**Soundness violations (certified > estimated) over all runs: {violations}.**\n")
+    md.append(f"\n**{soundness}**\n")
     for title, path in figures.items():
         rel = path.name if path.parent == out else str(path)
         md.append(f"## {title}\n\n![{title}]({rel})\n")
     atomic_write_text(out / "report.md", "\n".join(md) + "\n")
 
+    shown = [c for c in COLUMNS if c != "run"]
     parts = [
         "<!doctype html><meta charset='utf-8'><title>lipvae report</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:640px}</style>",
-        f"<h1>lipvae report</h1><p>{len(rows)} completed run(s), {len(problems)} not usable.</p>",
-        "<table><tr><th>run</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in shown) + "</tr>",
+        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1240px}"
+        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+        "th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}dl{display:grid;"
+        "grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}dt{font-weight:bold}dd{margin:0}"
+        "details{margin:1em 0}.wide{overflow-x:auto;max-width:100%}img{max-width:100%}</style>",
+        f"<h1>lipvae report</h1><p>{html.escape(headline)}</p><dl>",
+        *[f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in context],
+        "</dl><table><tr><th>model</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in KEY_COLUMNS) + "</tr>",
     ]
-    for i in _order(rows):
+    for i in order:
+        cells = "".join(f"<td>{html.escape(_fmt(rows[i].get(c)))}</td>" for c in KEY_COLUMNS)
+        parts.append(f"<tr><td>{html.escape(label(rows[i]))}</td>{cells}</tr>")
+    parts.append("</table><details><summary>all columns</summary><div class='wide'><table><tr><th>run</th>"
+                 + "".join(f"<th>{html.escape(c)}</th>" for c in shown) + "</tr>")
+    for i in order:
         cells = "".join(f"<td>{html.escape(_fmt(rows[i].get(c)))}</td>" for c in shown)
         parts.append(f"<tr><td>{html.escape(rows[i]['run'])}</td>{cells}</tr>")
-    parts.append("</table>")
+    parts.append("</table></div></details>")
     if problems:
         parts.append("<h2>Runs not included</h2><ul>")
         parts += [f"<li><code>{html.escape(p['run'])}</code>: {html.escape(p['status'])}</li>" for p in problems]
         parts.append("</ul>")
-    parts.append(f"<p><b>Soundness violations over all runs: {violations}.</b></p>")
+    parts.append(f"<p><b>{html.escape(soundness)}</b></p>")
     for title, path in figures.items():
         data = base64.b64encode(path.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{data}'>")
     atomic_write_text(out / "report.html", "\n".join(parts))
+    if not rows:
+        raise NothingCompleted(
+            f"report: none of the {len(problems)} run(s) below {', '.join(map(str, dirs))} completed"
+            f" (listed in {out / 'report.md'})"
+        )
     return out / "report.md"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lipvae.report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="lipvae-report", description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders")
     ap.add_argument("--out", type=Path, default=None, help="where to write the report (default: the first dir)")
     args = ap.parse_args(argv)
     try:
         path = build_report(args.dirs, args.out)
+    except NothingCompleted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

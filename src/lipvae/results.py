@@ -1,4 +1,4 @@
-"""Run outputs: ``results.json`` (docs/results_schema.md) and tables, written atomically."""
+"""Run outputs: ``results.json`` (docs/results.md) and tables, written atomically."""
 
 from __future__ import annotations
 
@@ -26,12 +26,20 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and ``os.replace``: readers see the
-    old file or the whole new one, never a half-written one."""
+    old file or the whole new one, never a half-written one. The file gets the mode a plain
+    ``open`` would give it (0666 less the umask, so 0644 usually), not mkstemp's 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -25,7 +25,6 @@ from lipvae.certify.callback import CertifyCallback
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.certify.recertify import load_state
 from lipvae.config import build_datamodule, build_vae, validate
-from lipvae.data import PROJECT_ROOT
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
 from lipvae.networks import orthonormality_error
@@ -33,7 +32,6 @@ from lipvae.plots import log_image, save_aggregate_posterior, save_prior_samples
 from lipvae.results import write_results
 
 log = logging.getLogger("lipvae")
-CONF_DIR = str(PROJECT_ROOT / "conf")
 
 
 def sweep_group() -> str | None:
@@ -72,10 +70,67 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
     return loggers
 
 
+def code_version() -> str:
+    """The git commit of the source checkout lipvae runs from (``+dirty`` with local edits),
+    or the package version when it was installed from a wheel."""
+    import subprocess
+
+    import lipvae
+
+    here = Path(lipvae.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0 and (here.parents[1] / ".git").exists():
+            dirty = subprocess.run(
+                ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                capture_output=True, text=True, timeout=10,
+            ).stdout.strip()
+            return commit.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"lipvae {lipvae.__version__}"
+
+
+def run_context(loggers) -> dict:
+    """What a reader of the results needs to redo the run: command, overrides, code, W&B id."""
+    hc = HydraConfig.get()
+    wandb_ids = [lg.experiment.id for lg in loggers if isinstance(lg, _wandb_logger_class())]
+    return {
+        "command": " ".join([_program(), *sys.argv[1:]]),
+        "overrides": list(hc.overrides.task),
+        "experiment": hc.runtime.choices.get("experiment"),
+        "code": code_version(),
+        "wandb_run_id": wandb_ids[0] if wandb_ids else None,
+    }
+
+
+def _program() -> str:
+    name = Path(sys.argv[0]).name
+    return "python -m lipvae.train" if name in ("train.py", "__main__.py") else name
+
+
+def _wandb_logger_class():
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """One complete run; returns the results dictionary it also writes."""
     t0 = time.perf_counter()
     validate(cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = None
+    if cfg.resume:  # checked before any data is read: a bad checkpoint is a one-line error
+        last = ckpt_dir / "last.ckpt"
+        if last.is_file():
+            load_state(last)  # refuses, in one line, a file that is not a safe checkpoint
+            ckpt_path = str(last)
+            log.info("resuming from %s", last)
+        else:
+            log.warning("resume=true but %s does not exist: starting from scratch", last)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data, cfg.seed)
     datamodule.setup()
@@ -94,7 +149,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         finetune_tol=tr.finetune.tol,
         finetune_patience=tr.finetune.patience,
     )
-    ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(
         dirpath=str(ckpt_dir), filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )
@@ -123,15 +177,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         default_root_dir=str(run_dir),
         num_sanity_val_steps=0,
     )
-    ckpt_path = None
-    if cfg.resume:
-        last = ckpt_dir / "last.ckpt"
-        if last.is_file():
-            load_state(last)  # refuses, in one line, a file that is not a safe checkpoint
-            ckpt_path = str(last)
-            log.info("resuming from %s", last)
-        else:
-            log.warning("resume=true but %s does not exist: starting from scratch", last)
 
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -162,6 +207,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
     results = {
         "status": "completed",
+        "run": run_context(loggers),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "model": {
             "kind": vae.kind,
@@ -220,7 +266,7 @@ def _fail(cfg: DictConfig, run_dir: Path, error: str) -> None:
 RESUME_HINT = "resume with the same command plus hydra.run.dir={run_dir} resume=true"
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN

@@ -1,4 +1,4 @@
-"""The VAE of math.md §1: encoder mean μ, encoder std σ, decoder mean g.
+"""The VAE of docs/math.md §1: encoder mean μ, encoder std σ, decoder mean g.
 
 ``q(z|x) = N(μ(x), diag σ(x)²)``; ``p(x|z)`` one of the likelihoods below with
 mean parameter ``g(z)``; the objective is ``E_q[log p(x|z)] − β·KL(q ‖ N(0, I))``.
@@ -150,7 +150,7 @@ class VAE(nn.Module):
         return self
 
     def lipschitz_constants(self) -> dict[str, dict[str, float] | None]:
-        """Nominal and measured ``a = Lip(g)``, ``b = Lip(μ)``, ``c = Lip(σ)`` (math.md §1).
+        """Nominal and measured ``a = Lip(g)``, ``b = Lip(μ)``, ``c = Lip(σ)`` (docs/math.md §1).
 
         ``c`` includes σ's sigmoid (1/4); ``a`` includes g's sigmoid. With fixed σ, c = 0.
         """

@@ -1,4 +1,4 @@
-"""``python -m lipvae.certify design|model ...``: certificates before and after training.
+"""``python -m lipvae.certify design|model|tightness ...``: certificates before and after training.
 
 design: choose Lipschitz constants and a fixed encoder std γ before training so that every
 input gets at least a target certified margin (Theorem 3 and its inverse):
@@ -8,6 +8,11 @@ input gets at least a target certified margin (Theorem 3 and its inverse):
 model: recompute the certificates of an existing run (a run folder or a checkpoint in it):
 
     python -m lipvae.certify model outputs/runs/<date>/<time>_<name> [r=8] [p=0.5] [forms=tight,paper]
+
+tightness: how far Theorem 1's Markov and χ² terms sit above the Monte Carlo tail they bound,
+for every form, at the paper's setting and two others (paper Fig. 2):
+
+    python -m lipvae.certify tightness [out=tightness.png] [samples=100000]
 
 The decoder g and the σ network end in a sigmoid (Lipschitz 1/4), so a configuration with
 ``dec_L = L`` has ``a = L/4``; ``enc_L = L`` gives ``b = L``. The table is in the
@@ -28,7 +33,7 @@ from lipvae.errors import UserError
 DEFAULT_GAMMAS = (0.01, 0.05, 0.1, 0.2)
 DEFAULT_LS = (2.0, 5.0, 7.0, 10.0)
 SIGMOID = 0.25
-USAGE = __doc__.split("\n\n")[1].strip() + "\n    " + __doc__.split("\n\n")[3].strip()
+USAGE = "\n    ".join(line.strip() for line in __doc__.splitlines() if line.startswith("    python -m lipvae.certify"))
 
 
 def _parse(args: list[str], allowed: dict[str, type]) -> dict:
@@ -104,9 +109,22 @@ def model(args: list[str]) -> str:
     return json.dumps(compact, indent=2, default=lambda v: float(v) if isinstance(v, np.floating) else str(v))
 
 
+def tightness(args: list[str]) -> str:
+    from lipvae.certify.tightness import save_tightness_figure
+
+    opts = _parse(args, {"out": str, "samples": int})
+    samples = opts.get("samples", 100_000)
+    if samples < 100:
+        raise UserError(f"samples: got {samples}; accepted: an integer >= 100")
+    out = Path(opts.get("out", "tightness.png"))
+    if not out.parent.is_dir():
+        raise UserError(f"out: got {str(out)!r}, whose folder does not exist; accepted: a .png path in an existing folder")
+    return f"figure written: {save_tightness_figure(out, samples=samples)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"design": design, "model": model}
+    commands = {"design": design, "model": model, "tightness": tightness}
     if not argv or argv[0] not in commands:
         print(f"usage:\n    {USAGE}", file=sys.stderr)
         return 2

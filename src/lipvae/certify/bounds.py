@@ -1,7 +1,7 @@
-r"""Certified robustness bounds of math.md §3: Theorem 1, Lemma 2, Theorem 3 and their inverse.
+r"""Certified robustness bounds of docs/math.md §3: Theorem 1, Lemma 2, Theorem 3 and their inverse.
 
 Pure NumPy/SciPy functions of numbers (no torch, no model), vectorised: every argument may
-be an array and all broadcast together. Symbols are those of math.md:
+be an array and all broadcast together. Symbols are those of docs/math.md:
 
 - ``t = ‖δ‖₂`` the perturbation size, ``r`` the reconstruction radius, ``p`` the probability;
 - ``a = Lip(g)``, ``b = Lip(μ)``, ``c = Lip(σ)``;
@@ -29,7 +29,7 @@ from scipy import optimize, special, stats
 
 FORMS = ("paper", "exact", "tight")
 STD_MODES = ("learned", "bounded", "fixed")
-#: Relative accuracy of every root found here (math.md §3: 1e-9, never a grid).
+#: Relative accuracy of every root found here (docs/math.md §3: 1e-9, never a grid).
 RTOL = 1e-9
 _MAX_BISECT = 400
 

@@ -1,6 +1,6 @@
 """Certified margins of a trained (frozen) VAE, per input, from its *measured* constants.
 
-``a = Lip(g)``, ``b = Lip(μ)``, ``c = Lip(σ)`` are the measured bounds of math.md §1 (sigmoid
+``a = Lip(g)``, ``b = Lip(μ)``, ``c = Lip(σ)`` are the measured bounds of docs/math.md §1 (sigmoid
 heads included); ``s = ‖σ(x)‖₂`` and ``s_inf = ‖σ(x)‖_∞`` come from one encoder pass.
 """
 
@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from lipvae.certify.bounds import global_margin, margin
+from lipvae.networks import cpu_float64
 
 log = logging.getLogger("lipvae")
 #: A measured constant above nominal by more than this (relative) is reported.
@@ -49,9 +50,9 @@ def encoder_std_norms(vae, x: torch.Tensor, batch_size: int = 1000) -> tuple[np.
     s, s_inf = [], []
     device = next(vae.parameters()).device
     for chunk in torch.split(x, batch_size):
-        std = vae.encode(chunk.to(device)).std.double()
-        s.append(std.norm(dim=-1).cpu())
-        s_inf.append(std.amax(dim=-1).cpu())
+        std = cpu_float64(vae.encode(chunk.to(device)).std)
+        s.append(std.norm(dim=-1))
+        s_inf.append(std.amax(dim=-1))
     vae.train(was_training)
     return torch.cat(s).numpy(), torch.cat(s_inf).numpy()
 
