@@ -76,9 +76,10 @@ def test_standard_vae_gets_null_not_zero(runs):
 
 
 @pytest.mark.slow
-def test_certificate_holds_on_the_trained_network(runs):
+def test_certificate_holds_on_the_trained_network(runs, monkeypatch, synthetic_root):
     """Monte Carlo on the real network: at ‖δ‖ just below the certified margin,
     P(‖g(z') − g(z)‖ ≤ r) must exceed p (docs/math.md §2) for random and gradient-chosen δ."""
+    monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))  # the data the runs trained on
     vae, cfg, _ = load_model(runs[("lipschitz", "learned")])
     table = pd.read_csv(runs[("lipschitz", "learned")] / "certified_margins.csv")
     from lipvae.config import build_datamodule
@@ -104,7 +105,8 @@ def test_certificate_holds_on_the_trained_network(runs):
 
 
 @pytest.mark.slow
-def test_recertify_cli_reproduces_callback(runs, capsys, tmp_path):
+def test_recertify_cli_reproduces_callback(runs, capsys, tmp_path, monkeypatch, synthetic_root):
+    monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))  # the data the runs trained on
     run = shutil.copytree(runs[("lipschitz", "learned")], tmp_path / "run")
     before = pd.read_csv(run / "certified_margins.csv")
     assert certify_main(["model", str(run), "forms=paper,tight"]) == 0
@@ -115,6 +117,23 @@ def test_recertify_cli_reproduces_callback(runs, capsys, tmp_path):
     assert json.loads((run / "results.json").read_text())["certified"]["form"] == "paper"
     assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "num_inputs=7"]) == 0
     assert json.loads(capsys.readouterr().out)["num_inputs"] == 7
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["target=inf"], "target: got inf; accepted: a positive finite number"),
+        (["target=0"], "target: got 0; accepted: a positive finite number"),
+        (["target=1", "L=0"], "L: got 0; accepted: a positive finite number"),
+        (["target=1", "gamma=-0.1"], "gamma: got -0.1; accepted: a positive finite number"),
+        (["target=1", "p=1"], "p: got 1; accepted: a number in (0, 1)"),
+        (["target=1", "m=1"], "m: got 1; accepted: an integer >= 2"),
+    ],
+)
+def test_design_cli_refuses_what_has_no_answer(args, message, capsys):
+    assert certify_main(["design", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and "\n" not in err
 
 
 def test_design_cli_rows_reach_the_target(capsys):

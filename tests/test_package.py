@@ -77,6 +77,18 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["status"] == "completed" and results["soundness_violations"] == 0
     assert results["data"]["folder"] == str((synthetic_data_dir() / "mnist").resolve())
+    # a user's own config folder is searched too: one new preset in it is selectable by name
+    mine = tmp_path / "my_conf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - smoke\n  - _self_\nseed: 7\nattack:\n  enabled: false\n")
+    own = subprocess.run(
+        [str(venv / "bin" / "lipvae-train"), "--config-dir", str(tmp_path / "my_conf"), "experiment=mine",
+         "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run_mine'}"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert own.returncode == 0, own.stderr[-3000:]
+    mine_results = json.loads((tmp_path / "run_mine" / "results.json").read_text())
+    assert mine_results["config"]["seed"] == 7 and mine_results["estimated"] is None
     report = subprocess.run([str(venv / "bin" / "lipvae-report"), str(run_dir)], cwd=elsewhere, env=env,
                             capture_output=True, text=True)
     assert report.returncode == 0 and (run_dir / "report.html").is_file(), report.stderr

@@ -50,6 +50,9 @@ BAD_INPUTS = [
     (["attack.p=0"], "attack.p: got 0; accepted: a number in (0, 1)"),
     (["attack.search=random"], "attack.search: got 'random'; accepted: bisection, grid"),
     (["data.resplit=maybe"], "data.resplit: got 'maybe'; accepted: True, False, auto"),
+    (["name=x/../../escaped"], "name: got 'x/../../escaped'; accepted: letters, digits"),
+    (["name=.."], "name: got '..'; accepted: letters, digits"),
+    (["data.root=/nonexistent/lipvae"], "data.root: got '/nonexistent/lipvae', which does not exist"),
 ]
 
 

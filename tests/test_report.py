@@ -53,10 +53,16 @@ def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):
     assert broken["8_torn"].startswith("unreadable results.json")
     md = (sweep / "report.md").read_text()
     assert "## Runs not included" in md and "`9_killed`" in md and "`8_torn`" in md
-    assert "| L=5" not in md and "Soundness violations (certified > estimated) over all runs: 0." in md
+    assert "| L=5 | 1 |" in md and "| L=7 | 1 |" in md  # compact table: model label, then epochs
+    assert "Soundness violations (certified > estimated): 0 in 2 checked run(s) of 2 completed" in md
+    for line in ("- **preset**: smoke", "- **data**: mnist resplit-test (432/48/120 train/val/test)",
+                 "- **estimated margins**: r=8, p=0.5, 6 inputs, 20 samples × 2 starts, 10 steps, bisection"):
+        assert line in md, line
+    code = json.loads(next(sweep.glob("*/results.json")).read_text())["run"]["code"]
+    assert f"- **code**: {code}" in md and len(code) >= 12
     page = (sweep / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "src='http" not in page
-    for fig in ("estimated_margins.png", "likelihood_vs_robustness.png", "certified_vs_estimated.png"):
+    assert page.count("data:image/png;base64,") == 4 and "src='http" not in page and "<details>" in page
+    for fig in ("estimated_margins.png", "likelihood_vs_robustness.png", "certified_vs_estimated.png", "tightness.png"):
         assert (sweep / fig).stat().st_size > 1000
 
 
@@ -100,3 +106,39 @@ def test_sweep_grids_and_launchers_compose():
     assert "Joblib" in composed("hydra/launcher=joblib", hydra=True).hydra.launcher._target_
     slurm = composed("hydra/launcher=slurm", hydra=True).hydra.launcher
     assert "Slurm" in slurm._target_ and slurm.gpus_per_node == 1
+
+
+def _fake_run(folder, status="completed", violations=0, kind="lipschitz", text=None):
+    folder.mkdir(parents=True)
+    if text is not None:
+        (folder / "results.json").write_text(text)
+        return
+    results = {"status": status, "model": {"kind": kind}, "soundness_violations": violations,
+               "metrics": {"epochs": 3}, "estimated": None, "error": "boom"}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_report_with_no_completed_run_exits_1(tmp_path, capsys):
+    _fake_run(tmp_path / "a", status="failed")
+    _fake_run(tmp_path / "b", text="null")
+    assert report_main([str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: report: none of the 2 run(s) below {tmp_path} completed") and "\n" not in err
+    md = (tmp_path / "report.md").read_text()
+    assert "`a`: failed: boom" in md and "`b`: unreadable results.json (a JSON NoneType, not an object)" in md
+
+
+def test_report_counts_soundness_only_over_checked_runs(tmp_path):
+    _fake_run(tmp_path / "checked", violations=0)
+    _fake_run(tmp_path / "unchecked", violations=None)
+    _fake_run(tmp_path / "std", violations=None, kind="standard")
+    assert report_main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "Soundness violations (certified > estimated): 0 in 1 checked run(s) of 3 completed" in md
+
+
+def test_report_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    _fake_run(tmp_path / "run")
+    (tmp_path / "out.txt").write_text("x")
+    assert report_main([str(tmp_path), "--out", str(tmp_path / "out.txt")]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --out: got")

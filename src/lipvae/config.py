@@ -7,6 +7,7 @@ what is accepted, before any data is read or any model is built.
 from __future__ import annotations
 
 import numbers
+import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -48,6 +49,13 @@ def _choice(cfg: DictConfig, path: str, accepted) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check the fields a user sets; raises ``UserError`` on the first bad one."""
+    name = _number(cfg, "name")
+    _check(
+        isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+,-]*", name) is not None and ".." not in name,
+        "name",
+        name,
+        "letters, digits and . _ = + , - (no path separators or '..': run folders stay under outputs/)",
+    )
     _choice(cfg, "model.kind", KINDS)
     _choice(cfg, "model.likelihood", LIKELIHOODS)
     _choice(cfg, "model.encoder_std.mode", STD_MODES)

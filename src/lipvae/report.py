@@ -106,9 +106,12 @@ def load_row(run: Path, root: Path) -> tuple[dict, dict | None]:
 def label(row: dict) -> str:
     if row["model"] != "lipschitz":
         text = "standard"
+    elif row.get("enc_L") is None:
+        text = "lipschitz"
     else:
-        text = f"L={row['enc_L']:g}" + ("" if row["dec_L"] == row["enc_L"] else f"/{row['dec_L']:g}")
-    if row.get("std_mode") == "fixed":
+        same = row.get("dec_L") in (None, row["enc_L"])
+        text = f"L={row['enc_L']:g}" + ("" if same else f"/{row['dec_L']:g}")
+    if row.get("std_mode") == "fixed" and row.get("gamma") is not None:
         text += f" γ={row['gamma']:g}"
     if row.get("beta") not in (None, 1.0):
         text += f" β={row['beta']:g}"

@@ -65,6 +65,15 @@ def design(args: list[str]) -> str:
     target, form = opts["target"], opts.get("form", "tight")
     if form not in FORMS:
         raise UserError(f"form: got {form!r}; accepted: {', '.join(FORMS)}")
+    positive = {"target": [target], "r": [r], "gamma": opts.get("gamma", []), "L": opts.get("L", [])}
+    for key, values in positive.items():
+        for v in values:
+            if not (np.isfinite(v) and v > 0):
+                raise UserError(f"{key}: got {v:g}; accepted: a positive finite number")
+    if not 0 < p < 1:
+        raise UserError(f"p: got {p:g}; accepted: a number in (0, 1)")
+    if m < 2:
+        raise UserError(f"m: got {m}; accepted: an integer >= 2 (the χ² bound)")
     try:
         gammas = opts.get("gamma", list(DEFAULT_GAMMAS))
         ls = opts.get("L", list(DEFAULT_LS))
