@@ -154,7 +154,7 @@ def test_certify_cli_errors_are_one_line(capsys, tmp_path):
     assert certify_main(["design", "target=1", "form=loose"]) == 2
     assert capsys.readouterr().err.strip() == "error: form: got 'loose'; accepted: paper, exact, tight"
     assert certify_main(["design", "target=1", "p=2"]) == 2
-    assert capsys.readouterr().err.strip().startswith("error: p: must be in (0, 1)")
+    assert capsys.readouterr().err.strip().startswith("error: p: got 2; accepted: a number in (0, 1)")
     assert certify_main(["model", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -27,7 +27,8 @@ def composed(*overrides, hydra=False):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("multirun")
-    proc = run_cli(*TINY, "model=lipschitz", "enc_L=5,7", f"hydra.sweep.dir={root}", "-m", env={"WANDB_MODE": ""})
+    proc = run_cli(*TINY, "model=lipschitz", "enc_L=5,7", "logger.wandb.enabled=true", f"hydra.sweep.dir={root}", "-m",
+                   env={"WANDB_MODE": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     # a killed job (no results.json) and a half-written one, as a crash would leave them
     (root / "9_killed" / ".hydra").mkdir(parents=True)
@@ -53,12 +54,13 @@ def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):
     assert broken["8_torn"].startswith("unreadable results.json")
     md = (sweep / "report.md").read_text()
     assert "## Runs not included" in md and "`9_killed`" in md and "`8_torn`" in md
-    assert "| L=5 | 1 |" in md and "| L=7 | 1 |" in md  # compact table: model label, then epochs
+    epochs = json.loads(next(sweep.glob("*_lipschitz_*/results.json")).read_text())["metrics"]["epochs"]
+    assert f"| L=5 | {epochs} |" in md and f"| L=7 | {epochs} |" in md  # compact table: model, then epochs
     assert "Soundness violations (certified > estimated): 0 in 2 checked run(s) of 2 completed" in md
     for line in ("- **preset**: smoke", "- **data**: mnist resplit-test (432/48/120 train/val/test)",
                  "- **estimated margins**: r=8, p=0.5, 6 inputs, 20 samples × 2 starts, 10 steps, bisection"):
         assert line in md, line
-    code = json.loads(next(sweep.glob("*/results.json")).read_text())["run"]["code"]
+    code = json.loads(next(sweep.glob("*_lipschitz_*/results.json")).read_text())["run"]["code"]
     assert f"- **code**: {code}" in md and len(code) >= 12
     page = (sweep / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "src='http" not in page and "<details>" in page

@@ -87,8 +87,16 @@ def test_bad_input_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_wandb_offline_by_default_records_run(tmp_path):
-    proc = run_cli(
-        "experiment=smoke", "data.resplit=true", f"hydra.run.dir={tmp_path}", env={"WANDB_MODE": "", "WANDB_API_KEY": ""}
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        default = compose("config")
+    assert default.logger.wandb.enabled and default.logger.wandb.mode == "offline"
+    proc = run_cli(  # the smoke preset turns W&B off; switch it back on
+        "experiment=smoke", "data.resplit=true", "logger.wandb.enabled=true", f"hydra.run.dir={tmp_path}",
+        env={"WANDB_MODE": "", "WANDB_API_KEY": ""},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
