@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lipvae.attacks import estimate_margins, latent_space_attack
 from lipvae.certify.certificates import column_suffix
-from lipvae.plots import log_image, save_latent_attack, save_margin_scatter
+from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_scatter
 from lipvae.results import write_table
 
 log = logging.getLogger("lipvae")
@@ -161,7 +161,7 @@ class AttackCallback(Callback):
             metrics["soundness_violations"] = self.violations
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
-            if lg.__class__.__name__ == "WandbLogger":
+            if is_wandb(lg):
                 lg.log_table(key="margins", dataframe=table)
         for fig in figures:
             log_image(trainer.loggers, fig.stem, fig)

@@ -243,10 +243,10 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._splits:
             return
+        check_root(self.root)
         gen = torch.Generator().manual_seed(self.seed)
         resplit = self.resplit
         if resplit == "auto":
-            check_root(self.root)
             resplit = find_split(self.name, "train", self.root) is None and (
                 not self.download or _download(self.name, "train", self.root) is None
             )

@@ -20,6 +20,13 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def is_wandb(logger) -> bool:
+    """Whether a Lightning logger is the W&B one (imported lazily: W&B is optional at run time)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return isinstance(logger, WandbLogger)
+
+
 def log_image(loggers, key: str, path: Path) -> None:
     for lg in loggers or []:
         if hasattr(lg, "log_image"):

@@ -28,7 +28,7 @@ from lipvae.config import build_datamodule, build_vae, validate
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
 from lipvae.networks import orthonormality_error
-from lipvae.plots import log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
+from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import write_results
 
 log = logging.getLogger("lipvae")
@@ -78,11 +78,13 @@ def code_version() -> str:
     import lipvae
 
     here = Path(lipvae.__file__).resolve().parent
+    if not (here.parents[1] / ".git").exists():  # installed from a wheel: no checkout to ask
+        return f"lipvae {lipvae.__version__}"
     try:
         commit = subprocess.run(
             ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
         )
-        if commit.returncode == 0 and (here.parents[1] / ".git").exists():
+        if commit.returncode == 0:
             dirty = subprocess.run(
                 ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
                 capture_output=True, text=True, timeout=10,
@@ -96,7 +98,7 @@ def code_version() -> str:
 def run_context(loggers) -> dict:
     """What a reader of the results needs to redo the run: command, overrides, code, W&B id."""
     hc = HydraConfig.get()
-    wandb_ids = [lg.experiment.id for lg in loggers if isinstance(lg, _wandb_logger_class())]
+    wandb_ids = [lg.experiment.id for lg in loggers if is_wandb(lg)]
     return {
         "command": " ".join([_program(), *sys.argv[1:]]),
         "overrides": list(hc.overrides.task),
@@ -109,12 +111,6 @@ def run_context(loggers) -> dict:
 def _program() -> str:
     name = Path(sys.argv[0]).name
     return "python -m lipvae.train" if name in ("train.py", "__main__.py") else name
-
-
-def _wandb_logger_class():
-    from lightning.pytorch.loggers import WandbLogger
-
-    return WandbLogger
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -245,7 +241,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     write_results(run_dir, results)
     log.info("results written to %s", run_dir / "results.json")
     for lg in loggers:
-        if hasattr(lg, "experiment") and lg.__class__.__name__ == "WandbLogger":
+        if is_wandb(lg):
             summary = {f"results/{k}": v for k, v in results["metrics"].items()}
             for name, part in (("certified", certifier.summary), ("estimated", attacker.summary)):
                 for k in ("mean", "median", "min", "fraction_certified", "global_margin"):

@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from lipvae.certify.certificates import certify_test_split
-from lipvae.plots import log_image, save_margin_histogram
+from lipvae.plots import is_wandb, log_image, save_margin_histogram
 from lipvae.results import write_table
 
 log = logging.getLogger("lipvae")
@@ -74,6 +74,6 @@ class CertifyCallback(Callback):
         )
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
-            if lg.__class__.__name__ == "WandbLogger":
+            if is_wandb(lg):
                 lg.log_table(key="certified_margins", dataframe=table.head(10000))
         log_image(trainer.loggers, "certified_margins_hist", figure)

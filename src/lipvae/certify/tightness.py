@@ -38,6 +38,15 @@ class Setting:
     def m(self) -> int:
         return len(self.sigma)
 
+    @property
+    def c_used(self) -> float:
+        """Lip(σ) as the bounds use it: 0 when σ is fixed."""
+        return 0.0 if self.std_mode == "fixed" else self.c
+
+    @property
+    def s(self) -> float:
+        return float(np.linalg.norm(self.sigma))
+
 
 def paper_settings() -> list[Setting]:
     """The paper's setting (m = 10, r = 8, L = 5 so a = 5/4, b = 5, c = 5/4, σ ≡ 0.1) and a
@@ -53,8 +62,7 @@ def monte_carlo_tail(setting: Setting, ts: np.ndarray, samples: int = 100_000, s
     """``P̂(‖z' − z‖ > r/a)`` at each t for the configuration in the module docstring."""
     rng = np.random.default_rng(seed)
     sigma = np.asarray(setting.sigma, dtype=float)
-    c = 0.0 if setting.std_mode == "fixed" else setting.c
-    s = np.linalg.norm(sigma)
+    c, s = setting.c_used, setting.s
     e = np.zeros_like(sigma)
     e[np.argmax(sigma)] = 1.0
     xi = rng.standard_normal((samples, len(sigma)))
@@ -66,20 +74,21 @@ def monte_carlo_tail(setting: Setting, ts: np.ndarray, samples: int = 100_000, s
     return out
 
 
-def curves(setting: Setting, form: str, ts: np.ndarray, samples: int = 100_000, seed: int = 0) -> dict:
+def curves(
+    setting: Setting, form: str, ts: np.ndarray, samples: int = 100_000, seed: int = 0, tail: np.ndarray | None = None
+) -> dict:
     """Markov term, χ² term, Theorem 1's bound (their minimum, capped at 1) and the Monte
-    Carlo tail, each an array over ``ts``."""
-    sigma = np.asarray(setting.sigma, dtype=float)
-    c = 0.0 if setting.std_mode == "fixed" else setting.c
-    s, s_inf = np.linalg.norm(sigma), sigma.max()
-    p_m = markov_term(ts, setting.r, setting.a, setting.b, c, s, form)
+    Carlo tail, each an array over ``ts``. The tail does not depend on the form: pass it as
+    ``tail`` when it is already known."""
+    c, s_inf = setting.c_used, float(np.max(setting.sigma))
+    p_m = markov_term(ts, setting.r, setting.a, setting.b, c, setting.s, form)
     p_c = chi2_term(ts, setting.r, setting.a, setting.b, c, s_inf, setting.m, setting.std_mode, form)
     return {
         "t": ts,
         "markov": np.minimum(p_m, 1.0),
         "chi2": np.minimum(p_c, 1.0),
         "bound": np.minimum(1.0, np.minimum(p_m, p_c)),
-        "monte_carlo": monte_carlo_tail(setting, ts, samples, seed),
+        "monte_carlo": monte_carlo_tail(setting, ts, samples, seed) if tail is None else tail,
     }
 
 
@@ -91,9 +100,10 @@ def save_tightness_figure(path: Path, settings: list[Setting] | None = None, sam
     fig, axes = plt.subplots(len(settings), len(FORMS), figsize=(3.3 * len(FORMS), 2.6 * len(settings)), squeeze=False)
     for i, setting in enumerate(settings):
         ts = np.linspace(0, 1.2 * setting.r / (setting.a * setting.b), 60)
+        tail = monte_carlo_tail(setting, ts, samples)
         for j, form in enumerate(FORMS):
             ax = axes[i][j]
-            cur = curves(setting, form, ts, samples)
+            cur = curves(setting, form, ts, tail=tail)
             ax.plot(ts, cur["markov"], label="Markov term", color="tab:orange")
             ax.plot(ts, cur["chi2"], label="χ² term", color="tab:green")
             ax.plot(ts, cur["monte_carlo"], label="Monte Carlo tail", color="k", lw=1.5, ls="--")
