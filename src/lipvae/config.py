@@ -6,6 +6,7 @@ what is accepted, before any data is read or any model is built.
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 
@@ -100,6 +101,9 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "data.batch_size", integer=True)
     _positive(cfg, "trainer.max_epochs", integer=True)
     _positive(cfg, "trainer.patience", integer=True)
+    _choice(cfg, "trainer.evaluate", ("best", "last"))
+    mt = _number(cfg, "trainer.max_time")
+    _check(mt is None or (_is_num(mt) and 0 < mt < math.inf), "trainer.max_time", mt, "minutes > 0, or null")
     _validate_certify(cfg)
     _validate_attack(cfg)
     ft = _number(cfg, "trainer.finetune.max_epochs")

@@ -115,9 +115,12 @@ class TrainingSchedule(Callback):
         self.best = math.inf
         self.stale = 0
         self.last_train_loss: float | None = None
+        # why this schedule ended training: patience, max_epochs, finetune_converged or
+        # finetune_max_epochs; None while it runs or when something else stopped it (max_time)
+        self.stop_reason: str | None = None
 
     def state_dict(self) -> dict:
-        keys = ("phase", "phase_epochs", "best", "stale", "last_train_loss")
+        keys = ("phase", "phase_epochs", "best", "stale", "last_train_loss", "stop_reason")
         return {k: getattr(self, k) for k in keys}
 
     def load_state_dict(self, state: dict) -> None:
@@ -148,6 +151,7 @@ class TrainingSchedule(Callback):
                     self.last_train_loss = None
                     self._enter_finetune(trainer, pl_module)
                 else:
+                    self.stop_reason = "patience" if self.stale >= self.patience else "max_epochs"
                     trainer.should_stop = True
         else:
             loss = float(metrics["train/loss_epoch"])
@@ -157,6 +161,8 @@ class TrainingSchedule(Callback):
                 self.stale = 0
             self.last_train_loss = loss
             if self.phase_epochs >= self.finetune_epochs or self.stale >= self.finetune_patience:
+                converged = self.stale >= self.finetune_patience
+                self.stop_reason = "finetune_converged" if converged else "finetune_max_epochs"
                 self.phase = "done"
                 trainer.should_stop = True
         pl_module.log("phase", {"train": 0.0, "finetune": 1.0, "done": 2.0}[self.phase], on_epoch=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import hydra
@@ -166,6 +167,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         devices=tr.devices,
         precision=tr.precision,
         max_epochs=schedule.total_epochs,
+        max_time=None if tr.max_time is None else timedelta(minutes=tr.max_time),
         callbacks=[schedule, checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt")],
         logger=loggers or False,
         log_every_n_steps=tr.log_every_n_steps,
@@ -177,6 +179,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_s = time.perf_counter() - t_fit
+    evaluated_epoch = trainer.current_epoch
+    best = checkpoint.best_model_path
+    if tr.evaluate == "best" and best and Path(best).is_file():
+        # the weights of the epoch with the lowest validation loss, not those `patience` epochs on
+        state = torch.load(best, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
+        evaluated_epoch = int(state["epoch"]) + 1
+        log.info("evaluating the best epoch (%d of %d): %s", evaluated_epoch, trainer.current_epoch, best)
 
     orthonormality = orthonormality_error(vae)  # how much freezing will change the trained function
     vae.freeze()
@@ -223,7 +233,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "test_log_likelihood": test.get("test/log_likelihood"),
             "test_kl": test.get("test/kl"),
             "epochs": trainer.current_epoch,
+            "evaluated_epoch": evaluated_epoch,
+            "best_val_loss": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
             "final_phase": schedule.phase,
+            "stop_reason": schedule.stop_reason or ("max_time" if tr.max_time is not None else "max_epochs"),
             "orthonormality_error_before_freeze": orthonormality if lipschitz else None,
         },
         "certified": certifier.summary,
