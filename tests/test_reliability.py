@@ -52,6 +52,10 @@ BAD_INPUTS = [
     (["data.resplit=maybe"], "data.resplit: got 'maybe'; accepted: True, False, auto"),
     (["name=x/../../escaped"], "name: got 'x/../../escaped'; accepted: letters, digits"),
     (["name=.."], "name: got '..'; accepted: letters, digits"),
+    (["trainer.max_time=0"], "trainer.max_time: got 0; accepted: minutes > 0, or null"),
+    (["trainer.max_time=inf"], "trainer.max_time: got inf; accepted: minutes > 0, or null"),
+    (["trainer.max_time=soon"], "trainer.max_time: got 'soon'; accepted: minutes > 0, or null"),
+    (["trainer.evaluate=first"], "trainer.evaluate: got 'first'; accepted: best, last"),
     (["data.root=/nonexistent/lipvae"], "data.root: got '/nonexistent/lipvae', which does not exist"),
 ]
 

@@ -1,9 +1,12 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+import torch
 from conftest import run_cli
+from lipvae.module import TrainingSchedule
 
 SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false"]
 
@@ -43,6 +46,12 @@ def test_single_lipschitz_run(tmp_path):
     assert measured["encoder_std"] == pytest.approx(1.0, rel=1e-3)  # sigmoid head: 4 / 4
     assert measured["decoder"] == pytest.approx(1.5, rel=1e-3)
     assert r["metrics"]["final_phase"] == "done" and r["metrics"]["epochs"] == 2
+    assert r["metrics"]["stop_reason"] in ("finetune_converged", "finetune_max_epochs")
+    # the weights tested are those of the epoch with the lowest validation loss
+    val = pd.read_csv(tmp_path / "csv" / "metrics.csv").dropna(subset=["val/loss"])
+    best = val.loc[val["val/loss"].idxmin()]
+    assert r["metrics"]["evaluated_epoch"] == int(best["epoch"]) + 1
+    assert r["metrics"]["best_val_loss"] == pytest.approx(float(best["val/loss"]), rel=1e-6)
     for f in ("reconstructions.png", "frozen_model.pt", "checkpoints/last.ckpt", "csv/metrics.csv"):
         assert (tmp_path / f).is_file(), f
 
@@ -104,3 +113,51 @@ def test_wandb_offline_by_default_records_run(tmp_path):
     blob = runs[0].read_bytes()
     assert b"results/test_elbo" in blob and b"val/loss" in blob
     assert b"results/certified_mean" in blob and b"certified_margins" in blob
+
+
+@pytest.mark.slow
+def test_time_budget_ends_training_and_the_run_completes(tmp_path):
+    proc = run_cli(
+        *SMOKE, "trainer.max_epochs=500", "trainer.finetune.max_epochs=0", "trainer.max_time=0.001",
+        "attack.enabled=false", f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = load(tmp_path)
+    assert r["status"] == "completed" and r["metrics"]["stop_reason"] == "max_time"
+    assert r["metrics"]["epochs"] < 500 and r["metrics"]["test_log_likelihood"] is not None
+
+
+class _Trainer:
+    def __init__(self):
+        self.callback_metrics, self.should_stop, self.optimizers = {}, False, []
+
+
+class _Module:
+    def log(self, *args, **kwargs):
+        pass
+
+    def modules(self):
+        return []
+
+
+def _epochs(schedule, values, key="val/loss"):
+    trainer = _Trainer()
+    for i, v in enumerate(values):
+        trainer.callback_metrics = {key: torch.tensor(v), "train/loss_epoch": torch.tensor(v)}
+        schedule.on_train_epoch_end(trainer, _Module())
+        if trainer.should_stop:
+            return i + 1
+    return None
+
+
+def test_schedule_records_why_it_stopped():
+    s = TrainingSchedule(max_epochs=100, patience=3)
+    assert _epochs(s, [5, 4, 3, 3.5, 3.2, 3.1, 1]) == 6 and s.stop_reason == "patience"
+    s = TrainingSchedule(max_epochs=4, patience=3)
+    assert _epochs(s, [5, 4, 3, 2, 1]) == 4 and s.stop_reason == "max_epochs"
+    # fine-tune: stops once the training loss moves by <= tol for `patience` epochs
+    s = TrainingSchedule(max_epochs=1, patience=3, finetune_epochs=10, finetune_tol=1.0, finetune_patience=2)
+    assert _epochs(s, [9, 8, 5, 4.5, 4.2, 0]) == 5 and s.stop_reason == "finetune_converged"
+    s = TrainingSchedule(max_epochs=1, patience=3, finetune_epochs=3, finetune_tol=0.1, finetune_patience=2)
+    assert _epochs(s, [9, 8, 5, 2, 0]) == 4 and s.stop_reason == "finetune_max_epochs"
+    assert TrainingSchedule(max_epochs=1, patience=1).stop_reason is None  # still running: none
