@@ -1,6 +1,7 @@
 """Sweeps, experiment presets, reports and W&B grouping."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -144,3 +145,41 @@ def test_report_out_that_is_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "out.txt").write_text("x")
     assert report_main([str(tmp_path), "--out", str(tmp_path / "out.txt")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: --out: got")
+
+
+def test_paired_margins_against_the_standard_vae(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paired", Path(__file__).parents[1] / "sweeps" / "paired_margins.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+
+    def make(name, kind, L, margins):
+        run = tmp_path / name
+        run.mkdir()
+        pd.DataFrame({"index": range(len(margins)), "estimated": margins}).to_csv(run / "margins.csv", index=False)
+        results = {"status": "completed", "model": {"kind": kind}, "config": {"enc_L": L},
+                   "estimated": {"table": "margins.csv"}}
+        (run / "results.json").write_text(json.dumps(results))
+
+    make("0_std", "standard", 5.0, [1.0, 2.0, 3.0, 4.0])
+    make("1_L5", "lipschitz", 5.0, [2.0, 2.5, 2.0, 5.0])  # differences +1, +0.5, -1, +1
+    make("2_L10", "lipschitz", 10.0, [0.5, 1.5, 2.5, 3.5])  # -0.5 everywhere
+    table = paired.compare(tmp_path, resamples=2000).set_index("L")
+    assert table.loc["5", "mean_difference"] == pytest.approx(0.375)
+    assert table.loc["5", "larger_on"] == 3 and table.loc["10", "larger_on"] == 0
+    assert table.loc["10", "ci_low"] == pytest.approx(-0.5) and table.loc["10", "ci_high"] == pytest.approx(-0.5)
+    assert -1 <= table.loc["5", "ci_low"] < 0.375 < table.loc["5", "ci_high"] <= 1
+
+
+def test_fixed_sigma_grid_figure_needs_a_grid(tmp_path):
+    from lipvae.report import fig_fixed_sigma_grid
+
+    def row(gamma, L, est):
+        return {"model": "lipschitz", "std_mode": "fixed", "gamma": gamma, "enc_L": L, "estimated_mean": est}
+
+    grid = [row(g, L, 10 / L) for g in (0.1, 0.4) for L in (5.0, 10.0)]
+    assert fig_fixed_sigma_grid(grid, tmp_path / "grid.png") == tmp_path / "grid.png"
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    learned = [{**r, "std_mode": "learned"} for r in grid]
+    assert fig_fixed_sigma_grid(learned + grid[:1], tmp_path / "none.png") is None  # one fixed point: no grid

@@ -229,6 +229,48 @@ def fig_certified_vs_estimated(rows, margins, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def fig_fixed_sigma_grid(rows, path: Path) -> Path | None:
+    """Paper Fig. 3: with σ fixed to γ, the mean estimated margin over the grid of γ and L,
+    as lines over L (one per γ) and over γ (one per L)."""
+    pts = [r for r in rows if r.get("std_mode") == "fixed" and r.get("gamma") is not None
+           and r.get("enc_L") is not None and r.get("estimated_mean") is not None]
+    gammas = sorted({r["gamma"] for r in pts})
+    ls = sorted({r["enc_L"] for r in pts})
+    if len(gammas) < 2 and len(ls) < 2:
+        return None
+    frame = pd.DataFrame(pts).groupby(["gamma", "enc_L"])["estimated_mean"].mean()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, (across, lines, name, other) in zip(axes, ((ls, gammas, "L", "γ"), (gammas, ls, "γ", "L"))):
+        for v in lines:
+            keys = [(v, x) if name == "L" else (x, v) for x in across]
+            got = [(x, frame[k]) for x, k in zip(across, keys) if k in frame.index]
+            if got:
+                ax.plot(*zip(*got), marker="o", label=f"{other}={v:g}")
+        ax.set_xlabel("Lipschitz constant L" if name == "L" else "fixed encoder std γ")
+        ax.set_ylabel("mean estimated margin")
+        ax.legend(fontsize=7)
+    fig.suptitle("fixed σ ≡ γ: which matters more, L or γ?", fontsize=9)
+    return save_figure(fig, path)
+
+
+def fig_latent_2d(rows, runs, path: Path) -> Path | None:
+    """Paper Figs. 6 and 7 in one picture: for every run with a 2-D latent space, its aggregate
+    posterior (top) and its prior samples (bottom), from the runs' own images."""
+    idx = [i for i in _order(rows) if rows[i].get("latent_dim") == 2
+           and (runs[i] / "aggregate_posterior.png").is_file() and (runs[i] / "prior_samples.png").is_file()]
+    if not idx:
+        return None
+    fig, axes = plt.subplots(2, len(idx), figsize=(3.6 * len(idx), 7.2), squeeze=False)
+    for col, i in enumerate(idx):
+        for row, name in enumerate(("aggregate_posterior.png", "prior_samples.png")):
+            ax = axes[row][col]
+            ax.imshow(plt.imread(runs[i] / name))
+            ax.set_axis_off()
+        title = "standard VAE" if rows[i]["model"] != "lipschitz" else f"Lipschitz VAE, {label(rows[i])}"
+        axes[0][col].set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "–"
@@ -321,6 +363,12 @@ def build_report(dirs: list[Path], out: Path | None = None) -> Path:
         "Certified vs estimated margins (paper Fig. 4)": fig_certified_vs_estimated(
             rows, margins, out / "certified_vs_estimated.png"
         ),
+        "Fixed σ: estimated margins over γ and L (paper Fig. 3)": fig_fixed_sigma_grid(
+            rows, out / "fixed_sigma_grid.png"
+        ),
+        "2-D latent space: aggregate posteriors (top, paper Fig. 6) and prior samples (bottom, paper Fig. 7)": (
+            fig_latent_2d(rows, run_dirs, out / "latent_2d.png")
+        ),
     }
     if any(row["model"] == "lipschitz" for row in rows):
         from lipvae.certify.tightness import save_tightness_figure
@@ -328,11 +376,6 @@ def build_report(dirs: list[Path], out: Path | None = None) -> Path:
         figures["Tightness of Theorem 1's terms at the paper's setting (paper Fig. 2)"] = save_tightness_figure(
             out / "tightness.png", samples=20_000
         )
-    for row, r, run in good:
-        if row.get("latent_dim") == 2:
-            for name, title in (("aggregate_posterior.png", "aggregate posterior"), ("prior_samples.png", "prior samples")):
-                if (run / name).is_file():
-                    figures[f"{label(row)}: {title} (paper Fig. {6 if 'posterior' in name else 7})"] = run / name
     figures = {k: v for k, v in figures.items() if v is not None}
     context = _context(results, rows, dirs)
     order = _order(rows)
