@@ -8,6 +8,7 @@ import sys
 import time
 
 import lightning as L
+import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -177,12 +178,16 @@ def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     failed = json.loads((tmp_path / "results.json").read_text())
-    assert failed["status"] == "failed" and "resume=true" in failed["error"]
+    assert failed["status"] == "interrupted" and "resume=true" in failed["error"]
     stopped_at = torch.load(last, weights_only=True)["epoch"]
     assert stopped_at < 20
+    assert not list(tmp_path.rglob("*.partial"))
 
     done = run_cli(*args, "resume=true")
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "completed" and r["metrics"]["epochs"] == 21  # 20 + 1 fine-tune epoch
     assert r["certified"]["fraction_certified"] == 1.0
+    # the curves from before the stop are kept: every epoch has its validation row
+    val = pd.read_csv(tmp_path / "csv" / "metrics.csv").dropna(subset=["val/loss"])
+    assert set(val["epoch"].astype(int)) == set(range(21))

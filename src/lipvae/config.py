@@ -101,6 +101,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "data.batch_size", integer=True)
     _positive(cfg, "trainer.max_epochs", integer=True)
     _positive(cfg, "trainer.patience", integer=True)
+    _validate_devices(cfg)
     _choice(cfg, "trainer.evaluate", ("best", "last"))
     mt = _number(cfg, "trainer.max_time")
     _check(mt is None or (_is_num(mt) and 0 < mt < math.inf), "trainer.max_time", mt, "minutes > 0, or null")
@@ -108,6 +109,22 @@ def validate(cfg: DictConfig) -> None:
     _validate_attack(cfg)
     ft = _number(cfg, "trainer.finetune.max_epochs")
     _check(isinstance(ft, int) and ft >= 0, "trainer.finetune.max_epochs", ft, "an integer >= 0")
+
+
+def _validate_devices(cfg: DictConfig) -> None:
+    devices = _number(cfg, "trainer.devices")
+    _check(devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)),
+           "trainer.devices", devices, "a positive integer, -1 or auto")
+    if devices in (1, "auto") or _number(cfg, "trainer.strategy") != "auto":
+        return
+    import torch
+
+    accelerator = _number(cfg, "trainer.accelerator")
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        raise UserError(
+            f"trainer.devices: got {devices} on CPU; accepted: 1, or several with a strategy named"
+            " (trainer.strategy=ddp; each process then trains on a share of the batches)"
+        )
 
 
 def _validate_certify(cfg: DictConfig) -> None:

@@ -49,7 +49,8 @@ class VAEModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step};"
-                " lower the learning rate (model.optim.lr) or check the data"
+                f" likely causes: model.lr={self.lr:g} too high, extreme enc_L, dec_L, model.beta or"
+                " model.encoder_std.gamma, or bad data; lower model.lr (a resume may change it)"
             )
         return loss
 

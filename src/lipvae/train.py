@@ -6,7 +6,14 @@ test split, and writes ``results.json`` with everything a report needs.
 
 from __future__ import annotations
 
+import csv
+import errno
+import json
 import logging
+import math
+import os
+import shlex
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -19,6 +26,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.attack_callback import AttackCallback
@@ -30,7 +40,8 @@ from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
-from lipvae.results import write_results
+from lipvae.results import atomic_write_text, write_results
+from lipvae.runfolder import AlreadyCompleted, RunFolderError, check_run_folder, claim, read_status, save_hydra_files
 
 log = logging.getLogger("lipvae")
 
@@ -44,10 +55,32 @@ def sweep_group() -> str | None:
     return "_".join(parts[-3:]) if len(parts) >= 3 else "_".join(parts)
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Keeps an existing metrics.csv (Lightning's writer deletes it) and appends to it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to csv/metrics.csv: the curves
+    from before a stop are kept."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
     loggers: list = []
     if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="csv", version=""))
     wb = cfg.logger.wandb
     if wb.enabled:
         import os
@@ -114,20 +147,66 @@ def _program() -> str:
     return "python -m lipvae.train" if name in ("train.py", "__main__.py") else name
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to ``<name>.partial`` and renamed: a full disk or a kill never
+    leaves a truncated ``last.ckpt`` behind (nor the partial file)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        partial = path.with_name(path.name + ".partial")
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    partial = path.with_name(path.name + ".partial")
+    try:
+        torch.save(obj, partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+def check_shapes(state: dict, expected: dict, path: Path) -> None:
+    """A checkpoint must fit the model the config builds: one line naming the first mismatch."""
+    for key, value in expected.items():
+        got = state.get(key)
+        if got is None or tuple(got.shape) != tuple(value.shape):
+            found = "missing" if got is None else f"shape {tuple(got.shape)}"
+            raise UserError(
+                f"checkpoint: {path} does not fit this config's model ({key}: {found}, expected"
+                f" {tuple(value.shape)}); resume with the run's original overrides"
+            )
+
+
+def check_finite(values: dict, cfg: DictConfig) -> None:
+    """A run whose results are NaN or infinite has failed, whatever else went well."""
+    for key, value in values.items():
+        if value is not None and not math.isfinite(float(value)):
+            raise UserError(
+                f"results: {key} is {value}; the model diverged. Likely causes: model.lr={cfg.model.lr:g} too"
+                f" high, or extreme enc_L={cfg.enc_L}, dec_L={cfg.dec_L}, model.beta={cfg.model.beta}"
+            )
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """One complete run; returns the results dictionary it also writes."""
     t0 = time.perf_counter()
     validate(cfg)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = None
-    if cfg.resume:  # checked before any data is read: a bad checkpoint is a one-line error
-        last = ckpt_dir / "last.ckpt"
-        if last.is_file():
-            load_state(last)  # refuses, in one line, a file that is not a safe checkpoint
-            ckpt_path = str(last)
-            log.info("resuming from %s", last)
-        else:
-            log.warning("resume=true but %s does not exist: starting from scratch", last)
+    last = ckpt_dir / "last.ckpt"
+    if cfg.resume is True or (cfg.resume == "auto" and last.is_file()):  # checked before any data is read
+        if not last.is_file():  # check_run_folder refuses this first; kept for run() called alone
+            raise UserError(f"resume: {last} does not exist, so there is nothing to resume; drop resume=true")
+        check_shapes(load_state(last), build_vae(cfg.model).state_dict(), last)  # safe load, then shapes
+        ckpt_path = str(last)
+        log.info("resuming from %s", last)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data, cfg.seed)
     datamodule.setup()
@@ -166,6 +245,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         accelerator=tr.accelerator,
         devices=tr.devices,
         precision=tr.precision,
+        strategy=tr.strategy,
+        plugins=[AtomicCheckpointIO()],
         max_epochs=schedule.total_epochs,
         max_time=None if tr.max_time is None else timedelta(minutes=tr.max_time),
         callbacks=[schedule, checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt")],
@@ -194,7 +275,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if lipschitz:
         check_lipschitz(constants)
         log.info("Lipschitz constants after freezing: %s", constants)
-    torch.save(vae.state_dict(), run_dir / "frozen_model.pt")
+    atomic_torch_save(vae.state_dict(), run_dir / "frozen_model.pt")
 
     t_test = time.perf_counter()
     trainer.callbacks.extend(test_callbacks)
@@ -211,6 +292,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         )
         log_image(loggers, "aggregate_posterior", figure)
 
+    check_finite({
+        "metrics.test_elbo": test.get("test/elbo"),
+        "metrics.test_log_likelihood": test.get("test/log_likelihood"),
+        "metrics.test_kl": test.get("test/kl"),
+        "metrics.orthonormality_error_before_freeze": orthonormality if lipschitz else 0.0,
+    }, cfg)
     results = {
         "status": "completed",
         "run": run_context(loggers),
@@ -251,6 +338,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "total_s": time.perf_counter() - t0,
         },
     }
+    if not trainer.is_global_zero:  # with several devices only rank zero records the run
+        return results
     write_results(run_dir, results)
     log.info("results written to %s", run_dir / "results.json")
     for lg in loggers:
@@ -267,39 +356,91 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def _fail(cfg: DictConfig, run_dir: Path, error: str) -> None:
-    config = OmegaConf.to_container(cfg, resolve=False)
-    write_results(run_dir, {"status": "failed", "error": error, "config": config})
+def _record(cfg: DictConfig, run_dir: Path, status: str, error: str) -> None:
+    """Record a failed or interrupted attempt; never over a completed record (beside it instead)."""
+    record = {"status": status, "error": error, "config": OmegaConf.to_container(cfg, resolve=False)}
+    if read_status(run_dir) == "completed":
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        atomic_write_text(run_dir / f"attempt-{stamp}-{status}.json", json.dumps(record, indent=2) + "\n")
+    else:
+        write_results(run_dir, record)
 
 
-RESUME_HINT = "resume with the same command plus hydra.run.dir={run_dir} resume=true"
+def resume_hint(run_dir: Path) -> str:
+    """How to continue this run. A sweep job is resumed alone, in run mode, in its own folder."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return f"resume with the same command plus hydra.run.dir={run_dir} resume=true"
+    overrides = " ".join(shlex.quote(o) for o in hc.overrides.task if not o.startswith("resume="))
+    return f"resume this job alone with: {_program()} {overrides} hydra.run.dir={run_dir} resume=true"
+
+
+_signal: dict = {"received": None}
+
+
+def _on_signal(signum, frame) -> None:
+    """SIGTERM and SIGINT stop the run in every phase: Lightning treats the KeyboardInterrupt as a
+    graceful stop (the last state is saved during fit); main() records the run as interrupted."""
+    _signal["received"] = signum
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:  # before anything is written to the folder
+        check_run_folder(cfg, run_dir)
+        lock = claim(run_dir)  # noqa: F841 (held until the process ends)
+    except AlreadyCompleted as e:
+        log.info("%s", e)
+        print(str(e), file=sys.stderr)
+        return None
+    except RunFolderError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        if multirun:
+            return None
+        sys.exit(2)
+    save_hydra_files(cfg, run_dir)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    _signal["received"] = None
+    status = "failed"
     try:
         results = run(cfg, run_dir)
     except (UserError, NonFiniteLossError) as e:
         message = str(e).splitlines()[0]
         if isinstance(e, NonFiniteLossError) and (run_dir / "checkpoints" / "last.ckpt").is_file():
-            message += f"; last finite state saved: {RESUME_HINT.format(run_dir=run_dir)}"
+            message += f"; last finite state saved: {resume_hint(run_dir)}"
         code, error = 2, message
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        code, error = 2, f"no space left while writing {e.filename or 'a file'} ({e.strerror}); free space, then {resume_hint(run_dir)}"
     except (KeyboardInterrupt, SystemExit) as e:
-        # Lightning turns SIGINT into SystemExit(1) and SIGTERM into SIGTERMException(SystemExit)
-        signal_name = "SIGTERM" if type(e).__name__ == "SIGTERMException" else "SIGINT"
-        code = 143 if signal_name == "SIGTERM" else 130
-        error = f"interrupted ({signal_name}); {RESUME_HINT.format(run_dir=run_dir)}"
+        # our handler raises KeyboardInterrupt; Lightning turns it into SystemExit(1) after its graceful stop
+        if _signal["received"] is None and isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        signum = _signal["received"] or signal.SIGINT
+        code = 128 + int(signum)
+        status = "interrupted"
+        error = f"interrupted ({signal.Signals(signum).name}); {resume_hint(run_dir)}"
     except Exception as e:
-        _fail(cfg, run_dir, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        _record(cfg, run_dir, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         if multirun:  # a bug in one job: record it, keep the sweep going, and show the trace
             log.exception("job failed")
             return None
         raise
     else:
         return results["metrics"]["test_elbo"]
-    _fail(cfg, run_dir, error)
+    try:
+        _record(cfg, run_dir, status, error)
+    except OSError as e:  # the disk may still be full
+        log.error("could not record the failure (%s)", e.strerror)
     log.error("%s", error)
     if multirun and code == 2:  # the other jobs of the sweep go on; the report lists this one as failed
         return None

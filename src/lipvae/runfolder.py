@@ -1,0 +1,140 @@
+"""A run folder's record is never lost: checks made before anything is written to it.
+
+Hydra is told not to write ``.hydra/`` itself (``hydra.output_subdir: null``); lipvae writes it
+once these checks pass, so a refused command leaves a folder exactly as it found it.
+
+- A folder that holds a completed run is refused unless ``resume=true`` (then there is nothing
+  to do, and the record stays).
+- ``resume=true`` needs ``checkpoints/last.ckpt``, and the config given must equal the stored
+  one except for the keys in ``MAY_DIFFER_ON_RESUME`` (and the evaluation's settings).
+  ``resume=auto`` resumes when there is a checkpoint and starts afresh otherwise (for jobs that
+  a cluster requeues).
+- A folder is claimed by one process at a time (an exclusive lock on ``.lipvae.lock``), so two
+  runs started in the same second with the same name do not mix their files.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lipvae.errors import UserError
+from lipvae.results import RESULTS_FILE
+
+# keys a resumed run may change: bookkeeping, the time budget, and the learning rate (to
+# recover from a diverged run from its last finite state)
+MAY_DIFFER_ON_RESUME = ("resume", "model.lr", "trainer.enable_progress_bar", "trainer.max_time", "logger.wandb.mode",
+                        "trainer.num_importance")
+# ... and the evaluation's settings: the trained state does not depend on them, and the
+# evaluation of a resumed run starts over with the settings given
+MAY_DIFFER_PREFIXES = ("attack.", "certify.")
+LOCK_FILE = ".lipvae.lock"
+
+
+class RunFolderError(UserError):
+    """A refusal made before anything was written: the folder is left as it was."""
+
+
+class AlreadyCompleted(Exception):
+    """``resume=true`` on a completed run: nothing to do."""
+
+
+def read_status(run_dir: Path) -> str | None:
+    try:
+        return (json.loads((run_dir / RESULTS_FILE).read_text()) or {}).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def config_differences(stored: DictConfig, given: DictConfig) -> list[str]:
+    """Dotted keys whose (unresolved) values differ, less those a resume may change."""
+    a = _flat(OmegaConf.to_container(stored, resolve=False))
+    b = _flat(OmegaConf.to_container(given, resolve=False))
+    keys = sorted(set(a) | set(b))
+    return [
+        k for k in keys
+        if a.get(k, "<absent>") != b.get(k, "<absent>")
+        and k not in MAY_DIFFER_ON_RESUME and not k.startswith(MAY_DIFFER_PREFIXES)
+    ]
+
+
+def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
+    """Raise ``RunFolderError`` (or ``AlreadyCompleted``) before anything is written."""
+    resume = cfg.resume
+    if resume not in (True, False, "auto"):
+        raise RunFolderError(f"resume: got {resume!r}; accepted: true, false, auto (resume if a checkpoint exists)")
+    status = read_status(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume == "auto":  # what a requeued cluster job uses: continue if there is anything to continue
+        if status != "completed" and not last.is_file():
+            return
+        resume = True
+    if not resume:
+        if status == "completed":
+            raise RunFolderError(
+                f"run: {run_dir} already holds a completed run; its record is kept. Leave hydra.run.dir"
+                " unset for a new folder, or add resume=true to check it"
+            )
+        if (run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise RunFolderError(
+                f"run: {run_dir} holds an unfinished run ({status or 'no results yet'}) with a checkpoint;"
+                " add resume=true to continue it, or leave hydra.run.dir unset for a new folder"
+            )
+        return
+    stored = run_dir / ".hydra" / "config.yaml"
+    if stored.is_file():
+        diff = config_differences(OmegaConf.load(stored), cfg)
+        if diff:
+            shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
+            raise RunFolderError(
+                f"resume: the config given differs from the one stored in {stored} at {shown};"
+                " resume with the run's original overrides"
+            )
+    if status == "completed":
+        raise AlreadyCompleted(f"run {run_dir} is already completed; nothing to resume (its record is kept)")
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        raise RunFolderError(
+            f"resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist, so there is nothing to resume;"
+            " drop resume=true to start a new run"
+        )
+
+
+def claim(run_dir: Path):
+    """Hold an exclusive lock on the folder for this process's life; refuse if another holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunFolderError(
+            f"run: {run_dir} is in use by another lipvae process (two runs started in the same second"
+            " with the same name?); start this one again, or set hydra.run.dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd  # kept open: the lock lasts until the process ends
+
+
+def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
+    """What Hydra writes to ``.hydra/`` (config, hydra, overrides), once the checks have passed."""
+    hc = HydraConfig.get()
+    out = run_dir / ".hydra"
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)}), out / "hydra.yaml")
+    OmegaConf.save(OmegaConf.create(list(hc.overrides.task)), out / "overrides.yaml")

@@ -1,0 +1,197 @@
+"""Run records survive re-runs, resumes, signals, collisions and full disks (issue: run records)."""
+
+import json
+import os
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, PROJECT, run_cli, synthetic_data_dir
+from lipvae.errors import UserError
+from lipvae.runfolder import RunFolderError, check_run_folder, claim, config_differences
+from lipvae.train import check_finite, check_shapes
+
+SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false", "trainer.enable_progress_bar=false"]
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "train.log"}
+
+
+@pytest.mark.slow
+def test_a_completed_run_is_never_overwritten(tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(*SMOKE, "attack.enabled=false", f"hydra.run.dir={run}").returncode == 0
+    before = snapshot(run)
+    # 1. the same folder again, without resume: refused, nothing written
+    proc = run_cli(*SMOKE, "attack.enabled=false", f"hydra.run.dir={run}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run: {run} already holds a completed run")
+    # 2. resume with a typo'd constant, or without the original preset: refused, keys named
+    proc = run_cli(*SMOKE, "attack.enabled=false", "enc_L=0", "resume=true", f"hydra.run.dir={run}")
+    assert proc.returncode == 2 and "differs from the one stored" in proc.stderr and " at enc_L;" in proc.stderr
+    proc = run_cli("data.resplit=true", "resume=true", f"hydra.run.dir={run}")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "data.limit" in last and "resume with the run's original overrides" in last
+    # 3. resume of the same config: nothing to do, exit 0
+    proc = run_cli(*SMOKE, "attack.enabled=false", "resume=true", f"hydra.run.dir={run}")
+    assert proc.returncode == 0 and "already completed; nothing to resume" in proc.stderr
+    assert snapshot(run) == before
+    assert json.loads((run / "results.json").read_text())["status"] == "completed"
+
+
+def test_resume_checks_before_anything_is_written(tmp_path):
+    cfg = composed(*SMOKE, "resume=true")
+    with pytest.raises(RunFolderError, match="last.ckpt does not exist, so there is nothing to resume"):
+        check_run_folder(cfg, tmp_path)  # no checkpoint: no silent fresh start
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(RunFolderError, match="holds an unfinished run .* add resume=true"):
+        check_run_folder(composed(*SMOKE), tmp_path)  # a fresh start would overwrite the checkpoint
+    check_run_folder(cfg, tmp_path)  # resume with a checkpoint: allowed
+    # keys a resume may change, and those it may not
+    same = composed(*SMOKE, "resume=true", "model.lr=1e-5", "attack.steps=7", "certify.forms=[paper]")
+    assert config_differences(composed(*SMOKE), same) == []
+    assert config_differences(composed(*SMOKE), composed(*SMOKE, "model.hidden=[16,16]", "seed=3")) == [
+        "model.hidden", "seed"
+    ]
+
+
+def test_a_checkpoint_from_other_networks_is_one_line():
+    small, big = {"w": torch.zeros(4, 3)}, {"w": torch.zeros(8, 3)}
+    check_shapes(small, small, Path("c.ckpt"))
+    with pytest.raises(UserError, match=r"does not fit this config's model \(w: shape \(4, 3\), expected \(8, 3\)\)"):
+        check_shapes(small, big, Path("c.ckpt"))
+    with pytest.raises(UserError, match=r"\(v: missing"):
+        check_shapes(small, {"v": torch.zeros(1)}, Path("c.ckpt"))
+
+
+def test_one_process_per_run_folder(tmp_path):
+    fd = claim(tmp_path)
+    with pytest.raises(RunFolderError, match="is in use by another lipvae process"):
+        claim(tmp_path)
+    os.close(fd)
+    os.close(claim(tmp_path))  # free again once the holder is gone
+    raw = (CONF / "config.yaml").read_text()  # run and job folders name the seed (and the job)
+    assert "dir: outputs/runs/${now:%Y-%m-%d}/${now:%H-%M-%S}_${name}_seed${seed}" in raw
+    assert "subdir: ${hydra.job.num}_${name}_seed${seed}" in raw
+
+
+def test_non_finite_results_fail_the_run():
+    cfg = composed(*SMOKE)
+    check_finite({"metrics.test_elbo": -3.0, "metrics.test_log_likelihood": None}, cfg)  # None: not computed
+    with pytest.raises(UserError, match=r"results: metrics.test_log_likelihood is nan; the model diverged.*model.lr="):
+        check_finite({"metrics.test_elbo": -3.0, "metrics.test_log_likelihood": float("nan")}, cfg)
+    with pytest.raises(UserError, match="orthonormality_error_before_freeze is inf"):
+        check_finite({"metrics.orthonormality_error_before_freeze": float("inf")}, cfg)
+
+
+@pytest.mark.slow
+def test_diverged_run_ends_failed_not_completed(tmp_path):
+    proc = run_cli(*SMOKE, "model.lr=1e30", "attack.enabled=false", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["status"] == "failed" and "model.lr=1e+30 too high" in r["error"] and "model.optim" not in r["error"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_attack_stops_within_5_s_and_resumes(tmp_path):
+    args = [*SMOKE, "attack.num_inputs=25", "attack.steps=3000", "attack.starts=5", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
+    proc = subprocess.Popen([sys.executable, "-m", "lipvae.train", *args], cwd=PROJECT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "train.log"
+    deadline = time.time() + 150
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and "certified (r=" in log.read_text():
+            break  # certification is done: the attack is running
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before the attack could be interrupted"
+    time.sleep(1.0)
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - sent < 5, f"took {time.time() - sent:.1f} s to stop"
+    assert proc.returncode == 143, err[-2000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["status"] == "interrupted" and "resume=true" in r["error"]
+    # the trained state is kept: resuming goes straight to the evaluation
+    # (the evaluation's settings may change on resume: the evaluation starts over)
+    done = run_cli(*SMOKE, "attack.num_inputs=3", "attack.steps=20", "resume=true", f"hydra.run.dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["status"] == "completed" and r["metrics"]["epochs"] == 2 and r["estimated"]["num_inputs"] == 3
+
+
+@pytest.mark.slow
+def test_disk_full_is_one_line_and_leaves_no_partial_file(tmp_path):
+    def small_files():  # writes beyond 60 kB fail with EFBIG, as a full disk fails with ENOSPC
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lipvae.train", *SMOKE, "model.hidden=[64,64]", f"hydra.run.dir={tmp_path}"],
+        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: no space left while writing") and "resume=true" in last
+    assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob(".*.tmp*"))
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # never a truncated checkpoint
+
+
+@pytest.mark.slow
+def test_a_sweep_jobs_resume_hint_resumes_that_job(tmp_path):
+    args = [*SMOKE, "attack.enabled=false", "model.hidden=[256,256]", "trainer.max_epochs=20",
+            "trainer.patience=100", "enc_L=5,7", f"hydra.sweep.dir={tmp_path}", "-m"]
+    env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
+    proc = subprocess.Popen([sys.executable, "-m", "lipvae.train", *args], cwd=PROJECT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("0_*/checkpoints/last.ckpt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    (job,) = tmp_path.glob("0_*")
+    assert "seed0" in job.name
+    r = json.loads((job / "results.json").read_text())
+    assert r["status"] == "interrupted"
+    hint = r["error"].split("resume this job alone with: ")[1]
+    assert hint.startswith("python -m lipvae.train ") and hint.endswith(f"hydra.run.dir={job} resume=true")
+    assert " -m" not in hint.removeprefix("python -m") and "enc_L=5" in hint and "enc_L=5,7" not in hint
+    done = run_cli(*shlex.split(hint)[3:])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((job / "results.json").read_text())["status"] == "completed"
+
+
+def test_resume_auto_continues_only_what_exists(tmp_path):
+    auto = composed(*SMOKE, "resume=auto")
+    check_run_folder(auto, tmp_path)  # nothing there: a fresh start
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    check_run_folder(auto, tmp_path)  # a checkpoint: resumed (same config: nothing stored to differ)
+    with pytest.raises(RunFolderError, match="resume: got 'maybe'; accepted: true, false, auto"):
+        check_run_folder(composed(*SMOKE, "resume=maybe"), tmp_path)
+
+
+def test_slurm_launcher_requeues_on_preemption():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher.max_num_timeout > 0 and cfg.hydra.launcher.signal_delay_s > 0
+    assert "resume=auto" in (CONF / "hydra" / "launcher" / "slurm.yaml").read_text()
