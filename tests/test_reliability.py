@@ -56,6 +56,8 @@ BAD_INPUTS = [
     (["trainer.max_time=0"], "trainer.max_time: got 0; accepted: minutes > 0, or null"),
     (["trainer.max_time=inf"], "trainer.max_time: got inf; accepted: minutes > 0, or null"),
     (["trainer.max_time=soon"], "trainer.max_time: got 'soon'; accepted: minutes > 0, or null"),
+    (["trainer.accelerator=cpu", "trainer.devices=2"], "trainer.devices: got 2 on CPU; accepted: 1, or several with a strategy"),
+    (["trainer.devices=0"], "trainer.devices: got 0; accepted: a positive integer, -1 or auto"),
     (["trainer.evaluate=first"], "trainer.evaluate: got 'first'; accepted: best, last"),
     (["data.root=/nonexistent/lipvae"], "data.root: got '/nonexistent/lipvae', which does not exist"),
 ]
