@@ -180,3 +180,42 @@ def test_other_class_targets():
     t = other_class_targets(labels)
     assert all(labels[t[i]] != labels[i] for i in range(5))
     assert soundness_violations(pd.DataFrame({"index": [0], "estimated": [1.0]}), []) == []
+
+
+@pytest.mark.parametrize("search", ["bisection", "grid"])
+def test_an_interrupted_search_continues_to_the_same_answer(tmp_path, monkeypatch, search):
+    import lipvae.attacks as attacks
+
+    vae = tiny_vae()
+    x = torch.rand(6, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kw = dict(r=1.0, p=0.5, samples=100, starts=2, steps=10, max_radius=3.0, tol=0.05, search=search,
+              grid_step=0.5, progress=False)
+    whole = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), **kw)
+
+    real, calls = attacks._robust_at, {"n": 0}
+
+    def stop_after_four(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt("SIGTERM")
+        return real(*args, **kwargs)
+
+    state = tmp_path / "attack_state.pt"
+    monkeypatch.setattr(attacks, "_robust_at", stop_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw)
+    assert state.is_file()
+    if search == "bisection":  # the partial table brackets every margin found in the end
+        partial = pd.read_csv(tmp_path / "attack_state.csv")
+        assert len(partial) == 6 and (partial["robust_up_to"] <= whole.margin.numpy() + 1e-12).all()
+        assert (whole.margin.numpy() <= partial["non_robust_at"] + 1e-12).all()
+    monkeypatch.setattr(attacks, "_robust_at", real)
+    calls["n"] = 0
+    counted = []
+    monkeypatch.setattr(attacks, "_robust_at", lambda *a, **k: counted.append(1) or real(*a, **k))
+    resumed = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw)
+    assert torch.equal(resumed.margin, whole.margin) and torch.equal(resumed.censored, whole.censored)
+    assert len(counted) == whole.radii_evaluated - 4  # the 4 rounds done before the stop are not redone
+    # another seed (or other settings) does not pick up the saved state
+    other = estimate_margins(vae, x, generator=torch.Generator().manual_seed(6), state_path=state, **kw)
+    assert other.radii_evaluated == whole.radii_evaluated

@@ -64,7 +64,8 @@ def test_fixed_sigma_inputs_share_the_global_margin(runs):
     r = json.loads((runs[("lipschitz", "fixed")] / "results.json").read_text())
     cert = r["certified"]
     m = r["lipschitz"]["measured"]
-    g = float(global_margin(m["decoder"], m["encoder_mean"], gamma=0.1, m=10, r=8.0, p=0.5).margin)
+    # the σ the model computes: float32(0.1), not 0.1
+    g = float(global_margin(m["decoder"], m["encoder_mean"], gamma=float(np.float32(0.1)), m=10, r=8.0, p=0.5).margin)
     assert cert["global_margin"] == pytest.approx(g, rel=1e-12)
     assert cert["min"] == pytest.approx(g, rel=1e-6) and cert["min"] <= g * (1 + 1e-9)
 
@@ -193,3 +194,46 @@ def test_every_run_ends_with_estimated_margins_and_soundness(runs):
             assert (run / "certified_vs_estimated.png").is_file()
         else:
             assert r["soundness_violations"] is None and "certified_tight" not in table
+
+
+def _certify_random(vae, n=2000, seed=0):
+    from lipvae.certify.certificates import certify
+
+    x = torch.rand(n, 784, generator=torch.Generator().manual_seed(seed))
+    vae.freeze()
+    constants = vae.lipschitz_constants()
+    table, summary = certify(vae, x, np.arange(n), np.zeros(n), constants, [8.0], [0.5], ["tight"])
+    return table, summary
+
+
+def test_fixed_sigma_certificate_uses_the_float32_gamma():
+    from lipvae.certify.certificates import computed_gamma
+    from lipvae.vae import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(kind="lipschitz", latent_dim=10, hidden=(32, 32), std_mode="fixed", gamma=0.1,
+              encoder_mean_L=5.0, encoder_std_L=5.0, decoder_L=5.0)
+    assert computed_gamma(vae) == float(np.float32(0.1)) > 0.1  # what the model runs with
+    table, summary = _certify_random(vae)
+    per_input = table["certified_tight"].to_numpy()
+    glob = summary["global_margin"]
+    a, b = summary["constants"]["a"], summary["constants"]["b"]
+    assert glob == float(global_margin(a, b, gamma=float(np.float32(0.1)), m=10).margin)  # not γ = 0.1
+    assert glob <= per_input.min() * (1 + 1e-12)  # Theorem 3 never claims more than Lemma 2 on an input
+
+
+def test_bounded_sigma_global_margin_covers_the_float32_projection():
+    from lipvae.certify.certificates import max_norm_bound
+    from lipvae.vae import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(kind="lipschitz", latent_dim=10, hidden=(32, 32), std_mode="bounded", max_norm=1.0,
+              encoder_mean_L=5.0, encoder_std_L=5.0, decoder_L=5.0)
+    table, summary = _certify_random(vae)
+    s = table["s"].to_numpy()
+    assert (s > 1.0).any(), "the projection should overshoot max_norm in float32 on some inputs"
+    assert s.max() <= max_norm_bound(vae)
+    assert summary["global_margin"] <= table["certified_tight"].min() * (1 + 1e-12)
+    c = summary["constants"]
+    nominal = global_margin(c["a"], c["b"], m=10, c=c["c"], max_norm=1.0).margin
+    assert nominal > table["certified_tight"].min() * (1 + 1e-12)  # max_norm itself would overclaim

@@ -134,6 +134,7 @@ def test_sigterm_during_the_attack_stops_within_5_s_and_resumes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "completed" and r["metrics"]["epochs"] == 2 and r["estimated"]["num_inputs"] == 3
+    assert not (tmp_path / "attack_state.pt").exists() and not (tmp_path / "attack_state.csv").exists()
 
 
 @pytest.mark.slow
@@ -195,3 +196,31 @@ def test_slurm_launcher_requeues_on_preemption():
         cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher.max_num_timeout > 0 and cfg.hydra.launcher.signal_delay_s > 0
     assert "resume=auto" in (CONF / "hydra" / "launcher" / "slurm.yaml").read_text()
+
+
+def test_a_failure_is_recorded_beside_a_completed_record(tmp_path):
+    from lipvae.results import write_results
+    from lipvae.train import _record
+
+    write_results(tmp_path, {"status": "completed", "n": 1})
+    before = (tmp_path / "results.json").read_text()
+    _record(composed(*SMOKE), tmp_path, "failed", "something broke")
+    assert (tmp_path / "results.json").read_text() == before
+    (attempt,) = tmp_path.glob("attempt-*-failed.json")
+    assert json.loads(attempt.read_text())["error"] == "something broke"
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    _record(composed(*SMOKE), fresh, "interrupted", "interrupted (SIGTERM)")
+    assert json.loads((fresh / "results.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_two_devices_train_together_and_rank_zero_alone_records(tmp_path):
+    proc = run_cli(*SMOKE, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+                   f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["status"] == "completed" and r["metrics"]["epochs"] == 2 and r["soundness_violations"] == 0
+    other = (tmp_path / "train_ddp_process_1.log").read_text()
+    assert "results written" not in other and "results written" in (tmp_path / "train.log").read_text()
+    assert not list(tmp_path.rglob("*.partial"))

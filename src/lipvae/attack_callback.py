@@ -19,6 +19,7 @@ from lipvae.results import write_table
 
 log = logging.getLogger("lipvae")
 TABLE = "margins.csv"
+STATE = "attack_state.pt"  # the margin search's state while it runs (attack_state.csv: partial table)
 
 
 def soundness_violations(table: pd.DataFrame, columns: list[str], slack: float = 1e-9) -> list[int]:
@@ -90,7 +91,10 @@ class AttackCallback(Callback):
             pixel_range=cfg.pixel_range,
             generator=gen,
             progress=trainer.progress_bar_callback is not None,
+            state_path=self.run_dir / STATE,  # an interrupted attack continues from here on resume
         )
+        (self.run_dir / STATE).unlink(missing_ok=True)
+        (self.run_dir / STATE).with_suffix(".csv").unlink(missing_ok=True)
         table = pd.DataFrame(
             {
                 "index": test.index[:n].numpy(),

@@ -7,8 +7,11 @@ device; randomness comes from an explicit ``torch.Generator`` for reproducibilit
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -204,6 +207,51 @@ def _robust_at(vae, x, radius, r, p, samples, starts, steps, pixel_range, genera
     return (robust_probability(vae, x, delta, r, samples, generator) > p).all(dim=1)
 
 
+class SearchState:
+    """The margin search's state after each round (brackets or grid position, and the random
+    generator's state), written to ``path`` so that an interrupted search continues where it
+    stopped and gives the same answer as an uninterrupted one. A saved state is used only when
+    the inputs, the settings and the generator's starting state are the same (``key``). Beside
+    it, ``<path stem>.csv`` holds the partial table: per input, the largest radius found robust
+    so far and the smallest found non-robust."""
+
+    def __init__(self, path: Path, x: torch.Tensor, settings: tuple, generator: torch.Generator) -> None:
+        self.path, self.generator = Path(path), generator
+        digest = hashlib.sha256(x.detach().cpu().numpy().tobytes())
+        digest.update(repr(settings).encode())
+        digest.update(generator.get_state().numpy().tobytes())
+        self.key = digest.hexdigest()
+
+    def load(self, device) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # unreadable (e.g. cut off by a kill): start over
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            return None
+        self.generator.set_state(saved.pop("rng"))
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in saved.items()}
+
+    def save(self, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None, **state) -> None:
+        state = {"key": self.key, "rng": self.generator.get_state(), **state}
+        if lo is not None and hi is not None:
+            state.update(lo=lo, hi=hi)
+        partial = self.path.with_name(self.path.name + ".partial")
+        torch.save({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}, partial)
+        os.replace(partial, self.path)
+        if lo is not None and hi is not None:
+            rows = "".join(f"{i},{a:.6g},{b:.6g}\n" for i, (a, b) in enumerate(zip(lo.tolist(), hi.tolist())))
+            table = self.path.with_suffix(".csv")
+            table.with_name(table.name + ".partial").write_text("input,robust_up_to,non_robust_at\n" + rows)
+            os.replace(table.with_name(table.name + ".partial"), table)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.path.with_suffix(".csv").unlink(missing_ok=True)
+
+
 def estimate_margins(
     vae: VAE,
     x: torch.Tensor,
@@ -219,6 +267,7 @@ def estimate_margins(
     pixel_range: bool = True,
     generator: torch.Generator | None = None,
     progress: bool = True,
+    state_path: Path | None = None,
 ) -> EstimatedMargins:
     """Estimated (r, p)-robustness margins (Camuto et al. 2020; paper Appendix D).
 
@@ -226,13 +275,18 @@ def estimate_margins(
     narrower than ``tol``; the margin is the bracket's upper end. ``grid``: the reference's
     descending grid ``max_radius, max_radius − grid_step, …``, margin = smallest non-robust
     radius on it. Either way an input still robust at ``max_radius`` gets ``max_radius``
-    and ``censored = True``.
+    and ``censored = True``. With ``state_path`` (and a ``generator``) the search saves its
+    state after every round and, called again the same way, continues from it (``SearchState``).
     """
     if search not in ("bisection", "grid"):
         raise ValueError(f"attack.search: unknown {search!r}; accepted: bisection, grid")
     was_training = vae.training
     vae.eval()
     args = (r, p, samples, starts, steps, pixel_range, generator)
+    state = None
+    if state_path is not None and generator is not None:
+        settings = (r, p, samples, starts, steps, max_radius, tol, search, grid_step, pixel_range)
+        state = SearchState(state_path, x, settings, generator)
     n = len(x)
     full = torch.full((n,), float(max_radius), dtype=x.dtype, device=x.device)
     if search == "grid":
@@ -240,25 +294,42 @@ def estimate_margins(
         radii = [grid_step * i for i in range(k, 0, -1)]
         margin = full.clone()
         censored = torch.ones(n, dtype=torch.bool, device=x.device)
-        for t in tqdm(radii, desc="margins (grid)", disable=not progress, leave=False):
+        done = 0
+        if state is not None and (saved := state.load(x.device)) is not None:
+            done, margin, censored = saved["done"], saved["margin"], saved["censored"]
+        for i, t in enumerate(tqdm(radii, desc="margins (grid)", disable=not progress, leave=False)):
+            if i < done:
+                continue
             robust = _robust_at(vae, x, torch.full_like(full, t), *args)
             margin = torch.where(~robust, torch.full_like(full, t), margin)
             censored &= robust
+            if state is not None:
+                state.save(done=i + 1, margin=margin, censored=censored)
         zero_fail = ~_robust_at(vae, x, torch.zeros_like(full), *args)
         margin = torch.where(zero_fail, torch.zeros_like(full), margin)
         vae.train(was_training)
         return EstimatedMargins(margin, censored & ~zero_fail, len(radii) + 1)
 
-    evaluated = 2
-    robust_max = _robust_at(vae, x, full, *args)
-    robust_zero = _robust_at(vae, x, torch.zeros_like(full), *args)
-    lo = torch.zeros_like(full)
-    hi = full.clone()
-    active = ~robust_max & robust_zero
-    hi = torch.where(robust_zero, hi, torch.zeros_like(hi))
+    saved = state.load(x.device) if state is not None else None
+    if saved is not None:
+        evaluated, robust_max, robust_zero = saved["evaluated"], saved["robust_max"], saved["robust_zero"]
+        lo, hi, active = saved["lo"], saved["hi"], saved["active"]
+    else:
+        evaluated = 2
+        robust_max = _robust_at(vae, x, full, *args)
+        robust_zero = _robust_at(vae, x, torch.zeros_like(full), *args)
+        lo = torch.zeros_like(full)
+        hi = full.clone()
+        active = ~robust_max & robust_zero
+        hi = torch.where(robust_zero, hi, torch.zeros_like(hi))
     total = max(0, math.ceil(math.log2(max_radius / tol)))
     with tqdm(total=total, desc="margins (bisection)", disable=not progress, leave=False) as bar:
-        while bool((active & (hi - lo > tol)).any()):
+        while True:
+            if state is not None:
+                state.save(lo, hi, evaluated=evaluated, robust_max=robust_max, robust_zero=robust_zero,
+                           active=active)
+            if not bool((active & (hi - lo > tol)).any()):
+                break
             todo = active & (hi - lo > tol)
             mid = 0.5 * (lo + hi)
             idx = todo.nonzero().flatten()

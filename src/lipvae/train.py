@@ -194,8 +194,9 @@ def check_finite(values: dict, cfg: DictConfig) -> None:
             )
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """One complete run; returns the results dictionary it also writes."""
+def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """One complete run; returns the results dictionary it also writes (None on a device
+    other than the first, which only trains)."""
     t0 = time.perf_counter()
     validate(cfg)
     ckpt_dir = run_dir / "checkpoints"
@@ -260,14 +261,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     t_fit = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_s = time.perf_counter() - t_fit
-    evaluated_epoch = trainer.current_epoch
+    epochs_trained = trainer.current_epoch
+    if trainer.world_size > 1:  # trained on several devices: rank zero alone evaluates and records
+        if not trainer.is_global_zero:
+            return None
+        trainer = L.Trainer(
+            accelerator=tr.accelerator, devices=1, precision=tr.precision, logger=loggers or False,
+            enable_progress_bar=tr.enable_progress_bar, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
+        )
+    evaluated_epoch = epochs_trained
     best = checkpoint.best_model_path
     if tr.evaluate == "best" and best and Path(best).is_file():
         # the weights of the epoch with the lowest validation loss, not those `patience` epochs on
         state = torch.load(best, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
         evaluated_epoch = int(state["epoch"]) + 1
-        log.info("evaluating the best epoch (%d of %d): %s", evaluated_epoch, trainer.current_epoch, best)
+        log.info("evaluating the best epoch (%d of %d): %s", evaluated_epoch, epochs_trained, best)
 
     orthonormality = orthonormality_error(vae)  # how much freezing will change the trained function
     vae.freeze()
@@ -319,7 +328,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "test_elbo": test.get("test/elbo"),
             "test_log_likelihood": test.get("test/log_likelihood"),
             "test_kl": test.get("test/kl"),
-            "epochs": trainer.current_epoch,
+            "epochs": epochs_trained,
             "evaluated_epoch": evaluated_epoch,
             "best_val_loss": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
             "final_phase": schedule.phase,
@@ -385,6 +394,11 @@ def _on_signal(signum, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _other_rank() -> bool:
+    """A process that Lightning started for a device other than the first (DDP)."""
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("LOCAL_RANK", "NODE_RANK"))
+
+
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -392,9 +406,10 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    try:  # before anything is written to the folder
-        check_run_folder(cfg, run_dir)
-        lock = claim(run_dir)  # noqa: F841 (held until the process ends)
+    try:  # before anything is written to the folder (by rank zero: other ranks share its folder)
+        if not _other_rank():
+            check_run_folder(cfg, run_dir)
+            lock = claim(run_dir)  # noqa: F841 (held until the process ends)
     except AlreadyCompleted as e:
         log.info("%s", e)
         print(str(e), file=sys.stderr)
@@ -405,7 +420,8 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:
             return None
         sys.exit(2)
-    save_hydra_files(cfg, run_dir)
+    if not _other_rank():
+        save_hydra_files(cfg, run_dir)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
     _signal["received"] = None
@@ -430,15 +446,17 @@ def main(cfg: DictConfig) -> float | None:
         status = "interrupted"
         error = f"interrupted ({signal.Signals(signum).name}); {resume_hint(run_dir)}"
     except Exception as e:
-        _record(cfg, run_dir, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if not _other_rank():
+            _record(cfg, run_dir, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         if multirun:  # a bug in one job: record it, keep the sweep going, and show the trace
             log.exception("job failed")
             return None
         raise
     else:
-        return results["metrics"]["test_elbo"]
+        return None if results is None else results["metrics"]["test_elbo"]
     try:
-        _record(cfg, run_dir, status, error)
+        if not _other_rank():
+            _record(cfg, run_dir, status, error)
     except OSError as e:  # the disk may still be full
         log.error("could not record the failure (%s)", e.strerror)
     log.error("%s", error)

@@ -132,12 +132,33 @@ def certify_test_split(vae, test, num_inputs, constants, r, p, forms, batch_size
     )
 
 
+def computed_gamma(vae) -> float:
+    """The fixed σ the model actually computes with: γ rounded to the model's dtype (float32(0.1)
+    is 0.10000000149 > 0.1, and a certificate may not rely on the nominal value)."""
+    dtype = next(vae.parameters()).dtype
+    return float(torch.tensor(vae.gamma, dtype=dtype).item())
+
+
+def max_norm_bound(vae) -> float:
+    """An upper bound on ``‖σ(x)‖₂`` as the model computes the bounded-σ projection in its dtype.
+
+    ``σ · fl(max_norm / fl(‖σ‖))``, rounded per coordinate, can exceed ``max_norm``: the norm's
+    relative rounding error is at most ``γ_m ≈ m·u`` for any summation order, the division and
+    the product add ``u`` each (``u`` the unit roundoff), so ``‖σ'‖ ≤ max_norm (1 + u)² / (1 − γ_m)``.
+    Rounded up generously to ``max_norm · (1 + 2 (m + 2) u)`` (docs/math.md)."""
+    dtype = next(vae.parameters()).dtype
+    u = torch.finfo(dtype).eps / 2
+    bound = float(vae.max_norm) * (1.0 + 2.0 * (vae.latent_dim + 2) * u)
+    return float(np.nextafter(bound, np.inf))
+
+
 def _global(vae, a, b, c, r, p, form) -> float | None:
-    """Theorem 3's margin, when σ is fixed or bounded; None when σ is learned."""
+    """Theorem 3's margin, when σ is fixed or bounded; None when σ is learned. It uses the σ the
+    model actually computes (``computed_gamma``) or an upward-rounded bound on it (``max_norm_bound``)."""
     if vae.std_mode == "fixed":
-        return float(global_margin(a, b, gamma=vae.gamma, m=vae.latent_dim, r=r, p=p, form=form).margin)
+        return float(global_margin(a, b, gamma=computed_gamma(vae), m=vae.latent_dim, r=r, p=p, form=form).margin)
     if vae.std_mode == "bounded":
         return float(
-            global_margin(a, b, m=vae.latent_dim, r=r, p=p, form=form, c=c, max_norm=vae.max_norm).margin
+            global_margin(a, b, m=vae.latent_dim, r=r, p=p, form=form, c=c, max_norm=max_norm_bound(vae)).margin
         )
     return None
