@@ -224,3 +224,24 @@ def test_two_devices_train_together_and_rank_zero_alone_records(tmp_path):
     other = (tmp_path / "train_ddp_process_1.log").read_text()
     assert "results written" not in other and "results written" in (tmp_path / "train.log").read_text()
     assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_a_data_limit_too_small_for_the_splits_is_caught_before_training(synthetic_root):
+    from lipvae.config import build_datamodule
+
+    cfg = composed(*SMOKE, "data.limit=1", f"data.root={synthetic_root / 'mnist'}")
+    with pytest.raises(UserError, match=r"data.limit: got 1, which leaves 0 training and 1 test images; accepted"):
+        build_datamodule(cfg.data, 0).setup()
+    build_datamodule(composed(*SMOKE, "data.limit=3", f"data.root={synthetic_root / 'mnist'}").data, 0).setup()
+
+
+def test_an_accelerator_that_is_not_there_is_refused():
+    from lipvae.config import validate
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="trainer.accelerator: got 'gpu', but no CUDA device is visible"):
+            validate(composed(*SMOKE, "trainer.accelerator=gpu"))
+    mps = getattr(torch.backends, "mps", None)
+    if not (mps is not None and mps.is_available()):
+        with pytest.raises(UserError, match="trainer.accelerator: got 'mps', but MPS is not available"):
+            validate(composed(*SMOKE, "trainer.accelerator=mps"))

@@ -39,7 +39,7 @@ def _is_num(v) -> bool:
 def _positive(cfg: DictConfig, path: str, integer: bool = False) -> None:
     v = _number(cfg, path)
     kind = "integer" if integer else "number"
-    ok = (isinstance(v, int) and not isinstance(v, bool)) if integer else _is_num(v)
+    ok = (isinstance(v, int) and not isinstance(v, bool)) if integer else (_is_num(v) and math.isfinite(v))
     _check(ok and v > 0, path, v, f"a positive {kind}")
 
 
@@ -64,7 +64,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "model.latent_dim", integer=True)
     hidden = _number(cfg, "model.hidden")
     _check(
-        OmegaConf.is_list(hidden) and len(hidden) > 0 and all(isinstance(h, int) and h > 0 for h in hidden),
+        OmegaConf.is_list(hidden) and len(hidden) > 0 and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden),
         "model.hidden",
         hidden,
         "a non-empty list of positive integers",
@@ -105,10 +105,37 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "trainer.evaluate", ("best", "last"))
     mt = _number(cfg, "trainer.max_time")
     _check(mt is None or (_is_num(mt) and 0 < mt < math.inf), "trainer.max_time", mt, "minutes > 0, or null")
+    seed = _number(cfg, "seed")
+    _check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32, "seed", seed,
+           "an integer in [0, 2^32)")
+    _check(cfg.resume in (True, False, "auto"), "resume", cfg.resume, "true, false, auto")
+    for field in ("data.val_fraction", "data.resplit_test_fraction"):
+        v = _number(cfg, field)
+        _check(_is_num(v) and 0 < v < 1, field, v, "a number in (0, 1)")
+    _positive(cfg, "data.eval_batch_size", integer=True)
+    k = _number(cfg, "trainer.num_importance")
+    _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "trainer.num_importance", k,
+           "an integer >= 0 (0 skips the log-likelihood)")
+    _choice(cfg, "trainer.precision", ("32-true", "32", 32, "64-true", "64", 64))
+    _validate_accelerator(cfg)
+    if cfg.logger.wandb.enabled:
+        _choice(cfg, "logger.wandb.mode", ("offline", "online", "disabled"))
     _validate_certify(cfg)
     _validate_attack(cfg)
     ft = _number(cfg, "trainer.finetune.max_epochs")
     _check(isinstance(ft, int) and ft >= 0, "trainer.finetune.max_epochs", ft, "an integer >= 0")
+
+
+def _validate_accelerator(cfg: DictConfig) -> None:
+    accelerator = _number(cfg, "trainer.accelerator")
+    _choice(cfg, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps"))
+    import torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator: got {accelerator!r}, but no CUDA device is visible; accepted: auto, cpu")
+    mps = getattr(torch.backends, "mps", None)
+    if accelerator == "mps" and not (mps is not None and mps.is_available()):
+        raise UserError("trainer.accelerator: got 'mps', but MPS is not available here; accepted: auto, cpu")
 
 
 def _validate_devices(cfg: DictConfig) -> None:

@@ -264,6 +264,12 @@ class ImageDataModule(L.LightningDataModule):
         perm = torch.randperm(len(train_x), generator=gen)
         n_val = max(1, int(round(self.val_fraction * len(train_x))))
         val, train = perm[:n_val], perm[n_val:]
+        if len(train) == 0 or len(test_x) == 0:  # found before training: a tiny data.limit
+            need = 3 if resplit else 2
+            raise UserError(
+                f"data.limit: got {self.limit}, which leaves {len(train)} training and {len(test_x)} test images;"
+                f" accepted: at least {need} images per source file, enough for non-empty train, val and test splits"
+            )
         self._splits = {
             "train": TensorBatches(train_x[train], train_y[train], train_index[train]),
             "val": TensorBatches(train_x[val], train_y[val], train_index[val]),
