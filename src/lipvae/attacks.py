@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from lipvae.results import atomic_write_text, replace_atomically
 from lipvae.vae import VAE
 
 
@@ -238,14 +238,11 @@ class SearchState:
         state = {"key": self.key, "rng": self.generator.get_state(), **state}
         if lo is not None and hi is not None:
             state.update(lo=lo, hi=hi)
-        partial = self.path.with_name(self.path.name + ".partial")
-        torch.save({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}, partial)
-        os.replace(partial, self.path)
+        plain = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+        replace_atomically(self.path, lambda partial: torch.save(plain, partial))
         if lo is not None and hi is not None:
             rows = "".join(f"{i},{a:.6g},{b:.6g}\n" for i, (a, b) in enumerate(zip(lo.tolist(), hi.tolist())))
-            table = self.path.with_suffix(".csv")
-            table.with_name(table.name + ".partial").write_text("input,robust_up_to,non_robust_at\n" + rows)
-            os.replace(table.with_name(table.name + ".partial"), table)
+            atomic_write_text(self.path.with_suffix(".csv"), "input,robust_up_to,non_robust_at\n" + rows)
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -32,6 +32,19 @@ def _umask() -> int:
     return mask
 
 
+def replace_atomically(path: Path, write) -> None:
+    """``write(partial)`` fills ``<path>.partial``, which then replaces ``path``; on any error
+    (a full disk, a signal) the partial file is removed and ``path`` is left as it was."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and ``os.replace``: readers see the
     old file or the whole new one, never a half-written one. The file gets the mode a plain

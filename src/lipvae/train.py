@@ -40,7 +40,7 @@ from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
-from lipvae.results import atomic_write_text, write_results
+from lipvae.results import atomic_write_text, replace_atomically, write_results
 from lipvae.runfolder import AlreadyCompleted, RunFolderError, check_run_folder, claim, read_status, save_hydra_files
 
 log = logging.getLogger("lipvae")
@@ -152,24 +152,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     leaves a truncated ``last.ckpt`` behind (nor the partial file)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        try:
-            super().save_checkpoint(checkpoint, partial, storage_options)
-            os.replace(partial, path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        torch.save(obj, partial)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+        replace_atomically(Path(path), lambda partial: super(AtomicCheckpointIO, self).save_checkpoint(
+            checkpoint, partial, storage_options))
 
 
 def check_shapes(state: dict, expected: dict, path: Path) -> None:
@@ -284,7 +268,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     if lipschitz:
         check_lipschitz(constants)
         log.info("Lipschitz constants after freezing: %s", constants)
-    atomic_torch_save(vae.state_dict(), run_dir / "frozen_model.pt")
+    replace_atomically(run_dir / "frozen_model.pt", lambda partial: torch.save(vae.state_dict(), partial))
 
     t_test = time.perf_counter()
     trainer.callbacks.extend(test_callbacks)
