@@ -55,8 +55,11 @@ def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):
     assert broken["8_torn"].startswith("unreadable results.json")
     md = (sweep / "report.md").read_text()
     assert "## Runs not included" in md and "`9_killed`" in md and "`8_torn`" in md
-    epochs = json.loads(next(sweep.glob("*_lipschitz_*/results.json")).read_text())["metrics"]["epochs"]
-    assert f"| L=5 | {epochs} |" in md and f"| L=7 | {epochs} |" in md  # compact table: model, then epochs
+    metrics = json.loads(next(sweep.glob("*_lipschitz_*/results.json")).read_text())["metrics"]
+    epochs, stop = metrics["epochs"], metrics["stop_reason"]
+    assert stop in ("finetune_converged", "finetune_max_epochs")
+    # compact table: model, then epochs and why training ended
+    assert f"| L=5 | {epochs} | {stop} |" in md and f"| L=7 | {epochs} | {stop} |" in md
     assert "Soundness violations (certified > estimated): 0 in 2 checked run(s) of 2 completed" in md
     for line in ("- **preset**: smoke", "- **data**: mnist resplit-test (432/48/120 train/val/test)",
                  "- **estimated margins**: r=8, p=0.5, 6 inputs, 20 samples × 2 starts, 10 steps, bisection"):

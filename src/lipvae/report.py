@@ -24,13 +24,13 @@ from lipvae.results import RESULTS_FILE, atomic_write_text, write_table
 
 COLUMNS = [
     "run", "status", "data", "split", "model", "enc_L", "dec_L", "std_mode", "gamma", "beta", "latent_dim",
-    "lr", "epochs", "test_log_likelihood", "test_elbo", "certified_mean", "certified_median", "certified_min",
+    "lr", "epochs", "stopped_by", "test_log_likelihood", "test_elbo", "certified_mean", "certified_median", "certified_min",
     "fraction_certified", "global_margin", "estimated_mean", "estimated_median", "estimated_min",
     "estimated_censored", "soundness_violations", "total_s", "code", "wandb_run_id",
 ]
 #: The columns of the compact table (the full one is behind a toggle and in results.csv).
 KEY_COLUMNS = [
-    "epochs", "test_log_likelihood", "certified_mean", "fraction_certified", "estimated_mean",
+    "epochs", "stopped_by", "test_log_likelihood", "certified_mean", "fraction_certified", "estimated_mean",
     "estimated_median", "estimated_censored", "soundness_violations",
 ]
 
@@ -83,6 +83,7 @@ def load_row(run: Path, root: Path) -> tuple[dict, dict | None]:
         "latent_dim": _get(r, "model", "latent_dim"),
         "lr": _get(cfg, "model", "lr"),
         "epochs": _get(r, "metrics", "epochs"),
+        "stopped_by": _get(r, "metrics", "stop_reason"),
         "test_log_likelihood": _get(r, "metrics", "test_log_likelihood"),
         "test_elbo": _get(r, "metrics", "test_elbo"),
         "certified_mean": _get(r, "certified", "mean"),
