@@ -93,8 +93,6 @@ class AttackCallback(Callback):
             progress=trainer.progress_bar_callback is not None,
             state_path=self.run_dir / STATE,  # an interrupted attack continues from here on resume
         )
-        (self.run_dir / STATE).unlink(missing_ok=True)
-        (self.run_dir / STATE).with_suffix(".csv").unlink(missing_ok=True)
         table = pd.DataFrame(
             {
                 "index": test.index[:n].numpy(),

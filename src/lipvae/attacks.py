@@ -273,7 +273,8 @@ def estimate_margins(
     descending grid ``max_radius, max_radius − grid_step, …``, margin = smallest non-robust
     radius on it. Either way an input still robust at ``max_radius`` gets ``max_radius``
     and ``censored = True``. With ``state_path`` (and a ``generator``) the search saves its
-    state after every round and, called again the same way, continues from it (``SearchState``).
+    state after every round and, called again the same way, continues from it (``SearchState``);
+    a finished search removes it.
     """
     if search not in ("bisection", "grid"):
         raise ValueError(f"attack.search: unknown {search!r}; accepted: bisection, grid")
@@ -304,6 +305,8 @@ def estimate_margins(
                 state.save(done=i + 1, margin=margin, censored=censored)
         zero_fail = ~_robust_at(vae, x, torch.zeros_like(full), *args)
         margin = torch.where(zero_fail, torch.zeros_like(full), margin)
+        if state is not None:
+            state.remove()  # finished: nothing left to continue
         vae.train(was_training)
         return EstimatedMargins(margin, censored & ~zero_fail, len(radii) + 1)
 
@@ -335,5 +338,7 @@ def estimate_margins(
             hi[idx] = torch.where(robust, hi[idx], mid[idx])
             evaluated += 1
             bar.update(1)
+    if state is not None:
+        state.remove()
     vae.train(was_training)
     return EstimatedMargins(hi, robust_max & robust_zero, evaluated)

@@ -10,6 +10,7 @@ import math
 import numbers
 import re
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.bounds import FORMS
@@ -36,10 +37,14 @@ def _is_num(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _positive(cfg: DictConfig, path: str, integer: bool = False) -> None:
     v = _number(cfg, path)
     kind = "integer" if integer else "number"
-    ok = (isinstance(v, int) and not isinstance(v, bool)) if integer else (_is_num(v) and math.isfinite(v))
+    ok = _is_int(v) if integer else (_is_num(v) and math.isfinite(v))
     _check(ok and v > 0, path, v, f"a positive {kind}")
 
 
@@ -64,7 +69,7 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "model.latent_dim", integer=True)
     hidden = _number(cfg, "model.hidden")
     _check(
-        OmegaConf.is_list(hidden) and len(hidden) > 0 and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden),
+        OmegaConf.is_list(hidden) and len(hidden) > 0 and all(_is_int(h) and h > 0 for h in hidden),
         "model.hidden",
         hidden,
         "a non-empty list of positive integers",
@@ -106,7 +111,7 @@ def validate(cfg: DictConfig) -> None:
     mt = _number(cfg, "trainer.max_time")
     _check(mt is None or (_is_num(mt) and 0 < mt < math.inf), "trainer.max_time", mt, "minutes > 0, or null")
     seed = _number(cfg, "seed")
-    _check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32, "seed", seed,
+    _check(_is_int(seed) and 0 <= seed < 2**32, "seed", seed,
            "an integer in [0, 2^32)")
     _check(cfg.resume in (True, False, "auto"), "resume", cfg.resume, "true, false, auto")
     for field in ("data.val_fraction", "data.resplit_test_fraction"):
@@ -114,7 +119,7 @@ def validate(cfg: DictConfig) -> None:
         _check(_is_num(v) and 0 < v < 1, field, v, "a number in (0, 1)")
     _positive(cfg, "data.eval_batch_size", integer=True)
     k = _number(cfg, "trainer.num_importance")
-    _check(isinstance(k, int) and not isinstance(k, bool) and k >= 0, "trainer.num_importance", k,
+    _check(_is_int(k) and k >= 0, "trainer.num_importance", k,
            "an integer >= 0 (0 skips the log-likelihood)")
     _choice(cfg, "trainer.precision", ("32-true", "32", 32, "64-true", "64", 64))
     _validate_accelerator(cfg)
@@ -129,8 +134,6 @@ def validate(cfg: DictConfig) -> None:
 def _validate_accelerator(cfg: DictConfig) -> None:
     accelerator = _number(cfg, "trainer.accelerator")
     _choice(cfg, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps"))
-    import torch
-
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.accelerator: got {accelerator!r}, but no CUDA device is visible; accepted: auto, cpu")
     mps = getattr(torch.backends, "mps", None)
@@ -140,12 +143,10 @@ def _validate_accelerator(cfg: DictConfig) -> None:
 
 def _validate_devices(cfg: DictConfig) -> None:
     devices = _number(cfg, "trainer.devices")
-    _check(devices == "auto" or (isinstance(devices, int) and not isinstance(devices, bool) and (devices >= 1 or devices == -1)),
+    _check(devices == "auto" or (_is_int(devices) and (devices >= 1 or devices == -1)),
            "trainer.devices", devices, "a positive integer, -1 or auto")
     if devices in (1, "auto") or _number(cfg, "trainer.strategy") != "auto":
         return
-    import torch
-
     accelerator = _number(cfg, "trainer.accelerator")
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
         raise UserError(

@@ -83,8 +83,6 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
         loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="csv", version=""))
     wb = cfg.logger.wandb
     if wb.enabled:
-        import os
-
         from lightning.pytorch.loggers import WandbLogger
 
         if not os.environ.get("WANDB_MODE"):
@@ -331,8 +329,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             "total_s": time.perf_counter() - t0,
         },
     }
-    if not trainer.is_global_zero:  # with several devices only rank zero records the run
-        return results
     write_results(run_dir, results)
     log.info("results written to %s", run_dir / "results.json")
     for lg in loggers:
@@ -390,8 +386,9 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    try:  # before anything is written to the folder (by rank zero: other ranks share its folder)
-        if not _other_rank():
+    rank_zero = not _other_rank()  # other ranks share rank zero's folder and leave it to rank zero
+    try:  # before anything is written to the folder
+        if rank_zero:
             check_run_folder(cfg, run_dir)
             lock = claim(run_dir)  # noqa: F841 (held until the process ends)
     except AlreadyCompleted as e:
@@ -404,7 +401,7 @@ def main(cfg: DictConfig) -> float | None:
         if multirun:
             return None
         sys.exit(2)
-    if not _other_rank():
+    if rank_zero:
         save_hydra_files(cfg, run_dir)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
@@ -430,7 +427,7 @@ def main(cfg: DictConfig) -> float | None:
         status = "interrupted"
         error = f"interrupted ({signal.Signals(signum).name}); {resume_hint(run_dir)}"
     except Exception as e:
-        if not _other_rank():
+        if rank_zero:
             _record(cfg, run_dir, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         if multirun:  # a bug in one job: record it, keep the sweep going, and show the trace
             log.exception("job failed")
@@ -439,7 +436,7 @@ def main(cfg: DictConfig) -> float | None:
     else:
         return None if results is None else results["metrics"]["test_elbo"]
     try:
-        if not _other_rank():
+        if rank_zero:
             _record(cfg, run_dir, status, error)
     except OSError as e:  # the disk may still be full
         log.error("could not record the failure (%s)", e.strerror)
