@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF, PROJECT, run_cli, synthetic_data_dir
-from lipvae.config import validate
+from lipvae.config import check_overrides, validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, VAEModule
@@ -103,6 +103,37 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, fragment):
     assert proc.stderr.strip().splitlines()[-1].startswith(fragment)
     assert "Traceback" not in proc.stderr
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["model.lattent_dim=3"], "model.lattent_dim: no such field; did you mean model.latent_dim?"),
+        (["model=standard", "enc_l=5"], "enc_l: no such field; did you mean enc_L?"),
+        (["-m", "data.limitt=4,8"], "data.limitt: no such field; did you mean data.limit?"),
+        (["model=lipshitz"], "model: got 'lipshitz'; accepted: lipschitz, standard"),
+        (["experiment=fig55"], "experiment: got 'fig55'; accepted: fig3, fig3_quick, fig4,"),
+        (["model.hidden=[1"], "model.hidden=[1: cannot be read as an override"),
+        (["certify.zzz=1"], "certify.zzz: no such field; no field of that name"),
+    ],
+)
+def test_mistyped_override_is_one_line_naming_the_closest_field(argv, message):
+    with pytest.raises(UserError) as err:
+        check_overrides(argv)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_valid_overrides_and_sweeps_pass_the_check():
+    check_overrides(["-m", "model=lipschitz", "enc_L=5,7,10", "experiment=smoke", "hydra/launcher=joblib",
+                     "hydra.sweep.dir=/tmp/x", "+extra=1", "seed=range(0,3)"])
+
+
+def test_cli_mistyped_key_exits_2_with_one_line(tmp_path):
+    proc = run_cli("model.lattent_dim=3", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: model.lattent_dim: no such field; did you mean model.latent_dim? (to add a new field, write +model.lattent_dim=...)"
+    ]
+    assert not any(tmp_path.iterdir())  # refused before any run folder was written
 
 
 def test_cli_missing_and_corrupt_dataset(tmp_path):
@@ -198,15 +229,17 @@ def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     assert stopped_at < 20
     assert not list(tmp_path.rglob("*.partial"))
     metrics = tmp_path / "csv" / "metrics.csv"
-    before = set(pd.read_csv(metrics).dropna(subset=["val/loss"])["epoch"].astype(int)) if metrics.is_file() else set()
+    header = pd.read_csv(metrics, nrows=0).columns  # whole after the stop, never half-rewritten
+    assert "val/loss" in header and "train/loss_step" in header, list(header)
+    before = set(pd.read_csv(metrics).dropna(subset=["val/loss"])["epoch"].astype(int))
+    assert before, "no validation row before the stop, yet last.ckpt (written after one) existed"
 
     done = run_cli(*args, "resume=true")
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "completed" and r["metrics"]["epochs"] == 21  # 20 + 1 fine-tune epoch
     assert r["certified"]["fraction_certified"] == 1.0
-    # the curves from before the stop are kept, and the resumed epochs follow them. (The epoch in
-    # flight when the signal came may lack its validation row: its checkpoint is written when
-    # validation ends, its metrics only when the epoch ends.)
+    # the curves from before the stop are kept and every epoch, the one in flight included,
+    # has its validation row
     val = pd.read_csv(tmp_path / "csv" / "metrics.csv").dropna(subset=["val/loss"])
-    assert before <= set(val["epoch"].astype(int)) and set(range(stopped_at + 1, 21)) <= set(val["epoch"].astype(int))
+    assert before <= set(val["epoch"].astype(int)) and set(range(21)) <= set(val["epoch"].astype(int))

@@ -42,6 +42,8 @@ def test_single_lipschitz_run(tmp_path):
     }
     nominal, measured = r["lipschitz"]["nominal"], r["lipschitz"]["measured"]
     assert nominal == {"encoder_mean": 4.0, "encoder_std": 4.0, "decoder": 6.0}
+    # each network's own constant, its sigmoid head (slope 1/4) included
+    assert r["lipschitz"]["bound"] == pytest.approx({"encoder_mean": 4.0, "encoder_std": 1.0, "decoder": 1.5})
     assert measured["encoder_mean"] == pytest.approx(4.0, rel=1e-3)
     assert measured["encoder_std"] == pytest.approx(1.0, rel=1e-3)  # sigmoid head: 4 / 4
     assert measured["decoder"] == pytest.approx(1.5, rel=1e-3)

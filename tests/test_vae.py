@@ -68,7 +68,36 @@ def test_lipschitz_constants_of_fixed_std_model():
     assert c["nominal"]["encoder_std"] == 0.0 and c["measured"]["encoder_std"] == 0.0
     assert abs(c["measured"]["encoder_mean"] - 3.0) < 3e-3
     assert abs(c["measured"]["decoder"] - 0.5) < 1e-3
-    assert tiny(kind="standard").lipschitz_constants() == {"nominal": None, "measured": None}
+    assert c["bound"] == pytest.approx({"encoder_mean": 3.0, "encoder_std": 0.0, "decoder": 0.5})
+    assert tiny(kind="standard").lipschitz_constants() == {"nominal": None, "bound": None, "measured": None}
+
+
+def test_std_network_counts_its_sigmoid_head_once():
+    """σ's constant includes its sigmoid head exactly once: the VAE's σ, a σ built on its own
+    with the head inside the Sequential, and σ's body times the head's slope all agree, and
+    no pair of inputs stretches σ(x) by more than that constant (it is sound)."""
+    from lipvae.networks import SIGMOID_LIPSCHITZ, lipschitz_mlp, measured_lipschitz
+
+    torch.manual_seed(3)
+    vae = tiny(encoder_std_L=8.0, bjorck_iters=30).freeze()
+    c = vae.lipschitz_constants()
+    assert c["bound"]["encoder_std"] == pytest.approx(8.0 * SIGMOID_LIPSCHITZ)
+    assert c["measured"]["encoder_std"] == pytest.approx(8.0 * SIGMOID_LIPSCHITZ, rel=1e-3)
+    alone = lipschitz_mlp([20, 16, 16, 4], 8.0, iters=30, sigmoid_head=True)
+    assert measured_lipschitz(alone) == pytest.approx(c["measured"]["encoder_std"], rel=1e-3)
+    body = vae.encoder_std[:-1]
+    assert measured_lipschitz(body) * SIGMOID_LIPSCHITZ == pytest.approx(c["measured"]["encoder_std"])
+    # encode's σ is the whole network's output (the head applied once, not twice)
+    x = torch.rand(64, 20)
+    with torch.no_grad():
+        std = vae.encode(x).std
+        assert torch.allclose(std, vae.encoder_std(x), atol=1e-6)
+    # brute force: the local constant at each input is the spectral norm of σ's Jacobian there
+    jac = torch.stack([torch.autograd.functional.jacobian(lambda v: vae.encode(v[None]).std[0], xi) for xi in x])
+    steepest = float(torch.linalg.matrix_norm(jac.double(), ord=2).max())
+    assert steepest <= c["measured"]["encoder_std"] * (1 + 1e-4)
+    # and a constant with the head counted twice would be unsound: σ is steeper than that
+    assert steepest > c["measured"]["encoder_std"] * SIGMOID_LIPSCHITZ
 
 
 @needs_real_mnist

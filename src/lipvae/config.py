@@ -220,3 +220,84 @@ def build_datamodule(data: DictConfig, seed: int) -> ImageDataModule:
         download=data.download,
         seed=seed,
     )
+
+
+#: Hydra flags that take no value; with any other flag the command line is left to Hydra.
+_PLAIN_FLAGS = ("-m", "--multirun")
+
+
+def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_name: str = "config") -> None:
+    """Compose the command line's overrides once, before Hydra starts, and turn what Hydra would
+    report in several lines (a mistyped key, an unknown choice of a config group, an override it
+    cannot parse) into one ``UserError`` naming the field, what was given and what is accepted.
+    A sweep (``a=1,2,3``) is checked at its first value; ``hydra`` settings are left to Hydra."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    if any(a.startswith("-") and a not in _PLAIN_FLAGS for a in argv):
+        return
+    texts = [a for a in argv if a not in _PLAIN_FLAGS]
+    parser = OverridesParser.create()
+    overrides = []
+    for text in texts:
+        try:
+            (o,) = parser.parse_overrides([text])
+        except OverrideParseException as e:
+            why = str(e).splitlines()[0]
+            raise UserError(f"{text}: cannot be read as an override ({why}); write key=value") from None
+        if o.key_or_group.split(".")[0].split("/")[0] == "hydra":
+            continue
+        if o.is_sweep_override():
+            try:
+                first = next(iter(o.sweep_string_iterator()))
+            except Exception:  # a range or interval sweep: no first value to try here
+                continue
+            overrides.append(f"{o.get_key_element()}={first}")
+        else:
+            overrides.append(text)
+
+    def composed(items: list[str]) -> DictConfig:
+        with initialize_config_module(version_base="1.3", config_module=config_module):
+            return compose(config_name=config_name, overrides=items)
+
+    try:
+        composed(overrides)
+    except MissingConfigException as e:
+        message = str(e)
+        found = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
+        options = re.findall(r"^\t(\S+)$", message.split("Config search path")[0], flags=re.M)
+        if found is None:
+            raise UserError(message.splitlines()[0]) from None
+        group, choice = found.groups()
+        raise UserError(f"{group}: got {choice!r}; accepted: {', '.join(options)}") from None
+    except ConfigCompositionException as e:
+        found = re.search(r"Could not override '([^']+)'", str(e))
+        if found is None:
+            raise UserError(str(e).splitlines()[0]) from None
+        key = found.group(1)
+        rest = [o for o in overrides if o.split("=", 1)[0] != key]
+        try:
+            keys = _leaf_keys(composed(rest))
+        except Exception:
+            keys = []
+        import difflib
+
+        parent, _, leaf = key.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
+        if parent and parent in keys:  # compare the last part among the fields beside it
+            close = [f"{parent}.{c}" for c in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
+        else:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "no field of that name"
+        raise UserError(f"{key}: no such field; {hint} (to add a new field, write +{key}=...)") from None
+
+
+def _leaf_keys(cfg, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        path = f"{prefix}{k}"
+        keys.append(path)
+        if isinstance(v, DictConfig):
+            keys.extend(_leaf_keys(v, path + "."))
+    return keys

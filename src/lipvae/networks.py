@@ -289,25 +289,52 @@ def spectral_norm_exact(w: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(cpu_float64(w), ord=2))
 
 
+#: The sigmoid head's slope at 0, its Lipschitz constant: σ's and g's constants are their
+#: bodies' times this. The one place the factor ¼ is written.
+SIGMOID_LIPSCHITZ = ACTIVATION_LIPSCHITZ[nn.Sigmoid]
+
+
+def _chain_bound(net: nn.Module, layer_bound) -> float:
+    bound = 1.0
+    for m in net.children() if isinstance(net, nn.Sequential) else [net]:
+        if isinstance(m, nn.Sequential):
+            bound *= _chain_bound(m, layer_bound)
+        elif type(m) in ACTIVATION_LIPSCHITZ:
+            bound *= ACTIVATION_LIPSCHITZ[type(m)]
+        else:
+            bound *= layer_bound(m)
+    return bound
+
+
 @torch.no_grad()
 def measured_lipschitz(net: nn.Module) -> float:
-    """Upper bound ``L̂ = Π_i (scale_i ‖W_i‖₂) · Π(activation constants)`` of a sequential net.
+    """Upper bound ``L̂ = Π_i (scale_i ‖W_i‖₂) · Π(activation constants)`` of a sequential net,
+    its head (a final sigmoid) included.
 
     Uses exactly the weights the forward pass uses (Björck layers at their current
     iteration count), so it is sound where the nominal constant may not be.
     """
-    bound = 1.0
-    for m in net.children() if isinstance(net, nn.Sequential) else [net]:
+
+    def layer(m: nn.Module) -> float:
         if isinstance(m, BjorckLinear):
-            bound *= m.scale * spectral_norm_exact(m.orthonormal_weight())
-        elif isinstance(m, AOLLinear):
-            bound *= m.scale * spectral_norm_exact(m.rescaled_weight())
-        elif isinstance(m, nn.Linear):
-            bound *= spectral_norm_exact(m.weight)
-        elif isinstance(m, nn.Sequential):
-            bound *= measured_lipschitz(m)
-        elif type(m) in ACTIVATION_LIPSCHITZ:
-            bound *= ACTIVATION_LIPSCHITZ[type(m)]
-        else:
-            raise TypeError(f"measured_lipschitz: no Lipschitz constant known for {type(m).__name__}")
-    return bound
+            return m.scale * spectral_norm_exact(m.orthonormal_weight())
+        if isinstance(m, AOLLinear):
+            return m.scale * spectral_norm_exact(m.rescaled_weight())
+        if isinstance(m, nn.Linear):
+            return spectral_norm_exact(m.weight)
+        raise TypeError(f"measured_lipschitz: no Lipschitz constant known for {type(m).__name__}")
+
+    return _chain_bound(net, layer)
+
+
+def nominal_lipschitz(net: nn.Module) -> float:
+    """The constant a Lipschitz network is built to have, head included: the product of its
+    layers' scales (each layer's weight has spectral norm at most 1 by construction) and of its
+    activations' constants. ``measured_lipschitz`` should not exceed it."""
+
+    def layer(m: nn.Module) -> float:
+        if isinstance(m, (BjorckLinear, AOLLinear)):
+            return m.scale
+        raise TypeError(f"nominal_lipschitz: {type(m).__name__} has no constant by construction")
+
+    return _chain_bound(net, layer)

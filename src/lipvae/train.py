@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from lipvae.attack_callback import AttackCallback
 from lipvae.certify.callback import CertifyCallback
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.certify.recertify import load_state
-from lipvae.config import build_datamodule, build_vae, validate
+from lipvae.config import build_datamodule, build_vae, check_overrides, validate
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
 from lipvae.networks import orthonormality_error
@@ -56,12 +57,30 @@ def sweep_group() -> str | None:
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv (Lightning's writer deletes it) and appends to it."""
+    """Keeps an existing metrics.csv (Lightning's writer deletes it) and adds to it. Every save
+    replaces the file atomically: Lightning's writer rewrites it in place when a new column
+    appears, and a signal landing in that rewrite left a truncated file (rows and columns of
+    earlier epochs lost)."""
 
     def _check_log_dir_exists(self) -> None:
+        self._rows: list[dict] = []
         if os.path.isfile(self.metrics_file_path):
             with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = next(csv.reader(f), [])
+                reader = csv.DictReader(f)
+                self._rows = list(reader)
+                self.metrics_keys = list(reader.fieldnames or [])
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        rows = self._rows + self.metrics
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(Path(self.metrics_file_path), text.getvalue())
+        self._rows, self.metrics = rows, []
 
 
 class AppendingCSVLogger(CSVLogger):
@@ -447,5 +466,16 @@ def main(cfg: DictConfig) -> float | None:
     sys.exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``python -m lipvae.train``: the command line's overrides are checked (one line on a
+    mistake, exit 2) before Hydra composes and runs the job."""
+    try:
+        check_overrides(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lipvae.networks import freeze, lipschitz_mlp, measured_lipschitz, standard_mlp
+from lipvae.networks import freeze, lipschitz_mlp, measured_lipschitz, nominal_lipschitz, standard_mlp
 
 STD_MODES = ("learned", "bounded", "fixed")
 LIKELIHOODS = ("continuous_bernoulli", "bernoulli", "gaussian")
@@ -85,16 +85,25 @@ class VAE(nn.Module):
                 return standard_mlp(sizes, sigmoid_head=head)
 
         self.encoder_mean = build(enc_sizes, encoder_mean_L, False)
-        # σ's sigmoid is applied in ``encode`` so log σ can be taken stably.
-        self.encoder_std = None if std_mode == "fixed" else build(enc_sizes, encoder_std_L, False)
+        # σ and g end in their sigmoid heads, so each network's constant includes its head.
+        # ``encode`` runs σ's body alone and applies the sigmoid itself, to take log σ stably.
+        self.encoder_std = None if std_mode == "fixed" else build(enc_sizes, encoder_std_L, True)
         self.decoder = build(dec_sizes, decoder_L, True)
+        # each network's constant by construction (head included), kept from before freezing
+        self.bound = None
+        if kind == "lipschitz":
+            self.bound = {
+                "encoder_mean": nominal_lipschitz(self.encoder_mean),
+                "encoder_std": 0.0 if self.encoder_std is None else nominal_lipschitz(self.encoder_std),
+                "decoder": nominal_lipschitz(self.decoder),
+            }
 
     def encode(self, x: torch.Tensor) -> Posterior:
         mean = self.encoder_mean(x)
         if self.encoder_std is None:
             std = torch.full_like(mean, self.gamma)
             return Posterior(mean, std, std.log())
-        pre = self.encoder_std(x)
+        pre = self.encoder_std[:-1](x)  # the body; its sigmoid head is applied here
         std, log_std = torch.sigmoid(pre), F.logsigmoid(pre)
         if self.std_mode == "bounded":
             norm = std.norm(dim=-1, keepdim=True)
@@ -150,22 +159,24 @@ class VAE(nn.Module):
         return self
 
     def lipschitz_constants(self) -> dict[str, dict[str, float] | None]:
-        """Nominal and measured ``a = Lip(g)``, ``b = Lip(μ)``, ``c = Lip(σ)`` (docs/math.md §1).
+        """``a = Lip(g)``, ``b = Lip(μ)``, ``c = Lip(σ)`` (docs/math.md §1), sigmoid heads included.
 
-        ``c`` includes σ's sigmoid (1/4); ``a`` includes g's sigmoid. With fixed σ, c = 0.
+        ``nominal``: the constants asked for (the L of each network, before its head);
+        ``bound``: each network's constant by construction, its head included;
+        ``measured``: each network's bound from the weights it runs with (the certificates use
+        these). With fixed σ, c = 0.
         """
         if self.kind != "lipschitz":
-            return {"nominal": None, "measured": None}
-        std_measured = 0.0 if self.encoder_std is None else 0.25 * measured_lipschitz(self.encoder_std)
+            return {"nominal": None, "bound": None, "measured": None}
         nominal = dict(self.nominal)
         if self.encoder_std is None:
             nominal["encoder_std"] = 0.0
         measured = {
             "encoder_mean": measured_lipschitz(self.encoder_mean),
-            "encoder_std": std_measured,
+            "encoder_std": 0.0 if self.encoder_std is None else measured_lipschitz(self.encoder_std),
             "decoder": measured_lipschitz(self.decoder),
         }
-        return {"nominal": nominal, "measured": measured}
+        return {"nominal": nominal, "bound": dict(self.bound), "measured": measured}
 
 
 def continuous_bernoulli_log_norm(lam: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,6 @@ from lipvae.errors import UserError
 
 DEFAULT_GAMMAS = (0.01, 0.05, 0.1, 0.2)
 DEFAULT_LS = (2.0, 5.0, 7.0, 10.0)
-SIGMOID = 0.25
 USAGE = "\n    ".join(line.strip() for line in __doc__.splitlines() if line.startswith("    python -m lipvae.certify"))
 
 
@@ -74,6 +73,8 @@ def design(args: list[str]) -> str:
         raise UserError(f"p: got {p:g}; accepted: a number in (0, 1)")
     if m < 2:
         raise UserError(f"m: got {m}; accepted: an integer >= 2 (the χ² bound)")
+    from lipvae.networks import SIGMOID_LIPSCHITZ as SIGMOID  # g's head: a = dec_L · its slope
+
     try:
         gammas = opts.get("gamma", list(DEFAULT_GAMMAS))
         ls = opts.get("L", list(DEFAULT_LS))
@@ -88,7 +89,7 @@ def design(args: list[str]) -> str:
         raise UserError(str(e)) from None
     lines = [
         f"Global certified margin ≥ {target:g} at r={r:g}, p={p:g}, m={m}, {form} form "
-        f"(fixed σ ≡ γ; a = dec_L/4, b = enc_L):",
+        f"(fixed σ ≡ γ; a = dec_L·{SIGMOID:g}, the sigmoid head's slope; b = enc_L):",
         f"{'question':18s} {'enc_L':>10s} {'dec_L':>10s} {'gamma':>10s} {'margin':>10s}  overrides",
     ]
     for question, enc, dec, gamma in rows:
