@@ -219,3 +219,68 @@ def test_an_interrupted_search_continues_to_the_same_answer(tmp_path, monkeypatc
     # another seed (or other settings) does not pick up the saved state
     other = estimate_margins(vae, x, generator=torch.Generator().manual_seed(6), state_path=state, **kw)
     assert other.radii_evaluated == whole.radii_evaluated
+
+
+def test_reference_lbfgs_margin_matches_the_analytic_one():
+    model = LinearGaussianVAE()
+    x = torch.rand(3, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    r, p, step = 1.5, 0.5, 0.1
+    truth = model.true_margin(r, p)
+    est = estimate_margins(
+        model, x, r=r, p=p, samples=4000, starts=2, max_radius=3.0, grid_step=step, pixel_range=False,
+        method="lbfgs", lbfgs={"maxiter": 50}, generator=torch.Generator().manual_seed(3), progress=False,
+    )
+    assert not est.censored.any()
+    # the grid's smallest non-robust radius: the first grid point at or above the truth
+    assert torch.all((est.margin >= truth - 0.03) & (est.margin <= truth + step + 0.03)), (est.margin, truth)
+
+
+@pytest.mark.slow
+def test_reference_lbfgs_and_batched_pgd_agree(tmp_path, monkeypatch):
+    import lipvae.attacks as attacks
+
+    vae = tiny_vae()
+    x = torch.rand(4, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kw = dict(r=1.0, p=0.5, samples=200, starts=2, max_radius=2.0, grid_step=0.25, search="grid", progress=False)
+    pgd = estimate_margins(vae, x, steps=20, generator=torch.Generator().manual_seed(5), **kw)
+    lb = dict(method="lbfgs", lbfgs={"maxiter": 30}, seed=7)
+    ref = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), **kw, **lb)
+    assert (0 < ref.margin).all() and (ref.margin < 2.0).all()
+    assert torch.all((ref.margin - pgd.margin).abs() <= 0.25 + 1e-9), (ref.margin, pgd.margin)
+    # stopped after some restarts, the search continues to the same answer without redoing inputs
+    real, calls = attacks.lbfgs_max_damage, {"n": 0}
+
+    def stop_later(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise KeyboardInterrupt("SIGTERM")
+        return real(*a, **k)
+
+    state = tmp_path / "attack_state.pt"
+    monkeypatch.setattr(attacks, "lbfgs_max_damage", stop_later)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw, **lb)
+    done = torch.load(state, weights_only=True)["done"]
+    assert 0 < done < 4
+    monkeypatch.setattr(attacks, "lbfgs_max_damage", real)
+    resumed = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw, **lb)
+    assert torch.equal(resumed.margin, ref.margin) and not state.exists()
+
+
+def test_soft_latent_attack_trades_kl_against_the_norm():
+    vae = tiny_vae()
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(5, 36, generator=g, dtype=torch.float64)
+    xt = torch.rand(5, 36, generator=g, dtype=torch.float64)
+    q, qt = vae.encode(x), vae.encode(xt)
+    before = gaussian_kl(q.mean, q.log_std, qt.mean, qt.log_std)
+    weak = latent_space_attack(vae, x, xt, budget=0.0, steps=150, kind="soft", penalty=0.1)
+    strong = latent_space_attack(vae, x, xt, budget=0.0, steps=150, kind="soft", penalty=10.0)
+    # each is at least as good as δ = 0 on its own objective, and a heavier penalty moves less
+    assert torch.all(weak.kl + 0.1 * weak.delta.norm(dim=1) <= before + 1e-9)
+    assert torch.all(strong.kl + 10.0 * strong.delta.norm(dim=1) <= before + 1e-9)
+    assert torch.all(weak.delta.norm(dim=1) > strong.delta.norm(dim=1))
+    assert torch.all(weak.kl < before) and weak.kl.mean() < strong.kl.mean()
+    assert torch.all((weak.adversarial >= -1e-12) & (weak.adversarial <= 1 + 1e-12))
+    with pytest.raises(ValueError, match="attack.latent.kind"):
+        latent_space_attack(vae, x, xt, budget=1.0, kind="medium")

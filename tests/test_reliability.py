@@ -72,6 +72,12 @@ BAD_INPUTS = [
     (["trainer.accelerator=cpu", "trainer.devices=2"], "trainer.devices: got 2 on CPU; accepted: 1, or several with a strategy"),
     (["trainer.devices=0"], "trainer.devices: got 0; accepted: a positive integer, -1 or auto"),
     (["trainer.evaluate=first"], "trainer.evaluate: got 'first'; accepted: best, last"),
+    (["attack.method=cw"], "attack.method: got 'cw'; accepted: pgd, lbfgs"),
+    (["attack=lbfgs", "attack.lbfgs.maxcor=0"], "attack.lbfgs.maxcor: got 0; accepted: a positive integer"),
+    (["attack=lbfgs", "attack.lbfgs.pgtol=-1"], "attack.lbfgs.pgtol: got -1; accepted: a positive number"),
+    (["attack.latent.kind=medium"], "attack.latent.kind: got 'medium'; accepted: hard, soft"),
+    (["attack/latent=soft", "attack.latent.penalty=-1"], "attack.latent.penalty: got -1; accepted: a number >= 0"),
+    (["attack/latent=soft", "attack.latent.lr=0"], "attack.latent.lr: got 0; accepted: a positive number"),
     (["data.root=/nonexistent/lipvae"], "data.root: got '/nonexistent/lipvae', which does not exist"),
 ]
 
@@ -88,6 +94,11 @@ def test_defaults_and_presets_are_valid():
     validate(composed())
     validate(composed("model=standard", "model.encoder_std.mode=fixed"))
     validate(composed("experiment=smoke", "model.encoder_std.mode=bounded", "model.encoder_std.max_norm=0.5"))
+    lbfgs = composed("attack=lbfgs", "attack/latent=soft")
+    validate(lbfgs)
+    assert (lbfgs.attack.method, lbfgs.attack.search, lbfgs.attack.lbfgs.maxcor) == ("lbfgs", "grid", 100)
+    assert lbfgs.attack.latent.kind == "soft" and lbfgs.attack.latent.penalty == 1.0
+    assert composed().attack.method == "pgd" and composed().attack.latent.kind == "hard"
 
 
 @pytest.mark.parametrize(

@@ -60,8 +60,10 @@ def test_single_lipschitz_run(tmp_path):
 
 @pytest.mark.slow
 def test_standard_beta_vae_with_fixed_std(tmp_path):
+    # with the other attack choices: the reference L-BFGS-B procedure and the soft latent attack
     proc = run_cli(
-        *SMOKE, "model=standard", "model.beta=5", "model.encoder_std.mode=fixed", f"hydra.run.dir={tmp_path}"
+        *SMOKE, "model=standard", "model.beta=5", "model.encoder_std.mode=fixed", "attack=lbfgs",
+        "attack.lbfgs.maxiter=10", "attack.num_inputs=2", "attack/latent=soft", f"hydra.run.dir={tmp_path}"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = load(tmp_path)
@@ -69,6 +71,11 @@ def test_standard_beta_vae_with_fixed_std(tmp_path):
     assert r["lipschitz"] is None and r["model"]["kind"] == "standard"
     assert r["model"]["beta"] == 5.0 and r["model"]["encoder_std"]["gamma"] == 0.1
     assert r["metrics"]["epochs"] == 1  # no fine-tune phase for a standard VAE
+    assert r["estimated"]["method"] == "lbfgs" and r["estimated"]["search"] == "grid"
+    margins = pd.read_csv(tmp_path / "margins.csv")
+    assert len(margins) == 2 and ((margins["estimated"] * 2).round() == margins["estimated"] * 2).all()  # on the grid
+    assert r["latent_attack"]["kind"] == "soft" and r["latent_attack"]["penalty"] == 1.0
+    assert r["latent_attack"]["budget"] is None and r["latent_attack"]["mean_delta_norm"] > 0
 
 
 @pytest.mark.slow

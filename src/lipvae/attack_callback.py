@@ -92,6 +92,9 @@ class AttackCallback(Callback):
             generator=gen,
             progress=trainer.progress_bar_callback is not None,
             state_path=self.run_dir / STATE,  # an interrupted attack continues from here on resume
+            method=cfg.method,
+            lbfgs=dict(cfg.lbfgs) if cfg.method == "lbfgs" else None,
+            seed=self.seed,
         )
         table = pd.DataFrame(
             {
@@ -113,6 +116,7 @@ class AttackCallback(Callback):
             "min": float(np.min(values)),
             "max": float(np.max(values)),
             "censored": int(table["censored"].sum()),
+            "method": cfg.method,
             "search": cfg.search,
             "samples": cfg.samples,
             "starts": cfg.starts,
@@ -192,14 +196,19 @@ class AttackCallback(Callback):
         targets = other_class_targets(test.labels)[:n]
         x = test.images[:n].to(device)
         xt = test.images[targets].to(device)
+        soft = lat.kind == "soft"
         res = latent_space_attack(
-            vae, x, xt, lat.budget, starts=1, steps=lat.steps, pixel_range=self.cfg.pixel_range, generator=gen
+            vae, x, xt, 0.0 if soft else lat.budget, starts=1, steps=lat.steps, pixel_range=self.cfg.pixel_range,
+            generator=gen, kind=lat.kind, penalty=lat.penalty if soft else 0.0, lr=lat.lr if soft else 0.0,
         )
         self.latent = {
-            "budget": float(lat.budget),
+            "kind": lat.kind,
+            "budget": None if soft else float(lat.budget),
+            "penalty": float(lat.penalty) if soft else None,
+            "mean_delta_norm": float(res.delta.norm(dim=-1).mean()),
             "num_inputs": n,
             "mean_kl": float(res.kl.mean()),
             "mean_dist_to_target": float(res.dist_to_target.mean()),
             "mean_dist_to_original": float(res.dist_to_original.mean()),
         }
-        return save_latent_attack(x, res, xt, self.run_dir / "latent_attack.png", budget=lat.budget)
+        return save_latent_attack(x, res, xt, self.run_dir / "latent_attack.png", budget=None if soft else lat.budget)

@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy import optimize
 from tqdm.auto import tqdm
 
 from lipvae.results import atomic_write_text, replace_atomically
@@ -140,6 +142,9 @@ class LatentAttack:
     dist_to_original: torch.Tensor  # ‖g(μ(x+δ)) − g(μ(x))‖
 
 
+LATENT_KINDS = ("hard", "soft")
+
+
 def latent_space_attack(
     vae: VAE,
     x: torch.Tensor,
@@ -149,33 +154,73 @@ def latent_space_attack(
     steps: int = 100,
     pixel_range: bool = True,
     generator: torch.Generator | None = None,
+    kind: str = "hard",
+    penalty: float = 1.0,
+    lr: float = 0.05,
 ) -> LatentAttack:
-    """Minimise ``KL(q(z|x+δ) ‖ q(z|x_t))`` over ``‖δ‖ ≤ budget`` (eq. 3), batched."""
+    """The latent-space attack (eq. 3) in the paper's two variants, batched:
+
+    - ``hard``: minimise ``KL(q(z|x+δ) ‖ q(z|x_t))`` over ``‖δ‖ ≤ budget`` (projected gradient
+      descent from ``starts`` random points on the sphere; the best start is kept);
+    - ``soft``: minimise ``KL(q(z|x+δ) ‖ q(z|x_t)) + penalty · ‖δ‖₂`` with no norm limit
+      (Adam on δ from 0, ``lr``; ``budget`` is not used).
+
+    Either keeps ``x + δ ∈ [0, 1]`` with ``pixel_range``.
+    """
+    if kind not in LATENT_KINDS:
+        raise ValueError(f"attack.latent.kind: unknown {kind!r}; accepted: {', '.join(LATENT_KINDS)}")
     with torch.no_grad():
         qt = vae.encode(target)
-    reps = starts
+    if kind == "soft":
+        delta = _soft_latent(vae, x, qt, penalty, steps, lr, pixel_range)
+        with torch.no_grad():
+            q = vae.encode(x + delta)
+            kl = gaussian_kl(q.mean, q.log_std, qt.mean, qt.log_std)
+    else:
+        reps = starts
 
-    def objective(xr, d):
-        q = vae.encode(xr + d)
-        return gaussian_kl(q.mean, q.log_std, qt.mean.repeat_interleave(reps, 0), qt.log_std.repeat_interleave(reps, 0))
+        def objective(xr, d):
+            q = vae.encode(xr + d)
+            mean_t, log_std_t = qt.mean.repeat_interleave(reps, 0), qt.log_std.repeat_interleave(reps, 0)
+            return gaussian_kl(q.mean, q.log_std, mean_t, log_std_t)
 
-    radius = torch.full((len(x),), float(budget), dtype=x.dtype, device=x.device)
-    deltas, kls = _pgd(objective, x, radius, starts, steps, pixel_range, generator, maximise=False)
-    pick = kls.argmin(dim=1)
-    delta = deltas[torch.arange(len(x)), pick]
+        radius = torch.full((len(x),), float(budget), dtype=x.dtype, device=x.device)
+        deltas, kls = _pgd(objective, x, radius, starts, steps, pixel_range, generator, maximise=False)
+        pick = kls.argmin(dim=1)
+        delta, kl = deltas[torch.arange(len(x)), pick], kls[torch.arange(len(x)), pick]
     with torch.no_grad():
         adv = x + delta
         rec = vae.decode(vae.encode(adv).mean)
         rec_t = vae.decode(qt.mean)
         rec_x = vae.decode(vae.encode(x).mean)
-    return LatentAttack(
-        adv,
-        delta,
-        rec,
-        kls[torch.arange(len(x)), pick],
-        (rec - rec_t).norm(dim=-1),
-        (rec - rec_x).norm(dim=-1),
-    )
+    return LatentAttack(adv, delta, rec, kl, (rec - rec_t).norm(dim=-1), (rec - rec_x).norm(dim=-1))
+
+
+def _soft_latent(vae: VAE, x: torch.Tensor, qt, penalty: float, steps: int, lr: float, pixel_range: bool):
+    """δ minimising ``KL(q(z|x+δ) ‖ q_t) + penalty·‖δ‖₂`` by Adam (per input; the sum over
+    the batch separates), kept in the pixel box; the best δ seen per input is returned."""
+    delta = torch.zeros_like(x, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    best, best_val = delta.detach().clone(), torch.full((len(x),), math.inf, device=x.device, dtype=x.dtype)
+    for k in range(steps + 1):
+        with torch.enable_grad():
+            q = vae.encode(x + delta)
+            # ‖δ‖ has no gradient at 0; a tiny floor lets the first step leave it
+            norm = (delta.pow(2).sum(-1) + 1e-12).sqrt()
+            val = gaussian_kl(q.mean, q.log_std, qt.mean, qt.log_std) + penalty * norm
+        with torch.no_grad():
+            improved = val < best_val
+            best_val = torch.where(improved, val, best_val)
+            best = torch.where(improved[:, None], delta, best)
+        if k == steps:
+            break
+        opt.zero_grad()
+        val.sum().backward()
+        opt.step()
+        if pixel_range:
+            with torch.no_grad():
+                delta.copy_(torch.maximum(torch.minimum(delta, 1.0 - x), -x))
+    return best
 
 
 @torch.no_grad()
@@ -249,6 +294,85 @@ class SearchState:
         self.path.with_suffix(".csv").unlink(missing_ok=True)
 
 
+#: The reference procedure's L-BFGS-B settings (the authors': SciPy's m, factr, pgtol).
+LBFGS_DEFAULTS = {"maxcor": 100, "factr": 10.0, "pgtol": 1e-20, "maxiter": 15000}
+METHODS = ("pgd", "lbfgs")
+
+
+def lbfgs_max_damage(
+    vae: VAE, x: torch.Tensor, radius: float, rng: np.random.Generator, lbfgs: dict | None = None,
+    pixel_range: bool = True,
+):
+    """The reference maximum-damage attack on one input ``x`` (shape ``n``): SciPy L-BFGS-B on
+    a direction v, with ``δ = clip(x + t·v/‖v‖, 0, 1) − x`` (the sphere ‖δ‖ = t, cut by the
+    pixel box; no clip without ``pixel_range``), from a random start. Returns δ (``n``) and its
+    damage ``‖g(μ(x+δ)) − g(μ(x))‖``."""
+    opts = {**LBFGS_DEFAULTS, **(lbfgs or {})}
+    xc = x.detach().cpu().double()[None]
+    cpu = vae.to("cpu")  # SciPy works on the CPU; the model is moved back by the caller
+    with torch.no_grad():
+        clean = cpu.decode(cpu.encode(xc.to(x.dtype)).mean).double()
+
+    def delta_of(v: torch.Tensor) -> torch.Tensor:
+        step = radius * v / v.norm().clamp_min(1e-30)
+        return torch.clamp(xc + step, 0.0, 1.0) - xc if pixel_range else step[None]
+
+    def neg_damage(v: np.ndarray):
+        vt = torch.tensor(v, dtype=torch.float64, requires_grad=True)
+        with torch.enable_grad():
+            adv = (xc + delta_of(vt)).to(x.dtype)  # the model's own precision
+            loss = -(cpu.decode(cpu.encode(adv).mean).double() - clean).norm()
+            loss.backward()
+        return float(loss.detach()), vt.grad.numpy().astype(np.float64)
+
+    start = rng.standard_normal(xc.shape[1])
+    res = optimize.fmin_l_bfgs_b(neg_damage, start, m=opts["maxcor"], factr=opts["factr"], pgtol=opts["pgtol"],
+                                 maxiter=opts["maxiter"], maxfun=max(opts["maxiter"], 15000))
+    v = torch.tensor(res[0], dtype=torch.float64)
+    return delta_of(v)[0].to(x.dtype), -float(res[1])
+
+
+def _lbfgs_margins(vae, x, r, p, samples, starts, max_radius, grid_step, pixel_range, progress, state, lbfgs, seed):
+    """The reference procedure, one input at a time: on the descending grid ``max_radius,
+    max_radius − grid_step, …, grid_step`` each radius is attacked from ``starts`` L-BFGS-B
+    restarts (stopping at the first that breaks it: the verdict is the same) and the margin is
+    the smallest radius found non-robust. Input i draws from generators seeded by (seed, i), so
+    a resumed search gives the answer an uninterrupted one would."""
+    device = x.device
+    n = len(x)
+    k = int(round(max_radius / grid_step))
+    radii = [grid_step * i for i in range(k, 0, -1)]
+    margin = torch.full((n,), float(max_radius), dtype=x.dtype)
+    censored = torch.ones(n, dtype=torch.bool)
+    done = 0
+    if state is not None and (saved := state.load("cpu")) is not None:
+        done, margin, censored = saved["done"], saved["margin"], saved["censored"]
+    try:
+        for i in tqdm(range(n), desc="margins (L-BFGS-B)", disable=not progress, leave=False):
+            if i < done:
+                continue
+            rng = np.random.default_rng([seed, i])
+            cpu_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            xi = x[i].detach().cpu()
+            zero = torch.zeros(1, 1, len(xi), dtype=xi.dtype)
+            if robust_probability(vae.to("cpu"), xi[None], zero, r, samples, cpu_gen).item() <= p:
+                margin[i], censored[i] = 0.0, False
+            else:
+                for t in radii:
+                    for _ in range(starts):
+                        delta, _ = lbfgs_max_damage(vae, xi, t, rng, lbfgs, pixel_range)
+                        if robust_probability(vae, xi[None], delta[None, None], r, samples, cpu_gen).item() <= p:
+                            margin[i], censored[i] = t, False
+                            break
+            if state is not None:
+                state.save(done=i + 1, margin=margin, censored=censored)
+    finally:
+        vae.to(device)
+    if state is not None:
+        state.remove()
+    return EstimatedMargins(margin.to(device), censored.to(device), n * (len(radii) + 1))
+
+
 def estimate_margins(
     vae: VAE,
     x: torch.Tensor,
@@ -265,6 +389,9 @@ def estimate_margins(
     generator: torch.Generator | None = None,
     progress: bool = True,
     state_path: Path | None = None,
+    method: str = "pgd",
+    lbfgs: dict | None = None,
+    seed: int = 0,
 ) -> EstimatedMargins:
     """Estimated (r, p)-robustness margins (Camuto et al. 2020; paper Appendix D).
 
@@ -275,7 +402,13 @@ def estimate_margins(
     and ``censored = True``. With ``state_path`` (and a ``generator``) the search saves its
     state after every round and, called again the same way, continues from it (``SearchState``);
     a finished search removes it.
+
+    ``method``: ``pgd`` (the batched projected-gradient attack above) or ``lbfgs`` (the
+    reference procedure, ``_lbfgs_margins``: one input at a time on the grid, whatever
+    ``search`` says, with the pixel box, SciPy options ``lbfgs`` and NumPy seed ``seed``).
     """
+    if method not in METHODS:
+        raise ValueError(f"attack.method: unknown {method!r}; accepted: {', '.join(METHODS)}")
     if search not in ("bisection", "grid"):
         raise ValueError(f"attack.search: unknown {search!r}; accepted: bisection, grid")
     was_training = vae.training
@@ -284,7 +417,14 @@ def estimate_margins(
     state = None
     if state_path is not None and generator is not None:
         settings = (r, p, samples, starts, steps, max_radius, tol, search, grid_step, pixel_range)
+        if method == "lbfgs":
+            settings = (method, r, p, samples, starts, max_radius, grid_step, sorted((lbfgs or {}).items()), seed)
         state = SearchState(state_path, x, settings, generator)
+    if method == "lbfgs":
+        out = _lbfgs_margins(vae, x, r, p, samples, starts, max_radius, grid_step, pixel_range, progress, state,
+                             lbfgs, seed)
+        vae.train(was_training)
+        return out
     n = len(x)
     full = torch.full((n,), float(max_radius), dtype=x.dtype, device=x.device)
     if search == "grid":

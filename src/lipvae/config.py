@@ -13,6 +13,7 @@ import re
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lipvae.attacks import LATENT_KINDS, METHODS
 from lipvae.certify.bounds import FORMS
 from lipvae.data import DATASETS, ImageDataModule, check_root
 from lipvae.errors import UserError
@@ -182,8 +183,21 @@ def _validate_attack(cfg: DictConfig) -> None:
     p = _number(cfg, "attack.p")
     _check(_is_num(p) and 0 < p < 1, "attack.p", p, "a number in (0, 1)")
     _choice(cfg, "attack.search", ("bisection", "grid"))
-    budget = _number(cfg, "attack.latent.budget")
-    _check(_is_num(budget) and budget >= 0, "attack.latent.budget", budget, "a number >= 0")
+    _choice(cfg, "attack.method", METHODS)
+    if cfg.attack.method == "lbfgs":
+        for field in ("maxcor", "maxiter"):
+            _positive(cfg, f"attack.lbfgs.{field}", integer=True)
+        for field in ("factr", "pgtol"):
+            _positive(cfg, f"attack.lbfgs.{field}")
+    _choice(cfg, "attack.latent.kind", LATENT_KINDS)
+    _positive(cfg, "attack.latent.steps", integer=True)
+    if cfg.attack.latent.kind == "hard":
+        budget = _number(cfg, "attack.latent.budget")
+        _check(_is_num(budget) and budget >= 0, "attack.latent.budget", budget, "a number >= 0")
+    else:
+        penalty = _number(cfg, "attack.latent.penalty")
+        _check(_is_num(penalty) and 0 <= penalty < math.inf, "attack.latent.penalty", penalty, "a number >= 0")
+        _positive(cfg, "attack.latent.lr")
 
 
 def build_vae(model: DictConfig) -> VAE:

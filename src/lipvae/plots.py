@@ -90,11 +90,12 @@ def save_margin_scatter(table, certified_columns, path: Path, title: str = "") -
 
 
 @torch.no_grad()
-def save_latent_attack(x, attack, target, path: Path, budget: float) -> Path:
-    """Paper Fig. 1: original, adversarial input, its reconstruction, target; a row per input."""
+def save_latent_attack(x, attack, target, path: Path, budget: float | None) -> Path:
+    """Paper Fig. 1: original, adversarial input, its reconstruction, target; a row per input.
+    ``budget``: the hard attack's C; None for the soft attack (each row shows its ‖δ‖)."""
     cols = {
         "original": x,
-        f"adversarial (‖δ‖≤{budget:g})": attack.adversarial,
+        f"adversarial (‖δ‖≤{budget:g})" if budget is not None else "adversarial (soft)": attack.adversarial,
         "reconstruction": attack.reconstruction,
         "target": target,
     }
@@ -108,6 +109,8 @@ def save_latent_attack(x, attack, target, path: Path, budget: float) -> Path:
             ax.set_yticks([])
         axes[0][c].set_title(title, fontsize=7)
     for r in range(n):
+        if budget is None:
+            axes[r][1].set_xlabel(f"‖δ‖ = {attack.delta[r].norm():.2f}", fontsize=6)
         axes[r][2].set_xlabel(
             f"to target {attack.dist_to_target[r]:.2f}\nto original {attack.dist_to_original[r]:.2f}", fontsize=6
         )
