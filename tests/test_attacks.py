@@ -5,7 +5,7 @@ import torch
 from scipy import optimize, stats
 from torch import nn
 
-from lipvae.attack_callback import other_class_targets, soundness_violations
+from lipvae.evaluate import other_class_targets, soundness_violations
 from lipvae.attacks import (
     damage,
     estimate_margins,

@@ -1,6 +1,7 @@
 import json
 import pickle
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -106,18 +107,34 @@ def test_certificate_holds_on_the_trained_network(runs, monkeypatch, synthetic_r
 
 
 @pytest.mark.slow
-def test_recertify_cli_reproduces_callback(runs, capsys, tmp_path, monkeypatch, synthetic_root):
+def test_recertify_cli_reproduces_the_run_and_keeps_its_record(runs, capsys, tmp_path, monkeypatch, synthetic_root):
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))  # the data the runs trained on
     run = shutil.copytree(runs[("lipschitz", "learned")], tmp_path / "run")
     before = pd.read_csv(run / "certified_margins.csv")
+    stored = json.loads((run / "results.json").read_text())
     assert certify_main(["model", str(run), "forms=paper,tight"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    after = pd.read_csv(run / "certified_margins.csv")
-    assert summary["form"] == "paper"
+    assert summary["form"] == "paper" and summary["soundness_violations"] == 0
+    out = Path(summary["written_to"])
+    assert out.parent == run / "evaluations"
+    after = pd.read_csv(out / "certified_margins.csv")
     assert np.allclose(after.certified_tight, before.certified_tight, rtol=1e-6)
-    assert json.loads((run / "results.json").read_text())["certified"]["form"] == "paper"
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["certified"]["form"] == "paper" and evaluation["reused_estimated_margins"]
+    assert evaluation["estimated"]["mean"] == pytest.approx(stored["estimated"]["mean"])
+    assert json.loads((run / "results.json").read_text()) == stored  # the run's record is untouched
+    # --replace makes it the run's evaluation, everything together, and keeps the old files
+    assert certify_main(["model", str(run), "forms=paper,tight", "--replace"]) == 0
+    capsys.readouterr()
+    replaced = json.loads((run / "results.json").read_text())
+    assert replaced["certified"]["form"] == "paper" and replaced["soundness_violations"] == 0
+    kept = run / replaced["evaluation"]["replaced"]
+    assert json.loads((kept / "results.json").read_text()) == stored
+    assert pd.read_csv(kept / "certified_margins.csv").equals(before)
     assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "num_inputs=7"]) == 0
     assert json.loads(capsys.readouterr().out)["num_inputs"] == 7
+    assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "--replace"]) == 2
+    assert "is a checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

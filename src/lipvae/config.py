@@ -176,6 +176,10 @@ def _validate_certify(cfg: DictConfig) -> None:
 def _validate_attack(cfg: DictConfig) -> None:
     if not cfg.attack.enabled:
         return
+    certified, attacked = _number(cfg, "certify.num_inputs"), _number(cfg, "attack.num_inputs")
+    if cfg.certify.enabled and cfg.model.kind == "lipschitz" and _is_int(certified) and _is_int(attacked):
+        _check(certified >= attacked, "certify.num_inputs", certified,
+               f"null, or at least attack.num_inputs={attacked} (each attacked input's certificate is checked)")
     for field in ("attack.num_inputs", "attack.samples", "attack.starts", "attack.steps", "attack.latent.num_inputs"):
         _positive(cfg, field, integer=True)
     for field in ("attack.r", "attack.max_radius", "attack.tol", "attack.grid_step"):

@@ -79,3 +79,28 @@ def write_table(path: Path, frame) -> Path:
 def read_results(run_dir: Path) -> dict:
     with open(Path(run_dir) / RESULTS_FILE) as f:
         return json.load(f)
+
+
+def code_version() -> str:
+    """The git commit of the source checkout lipvae runs from (``+dirty`` with local edits),
+    or the package version when it was installed from a wheel."""
+    import subprocess
+
+    import lipvae
+
+    here = Path(lipvae.__file__).resolve().parent
+    if not (here.parents[1] / ".git").exists():  # installed from a wheel: no checkout to ask
+        return f"lipvae {lipvae.__version__}"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0:
+            dirty = subprocess.run(
+                ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                capture_output=True, text=True, timeout=10,
+            ).stdout.strip()
+            return commit.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"lipvae {lipvae.__version__}"

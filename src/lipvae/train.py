@@ -32,16 +32,15 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from lipvae.attack_callback import AttackCallback
-from lipvae.certify.callback import CertifyCallback
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.certify.recertify import load_state
 from lipvae.config import build_datamodule, build_vae, check_overrides, validate
 from lipvae.errors import UserError
+from lipvae.evaluate import evaluate
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
-from lipvae.results import atomic_write_text, replace_atomically, write_results
+from lipvae.results import atomic_write_text, code_version, replace_atomically, write_results
 from lipvae.runfolder import AlreadyCompleted, RunFolderError, check_run_folder, claim, read_status, save_hydra_files
 
 log = logging.getLogger("lipvae")
@@ -119,31 +118,6 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
             )
         )
     return loggers
-
-
-def code_version() -> str:
-    """The git commit of the source checkout lipvae runs from (``+dirty`` with local edits),
-    or the package version when it was installed from a wheel."""
-    import subprocess
-
-    import lipvae
-
-    here = Path(lipvae.__file__).resolve().parent
-    if not (here.parents[1] / ".git").exists():  # installed from a wheel: no checkout to ask
-        return f"lipvae {lipvae.__version__}"
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        if commit.returncode == 0:
-            dirty = subprocess.run(
-                ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--", "."],
-                capture_output=True, text=True, timeout=10,
-            ).stdout.strip()
-            return commit.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return f"lipvae {lipvae.__version__}"
 
 
 def run_context(loggers) -> dict:
@@ -230,18 +204,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     checkpoint = ModelCheckpoint(
         dirpath=str(ckpt_dir), filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )
-    certifier = CertifyCallback(
-        run_dir,
-        r=cfg.certify.r,
-        p=cfg.certify.p,
-        forms=cfg.certify.forms,
-        num_inputs=cfg.certify.num_inputs,
-        batch_size=cfg.data.eval_batch_size,
-    )
-    attacker = AttackCallback(run_dir, cfg.attack, certifier if cfg.certify.enabled else None, seed=cfg.seed)
-    test_callbacks = [certifier] if cfg.certify.enabled else []
-    if cfg.attack.enabled:
-        test_callbacks.append(attacker)
     loggers = make_loggers(cfg, run_dir)
     trainer = L.Trainer(
         accelerator=tr.accelerator,
@@ -288,9 +250,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     replace_atomically(run_dir / "frozen_model.pt", lambda partial: torch.save(vae.state_dict(), partial))
 
     t_test = time.perf_counter()
-    trainer.callbacks.extend(test_callbacks)
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    test_s = time.perf_counter() - t_test - certifier.seconds - attacker.seconds
+    test_s = time.perf_counter() - t_test
+    # the one evaluation pipeline (also `python -m lipvae.evaluate`): certify, attack, soundness check
+    ev = evaluate(vae, datamodule.split("test"), cfg, run_dir, cfg.seed, loggers=loggers,
+                  step=trainer.global_step, progress=tr.enable_progress_bar)
     x = datamodule.split("test").images[:8].to(module.device)
     save_reconstructions(vae, x, run_dir / "reconstructions.png", loggers)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -336,15 +300,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             "stop_reason": schedule.stop_reason or ("max_time" if tr.max_time is not None else "max_epochs"),
             "orthonormality_error_before_freeze": orthonormality if lipschitz else None,
         },
-        "certified": certifier.summary,
-        "estimated": attacker.summary,
-        "latent_attack": attacker.latent,
-        "soundness_violations": attacker.violations,
+        **ev.results(),
         "timings": {
             "fit_s": fit_s,
             "test_s": test_s,
-            "certify_s": certifier.seconds,
-            "attack_s": attacker.seconds,
+            "certify_s": ev.certify_s,
+            "attack_s": ev.attack_s,
             "total_s": time.perf_counter() - t0,
         },
     }
@@ -353,12 +314,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     for lg in loggers:
         if is_wandb(lg):
             summary = {f"results/{k}": v for k, v in results["metrics"].items()}
-            for name, part in (("certified", certifier.summary), ("estimated", attacker.summary)):
+            for name, part in (("certified", ev.certified), ("estimated", ev.estimated)):
                 for k in ("mean", "median", "min", "fraction_certified", "global_margin"):
                     if part and part.get(k) is not None:
                         summary[f"results/{name}_{k}"] = part[k]
-            if attacker.violations is not None:
-                summary["results/soundness_violations"] = attacker.violations
+            if ev.soundness_violations is not None:
+                summary["results/soundness_violations"] = ev.soundness_violations
             lg.experiment.summary.update(summary)
             lg.experiment.finish()
     return results

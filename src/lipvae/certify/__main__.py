@@ -5,9 +5,12 @@ input gets at least a target certified margin (Theorem 3 and its inverse):
 
     python -m lipvae.certify design r=8 p=0.5 m=10 target=1.0 [gamma=0.1] [L=5] [form=tight]
 
-model: recompute the certificates of an existing run (a run folder or a checkpoint in it):
+model: recompute the certificates of an existing run (a run folder or a checkpoint in it) with
+the evaluation pipeline of ``python -m lipvae.evaluate``: the result goes to a new folder under
+``<run>/evaluations/`` (``--replace``: into the run itself, the old files kept), and the soundness
+check is redone against the stored estimated margins:
 
-    python -m lipvae.certify model outputs/runs/<date>/<time>_<name> [r=8] [p=0.5] [forms=tight,paper]
+    python -m lipvae.certify model outputs/runs/<date>/<time>_<name> [r=8] [p=0.5] [forms=tight,paper] [--replace]
 
 tightness: how far Theorem 1's Markov and χ² terms sit above the Monte Carlo tail they bound,
 for every form, at the paper's setting and two others (paper Fig. 2):
@@ -111,10 +114,11 @@ def model(args: list[str]) -> str:
         raise UserError("model: give a run folder or a checkpoint, e.g. outputs/runs/<date>/<time>_<name>")
     from lipvae.certify.recertify import recertify
 
-    opts = _parse(args[1:], {"r": list, "p": list, "forms": str, "num_inputs": int})
+    replace = "--replace" in args
+    opts = _parse([a for a in args[1:] if a != "--replace"], {"r": list, "p": list, "forms": str, "num_inputs": int})
     if "forms" in opts:
         opts["forms"] = opts["forms"].split(",")
-    summary = recertify(Path(args[0]), **opts)
+    summary = recertify(Path(args[0]), **opts, replace=replace)
     compact = {k: v for k, v in summary.items() if k != "by_r_p_form"}
     return json.dumps(compact, indent=2, default=lambda v: float(v) if isinstance(v, np.floating) else str(v))
 

@@ -7,10 +7,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lipvae.certify.certificates import certify_test_split, check_lipschitz
-from lipvae.config import build_datamodule, build_vae
+from lipvae.config import build_vae
 from lipvae.errors import UserError
-from lipvae.results import RESULTS_FILE, read_results, write_results, write_table
 
 FROZEN = "frozen_model.pt"
 
@@ -67,26 +65,21 @@ def load_model(path: Path):
     return vae.eval(), cfg, run_dir
 
 
-def recertify(path: Path, r=None, p=None, forms=None, num_inputs=None) -> dict:
-    vae, cfg, run_dir = load_model(path)
+def recertify(path: Path, r=None, p=None, forms=None, num_inputs=None, replace: bool = False) -> dict:
+    """``lipvae.certify model``: the evaluation pipeline (``lipvae.evaluate``) with other
+    certificate settings. The stored estimated margins are reused when the attack is unchanged,
+    so the soundness check is redone against the new certificates. Written to a new folder
+    under ``<run>/evaluations/`` (``replace``: into the run, keeping the old files)."""
+    from lipvae.evaluate import reevaluate
+
+    overrides = []
+    for key, value in (("r", r), ("p", p), ("forms", forms)):
+        if value:
+            overrides.append(f"certify.{key}=[{','.join(map(str, value))}]")
+    if num_inputs:
+        overrides.append(f"certify.num_inputs={num_inputs}")
+    vae, _, run_dir = load_model(path)
     if vae.kind != "lipschitz":
         raise UserError(f"run: {run_dir} is a standard VAE; only Lipschitz VAEs have certificates")
-    r = list(r or cfg.certify.r)
-    p = list(p or cfg.certify.p)
-    forms = list(forms or cfg.certify.forms)
-    num_inputs = num_inputs or cfg.certify.num_inputs
-    dm = build_datamodule(cfg.data, cfg.seed)
-    constants = vae.lipschitz_constants()
-    check_lipschitz(constants)
-    try:
-        table, summary = certify_test_split(vae, dm.split("test"), num_inputs, constants, r, p, forms)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    write_table(run_dir / "certified_margins.csv", table)
-    summary["table"] = "certified_margins.csv"
-    if (run_dir / RESULTS_FILE).is_file():
-        results = read_results(run_dir)
-        results["certified"] = summary
-        results.pop("schema_version", None)
-        write_results(run_dir, results)
-    return summary
+    out, part = reevaluate(Path(path), overrides, replace=replace)
+    return {**part["certified"], "written_to": str(out), "soundness_violations": part["soundness_violations"]}

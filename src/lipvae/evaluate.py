@@ -1,0 +1,457 @@
+"""One evaluation pipeline over a frozen model: certify → attack → soundness check → tables and
+figures. ``lipvae.train`` runs it after training; ``python -m lipvae.evaluate`` runs it again on
+a finished run with other certificate or attack settings:
+
+    python -m lipvae.evaluate <run folder> [certify.*=... attack.*=... seed=...] [--replace] [--fresh]
+
+Without ``--replace`` the new evaluation goes to ``<run>/evaluations/<time>/`` (evaluation.json,
+its tables and figures) and the run's own results are left as they were. With ``--replace`` it
+becomes the run's evaluation: results.json's ``certified``, ``estimated``, ``latent_attack`` and
+``soundness_violations`` are rewritten together, after the files they replace are moved to
+``<run>/evaluations/<time>-replaced/``. When the attack's settings are those of the stored
+evaluation, its estimated margins are reused (the soundness check is redone against the new
+certificates); ``--fresh`` attacks again regardless.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lipvae.attacks import LBFGS_DEFAULTS, estimate_margins, latent_space_attack
+from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
+from lipvae.errors import UserError
+from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
+from lipvae.results import RESULTS_FILE, atomic_write_text, code_version, read_results, write_results, write_table
+
+log = logging.getLogger("lipvae")
+CERTIFIED_TABLE = "certified_margins.csv"
+MARGINS_TABLE = "margins.csv"
+STATE = "attack_state.pt"  # the margin search's state while it runs (attack_state.csv: partial table)
+#: the files an evaluation writes into its folder
+OUTPUTS = (CERTIFIED_TABLE, MARGINS_TABLE, "certified_margins.png", "certified_vs_estimated.png", "latent_attack.png")
+
+
+@dataclass
+class Evaluation:
+    certified: dict | None = None
+    estimated: dict | None = None
+    latent_attack: dict | None = None
+    soundness_violations: int | None = None
+    certify_s: float = 0.0
+    attack_s: float = 0.0
+
+    def results(self) -> dict:
+        """The parts of results.json an evaluation owns, always written together."""
+        return {
+            "certified": self.certified,
+            "estimated": self.estimated,
+            "latent_attack": self.latent_attack,
+            "soundness_violations": self.soundness_violations,
+        }
+
+
+def soundness_violations(table: pd.DataFrame, columns: list[str], slack: float = 1e-9) -> list[int]:
+    """Indices of inputs whose certified margin (any form) exceeds the estimated one."""
+    if not columns:
+        return []
+    certified = table[columns].max(axis=1)
+    return table.loc[certified > table["estimated"] + slack, "index"].astype(int).tolist()
+
+
+def other_class_targets(labels: torch.Tensor) -> torch.Tensor:
+    """For each input, the position of the next test image (cyclically) of another class."""
+    n = len(labels)
+    targets = torch.empty(n, dtype=torch.long)
+    for i in range(n):
+        for k in range(1, n):
+            j = (i + k) % n
+            if labels[j] != labels[i]:
+                targets[i] = j
+                break
+        else:
+            targets[i] = (i + 1) % n
+    return targets
+
+
+def evaluate(
+    vae,
+    test,
+    cfg: DictConfig,
+    out_dir: Path,
+    seed: int,
+    loggers=(),
+    step: int = 0,
+    progress: bool = True,
+    reuse: pd.DataFrame | None = None,
+    reuse_latent: dict | None = None,
+) -> Evaluation:
+    """Certify the first ``cfg.certify.num_inputs`` test inputs (Lipschitz VAEs), attack the first
+    ``cfg.attack.num_inputs``, check that no certificate exceeds its estimated margin, and write
+    the tables and figures to ``out_dir``. ``reuse``: an earlier evaluation's margins table
+    (same attack settings) whose estimated margins are taken instead of attacking again."""
+    out_dir = Path(out_dir)
+    ev = Evaluation()
+    cert_table, forms = None, list(cfg.certify.forms)
+    if cfg.certify.enabled and vae.kind == "lipschitz":
+        start = time.perf_counter()
+        cert_table, ev.certified = _certify(vae, test, cfg.certify, cfg.data.eval_batch_size, out_dir, loggers, step)
+        ev.certify_s = time.perf_counter() - start
+    elif cfg.certify.enabled:
+        log.info("standard VAE: its Lipschitz constants are unknown, so no certificate (certified: null)")
+    if cfg.attack.enabled:
+        start = time.perf_counter()
+        # Lightning tests under inference mode; attacks need gradients with respect to inputs
+        with torch.inference_mode(False), torch.enable_grad():
+            _attack(ev, vae, test, cfg, cert_table, forms, out_dir, seed, loggers, step, progress, reuse, reuse_latent)
+        ev.attack_s = time.perf_counter() - start
+    return ev
+
+
+def _certify(vae, test, cc: DictConfig, batch_size: int, out_dir: Path, loggers, step: int):
+    table, summary = certify_test_split(
+        vae, test, cc.num_inputs, vae.lipschitz_constants(), list(cc.r), list(cc.p), list(cc.forms), batch_size
+    )
+    write_table(out_dir / CERTIFIED_TABLE, table)
+    summary["table"] = CERTIFIED_TABLE
+    log.info(
+        "certified (r=%g, p=%g, %s form) on %d inputs: mean %.4g, median %.4g, min %.4g, certified %.1f%%%s",
+        summary["r"], summary["p"], summary["form"], summary["num_inputs"], summary["mean"], summary["median"],
+        summary["min"], 100 * summary["fraction_certified"],
+        "" if summary["global_margin"] is None else f", global margin {summary['global_margin']:.4g}",
+    )
+    metrics = {
+        f"certified/{k}": v
+        for k, v in summary.items()
+        if k in ("mean", "median", "min", "fraction_certified", "global_margin") and v is not None
+    }
+    figure = save_margin_histogram(
+        {f: table[f"certified_{f}"].to_numpy() for f in cc.forms},
+        out_dir / "certified_margins.png",
+        title=f"certified margins, r={summary['r']:g}, p={summary['p']:g}",
+    )
+    for lg in loggers:
+        lg.log_metrics(metrics, step=step)
+        if is_wandb(lg):
+            lg.log_table(key="certified_margins", dataframe=table.head(10000))
+    log_image(loggers, "certified_margins_hist", figure)
+    return table, summary
+
+
+def _attack(ev, vae, test, cfg, cert_table, forms, out_dir, seed, loggers, step, progress, reuse, reuse_latent):
+    ac = cfg.attack
+    device = next(vae.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n = min(ac.num_inputs, len(test))
+    if reuse is not None:
+        table = reuse[["index", "label", "estimated", "censored"]].copy()
+        log.info("estimated margins reused from the stored evaluation (same attack settings)")
+    else:
+        est = estimate_margins(
+            vae, test.images[:n].to(device), r=ac.r, p=ac.p, samples=ac.samples, starts=ac.starts, steps=ac.steps,
+            max_radius=ac.max_radius, tol=ac.tol, search=ac.search, grid_step=ac.grid_step,
+            pixel_range=ac.pixel_range, generator=gen, progress=progress,
+            state_path=out_dir / STATE,  # an interrupted attack continues from here on resume
+            method=ac.method, lbfgs=lbfgs_options(ac), seed=seed,
+        )
+        table = pd.DataFrame({
+            "index": test.index[:n].numpy(),
+            "label": test.labels[:n].numpy(),
+            "estimated": est.margin.cpu().numpy(),
+            "censored": est.censored.cpu().numpy(),
+        })
+    cert_cols = _join_certified(table, cert_table, cfg.certify, forms, float(ac.r), float(ac.p))
+    write_table(out_dir / MARGINS_TABLE, table)
+    values = table["estimated"].to_numpy()
+    ev.estimated = {
+        "r": float(ac.r), "p": float(ac.p), "num_inputs": int(n),
+        "mean": float(np.mean(values)), "median": float(np.median(values)),
+        "min": float(np.min(values)), "max": float(np.max(values)),
+        "censored": int(table["censored"].sum()),
+        "method": ac.method, "search": ac.search, "samples": ac.samples, "starts": ac.starts, "steps": ac.steps,
+        "tol": float(ac.tol), "max_radius": float(ac.max_radius), "pixel_range": bool(ac.pixel_range),
+        "table": MARGINS_TABLE,
+    }
+    if vae.kind == "lipschitz" and cert_cols:
+        bad = soundness_violations(table, cert_cols)
+        ev.soundness_violations = len(bad)
+        for i in bad:
+            row = table[table["index"] == i].iloc[0]
+            log.error(
+                "soundness violation at test input %d: certified %.4g > estimated %.4g "
+                "(a bug, or a Lipschitz constant that does not hold)", i, row[cert_cols].max(), row["estimated"],
+            )
+    log.info(
+        "estimated margins (r=%g, p=%g) on %d inputs: mean %.4g, median %.4g, min %.4g; %d censored at %g%s",
+        ac.r, ac.p, n, ev.estimated["mean"], ev.estimated["median"], ev.estimated["min"],
+        ev.estimated["censored"], ac.max_radius,
+        "" if ev.soundness_violations is None else f"; soundness violations: {ev.soundness_violations}",
+    )
+    figures = []
+    if cert_cols:
+        figures.append(save_margin_scatter(
+            table, cert_cols, out_dir / "certified_vs_estimated.png", title=f"r={ac.r:g}, p={ac.p:g}, {n} test inputs"
+        ))
+    if reuse_latent is not None:
+        ev.latent_attack = reuse_latent
+    else:
+        ev.latent_attack, figure = _latent_attack(vae, test, ac, device, gen, out_dir)
+        figures.append(figure)
+    metrics = {f"estimated/{k}": ev.estimated[k] for k in ("mean", "median", "min", "censored")}
+    if ev.soundness_violations is not None:
+        metrics["soundness_violations"] = ev.soundness_violations
+    for lg in loggers:
+        lg.log_metrics(metrics, step=step)
+        if is_wandb(lg):
+            lg.log_table(key="margins", dataframe=table)
+    for fig in figures:
+        log_image(loggers, fig.stem, fig)
+
+
+def lbfgs_options(ac: DictConfig) -> dict | None:
+    """The reference attack's SciPy options: the configured ones over the authors' defaults."""
+    if ac.method != "lbfgs":
+        return None
+    given = ac.get("lbfgs") or {}
+    return {**LBFGS_DEFAULTS, **OmegaConf.to_container(given)} if given else dict(LBFGS_DEFAULTS)
+
+
+def _join_certified(table, cert_table, cc, forms, r: float, p: float) -> list[str]:
+    """Add the certified margins computed at the attack's (r, p); their columns."""
+    if cert_table is None:
+        return []
+    suffix = column_suffix(list(cc.r), list(cc.p), r, p)
+    if suffix is None:
+        log.warning("attack (r=%g, p=%g) matches no certified (r, p) of %s × %s: no soundness check",
+                    r, p, list(cc.r), list(cc.p))
+        return []
+    by_index = cert_table.set_index("index")
+    missing = sorted(set(table["index"]) - set(by_index.index))
+    if missing:  # config.validate refuses this; kept so that a direct caller gets a clear error
+        raise UserError(f"certify.num_inputs: the attacked inputs {missing[:5]} have no certificate; "
+                        f"certify at least attack.num_inputs inputs")
+    cols = [f"certified_{form}{suffix}" for form in forms]
+    for col in cols:
+        table[col.removesuffix(suffix)] = by_index.loc[table["index"], col].to_numpy()
+    return [c.removesuffix(suffix) for c in cols]
+
+
+def _latent_attack(vae, test, ac, device, gen, out_dir: Path):
+    lat = ac.latent
+    n = min(lat.num_inputs, len(test))
+    targets = other_class_targets(test.labels)[:n]
+    x, xt = test.images[:n].to(device), test.images[targets].to(device)
+    soft = lat.kind == "soft"
+    res = latent_space_attack(
+        vae, x, xt, 0.0 if soft else lat.budget, starts=1, steps=lat.steps, pixel_range=ac.pixel_range,
+        generator=gen, kind=lat.kind, penalty=lat.penalty if soft else 0.0, lr=lat.lr if soft else 0.0,
+    )
+    summary = {
+        "kind": lat.kind,
+        "budget": None if soft else float(lat.budget),
+        "penalty": float(lat.penalty) if soft else None,
+        "mean_delta_norm": float(res.delta.norm(dim=-1).mean()),
+        "num_inputs": n,
+        "mean_kl": float(res.kl.mean()),
+        "mean_dist_to_target": float(res.dist_to_target.mean()),
+        "mean_dist_to_original": float(res.dist_to_original.mean()),
+    }
+    figure = save_latent_attack(x, res, xt, out_dir / "latent_attack.png", budget=None if soft else lat.budget)
+    return summary, figure
+
+
+# --- re-evaluating a finished run ------------------------------------------------------------
+
+#: what a re-evaluation may change: the model and the data are the run's
+CHANGEABLE = ("certify.", "attack.", "seed")
+
+
+def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``key=value`` overrides on a run's config; only certificate, attack and seed settings."""
+    import difflib
+
+    from lipvae.config import _leaf_keys
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    keys = _leaf_keys(cfg)
+    for text in overrides:
+        key, eq, value = text.partition("=")
+        if not eq or not key:
+            raise UserError(f"{text}: not an override; write key=value, e.g. attack.steps=200")
+        if not key.startswith(CHANGEABLE):
+            raise UserError(f"{key}: cannot change in a re-evaluation; accepted: certify.*, attack.*, seed "
+                            f"(the model and data are the run's: train a new run for those)")
+        if key.startswith("attack.lbfgs.") and OmegaConf.select(cfg, "attack.lbfgs") is None:
+            OmegaConf.update(cfg, "attack.lbfgs", dict(LBFGS_DEFAULTS), force_add=True)
+            keys = _leaf_keys(cfg)
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else "no field of that name"
+            raise UserError(f"{key}: no such field; {hint}")
+        OmegaConf.update(cfg, key, OmegaConf.create({"v": _parse_value(value)}).v, merge=False)
+    if cfg.attack.method == "lbfgs" and OmegaConf.select(cfg, "attack.lbfgs") is None:
+        OmegaConf.update(cfg, "attack.lbfgs", dict(LBFGS_DEFAULTS), force_add=True)
+    return cfg
+
+
+def _parse_value(value: str):
+    """A command-line value as YAML reads it (numbers, booleans, null, [lists])."""
+    import yaml
+
+    try:
+        return yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        return value
+
+
+def _reusable(stored: dict | None, cfg: DictConfig, run_dir: Path) -> tuple[pd.DataFrame | None, dict | None]:
+    """The stored margins table (and latent-attack summary), when they were made with the attack
+    settings and seed asked for now; (None, None) otherwise."""
+    if not stored or not stored.get("estimated") or not (run_dir / MARGINS_TABLE).is_file():
+        return None, None
+    old = stored.get("config") or {}
+    old_attack, new_attack = dict(old.get("attack") or {}), OmegaConf.to_container(cfg.attack, resolve=True)
+
+    def core(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in ("latent", "enabled")}
+
+    if core(old_attack) != core(new_attack) or old.get("seed") != cfg.seed:
+        return None, None
+    table = pd.read_csv(run_dir / MARGINS_TABLE)
+    latent = stored.get("latent_attack") if old_attack.get("latent") == new_attack.get("latent") else None
+    return table, latent
+
+
+def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: bool = False,
+               progress: bool = True) -> tuple[Path, dict]:
+    """Run the evaluation pipeline again on a finished run; returns where it was written and
+    the evaluation's part of the results."""
+    from lipvae.certify.recertify import FROZEN, load_model, locate
+    from lipvae.config import validate
+    from lipvae.runfolder import RunFolderError, claim
+
+    _, weights = locate(Path(path))
+    vae, cfg, run_dir = load_model(Path(path))
+    cfg = apply_overrides(cfg, overrides)
+    validate(cfg)
+    stored = read_results(run_dir) if (run_dir / RESULTS_FILE).is_file() else None
+    if replace and weights.name != FROZEN:
+        raise UserError(f"--replace: {weights} is a checkpoint, not the run's evaluated model; drop --replace")
+    if replace and (stored is None or stored.get("status") != "completed"):
+        raise UserError(f"--replace: {run_dir} holds no completed run to replace the evaluation of; drop --replace")
+    if weights.name != FROZEN:
+        stored = None  # the stored margins belong to the frozen model, not to this checkpoint
+    try:
+        lock = claim(run_dir)  # no training or other evaluation writes here meanwhile
+    except RunFolderError as e:
+        raise UserError(str(e)) from None
+    try:
+        return _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress)
+    finally:
+        os.close(lock)
+
+
+def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress):
+    from lipvae.config import build_datamodule
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir = run_dir if replace else _new_folder(run_dir / "evaluations" / stamp)
+    reuse, reuse_latent = (None, None) if fresh else _reusable(stored, cfg, run_dir)
+    if reuse is None:
+        reuse_latent = None  # a new attack draws the latent attack anew too
+    if reuse_latent is not None and not replace and (run_dir / "latent_attack.png").is_file():
+        shutil.copy2(run_dir / "latent_attack.png", out_dir / "latent_attack.png")
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    vae = vae.to(device)
+    check_lipschitz(vae.lipschitz_constants())
+    dm = build_datamodule(cfg.data, cfg.seed)
+    test = dm.split("test")
+    if replace:  # keep what is replaced
+        kept = _new_folder(run_dir / "evaluations" / f"{stamp}-replaced")
+        for name in (*OUTPUTS, RESULTS_FILE):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, kept / name)
+        log.info("the evaluation being replaced is kept in %s", kept)
+    start = time.perf_counter()
+    try:
+        ev = evaluate(vae, test, cfg, out_dir, cfg.seed, progress=progress, reuse=reuse, reuse_latent=reuse_latent)
+    except ValueError as e:
+        raise UserError(str(e).splitlines()[0]) from None
+    part = ev.results()
+    record = {
+        "overrides": list(overrides),
+        "at": stamp,
+        "code": code_version(),
+        "reused_estimated_margins": reuse is not None,
+        "timings": {"certify_s": ev.certify_s, "attack_s": ev.attack_s, "total_s": time.perf_counter() - start},
+    }
+    if replace:
+        stored.pop("schema_version", None)
+        stored.update(part)
+        stored["config"]["certify"] = OmegaConf.to_container(cfg.certify)
+        stored["config"]["attack"] = OmegaConf.to_container(cfg.attack)
+        stored["evaluation"] = {**record, "replaced": f"evaluations/{stamp}-replaced"}
+        write_results(run_dir, stored)
+    else:
+        body = {"run": str(run_dir), "weights": weights.name, **record, **part,
+                "config": {"certify": OmegaConf.to_container(cfg.certify),
+                           "attack": OmegaConf.to_container(cfg.attack), "seed": cfg.seed}}
+        atomic_write_text(out_dir / "evaluation.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
+    return out_dir, part
+
+
+def _new_folder(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``… when it exists: an evaluation never lands on another."""
+    candidate, k = path, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            k += 1
+            candidate = path.with_name(f"{path.name}-{k}")
+
+
+USAGE = "python -m lipvae.evaluate <run folder> [certify.*=... attack.*=... seed=...] [--replace] [--fresh]"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    flags = {a for a in argv if a.startswith("--")}
+    args = [a for a in argv if not a.startswith("--")]
+    unknown = flags - {"--replace", "--fresh"}
+    if not args or unknown:
+        what = f"unknown flag {sorted(unknown)[0]}; accepted: --replace, --fresh" if unknown else "give a run folder"
+        print(f"error: {what}\nusage: {USAGE}", file=sys.stderr)
+        return 2
+    try:
+        out, part = reevaluate(Path(args[0]), args[1:], replace="--replace" in flags, fresh="--fresh" in flags)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cert, est = part["certified"], part["estimated"]
+    line = [f"evaluation written to {out}"]
+    if cert:
+        line.append(f"certified mean {cert['mean']:.4g}")
+    if est:
+        line.append(f"estimated mean {est['mean']:.4g}")
+    if part["soundness_violations"] is not None:
+        line.append(f"soundness violations {part['soundness_violations']}")
+    print("; ".join(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
