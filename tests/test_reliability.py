@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF, PROJECT, run_cli, synthetic_data_dir
-from lipvae.config import check_overrides, validate
+from lipvae.config import build_callbacks, check_overrides, validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, VAEModule
@@ -131,6 +131,32 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, fragment):
 def test_mistyped_override_is_one_line_naming_the_closest_field(argv, message):
     with pytest.raises(UserError) as err:
         check_overrides(argv)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_callbacks_group_builds_lightning_callbacks():
+    from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
+
+    assert build_callbacks(composed()) == []
+    built = build_callbacks(composed("callbacks=monitors"))
+    assert [type(c) for c in built] == [LearningRateMonitor, DeviceStatsMonitor]
+    assert built[0].logging_interval == "epoch"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["+callbacks.x=3"], "callbacks.x: got 3; accepted: a mapping with _target_"),
+        (["+callbacks.x._target_=no.such.Class"], "callbacks.x: cannot build no.such.Class ("),
+        (["+callbacks.x._target_=lightning.pytorch.callbacks.EarlyStopping"],
+         "callbacks.x: cannot build lightning.pytorch.callbacks.EarlyStopping (TypeError: "),
+        (["+callbacks.x._target_=collections.OrderedDict"],
+         "callbacks.x: got 'collections.OrderedDict'; accepted: a lightning.pytorch Callback class"),
+    ],
+)
+def test_bad_callback_entry_is_one_line(overrides, message):
+    with pytest.raises(UserError) as err:
+        build_callbacks(composed(*overrides))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 

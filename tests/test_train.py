@@ -29,7 +29,11 @@ def check_schema(r: dict) -> None:
 
 @pytest.mark.slow
 def test_single_lipschitz_run(tmp_path):
-    proc = run_cli(*SMOKE, "enc_L=4", "dec_L=6", f"hydra.run.dir={tmp_path}")
+    # with extra Lightning callbacks from the callbacks group and from the command line
+    extra = tmp_path.parent / f"{tmp_path.name}_extra"
+    proc = run_cli(*SMOKE, "enc_L=4", "dec_L=6", f"hydra.run.dir={tmp_path}", "callbacks=monitors",
+                   "+callbacks.copy._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+                   f"+callbacks.copy.dirpath={extra}", "+callbacks.copy.filename=copy")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = load(tmp_path)
     check_schema(r)
@@ -56,6 +60,8 @@ def test_single_lipschitz_run(tmp_path):
     assert r["metrics"]["best_val_loss"] == pytest.approx(float(best["val/loss"]), rel=1e-6)
     for f in ("reconstructions.png", "frozen_model.pt", "checkpoints/last.ckpt", "csv/metrics.csv"):
         assert (tmp_path / f).is_file(), f
+    assert "lr-Adam" in pd.read_csv(tmp_path / "csv" / "metrics.csv").columns  # LearningRateMonitor
+    assert (extra / "copy.ckpt").is_file()  # the command line's ModelCheckpoint
 
 
 @pytest.mark.slow

@@ -319,3 +319,29 @@ def _leaf_keys(cfg, prefix: str = "") -> list[str]:
         if isinstance(v, DictConfig):
             keys.extend(_leaf_keys(v, path + "."))
     return keys
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    """The extra Lightning callbacks of the ``callbacks`` group, each built from its ``_target_``;
+    one line naming the entry when one cannot be built."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import Callback
+
+    entries = _number(cfg, "callbacks")
+    if entries is None:
+        return []
+    _check(OmegaConf.is_dict(entries), "callbacks", entries, "a mapping of names to {_target_: ..., arguments}")
+    built = []
+    for name, spec in entries.items():
+        field = f"callbacks.{name}"
+        _check(OmegaConf.is_dict(spec) and "_target_" in spec, field, spec,
+               "a mapping with _target_ (a Lightning Callback class) and its arguments")
+        try:
+            callback = instantiate(spec)
+        except Exception as e:  # a wrong class path or argument
+            cause = e.__cause__ or e
+            raise UserError(f"{field}: cannot build {spec._target_} ({type(cause).__name__}: "
+                            f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+        _check(isinstance(callback, Callback), field, spec._target_, "a lightning.pytorch Callback class")
+        built.append(callback)
+    return built

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.certify.recertify import load_state
-from lipvae.config import build_datamodule, build_vae, check_overrides, validate
+from lipvae.config import build_callbacks, build_datamodule, build_vae, check_overrides, validate
 from lipvae.errors import UserError
 from lipvae.evaluate import evaluate
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
@@ -174,6 +174,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     other than the first, which only trains)."""
     t0 = time.perf_counter()
     validate(cfg)
+    extra_callbacks = build_callbacks(cfg)  # before any data is read: a bad entry fails first
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = None
     last = ckpt_dir / "last.ckpt"
@@ -213,7 +214,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         plugins=[AtomicCheckpointIO()],
         max_epochs=schedule.total_epochs,
         max_time=None if tr.max_time is None else timedelta(minutes=tr.max_time),
-        callbacks=[schedule, checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt")],
+        callbacks=[schedule, checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), *extra_callbacks],
         logger=loggers or False,
         log_every_n_steps=tr.log_every_n_steps,
         enable_progress_bar=tr.enable_progress_bar,
