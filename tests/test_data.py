@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_real_mnist
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, needs_real_mnist
 from lipvae.data import ImageDataModule, find_split, load_split, read_idx
 from lipvae.errors import UserError
 
@@ -109,3 +111,32 @@ def test_bad_options_rejected():
         ImageDataModule(resplit="sometimes")
     with pytest.raises(UserError, match="data.name.*fashion_mnist"):
         ImageDataModule(name="cifar")
+
+
+def test_data_group_builds_its_target_old_records_included():
+    from omegaconf import OmegaConf
+
+    from lipvae.config import build_datamodule, validate
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["data.limit=50"])
+    dm = build_datamodule(cfg.data, seed=3)
+    assert type(dm) is ImageDataModule and dm.seed == 3
+    record = OmegaConf.create({k: v for k, v in cfg.data.items() if k != "_target_"})  # a run from before
+    assert type(build_datamodule(record, seed=3)) is ImageDataModule
+    # a class of one's own: its arguments are its own business, lipvae's data checks step aside
+    cfg.data = OmegaConf.create({"_target_": f"{__name__}.PlainData", "name": "mine", "eval_batch_size": 10,
+                                 "size": 4})
+    validate(cfg)
+    mine = build_datamodule(cfg.data, seed=5)
+    assert isinstance(mine, PlainData) and (mine.size, mine.seed) == (4, 5)
+    cfg.data.size = "many"
+    with pytest.raises(UserError, match=r"^data: cannot build test_data.PlainData \(ValueError: size"):
+        build_datamodule(cfg.data, seed=5)
+
+
+class PlainData:
+    def __init__(self, name: str, eval_batch_size: int, size: int, seed: int) -> None:
+        if not isinstance(size, int):
+            raise ValueError(f"size must be an integer, got {size!r}")
+        self.size, self.seed = size, seed

@@ -66,7 +66,6 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "model.kind", KINDS)
     _choice(cfg, "model.likelihood", LIKELIHOODS)
     _choice(cfg, "model.encoder_std.mode", STD_MODES)
-    _choice(cfg, "data.name", tuple(DATASETS))
     _positive(cfg, "model.latent_dim", integer=True)
     hidden = _number(cfg, "model.hidden")
     _check(
@@ -100,11 +99,8 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "model.lr")
     if cfg.model.likelihood == "gaussian":
         _positive(cfg, "model.obs_std")
-    limit = _number(cfg, "data.limit")
-    _check(limit is None or (isinstance(limit, int) and limit > 0), "data.limit", limit, "a positive integer or null")
-    _choice(cfg, "data.resplit", (True, False, "auto"))
-    check_root(_number(cfg, "data.root"))
-    _positive(cfg, "data.batch_size", integer=True)
+    if cfg.data.get("_target_", IMAGE_DATA) == IMAGE_DATA:  # another class checks its own arguments
+        _validate_image_data(cfg)
     _positive(cfg, "trainer.max_epochs", integer=True)
     _positive(cfg, "trainer.patience", integer=True)
     _validate_devices(cfg)
@@ -115,9 +111,6 @@ def validate(cfg: DictConfig) -> None:
     _check(_is_int(seed) and 0 <= seed < 2**32, "seed", seed,
            "an integer in [0, 2^32)")
     _check(cfg.resume in (True, False, "auto"), "resume", cfg.resume, "true, false, auto")
-    for field in ("data.val_fraction", "data.resplit_test_fraction"):
-        v = _number(cfg, field)
-        _check(_is_num(v) and 0 < v < 1, field, v, "a number in (0, 1)")
     _positive(cfg, "data.eval_batch_size", integer=True)
     k = _number(cfg, "trainer.num_importance")
     _check(_is_int(k) and k >= 0, "trainer.num_importance", k,
@@ -130,6 +123,21 @@ def validate(cfg: DictConfig) -> None:
     _validate_attack(cfg)
     ft = _number(cfg, "trainer.finetune.max_epochs")
     _check(isinstance(ft, int) and ft >= 0, "trainer.finetune.max_epochs", ft, "an integer >= 0")
+
+
+IMAGE_DATA = "lipvae.data.ImageDataModule"
+
+
+def _validate_image_data(cfg: DictConfig) -> None:
+    _choice(cfg, "data.name", tuple(DATASETS))
+    limit = _number(cfg, "data.limit")
+    _check(limit is None or (isinstance(limit, int) and limit > 0), "data.limit", limit, "a positive integer or null")
+    _choice(cfg, "data.resplit", (True, False, "auto"))
+    check_root(_number(cfg, "data.root"))
+    _positive(cfg, "data.batch_size", integer=True)
+    for field in ("data.val_fraction", "data.resplit_test_fraction"):
+        v = _number(cfg, field)
+        _check(_is_num(v) and 0 < v < 1, field, v, "a number in (0, 1)")
 
 
 def _validate_accelerator(cfg: DictConfig) -> None:
@@ -226,18 +234,20 @@ def build_vae(model: DictConfig) -> VAE:
 
 
 def build_datamodule(data: DictConfig, seed: int) -> ImageDataModule:
-    return ImageDataModule(
-        name=data.name,
-        root=data.root,
-        batch_size=data.batch_size,
-        eval_batch_size=data.eval_batch_size,
-        val_fraction=data.val_fraction,
-        resplit=data.resplit,
-        resplit_test_fraction=data.resplit_test_fraction,
-        limit=data.limit,
-        download=data.download,
-        seed=seed,
-    )
+    """The data module of the ``data`` group, built from its ``_target_`` (``ImageDataModule``
+    for runs recorded before the field existed) with the run's seed."""
+    from hydra.utils import instantiate
+
+    if "_target_" not in data:
+        data = OmegaConf.merge({"_target_": IMAGE_DATA}, data)
+    try:
+        return instantiate(data, seed=seed, _convert_="all")
+    except Exception as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise UserError(f"data: cannot build {data._target_} ({type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
 
 
 #: Hydra flags that take no value; with any other flag the command line is left to Hydra.
