@@ -160,6 +160,20 @@ def test_bad_callback_entry_is_one_line(overrides, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+def test_extra_loggers_are_built_in_the_run_folder(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lipvae.config import build_extra_loggers
+
+    assert build_extra_loggers(composed(), tmp_path) == []
+    (built,) = build_extra_loggers(composed("+logger.extra.a._target_=lightning.pytorch.loggers.CSVLogger"), tmp_path)
+    assert isinstance(built, CSVLogger) and built.save_dir == str(tmp_path)
+    with pytest.raises(UserError, match=r"^logger.extra.a: cannot build lightning.pytorch.callbacks.EarlyStopping \(TypeError"):
+        build_extra_loggers(composed("+logger.extra.a._target_=lightning.pytorch.callbacks.EarlyStopping"), tmp_path)
+    with pytest.raises(UserError, match=r"^logger.extra.a: got 'collections.OrderedDict'; accepted: a lightning"):
+        build_extra_loggers(composed("+logger.extra.a._target_=collections.OrderedDict"), tmp_path)
+
+
 def test_valid_overrides_and_sweeps_pass_the_check():
     check_overrides(["-m", "model=lipschitz", "enc_L=5,7,10", "experiment=smoke", "hydra/launcher=joblib",
                      "hydra.sweep.dir=/tmp/x", "+extra=1", "seed=range(0,3)"])

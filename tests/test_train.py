@@ -33,7 +33,9 @@ def test_single_lipschitz_run(tmp_path):
     extra = tmp_path.parent / f"{tmp_path.name}_extra"
     proc = run_cli(*SMOKE, "enc_L=4", "dec_L=6", f"hydra.run.dir={tmp_path}", "callbacks=monitors",
                    "+callbacks.copy._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-                   f"+callbacks.copy.dirpath={extra}", "+callbacks.copy.filename=copy")
+                   f"+callbacks.copy.dirpath={extra}", "+callbacks.copy.filename=copy",
+                   "+logger.extra.second._target_=lightning.pytorch.loggers.CSVLogger",
+                   "+logger.extra.second.name=second", "+logger.extra.second.version=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = load(tmp_path)
     check_schema(r)
@@ -62,6 +64,8 @@ def test_single_lipschitz_run(tmp_path):
         assert (tmp_path / f).is_file(), f
     assert "lr-Adam" in pd.read_csv(tmp_path / "csv" / "metrics.csv").columns  # LearningRateMonitor
     assert (extra / "copy.ckpt").is_file()  # the command line's ModelCheckpoint
+    second = pd.read_csv(tmp_path / "second" / "version_0" / "metrics.csv")  # the extra logger, in the run
+    assert "val/loss" in second.columns and second["val/loss"].notna().sum() == 2
 
 
 @pytest.mark.slow

@@ -334,24 +334,49 @@ def _leaf_keys(cfg, prefix: str = "") -> list[str]:
 def build_callbacks(cfg: DictConfig) -> list:
     """The extra Lightning callbacks of the ``callbacks`` group, each built from its ``_target_``;
     one line naming the entry when one cannot be built."""
-    from hydra.utils import instantiate
     from lightning.pytorch.callbacks import Callback
 
-    entries = _number(cfg, "callbacks")
+    return _build_entries(cfg, "callbacks", Callback, "a lightning.pytorch Callback class")
+
+
+def build_extra_loggers(cfg: DictConfig, save_dir) -> list:
+    """The loggers of ``logger.extra`` (beside the CSV and W&B ones), each built from its
+    ``_target_``; ``save_dir`` is the run folder unless the entry names one."""
+    from lightning.pytorch.loggers import Logger
+
+    return _build_entries(cfg, "logger.extra", Logger, "a lightning.pytorch Logger class",
+                          defaults={"save_dir": str(save_dir)})
+
+
+def _build_entries(cfg: DictConfig, path: str, base: type, accepted: str, defaults: dict | None = None) -> list:
+    from hydra.utils import get_class, instantiate
+
+    entries = _number(cfg, path)
     if entries is None:
         return []
-    _check(OmegaConf.is_dict(entries), "callbacks", entries, "a mapping of names to {_target_: ..., arguments}")
+    _check(OmegaConf.is_dict(entries), path, entries, "a mapping of names to {_target_: ..., arguments}")
     built = []
     for name, spec in entries.items():
-        field = f"callbacks.{name}"
+        field = f"{path}.{name}"
         _check(OmegaConf.is_dict(spec) and "_target_" in spec, field, spec,
-               "a mapping with _target_ (a Lightning Callback class) and its arguments")
+               f"a mapping with _target_ ({accepted}) and its arguments")
         try:
-            callback = instantiate(spec)
+            cls = get_class(spec._target_)
+            extra = {k: v for k, v in (defaults or {}).items() if k not in spec and _accepts(cls, k)}
+            obj = instantiate(spec, **extra)
         except Exception as e:  # a wrong class path or argument
             cause = e.__cause__ or e
             raise UserError(f"{field}: cannot build {spec._target_} ({type(cause).__name__}: "
                             f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
-        _check(isinstance(callback, Callback), field, spec._target_, "a lightning.pytorch Callback class")
-        built.append(callback)
+        _check(isinstance(obj, base), field, spec._target_, accepted)
+        built.append(obj)
     return built
+
+
+def _accepts(cls: type, argument: str) -> bool:
+    import inspect
+
+    try:
+        return argument in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.certify.recertify import load_state
-from lipvae.config import build_callbacks, build_datamodule, build_vae, check_overrides, validate
+from lipvae.config import build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides, validate
 from lipvae.errors import UserError
 from lipvae.evaluate import evaluate
 from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
@@ -175,6 +175,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     t0 = time.perf_counter()
     validate(cfg)
     extra_callbacks = build_callbacks(cfg)  # before any data is read: a bad entry fails first
+    extra_loggers = build_extra_loggers(cfg, run_dir)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = None
     last = ckpt_dir / "last.ckpt"
@@ -205,7 +206,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     checkpoint = ModelCheckpoint(
         dirpath=str(ckpt_dir), filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )
-    loggers = make_loggers(cfg, run_dir)
+    loggers = make_loggers(cfg, run_dir) + extra_loggers
     trainer = L.Trainer(
         accelerator=tr.accelerator,
         devices=tr.devices,
