@@ -4,7 +4,7 @@ Both run in this process on the same batch (128 × 784, paper architecture: μ, 
 3-layer MLPs with hidden widths 512, 512, latent 10, GroupSort2, continuous Bernoulli ELBO,
 Adam). Reported as times and as ratios against lipvae's 3-iteration step.
 
-    python benchmarks/bench_layers.py [--steps 20] [--json out.json]
+    python benchmarks/bench_layers.py [--steps 20] [--repeats 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lipvae.vae import VAE
+from timing import Timing, machine
 
 
 def time_steps(vae: nn.Module, x: torch.Tensor, steps: int) -> float:
@@ -48,7 +49,7 @@ def deel_vae(latent: int = 10):
 
     vae = VAE(kind="standard", latent_dim=latent)
     vae.encoder_mean = mlp([784, 512, 512, latent], 5.0, False)
-    vae.encoder_std = mlp([784, 512, 512, latent], 5.0, False)
+    vae.encoder_std = mlp([784, 512, 512, latent], 5.0, True)  # σ ends in its sigmoid head, as lipvae's
     vae.decoder = mlp([latent, 512, 512, 784], 5.0, True)
     return vae
 
@@ -56,25 +57,34 @@ def deel_vae(latent: int = 10):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     x = torch.rand(128, 784)
-    rows = {}
-    for iters in (3, 50):
-        rows[f"lipvae_bjorck{iters}"] = time_steps(VAE(bjorck_iters=iters), x, max(3, args.steps // (iters // 3)))
+    makers = {f"lipvae_bjorck{iters}": (lambda iters=iters: VAE(bjorck_iters=iters)) for iters in (3, 50)}
+    steps = {"lipvae_bjorck3": args.steps, "lipvae_bjorck50": max(3, args.steps // 16)}
     try:
-        rows["deel_torchlip_spectral_linear"] = time_steps(deel_vae(), x, args.steps)
+        deel_vae()
+        makers["deel_torchlip_spectral_linear"] = deel_vae
+        steps["deel_torchlip_spectral_linear"] = args.steps
     except ImportError:
         print("deel-torchlip not installed: pip install deel-torchlip to compare")
-    base = rows["lipvae_bjorck3"]
-    print(f"threads={torch.get_num_threads()}  batch=128  paper architecture")
-    print(f"{'layer':34s} {'s/step':>8s} {'ratio vs lipvae (3 it)':>24s}")
+    rows = {}
+    for name, make in makers.items():
+        # each repeat times a fresh model's steps (after 3 untimed ones): the median per step
+        runs = [time_steps(make(), x, steps[name]) for _ in range(args.repeats)]
+        rows[name] = Timing(runs)
+    base = rows["lipvae_bjorck3"].median
+    print(machine())
+    print(f"batch=128, paper architecture, {args.repeats} repeats")
+    print(f"{'layer':34s} {'s/step (median, min–max)':>30s} {'ratio vs lipvae (3 it)':>24s}")
     for name, t in rows.items():
-        print(f"{name:34s} {t:8.3f} {t / base:24.2f}")
+        spread = f"{t.median:.4f} ({min(t.runs):.4f}–{max(t.runs):.4f})"
+        print(f"{name:34s} {spread:>30s} {t.median / base:24.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({k: v.runs for k, v in rows.items()}, f, indent=2)
 
 
 if __name__ == "__main__":

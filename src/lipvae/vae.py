@@ -103,6 +103,8 @@ class VAE(nn.Module):
         if self.encoder_std is None:
             std = torch.full_like(mean, self.gamma)
             return Posterior(mean, std, std.log())
+        if not isinstance(self.encoder_std[-1], nn.Sigmoid):
+            raise TypeError("encoder_std must end in its sigmoid head (nn.Sigmoid), which encode applies itself")
         pre = self.encoder_std[:-1](x)  # the body; its sigmoid head is applied here
         std, log_std = torch.sigmoid(pre), F.logsigmoid(pre)
         if self.std_mode == "bounded":
