@@ -7,8 +7,9 @@ a finished run with other certificate or attack settings:
 Without ``--replace`` the new evaluation goes to ``<run>/evaluations/<time>/`` (evaluation.json,
 its tables and figures) and the run's own results are left as they were. With ``--replace`` it
 becomes the run's evaluation: results.json's ``certified``, ``estimated``, ``latent_attack`` and
-``soundness_violations`` are rewritten together, after the files they replace are moved to
-``<run>/evaluations/<time>-replaced/``. When the attack's settings are those of the stored
+``soundness_violations`` are rewritten together, after the files they replace are copied to
+``<run>/evaluations/<time>-replaced/``. Either way the evaluation runs in its own folder first,
+so a stop midway leaves the run's files as they were. When the attack's settings are those of the stored
 evaluation, its estimated margins are reused (the soundness check is redone against the new
 certificates); ``--fresh`` attacks again regardless.
 """
@@ -33,7 +34,15 @@ from lipvae.attacks import LBFGS_DEFAULTS, estimate_margins, latent_space_attack
 from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
 from lipvae.errors import UserError
 from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
-from lipvae.results import RESULTS_FILE, atomic_write_text, code_version, read_results, write_results, write_table
+from lipvae.results import (
+    RESULTS_FILE,
+    atomic_write_text,
+    code_version,
+    read_results,
+    replace_atomically,
+    write_results,
+    write_table,
+)
 
 log = logging.getLogger("lipvae")
 CERTIFIED_TABLE = "certified_margins.csv"
@@ -366,23 +375,18 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
     from lipvae.config import build_datamodule
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = run_dir if replace else _new_folder(run_dir / "evaluations" / stamp)
+    # always evaluated into a folder of its own first: a stop midway leaves the run as it was
+    out_dir = _new_folder(run_dir / "evaluations" / stamp)
     reuse, reuse_latent = (None, None) if fresh else _reusable(stored, cfg, run_dir)
     if reuse is None:
         reuse_latent = None  # a new attack draws the latent attack anew too
-    if reuse_latent is not None and not replace and (run_dir / "latent_attack.png").is_file():
+    if reuse_latent is not None and (run_dir / "latent_attack.png").is_file():
         shutil.copy2(run_dir / "latent_attack.png", out_dir / "latent_attack.png")
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     vae = vae.to(device)
     check_lipschitz(vae.lipschitz_constants())
     dm = build_datamodule(cfg.data, cfg.seed)
     test = dm.split("test")
-    if replace:  # keep what is replaced
-        kept = _new_folder(run_dir / "evaluations" / f"{stamp}-replaced")
-        for name in (*OUTPUTS, RESULTS_FILE):
-            if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, kept / name)
-        log.info("the evaluation being replaced is kept in %s", kept)
     start = time.perf_counter()
     try:
         ev = evaluate(vae, test, cfg, out_dir, cfg.seed, progress=progress, reuse=reuse, reuse_latent=reuse_latent)
@@ -396,19 +400,30 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
         "reused_estimated_margins": reuse is not None,
         "timings": {"certify_s": ev.certify_s, "attack_s": ev.attack_s, "total_s": time.perf_counter() - start},
     }
-    if replace:
-        stored.pop("schema_version", None)
-        stored.update(part)
-        stored["config"]["certify"] = OmegaConf.to_container(cfg.certify)
-        stored["config"]["attack"] = OmegaConf.to_container(cfg.attack)
-        stored["evaluation"] = {**record, "replaced": f"evaluations/{stamp}-replaced"}
-        write_results(run_dir, stored)
-    else:
-        body = {"run": str(run_dir), "weights": weights.name, **record, **part,
-                "config": {"certify": OmegaConf.to_container(cfg.certify),
-                           "attack": OmegaConf.to_container(cfg.attack), "seed": cfg.seed}}
-        atomic_write_text(out_dir / "evaluation.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
-    return out_dir, part
+    body = {"run": str(run_dir), "weights": weights.name, **record, **part,
+            "config": {"certify": OmegaConf.to_container(cfg.certify),
+                       "attack": OmegaConf.to_container(cfg.attack), "seed": cfg.seed}}
+    atomic_write_text(out_dir / "evaluation.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
+    if not replace:
+        return out_dir, part
+    kept = _new_folder(run_dir / "evaluations" / f"{stamp}-replaced")
+    for name in (*OUTPUTS, RESULTS_FILE):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, kept / name)
+    log.info("the evaluation being replaced is kept in %s", kept)
+    for name in OUTPUTS:  # the new files in, the old ones this evaluation did not make out
+        new = out_dir / name
+        if new.is_file():
+            replace_atomically(run_dir / name, lambda partial, new=new: shutil.copy2(new, partial))
+        else:
+            (run_dir / name).unlink(missing_ok=True)
+    stored.pop("schema_version", None)
+    stored.update(part)
+    stored["config"]["certify"] = OmegaConf.to_container(cfg.certify)
+    stored["config"]["attack"] = OmegaConf.to_container(cfg.attack)
+    stored["evaluation"] = {**record, "made_in": f"evaluations/{out_dir.name}", "replaced": f"evaluations/{kept.name}"}
+    write_results(run_dir, stored)
+    return run_dir, part
 
 
 def _new_folder(path: Path) -> Path:
@@ -441,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the run's own files are as they were (the partial evaluation is under "
+              "its evaluations/)", file=sys.stderr)
+        return 130
     cert, est = part["certified"], part["estimated"]
     line = [f"evaluation written to {out}"]
     if cert:
