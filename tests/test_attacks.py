@@ -182,6 +182,19 @@ def test_other_class_targets():
     assert soundness_violations(pd.DataFrame({"index": [0], "estimated": [1.0]}), []) == []
 
 
+def stop_after(n: int, real):
+    """``real``, except that call n + 1 raises the KeyboardInterrupt a SIGTERM would."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] > n:
+            raise KeyboardInterrupt("SIGTERM")
+        return real(*args, **kwargs)
+
+    return wrapped
+
+
 @pytest.mark.parametrize("search", ["bisection", "grid"])
 def test_an_interrupted_search_continues_to_the_same_answer(tmp_path, monkeypatch, search):
     import lipvae.attacks as attacks
@@ -192,16 +205,9 @@ def test_an_interrupted_search_continues_to_the_same_answer(tmp_path, monkeypatc
               grid_step=0.5, progress=False)
     whole = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), **kw)
 
-    real, calls = attacks._robust_at, {"n": 0}
-
-    def stop_after_four(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise KeyboardInterrupt("SIGTERM")
-        return real(*args, **kwargs)
-
+    real = attacks._robust_at
     state = tmp_path / "attack_state.pt"
-    monkeypatch.setattr(attacks, "_robust_at", stop_after_four)
+    monkeypatch.setattr(attacks, "_robust_at", stop_after(4, real))
     with pytest.raises(KeyboardInterrupt):
         estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw)
     assert state.is_file()
@@ -209,8 +215,6 @@ def test_an_interrupted_search_continues_to_the_same_answer(tmp_path, monkeypatc
         partial = pd.read_csv(tmp_path / "attack_state.csv")
         assert len(partial) == 6 and (partial["robust_up_to"] <= whole.margin.numpy() + 1e-12).all()
         assert (whole.margin.numpy() <= partial["non_robust_at"] + 1e-12).all()
-    monkeypatch.setattr(attacks, "_robust_at", real)
-    calls["n"] = 0
     counted = []
     monkeypatch.setattr(attacks, "_robust_at", lambda *a, **k: counted.append(1) or real(*a, **k))
     resumed = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw)
@@ -248,16 +252,9 @@ def test_reference_lbfgs_and_batched_pgd_agree(tmp_path, monkeypatch):
     assert (0 < ref.margin).all() and (ref.margin < 2.0).all()
     assert torch.all((ref.margin - pgd.margin).abs() <= 0.25 + 1e-9), (ref.margin, pgd.margin)
     # stopped after some restarts, the search continues to the same answer without redoing inputs
-    real, calls = attacks.lbfgs_max_damage, {"n": 0}
-
-    def stop_later(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 10:
-            raise KeyboardInterrupt("SIGTERM")
-        return real(*a, **k)
-
+    real = attacks.lbfgs_max_damage
     state = tmp_path / "attack_state.pt"
-    monkeypatch.setattr(attacks, "lbfgs_max_damage", stop_later)
+    monkeypatch.setattr(attacks, "lbfgs_max_damage", stop_after(10, real))
     with pytest.raises(KeyboardInterrupt):
         estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw, **lb)
     done = torch.load(state, weights_only=True)["done"]

@@ -347,6 +347,7 @@ def _lbfgs_margins(vae, x, r, p, samples, starts, max_radius, grid_step, pixel_r
     done = 0
     if state is not None and (saved := state.load("cpu")) is not None:
         done, margin, censored = saved["done"], saved["margin"], saved["censored"]
+    vae.to("cpu")  # SciPy works on the CPU: the model goes there once, and back at the end
     try:
         for i in tqdm(range(n), desc="margins (L-BFGS-B)", disable=not progress, leave=False):
             if i < done:
@@ -355,7 +356,7 @@ def _lbfgs_margins(vae, x, r, p, samples, starts, max_radius, grid_step, pixel_r
             cpu_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             xi = x[i].detach().cpu()
             zero = torch.zeros(1, 1, len(xi), dtype=xi.dtype)
-            if robust_probability(vae.to("cpu"), xi[None], zero, r, samples, cpu_gen).item() <= p:
+            if robust_probability(vae, xi[None], zero, r, samples, cpu_gen).item() <= p:
                 margin[i], censored[i] = 0.0, False
             else:
                 for t in radii:

@@ -243,11 +243,9 @@ def build_datamodule(data: DictConfig, seed: int) -> ImageDataModule:
     try:
         return instantiate(data, seed=seed, _convert_="all")
     except Exception as e:
-        cause = e.__cause__ or e
-        if isinstance(cause, UserError):
-            raise cause from None
-        raise UserError(f"data: cannot build {data._target_} ({type(cause).__name__}: "
-                        f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+        if isinstance(e.__cause__, UserError):  # the class's own one-line check
+            raise e.__cause__ from None
+        raise _cannot_build("data", data._target_, e) from None
 
 
 #: Hydra flags that take no value; with any other flag the command line is left to Hydra.
@@ -306,29 +304,43 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
         key = found.group(1)
         rest = [o for o in overrides if o.split("=", 1)[0] != key]
         try:
-            keys = _leaf_keys(composed(rest))
+            keys = field_paths(composed(rest))
         except Exception:
             keys = []
-        import difflib
-
-        parent, _, leaf = key.rpartition(".")
-        siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
-        if parent and parent in keys:  # compare the last part among the fields beside it
-            close = [f"{parent}.{c}" for c in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
-        else:
-            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-        hint = f"did you mean {close[0]}?" if close else "no field of that name"
-        raise UserError(f"{key}: no such field; {hint} (to add a new field, write +{key}=...)") from None
+        raise UserError(f"{no_such_field(key, keys)} (to add a new field, write +{key}=...)") from None
 
 
-def _leaf_keys(cfg, prefix: str = "") -> list[str]:
+def field_paths(cfg, prefix: str = "") -> list[str]:
+    """Every dotted path of a config, the inner nodes' included."""
     keys = []
     for k, v in cfg.items():
         path = f"{prefix}{k}"
         keys.append(path)
         if isinstance(v, DictConfig):
-            keys.extend(_leaf_keys(v, path + "."))
+            keys.extend(field_paths(v, path + "."))
     return keys
+
+
+def no_such_field(key: str, keys: list[str]) -> str:
+    """``<key>: no such field; did you mean <closest>?``: the closest is looked for among the
+    fields beside ``key`` when its parent exists (so a shared prefix does not count), else
+    among all paths."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    if parent and parent in keys:
+        siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
+        close = [f"{parent}.{c}" for c in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
+    else:
+        close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return f"{key}: no such field; " + (f"did you mean {close[0]}?" if close else "no field of that name")
+
+
+def _cannot_build(field: str, target: str, error: Exception) -> UserError:
+    """One line for a ``_target_`` that Hydra could not instantiate, naming the cause."""
+    cause = error.__cause__ or error
+    first = str(cause).splitlines()[0] if str(cause) else ""
+    return UserError(f"{field}: cannot build {target} ({type(cause).__name__}: {first})")
 
 
 def build_callbacks(cfg: DictConfig) -> list:
@@ -365,9 +377,7 @@ def _build_entries(cfg: DictConfig, path: str, base: type, accepted: str, defaul
             extra = {k: v for k, v in (defaults or {}).items() if k not in spec and _accepts(cls, k)}
             obj = instantiate(spec, **extra)
         except Exception as e:  # a wrong class path or argument
-            cause = e.__cause__ or e
-            raise UserError(f"{field}: cannot build {spec._target_} ({type(cause).__name__}: "
-                            f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+            raise _cannot_build(field, spec._target_, e) from None
         _check(isinstance(obj, base), field, spec._target_, accepted)
         built.append(obj)
     return built

@@ -112,7 +112,7 @@ def evaluate(
     (same attack settings) whose estimated margins are taken instead of attacking again."""
     out_dir = Path(out_dir)
     ev = Evaluation()
-    cert_table, forms = None, list(cfg.certify.forms)
+    cert_table = None
     if cfg.certify.enabled and vae.kind == "lipschitz":
         start = time.perf_counter()
         cert_table, ev.certified = _certify(vae, test, cfg.certify, cfg.data.eval_batch_size, out_dir, loggers, step)
@@ -123,7 +123,7 @@ def evaluate(
         start = time.perf_counter()
         # Lightning tests under inference mode; attacks need gradients with respect to inputs
         with torch.inference_mode(False), torch.enable_grad():
-            _attack(ev, vae, test, cfg, cert_table, forms, out_dir, seed, loggers, step, progress, reuse, reuse_latent)
+            _attack(ev, vae, test, cfg, cert_table, out_dir, seed, loggers, step, progress, reuse, reuse_latent)
         ev.attack_s = time.perf_counter() - start
     return ev
 
@@ -158,7 +158,7 @@ def _certify(vae, test, cc: DictConfig, batch_size: int, out_dir: Path, loggers,
     return table, summary
 
 
-def _attack(ev, vae, test, cfg, cert_table, forms, out_dir, seed, loggers, step, progress, reuse, reuse_latent):
+def _attack(ev, vae, test, cfg, cert_table, out_dir, seed, loggers, step, progress, reuse, reuse_latent):
     ac = cfg.attack
     device = next(vae.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -180,7 +180,7 @@ def _attack(ev, vae, test, cfg, cert_table, forms, out_dir, seed, loggers, step,
             "estimated": est.margin.cpu().numpy(),
             "censored": est.censored.cpu().numpy(),
         })
-    cert_cols = _join_certified(table, cert_table, cfg.certify, forms, float(ac.r), float(ac.p))
+    cert_cols = _join_certified(table, cert_table, cfg.certify, float(ac.r), float(ac.p))
     write_table(out_dir / MARGINS_TABLE, table)
     values = table["estimated"].to_numpy()
     ev.estimated = {
@@ -236,7 +236,7 @@ def lbfgs_options(ac: DictConfig) -> dict | None:
     return {**LBFGS_DEFAULTS, **OmegaConf.to_container(given)} if given else dict(LBFGS_DEFAULTS)
 
 
-def _join_certified(table, cert_table, cc, forms, r: float, p: float) -> list[str]:
+def _join_certified(table, cert_table, cc, r: float, p: float) -> list[str]:
     """Add the certified margins computed at the attack's (r, p); their columns."""
     if cert_table is None:
         return []
@@ -250,7 +250,7 @@ def _join_certified(table, cert_table, cc, forms, r: float, p: float) -> list[st
     if missing:  # config.validate refuses this; kept so that a direct caller gets a clear error
         raise UserError(f"certify.num_inputs: the attacked inputs {missing[:5]} have no certificate; "
                         f"certify at least attack.num_inputs inputs")
-    cols = [f"certified_{form}{suffix}" for form in forms]
+    cols = [f"certified_{form}{suffix}" for form in cc.forms]
     for col in cols:
         table[col.removesuffix(suffix)] = by_index.loc[table["index"], col].to_numpy()
     return [c.removesuffix(suffix) for c in cols]
@@ -288,12 +288,10 @@ CHANGEABLE = ("certify.", "attack.", "seed")
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """``key=value`` overrides on a run's config; only certificate, attack and seed settings."""
-    import difflib
-
-    from lipvae.config import _leaf_keys
+    from lipvae.config import field_paths, no_such_field
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    keys = _leaf_keys(cfg)
+    keys = field_paths(cfg)
     for text in overrides:
         key, eq, value = text.partition("=")
         if not eq or not key:
@@ -303,11 +301,9 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
                             f"(the model and data are the run's: train a new run for those)")
         if key.startswith("attack.lbfgs.") and OmegaConf.select(cfg, "attack.lbfgs") is None:
             OmegaConf.update(cfg, "attack.lbfgs", dict(LBFGS_DEFAULTS), force_add=True)
-            keys = _leaf_keys(cfg)
+            keys = field_paths(cfg)
         if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]}?" if close else "no field of that name"
-            raise UserError(f"{key}: no such field; {hint}")
+            raise UserError(no_such_field(key, keys))
         OmegaConf.update(cfg, key, OmegaConf.create({"v": _parse_value(value)}).v, merge=False)
     if cfg.attack.method == "lbfgs" and OmegaConf.select(cfg, "attack.lbfgs") is None:
         OmegaConf.update(cfg, "attack.lbfgs", dict(LBFGS_DEFAULTS), force_add=True)
