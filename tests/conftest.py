@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+import lipvae.schema  # noqa: F401  (registers the config schemas for in-process composition)
 import torch
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -30,10 +30,12 @@ def composed(*overrides):
 
 
 BAD_INPUTS = [
-    (["enc_L=0"], "model.lipschitz.encoder_mean: got 0; accepted: a positive number"),
-    (["enc_L=abc"], "model.lipschitz.encoder_mean: got 'abc'; accepted: a positive number"),
-    (["dec_L=-2"], "model.lipschitz.decoder: got -2; accepted: a positive number"),
-    (["certify.r=[0]"], "certify.r: got [0]; accepted: a list of numbers > 0"),
+    (["enc_L=0"], "enc_L: got 0.0; accepted: a positive number"),
+    (["enc_L=abc"], "enc_L: got 'abc'; accepted: a positive number"),
+    (["dec_L=-2"], "dec_L: got -2.0; accepted: a positive number"),
+    (["model.lipschitz.decoder=0"], "model.lipschitz.decoder: got 0.0; accepted: a positive number"),
+    (["model.kind=wild"], "model.kind: got 'wild'; accepted: lipschitz, standard"),
+    (["certify.r=[0]"], "certify.r: got [0.0]; accepted: a list of numbers > 0"),
     (["certify.p=[1.5]"], "certify.p: got [1.5]; accepted: a list of numbers in (0, 1)"),
     (["model.latent_dim=0"], "model.latent_dim: got 0; accepted: a positive integer"),
     (["model.latent_dim=1"], "model.latent_dim: got 1; accepted: an integer >= 2 when certifying"),
@@ -42,13 +44,13 @@ BAD_INPUTS = [
     (["model.likelihood=poisson"], "model.likelihood: got 'poisson'; accepted: continuous_bernoulli, bernoulli, gaussian"),
     (["data.name=cifar"], "data.name: got 'cifar'; accepted: mnist, fashion_mnist"),
     (["certify.forms=[loose]"], "certify.forms: got ['loose']; accepted: a list drawn from paper, exact, tight"),
-    (["model.encoder_std.mode=fixed", "model.encoder_std.gamma=0"], "model.encoder_std.gamma: got 0; accepted"),
+    (["model.encoder_std.mode=fixed", "model.encoder_std.gamma=0"], "model.encoder_std.gamma: got 0.0; accepted"),
     (["model.encoder_std.mode=bounded"], "model.encoder_std.max_norm: got None; accepted: a positive number"),
     (["model.encoder_std.mode=bounded", "model.encoder_std.max_norm=-1"], "model.encoder_std.max_norm: got -1"),
-    (["model.beta=-1"], "model.beta: got -1; accepted: a number >= 0"),
+    (["model.beta=-1"], "model.beta: got -1.0; accepted: a number >= 0"),
     (["data.limit=0"], "data.limit: got 0; accepted: a positive integer or null"),
     (["attack.num_inputs=0"], "attack.num_inputs: got 0; accepted: a positive integer"),
-    (["attack.p=0"], "attack.p: got 0; accepted: a number in (0, 1)"),
+    (["attack.p=0"], "attack.p: got 0.0; accepted: a number in (0, 1)"),
     (["attack.search=random"], "attack.search: got 'random'; accepted: bisection, grid"),
     (["data.resplit=maybe"], "data.resplit: got 'maybe'; accepted: True, False, auto"),
     (["name=x/../../escaped"], "name: got 'x/../../escaped'; accepted: letters, digits"),
@@ -61,12 +63,12 @@ BAD_INPUTS = [
     (["data.eval_batch_size=0"], "data.eval_batch_size: got 0; accepted: a positive integer"),
     (["trainer.num_importance=-1"], "trainer.num_importance: got -1; accepted: an integer >= 0"),
     (["attack.max_radius=inf"], "attack.max_radius: got inf; accepted: a positive number"),
-    (["trainer.precision=foo"], "trainer.precision: got 'foo'; accepted: 32-true, 32, 32, 64-true"),
+    (["trainer.precision=foo"], "trainer.precision: got 'foo'; accepted: 32-true, 32, 64-true, 64"),
     (["trainer.precision=bf16-mixed"], "trainer.precision: got 'bf16-mixed'; accepted: 32-true"),
     (["trainer.accelerator=tpu"], "trainer.accelerator: got 'tpu'; accepted: auto, cpu, gpu, cuda, mps"),
     (["logger.wandb.enabled=true", "logger.wandb.mode=foo"], "logger.wandb.mode: got 'foo'; accepted: offline, online"),
-    (["model.hidden=[true,true]"], "model.hidden: got [True, True]; accepted: a non-empty list of positive integers"),
-    (["trainer.max_time=0"], "trainer.max_time: got 0; accepted: minutes > 0, or null"),
+    (["model.hidden=[true,true]"], "model.hidden: got True; accepted: a non-empty list of positive integers"),
+    (["trainer.max_time=0"], "trainer.max_time: got 0.0; accepted: minutes > 0, or null"),
     (["trainer.max_time=inf"], "trainer.max_time: got inf; accepted: minutes > 0, or null"),
     (["trainer.max_time=soon"], "trainer.max_time: got 'soon'; accepted: minutes > 0, or null"),
     (["trainer.accelerator=cpu", "trainer.devices=2"], "trainer.devices: got 2 on CPU; accepted: 1, or several with a strategy"),
@@ -74,10 +76,10 @@ BAD_INPUTS = [
     (["trainer.evaluate=first"], "trainer.evaluate: got 'first'; accepted: best, last"),
     (["attack.method=cw"], "attack.method: got 'cw'; accepted: pgd, lbfgs"),
     (["attack=lbfgs", "attack.lbfgs.maxcor=0"], "attack.lbfgs.maxcor: got 0; accepted: a positive integer"),
-    (["attack=lbfgs", "attack.lbfgs.pgtol=-1"], "attack.lbfgs.pgtol: got -1; accepted: a positive number"),
+    (["attack=lbfgs", "attack.lbfgs.pgtol=-1"], "attack.lbfgs.pgtol: got -1.0; accepted: a positive number"),
     (["attack.latent.kind=medium"], "attack.latent.kind: got 'medium'; accepted: hard, soft"),
-    (["attack/latent=soft", "attack.latent.penalty=-1"], "attack.latent.penalty: got -1; accepted: a number >= 0"),
-    (["attack/latent=soft", "attack.latent.lr=0"], "attack.latent.lr: got 0; accepted: a positive number"),
+    (["attack/latent=soft", "attack.latent.penalty=-1"], "attack.latent.penalty: got -1.0; accepted: a number >= 0"),
+    (["attack/latent=soft", "attack.latent.lr=0"], "attack.latent.lr: got 0.0; accepted: a positive number"),
     (["data.root=/nonexistent/lipvae"], "data.root: got '/nonexistent/lipvae', which does not exist"),
 ]
 
@@ -85,7 +87,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
 def test_bad_input_names_field_value_and_accepted(overrides, message):
     with pytest.raises(UserError) as err:
-        validate(composed(*overrides))
+        validate(check_overrides(list(overrides)))  # types at composition, constraints in validate
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
 
@@ -105,7 +107,7 @@ def test_defaults_and_presets_are_valid():
     "args,fragment",
     [
         (["model.hidden=[31,32]"], "error: model.hidden: got [31, 32]; accepted: even widths"),
-        (["certify.p=[2]"], "error: certify.p: got [2]; accepted"),
+        (["certify.p=[2]"], "error: certify.p: got [2.0]; accepted"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, fragment):

@@ -106,11 +106,11 @@ def test_bad_input_is_one_line(tmp_path):
     proc = run_cli(*SMOKE, "enc_L=-1", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: model.lipschitz.encoder_mean: got -1; accepted: a positive number"
+        "error: enc_L: got -1.0; accepted: a positive number"
     )
     assert "Traceback" not in proc.stderr
     r = load(tmp_path)
-    assert r["status"] == "failed" and "encoder_mean" in r["error"]
+    assert r["status"] == "failed" and r["error"].startswith("enc_L: got -1.0")
 
 
 @pytest.mark.slow

@@ -6,210 +6,78 @@ what is accepted, before any data is read or any model is built.
 
 from __future__ import annotations
 
-import math
-import numbers
 import re
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lipvae.attacks import LATENT_KINDS, METHODS
-from lipvae.certify.bounds import FORMS
-from lipvae.data import DATASETS, ImageDataModule, check_root
+from lipvae.attacks import METHODS
+from lipvae.data import ImageDataModule, check_root
 from lipvae.errors import UserError
 from lipvae.networks import LAYERS
-from lipvae.vae import KINDS, LIKELIHOODS, STD_MODES, VAE
+from lipvae.schema import GROUPS, RootConfig, accepted_words, check_fields, fail, read
+from lipvae.vae import VAE
 
 
-def _number(cfg: DictConfig, path: str):
-    try:
-        value = OmegaConf.select(cfg, path, throw_on_missing=True)
-    except Exception as e:  # interpolation or missing-value errors
-        raise UserError(f"{path}: cannot be resolved ({e.__class__.__name__}: {e})") from None
-    return value
+def validate(cfg: DictConfig) -> None:
+    """Check the fields a user sets, before any data is read or any model is built: each
+    schema field's constraint (lipvae.schema), then the rules that tie fields together and
+    those that need the machine. Raises ``UserError`` on the first bad one."""
+    check_fields(cfg, "", RootConfig)
+    for group, node in GROUPS.items():
+        if group == "data" and cfg.data.get("_target_", IMAGE_DATA) != IMAGE_DATA:
+            continue  # another data class checks its own arguments
+        check_fields(cfg, group, node)
+    lipschitz = cfg.model.kind == "lipschitz"
+    if lipschitz:
+        hidden = list(cfg.model.hidden)
+        _check(all(h % 2 == 0 for h in hidden), "model.hidden", hidden, "even widths (GroupSort groups of 2)")
+        _check(cfg.model.layer in LAYERS, "model.layer", cfg.model.layer, ", ".join(LAYERS))
+        if cfg.certify.enabled:
+            m = cfg.model.latent_dim
+            _check(m >= 2, "model.latent_dim", m,
+                   "an integer >= 2 when certifying (the χ² bound; or certify.enabled=false)")
+    if cfg.data.get("_target_", IMAGE_DATA) == IMAGE_DATA:
+        check_root(cfg.data.root)
+    _validate_devices(cfg)
+    _validate_accelerator(cfg)
+    if cfg.attack.enabled:
+        certified, attacked = cfg.certify.num_inputs, cfg.attack.num_inputs
+        if cfg.certify.enabled and lipschitz and certified is not None:
+            _check(certified >= attacked, "certify.num_inputs", certified,
+                   f"null, or at least attack.num_inputs={attacked} (each attacked input's certificate is checked)")
+        _check(cfg.attack.method in METHODS, "attack.method", cfg.attack.method, ", ".join(METHODS))
+        if cfg.attack.method == "lbfgs":
+            _check(cfg.attack.lbfgs is not None, "attack.lbfgs", None, "the L-BFGS-B options (attack=lbfgs sets them)")
 
 
 def _check(ok: bool, path: str, value, accepted: str) -> None:
     if not ok:
-        raise UserError(f"{path}: got {value!r}; accepted: {accepted}")
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _positive(cfg: DictConfig, path: str, integer: bool = False) -> None:
-    v = _number(cfg, path)
-    kind = "integer" if integer else "number"
-    ok = _is_int(v) if integer else (_is_num(v) and math.isfinite(v))
-    _check(ok and v > 0, path, v, f"a positive {kind}")
-
-
-def _choice(cfg: DictConfig, path: str, accepted) -> None:
-    v = _number(cfg, path)
-    _check(v in accepted, path, v, ", ".join(map(str, accepted)))
-
-
-def validate(cfg: DictConfig) -> None:
-    """Check the fields a user sets; raises ``UserError`` on the first bad one."""
-    name = _number(cfg, "name")
-    _check(
-        isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+,-]*", name) is not None and ".." not in name,
-        "name",
-        name,
-        "letters, digits and . _ = + , - (no path separators or '..': run folders stay under outputs/)",
-    )
-    _choice(cfg, "model.kind", KINDS)
-    _choice(cfg, "model.likelihood", LIKELIHOODS)
-    _choice(cfg, "model.encoder_std.mode", STD_MODES)
-    _positive(cfg, "model.latent_dim", integer=True)
-    hidden = _number(cfg, "model.hidden")
-    _check(
-        OmegaConf.is_list(hidden) and len(hidden) > 0 and all(_is_int(h) and h > 0 for h in hidden),
-        "model.hidden",
-        hidden,
-        "a non-empty list of positive integers",
-    )
-    if cfg.model.kind == "lipschitz":
-        for net in ("encoder_mean", "encoder_std", "decoder"):
-            _positive(cfg, f"model.lipschitz.{net}")
-        _check(
-            all(h % 2 == 0 for h in hidden),
-            "model.hidden",
-            list(hidden),
-            "even widths (GroupSort groups of 2)",
-        )
-        _choice(cfg, "model.layer", LAYERS)
-        _positive(cfg, "model.bjorck.iters", integer=True)
-        proj = _number(cfg, "model.bjorck.project_iters")
-        _check(isinstance(proj, int) and proj >= 0, "model.bjorck.project_iters", proj, "an integer >= 0")
-        b = _number(cfg, "model.bjorck.beta")
-        _check(_is_num(b) and 0 < b <= 0.5, "model.bjorck.beta", b, "a number in (0, 0.5]")
-    mode = cfg.model.encoder_std.mode
-    if mode == "fixed":
-        _positive(cfg, "model.encoder_std.gamma")
-    if mode == "bounded":
-        _positive(cfg, "model.encoder_std.max_norm")
-    beta = _number(cfg, "model.beta")
-    _check(_is_num(beta) and beta >= 0, "model.beta", beta, "a number >= 0")
-    _positive(cfg, "model.lr")
-    if cfg.model.likelihood == "gaussian":
-        _positive(cfg, "model.obs_std")
-    if cfg.data.get("_target_", IMAGE_DATA) == IMAGE_DATA:  # another class checks its own arguments
-        _validate_image_data(cfg)
-    _positive(cfg, "trainer.max_epochs", integer=True)
-    _positive(cfg, "trainer.patience", integer=True)
-    _validate_devices(cfg)
-    _choice(cfg, "trainer.evaluate", ("best", "last"))
-    mt = _number(cfg, "trainer.max_time")
-    _check(mt is None or (_is_num(mt) and 0 < mt < math.inf), "trainer.max_time", mt, "minutes > 0, or null")
-    seed = _number(cfg, "seed")
-    _check(_is_int(seed) and 0 <= seed < 2**32, "seed", seed,
-           "an integer in [0, 2^32)")
-    _check(cfg.resume in (True, False, "auto"), "resume", cfg.resume, "true, false, auto")
-    _positive(cfg, "data.eval_batch_size", integer=True)
-    k = _number(cfg, "trainer.num_importance")
-    _check(_is_int(k) and k >= 0, "trainer.num_importance", k,
-           "an integer >= 0 (0 skips the log-likelihood)")
-    _choice(cfg, "trainer.precision", ("32-true", "32", 32, "64-true", "64", 64))
-    _validate_accelerator(cfg)
-    if cfg.logger.wandb.enabled:
-        _choice(cfg, "logger.wandb.mode", ("offline", "online", "disabled"))
-    _validate_certify(cfg)
-    _validate_attack(cfg)
-    ft = _number(cfg, "trainer.finetune.max_epochs")
-    _check(isinstance(ft, int) and ft >= 0, "trainer.finetune.max_epochs", ft, "an integer >= 0")
+        fail(path, value, accepted)
 
 
 IMAGE_DATA = "lipvae.data.ImageDataModule"
 
 
-def _validate_image_data(cfg: DictConfig) -> None:
-    _choice(cfg, "data.name", tuple(DATASETS))
-    limit = _number(cfg, "data.limit")
-    _check(limit is None or (isinstance(limit, int) and limit > 0), "data.limit", limit, "a positive integer or null")
-    _choice(cfg, "data.resplit", (True, False, "auto"))
-    check_root(_number(cfg, "data.root"))
-    _positive(cfg, "data.batch_size", integer=True)
-    for field in ("data.val_fraction", "data.resplit_test_fraction"):
-        v = _number(cfg, field)
-        _check(_is_num(v) and 0 < v < 1, field, v, "a number in (0, 1)")
-
-
 def _validate_accelerator(cfg: DictConfig) -> None:
-    accelerator = _number(cfg, "trainer.accelerator")
-    _choice(cfg, "trainer.accelerator", ("auto", "cpu", "gpu", "cuda", "mps"))
+    accelerator = cfg.trainer.accelerator
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.accelerator: got {accelerator!r}, but no CUDA device is visible; accepted: auto, cpu")
+        raise UserError(f"trainer.accelerator: got {str(accelerator)!r}, but no CUDA device is visible; accepted: auto, cpu")
     mps = getattr(torch.backends, "mps", None)
     if accelerator == "mps" and not (mps is not None and mps.is_available()):
         raise UserError("trainer.accelerator: got 'mps', but MPS is not available here; accepted: auto, cpu")
 
 
 def _validate_devices(cfg: DictConfig) -> None:
-    devices = _number(cfg, "trainer.devices")
-    _check(devices == "auto" or (_is_int(devices) and (devices >= 1 or devices == -1)),
-           "trainer.devices", devices, "a positive integer, -1 or auto")
-    if devices in (1, "auto") or _number(cfg, "trainer.strategy") != "auto":
+    devices = cfg.trainer.devices
+    if devices in (1, "auto") or cfg.trainer.strategy != "auto":
         return
-    accelerator = _number(cfg, "trainer.accelerator")
+    accelerator = cfg.trainer.accelerator
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
         raise UserError(
             f"trainer.devices: got {devices} on CPU; accepted: 1, or several with a strategy named"
             " (trainer.strategy=ddp; each process then trains on a share of the batches)"
         )
-
-
-def _validate_certify(cfg: DictConfig) -> None:
-    if not cfg.certify.enabled:
-        return
-    for field, ok, accepted in (
-        ("certify.r", lambda v: _is_num(v) and v > 0, "a list of numbers > 0"),
-        ("certify.p", lambda v: _is_num(v) and 0 < v < 1, "a list of numbers in (0, 1)"),
-        ("certify.forms", lambda v: v in FORMS, f"a list drawn from {', '.join(FORMS)}"),
-    ):
-        values = _number(cfg, field)
-        _check(OmegaConf.is_list(values) and len(values) > 0 and all(map(ok, values)), field, values, accepted)
-    n = _number(cfg, "certify.num_inputs")
-    _check(n is None or (isinstance(n, int) and n > 0), "certify.num_inputs", n, "a positive integer or null")
-    if cfg.model.kind == "lipschitz":
-        m = cfg.model.latent_dim
-        _check(m >= 2, "model.latent_dim", m, "an integer >= 2 when certifying (the χ² bound; or certify.enabled=false)")
-
-
-def _validate_attack(cfg: DictConfig) -> None:
-    if not cfg.attack.enabled:
-        return
-    certified, attacked = _number(cfg, "certify.num_inputs"), _number(cfg, "attack.num_inputs")
-    if cfg.certify.enabled and cfg.model.kind == "lipschitz" and _is_int(certified) and _is_int(attacked):
-        _check(certified >= attacked, "certify.num_inputs", certified,
-               f"null, or at least attack.num_inputs={attacked} (each attacked input's certificate is checked)")
-    for field in ("attack.num_inputs", "attack.samples", "attack.starts", "attack.steps", "attack.latent.num_inputs"):
-        _positive(cfg, field, integer=True)
-    for field in ("attack.r", "attack.max_radius", "attack.tol", "attack.grid_step"):
-        _positive(cfg, field)
-    p = _number(cfg, "attack.p")
-    _check(_is_num(p) and 0 < p < 1, "attack.p", p, "a number in (0, 1)")
-    _choice(cfg, "attack.search", ("bisection", "grid"))
-    _choice(cfg, "attack.method", METHODS)
-    if cfg.attack.method == "lbfgs":
-        for field in ("maxcor", "maxiter"):
-            _positive(cfg, f"attack.lbfgs.{field}", integer=True)
-        for field in ("factr", "pgtol"):
-            _positive(cfg, f"attack.lbfgs.{field}")
-    _choice(cfg, "attack.latent.kind", LATENT_KINDS)
-    _positive(cfg, "attack.latent.steps", integer=True)
-    if cfg.attack.latent.kind == "hard":
-        budget = _number(cfg, "attack.latent.budget")
-        _check(_is_num(budget) and budget >= 0, "attack.latent.budget", budget, "a number >= 0")
-    else:
-        penalty = _number(cfg, "attack.latent.penalty")
-        _check(_is_num(penalty) and 0 <= penalty < math.inf, "attack.latent.penalty", penalty, "a number >= 0")
-        _positive(cfg, "attack.latent.lr")
 
 
 def build_vae(model: DictConfig) -> VAE:
@@ -252,17 +120,18 @@ def build_datamodule(data: DictConfig, seed: int) -> ImageDataModule:
 _PLAIN_FLAGS = ("-m", "--multirun")
 
 
-def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_name: str = "config") -> None:
+def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_name: str = "config") -> DictConfig | None:
     """Compose the command line's overrides once, before Hydra starts, and turn what Hydra would
     report in several lines (a mistyped key, an unknown choice of a config group, an override it
     cannot parse) into one ``UserError`` naming the field, what was given and what is accepted.
-    A sweep (``a=1,2,3``) is checked at its first value; ``hydra`` settings are left to Hydra."""
+    A sweep (``a=1,2,3``) is checked at its first value; ``hydra`` settings are left to Hydra.
+    Returns the composed config (None when another flag leaves the command line to Hydra)."""
     from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
     if any(a.startswith("-") and a not in _PLAIN_FLAGS for a in argv):
-        return
+        return None
     texts = [a for a in argv if a not in _PLAIN_FLAGS]
     parser = OverridesParser.create()
     overrides = []
@@ -288,7 +157,7 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
             return compose(config_name=config_name, overrides=items)
 
     try:
-        composed(overrides)
+        return composed(overrides)
     except MissingConfigException as e:
         message = str(e)
         found = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
@@ -298,6 +167,9 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
         group, choice = found.groups()
         raise UserError(f"{group}: got {choice!r}; accepted: {', '.join(options)}") from None
     except ConfigCompositionException as e:
+        wrong_type = _validation_error(e)
+        if wrong_type is not None:
+            raise wrong_type from None
         found = re.search(r"Could not override '([^']+)'", str(e))
         if found is None:
             raise UserError(str(e).splitlines()[0]) from None
@@ -308,6 +180,22 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
         except Exception:
             keys = []
         raise UserError(f"{no_such_field(key, keys)} (to add a new field, write +{key}=...)") from None
+
+
+def _validation_error(error: Exception) -> UserError | None:
+    """The one line for a value the schema's type refused at composition (``seed=abc``,
+    ``model.kind=wild``), or None when the error is something else."""
+    from omegaconf.errors import ValidationError
+
+    cause = error
+    while cause is not None and not isinstance(cause, ValidationError):
+        cause = cause.__cause__
+    if cause is None or not getattr(cause, "full_key", None):
+        return None
+    path = re.sub(r"\[\d+\]$", "", cause.full_key)  # an element of a list: name the list
+    members = re.search(r"expected one of \[([^\]]*)\]", str(cause))
+    words = accepted_words(path, members.group(1).split(", ") if members else None)
+    return UserError(f"{path}: got {cause.value!r}; accepted: {words}")
 
 
 def field_paths(cfg, prefix: str = "") -> list[str]:
@@ -363,7 +251,7 @@ def build_extra_loggers(cfg: DictConfig, save_dir) -> list:
 def _build_entries(cfg: DictConfig, path: str, base: type, accepted: str, defaults: dict | None = None) -> list:
     from hydra.utils import get_class, instantiate
 
-    entries = _number(cfg, path)
+    entries = read(cfg, path)
     if entries is None:
         return []
     _check(OmegaConf.is_dict(entries), path, entries, "a mapping of names to {_target_: ..., arguments}")

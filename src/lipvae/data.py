@@ -213,17 +213,7 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        if name not in DATASETS:
-            raise UserError(f"data.name: unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
-        if resplit not in (True, False, "auto"):
-            raise UserError(f"data.resplit: got {resplit!r}; accepted: true, false, auto")
-        if limit is not None and (not isinstance(limit, int) or limit <= 0):
-            raise UserError(f"data.limit: got {limit!r}; accepted: a positive integer or null")
-        if not 0 < val_fraction < 1:
-            raise UserError(f"data.val_fraction: got {val_fraction}; accepted: a number in (0, 1)")
-        if batch_size < 1:
-            raise UserError(f"data.batch_size: got {batch_size}; accepted: a positive integer")
+        super().__init__()  # the arguments are checked by the data schema (lipvae.schema.ImageDataConfig)
         self.name, self.root, self.download = name, root, download
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.resplit, self.test_fraction = val_fraction, resplit, resplit_test_fraction

@@ -15,9 +15,6 @@ from torch.nn import functional as F
 
 from lipvae.networks import freeze, lipschitz_mlp, measured_lipschitz, nominal_lipschitz, standard_mlp
 
-STD_MODES = ("learned", "bounded", "fixed")
-LIKELIHOODS = ("continuous_bernoulli", "bernoulli", "gaussian")
-KINDS = ("lipschitz", "standard")
 _PROB_EPS = 1e-6
 
 
@@ -59,14 +56,7 @@ class VAE(nn.Module):
         bjorck_beta: float = 0.5,
         layer: str = "bjorck",
     ) -> None:
-        super().__init__()
-        _check_choice("model.kind", kind, KINDS)
-        _check_choice("model.encoder_std.mode", std_mode, STD_MODES)
-        _check_choice("model.likelihood", likelihood, LIKELIHOODS)
-        if std_mode == "fixed" and not (gamma is not None and gamma > 0):
-            raise ValueError(f"model.encoder_std.gamma: must be > 0 with mode=fixed, got {gamma}")
-        if std_mode == "bounded" and not (max_norm is not None and max_norm > 0):
-            raise ValueError(f"model.encoder_std.max_norm: must be > 0 with mode=bounded, got {max_norm}")
+        super().__init__()  # the arguments are checked by the model schema (lipvae.schema.ModelConfig)
         self.kind, self.std_mode, self.likelihood = kind, std_mode, likelihood
         self.input_dim, self.latent_dim = input_dim, latent_dim
         self.gamma, self.max_norm, self.obs_std, self.beta = gamma, max_norm, obs_std, beta
@@ -193,7 +183,3 @@ def continuous_bernoulli_log_norm(lam: torch.Tensor) -> torch.Tensor:
     taylor = math.log(2.0) + torch.log1p(d2 / 3 + d2 * d2 / 5 + d2**3 / 7)
     return torch.where(far, exact, taylor)
 
-
-def _check_choice(field: str, value: str, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{field}: unknown value {value!r}; accepted: {', '.join(accepted)}")

@@ -1,0 +1,386 @@
+"""The typed schema of every config group: the one place a field's type and constraint live.
+
+Each group's YAML files (``conf/<group>/*.yaml``) extend their schema, registered below in
+Hydra's ConfigStore as ``schema/<group>``; the YAML holds the defaults and their comments.
+Composition checks the types (``seed=abc`` fails there); :func:`check` then checks each
+field's constraint (``metadata["ok"]``) and the few rules that tie fields together. Both
+become the one-line ``<field>: got <value>; accepted: <...>`` of :class:`~lipvae.errors.UserError`.
+Constructors (``VAE``, ``ImageDataModule``, …) trust their arguments.
+"""
+
+import dataclasses
+import math
+import numbers
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Dict, List, Optional, get_args
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+
+from lipvae.certify.bounds import FORMS, STD_MODES
+from lipvae.data import DATASETS
+from lipvae.errors import UserError
+
+
+class Kind(StrEnum):
+    lipschitz = "lipschitz"
+    standard = "standard"
+
+
+class Likelihood(StrEnum):
+    continuous_bernoulli = "continuous_bernoulli"
+    bernoulli = "bernoulli"
+    gaussian = "gaussian"
+
+
+StdMode = StrEnum("StdMode", {m: m for m in STD_MODES})  # the bounds' modes: one list of them
+
+
+class Accelerator(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Weights(StrEnum):
+    best = "best"
+    last = "last"
+
+
+class Search(StrEnum):
+    bisection = "bisection"
+    grid = "grid"
+
+
+class LatentKind(StrEnum):
+    hard = "hard"
+    soft = "soft"
+
+
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+# ---- constraints: a predicate on the value and the words for what it accepts -------------
+
+
+def _num(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+POSITIVE = (lambda v: _num(v) and 0 < v < math.inf, "a positive number")
+POSITIVE_INT = (lambda v: _int(v) and v > 0, "a positive integer")
+NONNEG_INT = (lambda v: _int(v) and v >= 0, "an integer >= 0")
+NONNEG = (lambda v: _num(v) and 0 <= v < math.inf, "a number >= 0")
+UNIT = (lambda v: _num(v) and 0 < v < 1, "a number in (0, 1)")
+TRI_STATE = (lambda v: v in (True, False, "auto"), "true, false, auto")
+
+
+def spec(ok_accepted=None, default=MISSING, *, when: Callable[[DictConfig], bool] | None = None,
+         factory=None):
+    """A schema field with a constraint: ``ok_accepted = (predicate, words)``; ``when(root)``
+    says whether it applies (e.g. γ only with a fixed σ)."""
+    ok, accepted = ok_accepted if ok_accepted else (None, None)
+    meta = {"ok": ok, "accepted": accepted, "when": when}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _lipschitz(root) -> bool:
+    return root.model.kind == Kind.lipschitz
+
+
+# ---- the groups ---------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderStdConfig:
+    mode: StdMode = MISSING
+    gamma: Optional[float] = spec(POSITIVE, None, when=lambda root: root.model.encoder_std.mode == StdMode.fixed)
+    max_norm: Optional[float] = spec(POSITIVE, None, when=lambda root: root.model.encoder_std.mode == StdMode.bounded)
+
+
+@dataclass
+class LipschitzConstants:
+    encoder_mean: float = spec(POSITIVE, when=_lipschitz)
+    encoder_std: float = spec(POSITIVE, when=_lipschitz)
+    decoder: float = spec(POSITIVE, when=_lipschitz)
+
+
+@dataclass
+class BjorckConfig:
+    beta: float = spec((lambda v: _num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"), when=_lipschitz)
+    iters: int = spec(POSITIVE_INT, when=_lipschitz)
+    project_iters: int = spec(NONNEG_INT, when=_lipschitz)
+
+
+@dataclass
+class ModelConfig:
+    kind: Kind = MISSING
+    run_name: str = MISSING
+    latent_dim: int = spec(POSITIVE_INT)
+    hidden: List[int] = spec((lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0
+                              and all(_int(h) and h > 0 for h in v), "a non-empty list of positive integers"))
+    beta: float = spec(NONNEG)
+    likelihood: Likelihood = MISSING
+    obs_std: float = spec(POSITIVE, when=lambda root: root.model.likelihood == Likelihood.gaussian)
+    encoder_std: EncoderStdConfig = MISSING
+    lipschitz: LipschitzConstants = MISSING
+    layer: Any = MISSING
+    bjorck: BjorckConfig = MISSING
+    lr: float = spec(POSITIVE)
+
+
+@dataclass
+class FinetuneConfig:
+    max_epochs: int = spec(NONNEG_INT)
+    bjorck_iters: int = spec(POSITIVE_INT)
+    lr: float = spec(POSITIVE)
+    tol: float = spec(NONNEG)
+    patience: int = spec(POSITIVE_INT)
+
+
+PRECISIONS = ("32-true", "32", "64-true", "64")
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: Accelerator = MISSING
+    devices: Any = spec((lambda v: v == "auto" or (_int(v) and (v >= 1 or v == -1)), "a positive integer, -1 or auto"))
+    strategy: str = MISSING
+    precision: str = spec((lambda v: v in PRECISIONS, ", ".join(PRECISIONS)))
+    max_epochs: int = spec(POSITIVE_INT)
+    patience: int = spec(POSITIVE_INT)
+    max_time: Optional[float] = spec((lambda v: v is None or (_num(v) and 0 < v < math.inf), "minutes > 0, or null"), None)
+    evaluate: Weights = MISSING
+    finetune: FinetuneConfig = MISSING
+    num_importance: int = spec((NONNEG_INT[0], "an integer >= 0 (0 skips the log-likelihood)"))
+    log_every_n_steps: int = spec(POSITIVE_INT)
+    enable_progress_bar: bool = MISSING
+
+
+@dataclass
+class ImageDataConfig:
+    """The schema of ``lipvae.data.ImageDataModule``'s arguments (another ``_target_`` brings
+    its own config, unchecked here)."""
+
+    _target_: str = "lipvae.data.ImageDataModule"
+    name: str = spec((lambda v: v in DATASETS, ", ".join(DATASETS)))
+    root: Optional[str] = None
+    batch_size: int = spec(POSITIVE_INT)
+    eval_batch_size: int = spec(POSITIVE_INT)
+    val_fraction: float = spec(UNIT)
+    resplit: Any = spec((TRI_STATE[0], "True, False, auto"))
+    resplit_test_fraction: float = spec(UNIT)
+    limit: Optional[int] = spec((lambda v: v is None or (_int(v) and v > 0), "a positive integer or null"), None)
+    download: bool = True
+
+
+def _list_of(ok, words):
+    return (lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(map(ok, v)), words)
+
+
+def _certifying(root) -> bool:
+    return bool(root.certify.enabled)
+
+
+@dataclass
+class CertifyConfig:
+    enabled: bool = MISSING
+    r: List[float] = spec(_list_of(POSITIVE[0], "a list of numbers > 0"), when=_certifying)
+    p: List[float] = spec(_list_of(UNIT[0], "a list of numbers in (0, 1)"), when=_certifying)
+    forms: List[str] = spec(_list_of(lambda v: v in FORMS, f"a list drawn from {', '.join(FORMS)}"), when=_certifying)
+    num_inputs: Optional[int] = spec((lambda v: v is None or (_int(v) and v > 0), "a positive integer or null"), None,
+                                     when=_certifying)
+
+
+def _attacking(root) -> bool:
+    return bool(root.attack.enabled)
+
+
+@dataclass
+class LbfgsConfig:
+    maxcor: int = spec(POSITIVE_INT, when=_attacking)
+    factr: float = spec(POSITIVE, when=_attacking)
+    pgtol: float = spec(POSITIVE, when=_attacking)
+    maxiter: int = spec(POSITIVE_INT, when=_attacking)
+
+
+@dataclass
+class LatentAttackConfig:
+    kind: LatentKind = MISSING
+    budget: Optional[float] = spec(NONNEG, None, when=lambda root: _attacking(root) and root.attack.latent.kind == "hard")
+    penalty: Optional[float] = spec(NONNEG, None, when=lambda root: _attacking(root) and root.attack.latent.kind == "soft")
+    lr: Optional[float] = spec(POSITIVE, None, when=lambda root: _attacking(root) and root.attack.latent.kind == "soft")
+    num_inputs: int = spec(POSITIVE_INT, when=_attacking)
+    steps: int = spec(POSITIVE_INT, when=_attacking)
+
+
+@dataclass
+class AttackConfig:
+    enabled: bool = MISSING
+    method: str = MISSING  # checked against the registered attacks (lipvae.attack)
+    r: float = spec(POSITIVE, when=_attacking)
+    p: float = spec(UNIT, when=_attacking)
+    num_inputs: int = spec(POSITIVE_INT, when=_attacking)
+    samples: int = spec(POSITIVE_INT, when=_attacking)
+    starts: int = spec(POSITIVE_INT, when=_attacking)
+    steps: int = spec(POSITIVE_INT, when=_attacking)
+    max_radius: float = spec(POSITIVE, when=_attacking)
+    tol: float = spec(POSITIVE, when=_attacking)
+    search: Search = MISSING
+    grid_step: float = spec(POSITIVE, when=_attacking)
+    pixel_range: bool = MISSING
+    lbfgs: Optional[LbfgsConfig] = None
+    latent: LatentAttackConfig = MISSING
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = MISSING
+    mode: WandbMode = MISSING
+    project: str = MISSING
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = MISSING
+    wandb: WandbConfig = MISSING
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+NAME = (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+,-]*", v) is not None and ".." not in v,
+        "letters, digits and . _ = + , - (no path separators or '..': run folders stay under outputs/)")
+
+
+@dataclass
+class RootConfig:
+    """Top-level fields; each group keeps its own schema (``data`` only for ImageDataModule)."""
+
+    enc_L: float = spec(POSITIVE, when=_lipschitz)
+    dec_L: float = spec(POSITIVE, when=_lipschitz)
+    seed: int = spec((lambda v: _int(v) and 0 <= v < 2**32, "an integer in [0, 2^32)"))
+    resume: Any = spec(TRI_STATE)
+    name: str = spec(NAME)
+    data: Any = MISSING
+    model: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = MISSING
+    certify: Any = MISSING
+    attack: Any = MISSING
+    callbacks: Any = None
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "trainer": TrainerConfig,
+    "data": ImageDataConfig,
+    "certify": CertifyConfig,
+    "attack": AttackConfig,
+    "logger": LoggerConfig,
+}
+
+
+def register() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent): ``schema/<group>`` for the groups'
+    YAML files, ``schema/root`` for config.yaml."""
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="root", node=RootConfig)
+    for group, node in GROUPS.items():
+        cs.store(group="schema", name=group, node=node)
+    cs.store(group="schema", name="latent", node=LatentAttackConfig)
+
+
+register()
+
+
+# ---- checking -------------------------------------------------------------------------------
+
+
+def schema_field(path: str) -> dataclasses.Field | None:
+    """The schema field of a dotted path (``model.encoder_std.gamma``), or None."""
+    parts = path.split(".")
+    node: Any = RootConfig
+    if parts[0] in GROUPS:
+        node, parts = GROUPS[parts[0]], parts[1:]
+    found = None
+    for part in parts:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        found = fields.get(part)
+        if found is None:
+            return None
+        node = _dataclass_of(found.type)
+    return found
+
+
+def _dataclass_of(annotation) -> type | None:
+    """The schema class of a field's type (``Optional[X]`` included), or None."""
+    for t in (annotation, *get_args(annotation)):
+        if dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def accepted_words(path: str, enum_values=None) -> str:
+    """What a field accepts, in words: its constraint's, else its Enum's members, else its type."""
+    f = schema_field(path)
+    if f is not None and f.metadata.get("accepted"):
+        return f.metadata["accepted"]
+    if enum_values:
+        return ", ".join(enum_values)
+    kind = "" if f is None else str(f.type)
+    for word, text in (("bool", "true or false"), ("int", "an integer"), ("float", "a number"), ("str", "a string")):
+        if word in kind:
+            return text
+    return "a value of the field's type"
+
+
+def read(cfg: DictConfig, path: str):
+    """A field's value; an interpolation that cannot be resolved or converted is a ``UserError``
+    naming the field and the value it got."""
+    try:
+        return OmegaConf.select(cfg, path, throw_on_missing=True)
+    except Exception as e:
+        value = getattr(e, "value", None)
+        if value is not None and "could not be converted" in str(e):
+            raise UserError(f"{path}: got {value!r}; accepted: {accepted_words(path)}") from None
+        raise UserError(f"{path}: cannot be resolved ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _plain(v):
+    return OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
+
+
+def fail(path: str, value, accepted: str):
+    raise UserError(f"{path}: got {_plain(value)!r}; accepted: {accepted}")
+
+
+def check_fields(root: DictConfig, prefix: str, schema: type) -> None:
+    """Every constrained field of ``schema`` under ``prefix``, nested schemas included."""
+    for f in dataclasses.fields(schema):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        when = f.metadata.get("when")
+        if when is not None and not when(root):
+            continue
+        value = read(root, path)
+        ok = f.metadata.get("ok")
+        if ok is not None and not ok(value):
+            fail(path, value, f.metadata["accepted"])
+        nested = _dataclass_of(f.type)
+        if nested is not None and value is not None:
+            check_fields(root, path, nested)
