@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lipvae.data import ImageDataModule
-from lipvae.networks import BjorckLinear, orthonormality_error, project_bjorck_, set_bjorck
+from lipvae.networks import AOLLinear, BjorckLinear, orthonormality_error, project_bjorck_, set_bjorck
 from lipvae.vae import VAE
 
 
@@ -203,8 +203,8 @@ def main() -> None:
 
     # --- beyond the paper: the iteration-free AOL layer on the same step budget
     torch.manual_seed(0)
-    aol = VAE(layer="aol")
-    t_aol_step = step_time(VAE(layer="aol"), x_train)
+    aol = VAE(layer=AOLLinear)
+    t_aol_step = step_time(VAE(layer=AOLLinear), x_train)
     opt = torch.optim.Adam(aol.parameters(), lr=1e-4)
     data = batches(x_train, 128, torch.Generator().manual_seed(1))
     start = time.perf_counter()

@@ -1,4 +1,5 @@
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from torch.distributions import Normal, kl_divergence
 
 from conftest import needs_real_mnist
 from lipvae.data import ImageDataModule
+from lipvae.networks import BjorckLinear
 from lipvae.vae import VAE
 
 
@@ -58,7 +60,7 @@ def test_model_schema_covers_every_argument_of_the_vae():
     # VAE's argument -> the model field it is built from (lipvae.config.build_vae)
     source = {"encoder_mean_L": "lipschitz", "encoder_std_L": "lipschitz", "decoder_L": "lipschitz",
               "std_mode": "encoder_std", "gamma": "encoder_std", "max_norm": "encoder_std",
-              "bjorck_iters": "bjorck", "bjorck_beta": "bjorck", "input_dim": None}
+              "input_dim": None}
     for name in inspect.signature(VAE).parameters:
         assert source.get(name, name) in fields | {None}, name
 
@@ -88,11 +90,11 @@ def test_std_network_counts_its_sigmoid_head_once():
     from lipvae.networks import SIGMOID_LIPSCHITZ, lipschitz_mlp, measured_lipschitz
 
     torch.manual_seed(3)
-    vae = tiny(encoder_std_L=8.0, bjorck_iters=30).freeze()
+    vae = tiny(encoder_std_L=8.0, layer=partial(BjorckLinear, iters=30)).freeze()
     c = vae.lipschitz_constants()
     assert c["bound"]["encoder_std"] == pytest.approx(8.0 * SIGMOID_LIPSCHITZ)
     assert c["measured"]["encoder_std"] == pytest.approx(8.0 * SIGMOID_LIPSCHITZ, rel=1e-3)
-    alone = lipschitz_mlp([20, 16, 16, 4], 8.0, iters=30, sigmoid_head=True)
+    alone = lipschitz_mlp([20, 16, 16, 4], 8.0, layer=partial(BjorckLinear, iters=30), sigmoid_head=True)
     assert measured_lipschitz(alone) == pytest.approx(c["measured"]["encoder_std"], rel=1e-3)
     body = vae.encoder_std[:-1]
     assert measured_lipschitz(body) * SIGMOID_LIPSCHITZ == pytest.approx(c["measured"]["encoder_std"])

@@ -14,7 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.attacks import METHODS
 from lipvae.data import ImageDataModule, check_root
 from lipvae.errors import UserError
-from lipvae.networks import LAYERS
 from lipvae.schema import GROUPS, RootConfig, accepted_words, check_fields, fail, read
 from lipvae.vae import VAE
 
@@ -32,7 +31,7 @@ def validate(cfg: DictConfig) -> None:
     if lipschitz:
         hidden = list(cfg.model.hidden)
         _check(all(h % 2 == 0 for h in hidden), "model.hidden", hidden, "even widths (GroupSort groups of 2)")
-        _check(cfg.model.layer in LAYERS, "model.layer", cfg.model.layer, ", ".join(LAYERS))
+        build_layer(cfg.model)  # its class and arguments, before any data is read
         if cfg.certify.enabled:
             m = cfg.model.latent_dim
             _check(m >= 2, "model.latent_dim", m,
@@ -95,10 +94,39 @@ def build_vae(model: DictConfig) -> VAE:
         likelihood=model.likelihood,
         obs_std=model.obs_std,
         beta=float(model.beta),
-        bjorck_iters=model.bjorck.iters,
-        bjorck_beta=model.bjorck.beta,
-        layer=model.layer,
+        layer=build_layer(model) if model.kind == "lipschitz" else None,
     )
+
+
+def build_layer(model: DictConfig):
+    """The Lipschitz layer of the ``model/layer`` group: a partial of its ``_target_`` class
+    (a ``lipvae.networks.LipschitzLinear``), called with (in, out, scale=...) for each layer."""
+    from hydra.utils import get_class, instantiate
+
+    from lipvae.networks import LipschitzLinear
+
+    spec = model.layer
+    if isinstance(spec, str):  # a run recorded before layers were a config group, or model.layer=<name>
+        _check(spec in LEGACY_LAYERS, "model.layer", spec, f"{', '.join(LEGACY_LAYERS)} (or model/layer=<a file of conf/model/layer/>)")
+        spec = OmegaConf.create({"_target_": LEGACY_LAYERS[spec], "_partial_": True,
+                                 **({"iters": model.bjorck.iters, "beta": model.bjorck.beta} if spec == "bjorck" else {})})
+    _check(OmegaConf.is_dict(spec) and "_target_" in spec, "model.layer", spec,
+           "a mapping with _target_ (a LipschitzLinear class) and its arguments (conf/model/layer/)")
+    try:
+        cls = get_class(spec._target_)
+    except Exception as e:
+        raise _cannot_build("model.layer", spec._target_, e) from None
+    _check(isinstance(cls, type) and issubclass(cls, LipschitzLinear), "model.layer._target_", spec._target_,
+           "a subclass of lipvae.networks.LipschitzLinear")
+    try:
+        layer = instantiate(spec, _partial_=True)
+        layer(2, 2, scale=1.0)  # a tiny one: its arguments are checked now, not when the VAE is built
+    except Exception as e:
+        raise _cannot_build("model.layer", spec._target_, e) from None
+    return layer
+
+
+LEGACY_LAYERS = {"bjorck": "lipvae.networks.BjorckLinear", "aol": "lipvae.networks.AOLLinear"}
 
 
 def build_datamodule(data: DictConfig, seed: int) -> ImageDataModule:

@@ -10,7 +10,7 @@ the weights actually used, which is what certificates must trust.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -67,7 +67,46 @@ class GroupSort2(nn.Module):
         return torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim=-1).flatten(-2)
 
 
-class BjorckLinear(nn.Module):
+class LipschitzLinear(nn.Module):
+    """A linear layer whose weight has spectral norm at most 1 by construction, scaled by
+    ``scale``: its Lipschitz constant is ``scale`` (nominal) and ``scale · ‖effective_weight()‖₂``
+    (measured, what certificates use). A new kind of Lipschitz layer subclasses this and is
+    selected by a YAML file in ``conf/model/layer/`` whose ``_target_`` names it (README,
+    "Extending"); the networks, freezing and the measured constants then work unchanged.
+    """
+
+    in_features: int
+    out_features: int
+    scale: float
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward pass multiplies by (before ``scale``)."""
+        raise NotImplementedError
+
+    def frozen_weight(self) -> torch.Tensor:
+        """The weight frozen into a plain layer (before ``scale``); by default the effective one."""
+        return self.effective_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.scale * self.effective_weight(), self.bias)
+
+    def frozen(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding ``scale · frozen_weight()`` and the bias."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = linear.to(self.weight.device, self.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.scale * self.frozen_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:.4g}"
+
+
+class BjorckLinear(LipschitzLinear):
     """``y = scale · orth(W) x + b`` with ``orth`` Björck's orthonormalisation.
 
     Before iterating, ``W`` is divided by a power-iteration estimate of ``‖W‖₂`` so
@@ -121,26 +160,18 @@ class BjorckLinear(nn.Module):
         """
         self.weight.copy_(bjorck_orthonormalize(self._normalised_weight(), iters, self.beta))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
         if self.training or torch.is_grad_enabled():
             self._cache = None
-            w = self.orthonormal_weight()
-        else:
-            key = (self.weight._version, self.iters)
-            if self._cache is None or self._cache[:2] != key:
-                self._cache = (*key, self.orthonormal_weight())
-            w = self._cache[2]
-        return F.linear(x, self.scale * w, self.bias)
+            return self.orthonormal_weight()
+        key = (self.weight._version, self.iters)
+        if self._cache is None or self._cache[:2] != key:
+            self._cache = (*key, self.orthonormal_weight())
+        return self._cache[2]
 
-    def frozen(self) -> nn.Linear:
-        """A plain layer with weight ``scale · polar(W)``: Björck run to convergence."""
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear = linear.to(self.weight.device, self.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.scale * polar_factor(self.weight))
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+    def frozen_weight(self) -> torch.Tensor:
+        """``polar(W)``: Björck run to convergence."""
+        return polar_factor(self.weight)
 
     def extra_repr(self) -> str:
         return (
@@ -149,7 +180,7 @@ class BjorckLinear(nn.Module):
         )
 
 
-class AOLLinear(nn.Module):
+class AOLLinear(LipschitzLinear):
     """Almost-orthogonal layer (Prach & Lampert 2022): ``y = scale · W D x + b`` with
     ``D = diag(Σ_j |WᵀW|_ij)^(−1/2)``, which makes ``‖W D‖₂ ≤ 1`` exactly, with no iteration.
 
@@ -164,28 +195,11 @@ class AOLLinear(nn.Module):
         nn.init.orthogonal_(self.weight)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
-    def rescaled_weight(self) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
         w = self.weight
         d = (w.mT @ w).abs().sum(dim=0).clamp_min(1e-12).rsqrt()
         return w * d
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.scale * self.rescaled_weight(), self.bias)
-
-    def frozen(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear = linear.to(self.weight.device, self.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(self.scale * self.rescaled_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:.4g}"
-
-
-LAYERS = ("bjorck", "aol")
 
 #: Lipschitz constant of each activation (Euclidean norm), for ``measured_lipschitz``.
 ACTIVATION_LIPSCHITZ: dict[type[nn.Module], float] = {
@@ -199,34 +213,21 @@ ACTIVATION_LIPSCHITZ: dict[type[nn.Module], float] = {
 def lipschitz_mlp(
     sizes: Sequence[int],
     lipschitz: float,
-    iters: int = 3,
-    beta: float = 0.5,
+    layer: Callable[..., LipschitzLinear] = BjorckLinear,
     sigmoid_head: bool = False,
-    layer: str = "bjorck",
 ) -> nn.Sequential:
     """An MLP with Lipschitz constant at most ``lipschitz`` (nominal, before the head).
 
-    ``sizes = [n_in, h_1, ..., n_out]``; each of the k linear layers is scaled by
-    ``lipschitz^(1/k)``; GroupSort2 between layers, so hidden widths must be even.
-    ``layer``: ``bjorck`` (orthonormalised, the paper's) or ``aol`` (iteration-free rescaling).
+    ``sizes = [n_in, h_1, ..., n_out]``; each of the k linear layers is
+    ``layer(n_in, n_out, scale=lipschitz^(1/k))`` (a ``LipschitzLinear``: the model's
+    ``model.layer`` group builds the partial, e.g. Björck layers with their iteration count);
+    GroupSort2 between layers, so hidden widths must be even (the model schema checks it).
     """
-    if layer not in LAYERS:
-        raise ValueError(f"model.layer: unknown {layer!r}; accepted: {', '.join(LAYERS)}")
     k = len(sizes) - 1
-    if k < 1:
-        raise ValueError(f"sizes: need at least input and output sizes, got {list(sizes)}")
-    if lipschitz <= 0:
-        raise ValueError(f"lipschitz: must be > 0, got {lipschitz}")
-    odd = [h for h in sizes[1:-1] if h % 2]
-    if odd:
-        raise ValueError(f"hidden widths: GroupSort(2) needs even widths, got {list(sizes[1:-1])}")
     scale = lipschitz ** (1.0 / k)
     layers: list[nn.Module] = []
     for i in range(k):
-        if layer == "aol":
-            layers.append(AOLLinear(sizes[i], sizes[i + 1], scale=scale))
-        else:
-            layers.append(BjorckLinear(sizes[i], sizes[i + 1], scale=scale, iters=iters, beta=beta))
+        layers.append(layer(sizes[i], sizes[i + 1], scale=scale))
         if i < k - 1:
             layers.append(GroupSort2())
     if sigmoid_head:
@@ -247,10 +248,10 @@ def standard_mlp(sizes: Sequence[int], sigmoid_head: bool = False) -> nn.Sequent
 
 
 def freeze(module: nn.Module) -> nn.Module:
-    """Replace, in place, every ``BjorckLinear`` (``AOLLinear``) below ``module`` by a plain
-    layer holding its polar factor (its rescaled weight)."""
+    """Replace, in place, every ``LipschitzLinear`` below ``module`` by a plain layer holding
+    its frozen weight (a Björck layer's polar factor, an AOL layer's rescaled weight)."""
     for name, child in module.named_children():
-        if isinstance(child, (BjorckLinear, AOLLinear)):
+        if isinstance(child, LipschitzLinear):
             setattr(module, name, child.frozen())
         else:
             freeze(child)
@@ -316,10 +317,8 @@ def measured_lipschitz(net: nn.Module) -> float:
     """
 
     def layer(m: nn.Module) -> float:
-        if isinstance(m, BjorckLinear):
-            return m.scale * spectral_norm_exact(m.orthonormal_weight())
-        if isinstance(m, AOLLinear):
-            return m.scale * spectral_norm_exact(m.rescaled_weight())
+        if isinstance(m, LipschitzLinear):
+            return m.scale * spectral_norm_exact(m.effective_weight())
         if isinstance(m, nn.Linear):
             return spectral_norm_exact(m.weight)
         raise TypeError(f"measured_lipschitz: no Lipschitz constant known for {type(m).__name__}")
@@ -333,7 +332,7 @@ def nominal_lipschitz(net: nn.Module) -> float:
     activations' constants. ``measured_lipschitz`` should not exceed it."""
 
     def layer(m: nn.Module) -> float:
-        if isinstance(m, (BjorckLinear, AOLLinear)):
+        if isinstance(m, LipschitzLinear):
             return m.scale
         raise TypeError(f"nominal_lipschitz: {type(m).__name__} has no constant by construction")
 

@@ -7,13 +7,14 @@ mean parameter ``g(z)``; the objective is ``E_q[log p(x|z)] − β·KL(q ‖ N(0
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lipvae.networks import freeze, lipschitz_mlp, measured_lipschitz, nominal_lipschitz, standard_mlp
+from lipvae.networks import BjorckLinear, LipschitzLinear, freeze, lipschitz_mlp, measured_lipschitz, nominal_lipschitz, standard_mlp
 
 _PROB_EPS = 1e-6
 
@@ -52,9 +53,7 @@ class VAE(nn.Module):
         likelihood: str = "continuous_bernoulli",
         obs_std: float = 1.0,
         beta: float = 1.0,
-        bjorck_iters: int = 3,
-        bjorck_beta: float = 0.5,
-        layer: str = "bjorck",
+        layer: Callable[..., LipschitzLinear] = BjorckLinear,
     ) -> None:
         super().__init__()  # the arguments are checked by the model schema (lipvae.schema.ModelConfig)
         self.kind, self.std_mode, self.likelihood = kind, std_mode, likelihood
@@ -67,7 +66,7 @@ class VAE(nn.Module):
         if kind == "lipschitz":
 
             def build(sizes, lip, head):
-                return lipschitz_mlp(sizes, lip, iters=bjorck_iters, beta=bjorck_beta, sigmoid_head=head, layer=layer)
+                return lipschitz_mlp(sizes, lip, layer=layer, sigmoid_head=head)
 
         else:
 
