@@ -80,22 +80,27 @@ def _validate_devices(cfg: DictConfig) -> None:
 
 
 def build_vae(model: DictConfig) -> VAE:
-    lip = model.lipschitz
-    return VAE(
-        kind=model.kind,
-        latent_dim=model.latent_dim,
-        hidden=tuple(model.hidden),
-        encoder_mean_L=float(lip.encoder_mean),
-        encoder_std_L=float(lip.encoder_std),
-        decoder_L=float(lip.decoder),
-        std_mode=model.encoder_std.mode,
-        gamma=model.encoder_std.gamma,
-        max_norm=model.encoder_std.max_norm,
-        likelihood=model.likelihood,
-        obs_std=model.obs_std,
-        beta=float(model.beta),
-        layer=build_layer(model) if model.kind == "lipschitz" else None,
-    )
+    """The model of the ``model`` group, built from its ``_target_`` (``VAE.from_config``; runs
+    recorded before the field existed get it too) with the fields its signature names; the
+    others (``lr``, ``run_name``, ``bjorck``) are training settings. The layer comes from
+    ``build_layer``."""
+    from hydra.utils import get_method, instantiate
+
+    target = model.get("_target_", VAE_TARGET)
+    try:
+        build = get_method(target)
+    except Exception as e:
+        raise _cannot_build("model", target, e) from None
+    layer = build_layer(model) if model.kind == "lipschitz" else None
+    resolved = OmegaConf.to_container(model, resolve=True)  # the interpolations (enc_L) refer to the root
+    fields = {k: v for k, v in resolved.items() if k not in ("layer", "_target_") and _accepts(build, k)}
+    try:
+        return instantiate({"_target_": target, **fields}, layer=layer, _convert_="all")
+    except Exception as e:
+        raise _cannot_build("model", target, e) from None
+
+
+VAE_TARGET = "lipvae.vae.VAE.from_config"
 
 
 def build_layer(model: DictConfig):

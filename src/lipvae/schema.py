@@ -128,6 +128,7 @@ class BjorckConfig:
 
 @dataclass
 class ModelConfig:
+    _target_: str = MISSING  # the class (or factory) that builds the model from these fields
     kind: Kind = MISSING
     run_name: str = MISSING
     latent_dim: int = spec(POSITIVE_INT)

@@ -7,7 +7,7 @@ mean parameter ``g(z)``; the objective is ``E_q[log p(x|z)] − β·KL(q ‖ N(0
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +86,31 @@ class VAE(nn.Module):
                 "encoder_std": 0.0 if self.encoder_std is None else nominal_lipschitz(self.encoder_std),
                 "decoder": nominal_lipschitz(self.decoder),
             }
+
+    @classmethod
+    def from_config(
+        cls,
+        kind: str,
+        latent_dim: int,
+        hidden: Sequence[int],
+        beta: float,
+        likelihood: str,
+        obs_std: float,
+        encoder_std: Mapping,
+        lipschitz: Mapping,
+        layer: Callable[..., LipschitzLinear] | None = None,
+        input_dim: int = 784,
+    ) -> VAE:
+        """The VAE of a ``model`` config group, whose fields these arguments are named after
+        (``encoder_std`` and ``lipschitz`` are its nested groups; ``layer`` the partial that the
+        ``model/layer`` group builds). The model's ``_target_``."""
+        return cls(
+            kind=kind, input_dim=input_dim, latent_dim=latent_dim, hidden=tuple(hidden), beta=float(beta),
+            likelihood=likelihood, obs_std=obs_std, std_mode=encoder_std["mode"], gamma=encoder_std.get("gamma"),
+            max_norm=encoder_std.get("max_norm"), encoder_mean_L=float(lipschitz["encoder_mean"]),
+            encoder_std_L=float(lipschitz["encoder_std"]), decoder_L=float(lipschitz["decoder"]),
+            layer=BjorckLinear if layer is None else layer,
+        )
 
     def encode(self, x: torch.Tensor) -> Posterior:
         mean = self.encoder_mean(x)
