@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from scipy import optimize
 
-from lipvae.attacks import estimate_margins, robust_probability
+from lipvae.attack import estimate_margins, robust_probability
 from lipvae.data import ImageDataModule
 
 R, P, SAMPLES, STARTS = 8.0, 0.5, 40, 5

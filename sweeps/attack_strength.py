@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from scipy import optimize
 
-from lipvae.attacks import estimate_margins, robust_probability
+from lipvae.attack import estimate_margins, robust_probability
 from lipvae.certify.recertify import load_model
 from lipvae.config import build_datamodule
 

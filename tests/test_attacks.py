@@ -6,11 +6,12 @@ from scipy import optimize, stats
 from torch import nn
 
 from lipvae.evaluate import other_class_targets, soundness_violations
-from lipvae.attacks import (
+from lipvae.attack import (
     damage,
     estimate_margins,
     gaussian_kl,
     latent_space_attack,
+    lbfgs_margins,
     max_damage_attack,
     project_ball_box,
     robust_probability,
@@ -197,7 +198,7 @@ def stop_after(n: int, real):
 
 @pytest.mark.parametrize("search", ["bisection", "grid"])
 def test_an_interrupted_search_continues_to_the_same_answer(tmp_path, monkeypatch, search):
-    import lipvae.attacks as attacks
+    import lipvae.attack.pgd as attacks
 
     vae = tiny_vae()
     x = torch.rand(6, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -230,9 +231,9 @@ def test_reference_lbfgs_margin_matches_the_analytic_one():
     x = torch.rand(3, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     r, p, step = 1.5, 0.5, 0.1
     truth = model.true_margin(r, p)
-    est = estimate_margins(
+    est = lbfgs_margins(
         model, x, r=r, p=p, samples=4000, starts=2, max_radius=3.0, grid_step=step, pixel_range=False,
-        method="lbfgs", lbfgs={"maxiter": 50}, generator=torch.Generator().manual_seed(3), progress=False,
+        lbfgs={"maxiter": 50}, generator=torch.Generator().manual_seed(3), progress=False,
     )
     assert not est.censored.any()
     # the grid's smallest non-robust radius: the first grid point at or above the truth
@@ -241,14 +242,14 @@ def test_reference_lbfgs_margin_matches_the_analytic_one():
 
 @pytest.mark.slow
 def test_reference_lbfgs_and_batched_pgd_agree(tmp_path, monkeypatch):
-    import lipvae.attacks as attacks
+    import lipvae.attack.lbfgs as attacks
 
     vae = tiny_vae()
     x = torch.rand(4, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    kw = dict(r=1.0, p=0.5, samples=200, starts=2, max_radius=2.0, grid_step=0.25, search="grid", progress=False)
-    pgd = estimate_margins(vae, x, steps=20, generator=torch.Generator().manual_seed(5), **kw)
-    lb = dict(method="lbfgs", lbfgs={"maxiter": 30}, seed=7)
-    ref = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), **kw, **lb)
+    kw = dict(r=1.0, p=0.5, samples=200, starts=2, max_radius=2.0, grid_step=0.25, progress=False)
+    pgd = estimate_margins(vae, x, steps=20, search="grid", generator=torch.Generator().manual_seed(5), **kw)
+    lb = dict(lbfgs={"maxiter": 30}, seed=7)
+    ref = lbfgs_margins(vae, x, generator=torch.Generator().manual_seed(5), **kw, **lb)
     assert (0 < ref.margin).all() and (ref.margin < 2.0).all()
     assert torch.all((ref.margin - pgd.margin).abs() <= 0.25 + 1e-9), (ref.margin, pgd.margin)
     # stopped after some restarts, the search continues to the same answer without redoing inputs
@@ -256,11 +257,11 @@ def test_reference_lbfgs_and_batched_pgd_agree(tmp_path, monkeypatch):
     state = tmp_path / "attack_state.pt"
     monkeypatch.setattr(attacks, "lbfgs_max_damage", stop_after(10, real))
     with pytest.raises(KeyboardInterrupt):
-        estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw, **lb)
+        lbfgs_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw, **lb)
     done = torch.load(state, weights_only=True)["done"]
     assert 0 < done < 4
     monkeypatch.setattr(attacks, "lbfgs_max_damage", real)
-    resumed = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw, **lb)
+    resumed = lbfgs_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw, **lb)
     assert torch.equal(resumed.margin, ref.margin) and not state.exists()
 
 
@@ -279,5 +280,3 @@ def test_soft_latent_attack_trades_kl_against_the_norm():
     assert torch.all(weak.delta.norm(dim=1) > strong.delta.norm(dim=1))
     assert torch.all(weak.kl < before) and weak.kl.mean() < strong.kl.mean()
     assert torch.all((weak.adversarial >= -1e-12) & (weak.adversarial <= 1 + 1e-12))
-    with pytest.raises(ValueError, match="attack.latent.kind"):
-        latent_space_attack(vae, x, xt, budget=1.0, kind="medium")

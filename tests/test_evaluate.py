@@ -57,14 +57,14 @@ def test_replace_updates_margins_figures_and_soundness_together(run, capsys):
 
 @pytest.mark.slow
 def test_a_stop_during_replace_leaves_the_run_as_it_was(run, capsys, monkeypatch):
-    import lipvae.evaluate as evaluate
+    from lipvae.attack import PGDAttack
 
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lipvae.lock"}
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt("SIGINT")
 
-    monkeypatch.setattr(evaluate, "estimate_margins", stop)  # after the new certificates are written
+    monkeypatch.setattr(PGDAttack, "estimate", stop)  # after the new certificates are written
     assert evaluate_main([str(run), "attack.steps=40", "certify.forms=[paper]", "--replace"]) == 130
     assert "interrupted; the run's own files are as they were" in capsys.readouterr().err
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lipvae.lock"}

@@ -17,7 +17,7 @@ from conftest import CONF, PROJECT, run_cli, synthetic_data_dir
 from lipvae.config import build_callbacks, check_overrides, validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
-from lipvae.module import NonFiniteLossError, SaveOnInterrupt, VAEModule
+from lipvae.module import NonFiniteLossError, SaveOnException, VAEModule
 from lipvae.results import write_results
 from lipvae.vae import VAE
 
@@ -74,7 +74,10 @@ BAD_INPUTS = [
     (["trainer.accelerator=cpu", "trainer.devices=2"], "trainer.devices: got 2 on CPU; accepted: 1, or several with a strategy"),
     (["trainer.devices=0"], "trainer.devices: got 0; accepted: a positive integer, -1 or auto"),
     (["trainer.evaluate=first"], "trainer.evaluate: got 'first'; accepted: best, last"),
-    (["attack.method=cw"], "attack.method: got 'cw'; accepted: pgd, lbfgs"),
+    (["attack=cw"], "attack: got 'cw'; accepted: lbfgs, pgd"),
+    (["attack._target_=collections.OrderedDict"],
+     "attack._target_: got 'collections.OrderedDict'; accepted: a subclass of lipvae.attack.MarginAttack"),
+    (["attack._target_=no.such.Attack"], "attack: cannot build no.such.Attack ("),
     (["attack=lbfgs", "attack.lbfgs.maxcor=0"], "attack.lbfgs.maxcor: got 0; accepted: a positive integer"),
     (["attack=lbfgs", "attack.lbfgs.pgtol=-1"], "attack.lbfgs.pgtol: got -1.0; accepted: a positive number"),
     (["attack.latent.kind=medium"], "attack.latent.kind: got 'medium'; accepted: hard, soft"),
@@ -104,9 +107,10 @@ def test_defaults_and_presets_are_valid():
     validate(composed("experiment=smoke", "model.encoder_std.mode=bounded", "model.encoder_std.max_norm=0.5"))
     lbfgs = composed("attack=lbfgs", "attack/latent=soft")
     validate(lbfgs)
-    assert (lbfgs.attack.method, lbfgs.attack.search, lbfgs.attack.lbfgs.maxcor) == ("lbfgs", "grid", 100)
+    assert (lbfgs.attack._target_, lbfgs.attack.search, lbfgs.attack.lbfgs.maxcor) == (
+        "lipvae.attack.LBFGSAttack", "grid", 100)
     assert lbfgs.attack.latent.kind == "soft" and lbfgs.attack.latent.penalty == 1.0
-    assert composed().attack.method == "pgd" and composed().attack.latent.kind == "hard"
+    assert composed().attack._target_ == "lipvae.attack.PGDAttack" and composed().attack.latent.kind == "hard"
 
 
 @pytest.mark.parametrize(
@@ -243,8 +247,8 @@ def test_nan_loss_stops_with_message_and_finite_checkpoint(tmp_path):
     x[40] = float("nan")  # the third batch of 16 is poisoned
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=16)
     module = VAEModule(VAE(input_dim=20, latent_dim=2, hidden=(8, 8)), lr=1e-3, num_importance=0)
-    saver = SaveOnInterrupt(tmp_path / "last.ckpt")
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[saver])
+    saver = SaveOnException(dirpath=str(tmp_path), filename="last")
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, callbacks=[saver])
     with pytest.raises(NonFiniteLossError, match="training loss became nan at epoch 0, step 2"):
         trainer.fit(module, train_dataloaders=loader)
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]

@@ -4,9 +4,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import lightning as L
 import torch
 from conftest import run_cli
-from lipvae.module import TrainingSchedule
+from lightning.pytorch.callbacks import EarlyStopping
+
+from lipvae.module import FineTune
 
 SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false"]
 
@@ -146,37 +149,53 @@ def test_time_budget_ends_training_and_the_run_completes(tmp_path):
     assert r["metrics"]["epochs"] < 500 and r["metrics"]["test_log_likelihood"] is not None
 
 
-class _Trainer:
-    def __init__(self):
-        self.callback_metrics, self.should_stop, self.optimizers = {}, False, []
+class _Scripted(L.LightningModule):
+    """Logs the scripted validation and training losses, one pair per epoch (a parameter
+    is trained so that Lightning runs its loops)."""
+
+    def __init__(self, val, train=None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.val, self.train_ = list(val), list(train or val)
+
+    def training_step(self, batch, i):
+        self.log("train/loss", self.train_[self.current_epoch], on_step=True, on_epoch=True)
+        return (self.w**2).sum()
+
+    def validation_step(self, batch, i):
+        self.log("val/loss", self.val[self.current_epoch])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class _Module:
-    def log(self, *args, **kwargs):
-        pass
+def _epochs(val, max_epochs, patience, finetune=None, train=None):
+    """Trains the scripted module with train.py's phase-1 and phase-2 callbacks; returns the
+    epochs trained, the recorded stop reason and the fine-tune callback."""
+    from lipvae.train import schedule_callbacks, stop_reason
 
-    def modules(self):
-        return []
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
+    es, finetune = schedule_callbacks(patience, max_epochs, finetune)
+    callbacks = [es, *([finetune] if finetune else [])]
+    total = max_epochs + (finetune.max_epochs if finetune else 0)
+    trainer = L.Trainer(max_epochs=total, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(_Scripted(val, train), loader, loader)
+    return trainer.current_epoch, stop_reason(es, finetune, trainer.current_epoch, total), finetune
 
 
-def _epochs(schedule, values, key="val/loss"):
-    trainer = _Trainer()
-    for i, v in enumerate(values):
-        trainer.callback_metrics = {key: torch.tensor(v), "train/loss_epoch": torch.tensor(v)}
-        schedule.on_train_epoch_end(trainer, _Module())
-        if trainer.should_stop:
-            return i + 1
-    return None
+def _ft(max_epochs, tol, patience):
+    return {"max_epochs": max_epochs, "bjorck_iters": 50, "lr": 1e-5, "tol": tol, "patience": patience}
 
 
 def test_schedule_records_why_it_stopped():
-    s = TrainingSchedule(max_epochs=100, patience=3)
-    assert _epochs(s, [5, 4, 3, 3.5, 3.2, 3.1, 1]) == 6 and s.stop_reason == "patience"
-    s = TrainingSchedule(max_epochs=4, patience=3)
-    assert _epochs(s, [5, 4, 3, 2, 1]) == 4 and s.stop_reason == "max_epochs"
-    # fine-tune: stops once the training loss moves by <= tol for `patience` epochs
-    s = TrainingSchedule(max_epochs=1, patience=3, finetune_epochs=10, finetune_tol=1.0, finetune_patience=2)
-    assert _epochs(s, [9, 8, 5, 4.5, 4.2, 0]) == 5 and s.stop_reason == "finetune_converged"
-    s = TrainingSchedule(max_epochs=1, patience=3, finetune_epochs=3, finetune_tol=0.1, finetune_patience=2)
-    assert _epochs(s, [9, 8, 5, 2, 0]) == 4 and s.stop_reason == "finetune_max_epochs"
-    assert TrainingSchedule(max_epochs=1, patience=1).stop_reason is None  # still running: none
+    assert _epochs([5, 4, 3, 3.5, 3.2, 3.1, 1], max_epochs=100, patience=3)[:2] == (6, "patience")
+    assert _epochs([5, 4, 3, 2, 1], max_epochs=4, patience=3)[:2] == (4, "max_epochs")
+    # fine-tune: after phase 1 (here its 1-epoch cap) the training loss must move by <= tol
+    # for `patience` epochs in a row
+    epochs, why, ft = _epochs([9] * 11, 1, 3, _ft(10, 1.0, 2), train=[9, 8, 5, 4.5, 4.2, 0, 0, 0, 0, 0, 0])
+    assert (epochs, why, ft.phase) == (5, "finetune_converged", "done")
+    assert _epochs([9] * 4, 1, 3, _ft(3, 0.1, 2), train=[9, 8, 5, 2])[:2] == (4, "finetune_max_epochs")
+    # early stopping ends phase 1 early, and has no say in phase 2 (val/loss never improves there)
+    assert _epochs([5, 4, 4, 4, 4, 4, 4, 4, 4], 50, 2, _ft(4, 0.0, 9))[:2] == (8, "finetune_max_epochs")
+    assert FineTune(1, 1).stop_reason is None  # still running: none

@@ -11,7 +11,6 @@ import re
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lipvae.attacks import METHODS
 from lipvae.data import ImageDataModule, check_root
 from lipvae.errors import UserError
 from lipvae.schema import GROUPS, RootConfig, accepted_words, check_fields, fail, read
@@ -45,9 +44,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg.certify.enabled and lipschitz and certified is not None:
             _check(certified >= attacked, "certify.num_inputs", certified,
                    f"null, or at least attack.num_inputs={attacked} (each attacked input's certificate is checked)")
-        _check(cfg.attack.method in METHODS, "attack.method", cfg.attack.method, ", ".join(METHODS))
-        if cfg.attack.method == "lbfgs":
-            _check(cfg.attack.lbfgs is not None, "attack.lbfgs", None, "the L-BFGS-B options (attack=lbfgs sets them)")
+        build_attack(cfg.attack)  # its class and arguments, before any data is read
 
 
 def _check(ok: bool, path: str, value, accepted: str) -> None:
@@ -101,6 +98,36 @@ def build_vae(model: DictConfig) -> VAE:
 
 
 VAE_TARGET = "lipvae.vae.VAE.from_config"
+
+
+#: the attack of a run recorded before the attack group had a ``_target_``, by its ``method``
+ATTACK_TARGETS = {"pgd": "lipvae.attack.PGDAttack", "lbfgs": "lipvae.attack.LBFGSAttack"}
+
+
+def build_attack(attack: DictConfig):
+    """The margin attack of the ``attack`` group: its ``_target_`` class (a
+    ``lipvae.attack.MarginAttack``) built from the group's fields that its constructor names."""
+    from hydra.utils import get_class, instantiate
+
+    from lipvae.attack import MarginAttack
+
+    target = attack.get("_target_")
+    if target is None:  # a run recorded before: its attack named by `method`
+        method = attack.get("method")
+        _check(method in ATTACK_TARGETS, "attack.method", method, ", ".join(ATTACK_TARGETS))
+        target = ATTACK_TARGETS[method]
+    try:
+        cls = get_class(target)
+    except Exception as e:
+        raise _cannot_build("attack", target, e) from None
+    _check(isinstance(cls, type) and issubclass(cls, MarginAttack), "attack._target_", target,
+           "a subclass of lipvae.attack.MarginAttack")
+    resolved = OmegaConf.to_container(attack, resolve=True)
+    fields = {k: v for k, v in resolved.items() if k != "_target_" and _accepts(cls, k)}
+    try:
+        return instantiate({"_target_": target, **fields}, _convert_="all")
+    except Exception as e:
+        raise _cannot_build("attack", target, e) from None
 
 
 def build_layer(model: DictConfig):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -30,7 +31,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lipvae.attacks import LBFGS_DEFAULTS, estimate_margins, latent_space_attack
+from lipvae.attack import latent_space_attack
+from lipvae.config import build_attack
 from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
 from lipvae.errors import UserError
 from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
@@ -163,16 +165,14 @@ def _attack(ev, vae, test, cfg, cert_table, out_dir, seed, loggers, step, progre
     device = next(vae.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     n = min(ac.num_inputs, len(test))
+    attack = build_attack(ac)
     if reuse is not None:
         table = reuse[["index", "label", "estimated", "censored"]].copy()
         log.info("estimated margins reused from the stored evaluation (same attack settings)")
     else:
-        est = estimate_margins(
-            vae, test.images[:n].to(device), r=ac.r, p=ac.p, samples=ac.samples, starts=ac.starts, steps=ac.steps,
-            max_radius=ac.max_radius, tol=ac.tol, search=ac.search, grid_step=ac.grid_step,
-            pixel_range=ac.pixel_range, generator=gen, progress=progress,
+        est = attack.estimate(
+            vae, test.images[:n].to(device), generator=gen, seed=seed, progress=progress,
             state_path=out_dir / STATE,  # an interrupted attack continues from here on resume
-            method=ac.method, lbfgs=lbfgs_options(ac), seed=seed,
         )
         table = pd.DataFrame({
             "index": test.index[:n].numpy(),
@@ -188,7 +188,7 @@ def _attack(ev, vae, test, cfg, cert_table, out_dir, seed, loggers, step, progre
         "mean": float(np.mean(values)), "median": float(np.median(values)),
         "min": float(np.min(values)), "max": float(np.max(values)),
         "censored": int(table["censored"].sum()),
-        "method": ac.method, "search": ac.search, "samples": ac.samples, "starts": ac.starts, "steps": ac.steps,
+        "method": attack.name or type(attack).__name__, "search": ac.search, "samples": ac.samples, "starts": ac.starts, "steps": ac.steps,
         "tol": float(ac.tol), "max_radius": float(ac.max_radius), "pixel_range": bool(ac.pixel_range),
         "table": MARGINS_TABLE,
     }
@@ -226,14 +226,6 @@ def _attack(ev, vae, test, cfg, cert_table, out_dir, seed, loggers, step, progre
             lg.log_table(key="margins", dataframe=table)
     for fig in figures:
         log_image(loggers, fig.stem, fig)
-
-
-def lbfgs_options(ac: DictConfig) -> dict | None:
-    """The reference attack's SciPy options: the configured ones over the authors' defaults."""
-    if ac.method != "lbfgs":
-        return None
-    given = ac.get("lbfgs") or {}
-    return {**LBFGS_DEFAULTS, **OmegaConf.to_container(given)} if given else dict(LBFGS_DEFAULTS)
 
 
 def _join_certified(table, cert_table, cc, r: float, p: float) -> list[str]:
@@ -283,7 +275,7 @@ def _latent_attack(vae, test, ac, device, gen, out_dir: Path):
 # --- re-evaluating a finished run ------------------------------------------------------------
 
 #: what a re-evaluation may change: the model and the data are the run's
-CHANGEABLE = ("certify.", "attack.", "seed")
+CHANGEABLE = ("certify.", "attack", "seed")
 
 
 def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -299,15 +291,28 @@ def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         if not key.startswith(CHANGEABLE):
             raise UserError(f"{key}: cannot change in a re-evaluation; accepted: certify.*, attack.*, seed "
                             f"(the model and data are the run's: train a new run for those)")
-        if key.startswith("attack.lbfgs.") and OmegaConf.select(cfg, "attack.lbfgs") is None:
-            OmegaConf.update(cfg, "attack.lbfgs", dict(LBFGS_DEFAULTS), force_add=True)
+        if key in ("attack", "attack/latent"):  # a group's option, as in training: attack=lbfgs
+            OmegaConf.update(cfg, key.replace("/", "."), _group_option(key, value), merge=False)
             keys = field_paths(cfg)
+            continue
         if key not in keys:
             raise UserError(no_such_field(key, keys))
         OmegaConf.update(cfg, key, OmegaConf.create({"v": _parse_value(value)}).v, merge=False)
-    if cfg.attack.method == "lbfgs" and OmegaConf.select(cfg, "attack.lbfgs") is None:
-        OmegaConf.update(cfg, "attack.lbfgs", dict(LBFGS_DEFAULTS), force_add=True)
     return cfg
+
+
+def _group_option(group: str, option: str) -> DictConfig:
+    """The settings of one option of a config group (``attack=lbfgs``), as training composes it."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import MissingConfigException
+
+    try:
+        with initialize_config_module(version_base="1.3", config_module="lipvae.conf"):
+            composed = compose(config_name="config", overrides=[f"{group}={option}"])
+    except MissingConfigException as e:
+        options = re.findall(r"^\t(\S+)$", str(e).split("Config search path")[0], flags=re.M)
+        raise UserError(f"{group}: got {option!r}; accepted: {', '.join(options)}") from None
+    return OmegaConf.create(OmegaConf.to_container(OmegaConf.select(composed, group.replace("/", ".")), resolve=True))
 
 
 def _parse_value(value: str):

@@ -1,4 +1,4 @@
-"""Lightning glue: ELBO training with Adam, and the train → fine-tune schedule of the paper.
+"""Lightning glue: ELBO training with Adam, and the fine-tune phase of the paper's schedule.
 
 Lipschitz models train with few Björck iterations, then fine-tune with many more at a
 lower learning rate until the epoch's training loss changes by at most ``tol`` nats for
@@ -7,11 +7,10 @@ lower learning rate until the epoch's training loss changes by at most ``tol`` n
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint, Timer
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from lipvae.networks import project_bjorck_, set_bjorck
 from lipvae.vae import VAE
@@ -70,58 +69,44 @@ class VAEModule(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
-class SaveOnInterrupt(Callback):
-    """On SIGINT/SIGTERM or a non-finite loss, save the current state as ``last.ckpt`` so the
-    run resumes where it stopped (``resume=true``). A non-finite loss is caught before its
-    backward pass, so the weights saved are the last finite ones; that is checked first."""
-
-    def __init__(self, path) -> None:
-        self.path = str(path)
+class SaveOnException(OnExceptionCheckpoint):
+    """Lightning's OnExceptionCheckpoint (``last.ckpt`` on SIGINT/SIGTERM, a non-finite loss or
+    any other exception, so that ``resume=true`` continues from there), limited to training
+    and to finite weights: a non-finite loss is caught before its backward pass, so the state
+    saved is the last finite one, and a stop during testing or evaluation keeps the last
+    checkpoint of training (the module may hold the best epoch's weights by then)."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        interrupted = isinstance(exception, (KeyboardInterrupt, NonFiniteLossError)) or (
-            type(exception).__name__ == "SIGTERMException"
-        )
-        if not interrupted or trainer.state.fn != "fit":
+        if trainer.state.fn != "fit" or not all(torch.isfinite(p).all() for p in pl_module.parameters()):
             return
-        if not all(torch.isfinite(p).all() for p in pl_module.parameters()):
-            return
-        trainer.save_checkpoint(self.path)
+        super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Kept: the file is ModelCheckpoint's ``last.ckpt`` too (Lightning's removes its own at
+        the end of a run that did not fail)."""
 
 
-class TrainingSchedule(Callback):
-    """Phase 1 (train): early stopping on ``val/loss`` with ``patience`` epochs, at most
-    ``max_epochs``. Phase 2 (fine-tune, Lipschitz models only): Björck iterations raised
-    to ``finetune_iters`` and the learning rate set to ``finetune_lr``; stops when the
-    epoch's training loss moved by at most ``finetune_tol`` nats for ``finetune_patience``
-    epochs, or after ``finetune_epochs``. Its state is checkpointed, so runs resume mid-phase.
-    """
+class FineTune(Callback):
+    """Phase 2 of the paper's schedule, for Lipschitz models (phase 1 is Lightning's
+    EarlyStopping on ``val/loss``). When phase 1 ends (early stopping, or ``train_epochs``
+    epochs) it raises the Björck iterations to ``bjorck_iters`` and sets the learning rate to
+    ``lr``, and training goes on until the epoch's training loss moved by at most ``tol`` nats
+    for ``patience`` epochs in a row, or for ``max_epochs`` epochs. It runs after EarlyStopping
+    in the callback list and overrides its decision from then on. Its state is checkpointed,
+    so a run resumes mid-phase."""
 
-    def __init__(
-        self,
-        max_epochs: int,
-        patience: int,
-        finetune_epochs: int = 0,
-        finetune_iters: int = 50,
-        finetune_lr: float = 1e-5,
-        finetune_tol: float = 1.0,
-        finetune_patience: int = 1,
-        min_delta: float = 0.0,
-    ) -> None:
-        self.max_epochs, self.patience, self.min_delta = max_epochs, patience, min_delta
-        self.finetune_epochs, self.finetune_iters, self.finetune_lr = finetune_epochs, finetune_iters, finetune_lr
-        self.finetune_tol, self.finetune_patience = finetune_tol, finetune_patience
+    def __init__(self, train_epochs: int, max_epochs: int, bjorck_iters: int = 50, lr: float = 1e-5,
+                 tol: float = 1.0, patience: int = 1) -> None:
+        self.train_epochs, self.max_epochs, self.bjorck_iters = train_epochs, max_epochs, bjorck_iters
+        self.lr, self.tol, self.patience = lr, tol, patience
         self.phase = "train"
         self.phase_epochs = 0
-        self.best = math.inf
         self.stale = 0
         self.last_train_loss: float | None = None
-        # why this schedule ended training: patience, max_epochs, finetune_converged or
-        # finetune_max_epochs; None while it runs or when something else stopped it (max_time)
-        self.stop_reason: str | None = None
+        self.stop_reason: str | None = None  # finetune_converged or finetune_max_epochs, once done
 
     def state_dict(self) -> dict:
-        keys = ("phase", "phase_epochs", "best", "stale", "last_train_loss", "stop_reason")
+        keys = ("phase", "phase_epochs", "stale", "last_train_loss", "stop_reason")
         return {k: getattr(self, k) for k in keys}
 
     def load_state_dict(self, state: dict) -> None:
@@ -129,45 +114,37 @@ class TrainingSchedule(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.phase == "finetune":
-            self._enter_finetune(trainer, pl_module)
+            self._enter(trainer, pl_module)
 
-    def _enter_finetune(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        set_bjorck(pl_module, iters=self.finetune_iters)
+    def _enter(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        set_bjorck(pl_module, iters=self.bjorck_iters)
         for opt in trainer.optimizers:
             for group in opt.param_groups:
-                group["lr"] = self.finetune_lr
+                group["lr"] = self.lr
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.phase_epochs += 1
-        metrics = trainer.callback_metrics
+        if _time_is_up(trainer):  # trainer.max_time ends training in either phase
+            return
         if self.phase == "train":
-            val = metrics.get("val/loss")
-            if val is not None and float(val) < self.best - self.min_delta:
-                self.best, self.stale = float(val), 0
-            else:
-                self.stale += 1
-            if self.phase_epochs >= self.max_epochs or self.stale >= self.patience:
-                if self.finetune_epochs > 0:
-                    self.phase, self.phase_epochs, self.stale = "finetune", 0, 0
-                    self.last_train_loss = None
-                    self._enter_finetune(trainer, pl_module)
-                else:
-                    self.stop_reason = "patience" if self.stale >= self.patience else "max_epochs"
-                    trainer.should_stop = True
-        else:
-            loss = float(metrics["train/loss_epoch"])
-            if self.last_train_loss is not None and abs(loss - self.last_train_loss) <= self.finetune_tol:
-                self.stale += 1
-            else:
-                self.stale = 0
+            early = any(c.stopping_reason != EarlyStoppingReason.NOT_STOPPED for c in trainer.early_stopping_callbacks)
+            if early or self.phase_epochs >= self.train_epochs:
+                self.phase, self.phase_epochs = "finetune", 0
+                self._enter(trainer, pl_module)
+                trainer.should_stop = False
+        elif self.phase == "finetune":
+            loss = float(trainer.callback_metrics["train/loss_epoch"])
+            moved = self.last_train_loss is None or abs(loss - self.last_train_loss) > self.tol
+            self.stale = 0 if moved else self.stale + 1
             self.last_train_loss = loss
-            if self.phase_epochs >= self.finetune_epochs or self.stale >= self.finetune_patience:
-                converged = self.stale >= self.finetune_patience
-                self.stop_reason = "finetune_converged" if converged else "finetune_max_epochs"
+            if self.stale >= self.patience or self.phase_epochs >= self.max_epochs:
+                self.stop_reason = "finetune_converged" if self.stale >= self.patience else "finetune_max_epochs"
                 self.phase = "done"
-                trainer.should_stop = True
+            trainer.should_stop = self.phase == "done"  # early stopping has no say in this phase
         pl_module.log("phase", {"train": 0.0, "finetune": 1.0, "done": 2.0}[self.phase], on_epoch=True)
 
-    @property
-    def total_epochs(self) -> int:
-        return self.max_epochs + self.finetune_epochs
+
+def _time_is_up(trainer: L.Trainer) -> bool:
+    """Whether Lightning's Timer (``trainer.max_time``) has ended training."""
+    return any(isinstance(c, Timer) and (left := c.time_remaining("train")) is not None and left <= 0
+               for c in trainer.callbacks)

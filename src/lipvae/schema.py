@@ -231,8 +231,8 @@ class LatentAttackConfig:
 
 @dataclass
 class AttackConfig:
+    _target_: str = MISSING  # a lipvae.attack.MarginAttack subclass, given the fields it names
     enabled: bool = MISSING
-    method: str = MISSING  # checked against the registered attacks (lipvae.attack)
     r: float = spec(POSITIVE, when=_attacking)
     p: float = spec(UNIT, when=_attacking)
     num_inputs: int = spec(POSITIVE_INT, when=_attacking)

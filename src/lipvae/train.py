@@ -25,7 +25,8 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -37,7 +38,7 @@ from lipvae.certify.recertify import load_state
 from lipvae.config import build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides, validate
 from lipvae.errors import UserError
 from lipvae.evaluate import evaluate
-from lipvae.module import NonFiniteLossError, SaveOnInterrupt, TrainingSchedule, VAEModule
+from lipvae.module import FineTune, NonFiniteLossError, SaveOnException, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import atomic_write_text, code_version, replace_atomically, write_results
@@ -169,6 +170,27 @@ def check_finite(values: dict, cfg: DictConfig) -> None:
             )
 
 
+def schedule_callbacks(patience: int, max_epochs: int, finetune: DictConfig | dict | None):
+    """Phase 1: Lightning's EarlyStopping on the validation loss, checked when validation ends so
+    that phase 2, the fine-tune callback (``finetune``: trainer.finetune's settings, or None for
+    none), has the last word at the epoch's end."""
+    early_stopping = EarlyStopping(monitor="val/loss", mode="min", patience=patience, check_on_train_epoch_end=False)
+    if not finetune:
+        return early_stopping, None
+    ft = finetune
+    return early_stopping, FineTune(max_epochs, ft["max_epochs"], ft["bjorck_iters"], ft["lr"], ft["tol"], ft["patience"])
+
+
+def stop_reason(early_stopping: EarlyStopping, finetune: FineTune | None, epochs: int, max_epochs: int) -> str:
+    """Why training ended: finetune_converged or finetune_max_epochs (phase 2), patience (early
+    stopping), max_epochs, or max_time (Lightning's Timer)."""
+    if finetune is not None and finetune.stop_reason:
+        return finetune.stop_reason
+    if finetune is None and early_stopping.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+        return "patience"
+    return "max_epochs" if epochs >= max_epochs else "max_time"
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     """One complete run; returns the results dictionary it also writes (None on a device
     other than the first, which only trains)."""
@@ -194,18 +216,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     project = cfg.model.bjorck.project_iters if lipschitz else 0
     module = VAEModule(vae, lr=cfg.model.lr, num_importance=cfg.trainer.num_importance, project_iters=project)
     tr = cfg.trainer
-    schedule = TrainingSchedule(
-        max_epochs=tr.max_epochs,
-        patience=tr.patience,
-        finetune_epochs=tr.finetune.max_epochs if lipschitz else 0,
-        finetune_iters=tr.finetune.bjorck_iters,
-        finetune_lr=tr.finetune.lr,
-        finetune_tol=tr.finetune.tol,
-        finetune_patience=tr.finetune.patience,
-    )
+    finetune_epochs = tr.finetune.max_epochs if lipschitz else 0
+    early_stopping, finetune = schedule_callbacks(tr.patience, tr.max_epochs, tr.finetune if finetune_epochs else None)
     checkpoint = ModelCheckpoint(
         dirpath=str(ckpt_dir), filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )
+    schedule = [early_stopping, *([finetune] if finetune else []), checkpoint,
+                SaveOnException(dirpath=str(ckpt_dir), filename="last")]
     loggers = make_loggers(cfg, run_dir) + extra_loggers
     trainer = L.Trainer(
         accelerator=tr.accelerator,
@@ -213,9 +230,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         precision=tr.precision,
         strategy=tr.strategy,
         plugins=[AtomicCheckpointIO()],
-        max_epochs=schedule.total_epochs,
+        max_epochs=tr.max_epochs + finetune_epochs,
         max_time=None if tr.max_time is None else timedelta(minutes=tr.max_time),
-        callbacks=[schedule, checkpoint, SaveOnInterrupt(ckpt_dir / "last.ckpt"), *extra_callbacks],
+        callbacks=[*schedule, *extra_callbacks],
         logger=loggers or False,
         log_every_n_steps=tr.log_every_n_steps,
         enable_progress_bar=tr.enable_progress_bar,
@@ -298,8 +315,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             "epochs": epochs_trained,
             "evaluated_epoch": evaluated_epoch,
             "best_val_loss": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
-            "final_phase": schedule.phase,
-            "stop_reason": schedule.stop_reason or ("max_time" if tr.max_time is not None else "max_epochs"),
+            "final_phase": finetune.phase if finetune else "train",
+            "stop_reason": stop_reason(early_stopping, finetune, epochs_trained, tr.max_epochs + finetune_epochs),
             "orthonormality_error_before_freeze": orthonormality if lipschitz else None,
         },
         **ev.results(),

@@ -1,0 +1,112 @@
+"""What every margin attack shares (docs/math.md §4): the damage, the Monte Carlo robustness
+test, the result type, the resumable search state, and ``MarginAttack``, the class an attack of
+the ``attack`` config group subclasses. Torch only, no Hydra."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lipvae.results import atomic_write_text, replace_atomically
+from lipvae.vae import VAE
+
+
+def damage(vae: VAE, x: torch.Tensor, delta: torch.Tensor, samples: int = 0) -> torch.Tensor:
+    """``‖g(μ(x+δ)) − g(μ(x))‖₂`` (eq. 4), or with ``samples > 0`` its sampled variant
+    ``mean_k ‖g(z'_k) − g(z_k)‖``, ``z' ~ q(·|x+δ)``, ``z ~ q(·|x)``."""
+    if samples <= 0:
+        return (vae.decode(vae.encode(x + delta).mean) - vae.decode(vae.encode(x).mean)).norm(dim=-1)
+    q, q2 = vae.encode(x), vae.encode(x + delta)
+    diff = vae.decode(q2.sample(samples)) - vae.decode(q.sample(samples))
+    return diff.norm(dim=-1).mean(0)
+
+
+@torch.no_grad()
+def robust_probability(vae: VAE, x: torch.Tensor, delta: torch.Tensor, r: float, samples: int, generator=None):
+    """Monte Carlo ``P̂(‖g(z') − g(z)‖ ≤ r)``, ``z ~ q(·|x)``, ``z' ~ q(·|x+δ)`` independent,
+    for δ of shape ``B × S × n``; returns ``B × S``."""
+    b, s, n = delta.shape
+    xr = x.repeat_interleave(s, dim=0)
+    q, q2 = vae.encode(xr), vae.encode(xr + delta.reshape(b * s, n))
+    eps = torch.randn((2, samples, b * s, q.mean.shape[-1]), generator=generator, device=x.device, dtype=x.dtype)
+    z, z2 = q.mean + q.std * eps[0], q2.mean + q2.std * eps[1]
+    dist = (vae.decode(z2) - vae.decode(z)).norm(dim=-1)
+    return (dist <= r).to(x.dtype).mean(0).reshape(b, s)
+
+
+@dataclass
+class EstimatedMargins:
+    margin: torch.Tensor  # per input: the smallest radius found non-robust (max_radius if none)
+    censored: torch.Tensor  # True where still robust at max_radius (the margin is a lower cut-off)
+    radii_evaluated: int
+
+
+class SearchState:
+    """The margin search's state after each round (brackets or grid position, and the random
+    generator's state), written to ``path`` so that an interrupted search continues where it
+    stopped and gives the same answer as an uninterrupted one. A saved state is used only when
+    the inputs, the settings and the generator's starting state are the same (``key``). Beside
+    it, ``<path stem>.csv`` holds the partial table: per input, the largest radius found robust
+    so far and the smallest found non-robust."""
+
+    def __init__(self, path: Path, x: torch.Tensor, settings: tuple, generator: torch.Generator) -> None:
+        self.path, self.generator = Path(path), generator
+        digest = hashlib.sha256(x.detach().cpu().numpy().tobytes())
+        digest.update(repr(settings).encode())
+        digest.update(generator.get_state().numpy().tobytes())
+        self.key = digest.hexdigest()
+
+    def load(self, device) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # unreadable (e.g. cut off by a kill): start over
+            return None
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            return None
+        self.generator.set_state(saved.pop("rng"))
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in saved.items()}
+
+    def save(self, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None, **state) -> None:
+        state = {"key": self.key, "rng": self.generator.get_state(), **state}
+        if lo is not None and hi is not None:
+            state.update(lo=lo, hi=hi)
+        plain = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
+        replace_atomically(self.path, lambda partial: torch.save(plain, partial))
+        if lo is not None and hi is not None:
+            rows = "".join(f"{i},{a:.6g},{b:.6g}\n" for i, (a, b) in enumerate(zip(lo.tolist(), hi.tolist())))
+            atomic_write_text(self.path.with_suffix(".csv"), "input,robust_up_to,non_robust_at\n" + rows)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.path.with_suffix(".csv").unlink(missing_ok=True)
+
+
+class MarginAttack:
+    """An estimator of each input's (r, p)-robustness margin: the smallest radius at which the
+    attack finds a δ with ``P̂(‖g(z') − g(z)‖ ≤ r) ≤ p`` (an upper bound on the true margin).
+
+    A new attack subclasses this and implements ``estimate``; a YAML file in ``conf/attack/``
+    names it in ``_target_``. Its constructor takes the attack group's fields it needs, by name
+    (``r``, ``p``, ``samples``, ``starts``, ``max_radius``, ``pixel_range``, … and any of its
+    own); ``lipvae.config.build_attack`` passes exactly those.
+    """
+
+    #: how results.json names the attack (``estimated.method``); the class name when None
+    name: str | None = None
+
+    def __init__(self, r: float = 8.0, p: float = 0.5, samples: int = 40, starts: int = 5,
+                 max_radius: float = 10.0, pixel_range: bool = True) -> None:
+        self.r, self.p, self.samples, self.starts = float(r), float(p), int(samples), int(starts)
+        self.max_radius, self.pixel_range = float(max_radius), bool(pixel_range)
+
+    def estimate(self, vae: VAE, x: torch.Tensor, generator: torch.Generator, seed: int = 0,
+                 progress: bool = True, state_path: Path | None = None) -> EstimatedMargins:
+        """Margins of the inputs ``x`` (``N × n``). ``generator`` (and ``seed``, for attacks that
+        draw from NumPy) make it reproducible; with ``state_path`` an interrupted estimate
+        continues where it stopped when called again the same way."""
+        raise NotImplementedError

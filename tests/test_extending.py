@@ -1,0 +1,115 @@
+"""README, "Extending": a new Lipschitz layer and a new attack, each one class plus one YAML file
+in a config folder of one's own, chosen like the built-in options and used by the whole pipeline."""
+
+import math
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF
+from lipvae.attack import EstimatedMargins, MarginAttack, robust_probability
+from lipvae.config import build_attack, build_vae, validate
+from lipvae.data import TensorBatches
+from lipvae.evaluate import evaluate
+from lipvae.networks import LipschitzLinear
+
+
+class SpectralLinear(LipschitzLinear):
+    """The weight divided by its exact spectral norm (when above 1): ‖W/max(1, ‖W‖₂)‖₂ ≤ 1."""
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 1.0, init_gain: float = 1.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scale = in_features, out_features, float(scale)
+        self.weight = torch.nn.Parameter(init_gain * torch.randn(out_features, in_features) / math.sqrt(in_features))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features))
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight / torch.linalg.matrix_norm(self.weight, ord=2).clamp_min(1.0)
+
+
+class RandomDirectionAttack(MarginAttack):
+    """A deliberately plain attack: on a descending grid of radii, ``starts`` random directions
+    at full radius; the margin is the smallest radius at which one of them breaks (r, p)."""
+
+    name = "random_directions"
+
+    def __init__(self, r: float, p: float, samples: int, starts: int, max_radius: float, pixel_range: bool,
+                 grid_step: float) -> None:
+        super().__init__(r, p, samples, starts, max_radius, pixel_range)
+        self.grid_step = grid_step
+
+    def estimate(self, vae, x, generator, seed=0, progress=True, state_path=None) -> EstimatedMargins:
+        n = len(x)
+        margin = torch.full((n,), self.max_radius, dtype=x.dtype)
+        censored = torch.ones(n, dtype=torch.bool)
+        radii = [self.grid_step * k for k in range(round(self.max_radius / self.grid_step), 0, -1)]
+        for t in radii:
+            d = torch.randn(n, self.starts, x.shape[1], generator=generator, dtype=x.dtype)
+            d = t * d / d.norm(dim=-1, keepdim=True)
+            broken = (robust_probability(vae, x, d, self.r, self.samples, generator) <= self.p).any(dim=1)
+            margin = torch.where(broken, torch.full_like(margin, t), margin)
+            censored &= ~broken
+        return EstimatedMargins(margin, censored, len(radii))
+
+
+@pytest.fixture
+def my_conf(tmp_path):
+    """The project's config folder plus the two YAML files a user would write."""
+    conf = shutil.copytree(CONF, tmp_path / "conf")
+    (conf / "model" / "layer" / "spectral.yaml").write_text(
+        f"_target_: {__name__}.SpectralLinear\n_partial_: true\ninit_gain: 3.0\n")
+    (conf / "attack" / "random.yaml").write_text(
+        f"defaults:\n  - pgd\n  - _self_\n\n_target_: {__name__}.RandomDirectionAttack\ngrid_step: 0.25\n")
+    return conf
+
+
+def composed(conf, *overrides):
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_a_new_layer_is_one_class_and_one_yaml_file(my_conf):
+    cfg = composed(my_conf, "model/layer=spectral", "model.hidden=[16,16]", "model.latent_dim=4", "enc_L=3",
+                   "dec_L=2")
+    validate(cfg)
+    vae = build_vae(cfg.model)
+    layers = [m for m in vae.modules() if isinstance(m, LipschitzLinear)]
+    assert len(layers) == 9 and all(type(m) is SpectralLinear for m in layers)
+    # the initial weights have spectral norms near 3 (init_gain): the layer's own rescaling holds
+    assert max(torch.linalg.matrix_norm(m.weight, ord=2).item() for m in layers) > 2
+    constants = vae.lipschitz_constants()
+    assert constants["measured"]["decoder"] <= 2.0 * 0.25 * (1 + 1e-6)  # its sigmoid head's ¼ included
+    assert constants["measured"]["encoder_mean"] <= 3.0 * (1 + 1e-6)
+    # sound: no pair of inputs is stretched by more than the measured constant
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(500, 4, generator=g), torch.randn(500, 4, generator=g) * 1e-2
+    with torch.no_grad():
+        ratio = ((vae.decode(a + b) - vae.decode(a)).norm(dim=1) / b.norm(dim=1)).max().item()
+    assert ratio <= constants["measured"]["decoder"] * (1 + 1e-5)
+    x = torch.rand(3, 784, generator=g)
+    before = vae.reconstruct(x, sample=False)
+    vae.freeze()  # frozen through the base class: plain layers, the same function
+    assert not any(isinstance(m, LipschitzLinear) for m in vae.modules())
+    assert torch.allclose(vae.reconstruct(x, sample=False), before, atol=1e-6)
+
+
+def test_a_new_attack_is_one_class_and_one_yaml_file(my_conf, tmp_path):
+    cfg = composed(my_conf, "attack=random", "experiment=smoke", "model.hidden=[16,16]", "model.latent_dim=4",
+                   "attack.num_inputs=4", "attack.starts=3", "attack.max_radius=3.0", "certify.r=[8.0]")
+    validate(cfg)
+    attack = build_attack(cfg.attack)
+    assert type(attack) is RandomDirectionAttack
+    assert (attack.starts, attack.grid_step, attack.max_radius, attack.samples) == (3, 0.25, 3.0, 20)
+    torch.manual_seed(0)
+    vae = build_vae(cfg.model).freeze().eval()
+    g = torch.Generator().manual_seed(1)
+    test = TensorBatches(torch.rand(8, 784, generator=g), torch.arange(8) % 10, torch.arange(8))
+    ev = evaluate(vae, test, cfg, tmp_path, seed=0, progress=False)
+    assert ev.estimated["method"] == "random_directions" and ev.estimated["num_inputs"] == 4
+    margins = pd.read_csv(tmp_path / "margins.csv")
+    on_grid = (margins["estimated"] / 0.25).round() * 0.25
+    assert len(margins) == 4 and (margins["estimated"] - on_grid).abs().max() < 1e-9  # this attack's grid
+    assert ev.soundness_violations == len(margins[margins["certified_tight"] > margins["estimated"]]) == 0
