@@ -29,7 +29,7 @@ R, P, SAMPLES, STARTS = 8.0, 0.5, 40, 5
 
 def trained_model(run: str | None, epochs: int):
     if run:
-        from lipvae.certify.recertify import load_model
+        from lipvae.stored import load_model
 
         return load_model(Path(run))[0]
     import lightning as L

@@ -32,7 +32,7 @@ import torch
 from scipy import optimize
 
 from lipvae.attack import estimate_margins, robust_probability
-from lipvae.certify.recertify import load_model
+from lipvae.stored import load_model
 from lipvae.config import build_datamodule
 
 

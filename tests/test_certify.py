@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 from lipvae.certify.__main__ import main as certify_main
 from lipvae.certify.bounds import global_margin, margin
-from lipvae.certify.recertify import load_model, load_state
+from lipvae.stored import load_model, load_state
 from lipvae.errors import UserError
 
 

@@ -347,7 +347,7 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
                progress: bool = True) -> tuple[Path, dict]:
     """Run the evaluation pipeline again on a finished run; returns where it was written and
     the evaluation's part of the results."""
-    from lipvae.certify.recertify import FROZEN, load_model, locate
+    from lipvae.stored import FROZEN, load_model, locate
     from lipvae.config import validate
     from lipvae.runfolder import RunFolderError, claim
 

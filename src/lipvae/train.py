@@ -34,7 +34,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
-from lipvae.certify.recertify import load_state
+from lipvae.stored import load_state
 from lipvae.config import build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides, validate
 from lipvae.errors import UserError
 from lipvae.evaluate import evaluate

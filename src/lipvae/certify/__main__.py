@@ -109,11 +109,30 @@ def design(args: list[str]) -> str:
     return "\n".join(lines)
 
 
+def recertify(path: Path, r=None, p=None, forms=None, num_inputs=None, replace: bool = False) -> dict:
+    """``lipvae.certify model``: the evaluation pipeline (``lipvae.evaluate``) with other
+    certificate settings. The stored estimated margins are reused when the attack is unchanged,
+    so the soundness check is redone against the new certificates. Written to a new folder
+    under ``<run>/evaluations/`` (``replace``: into the run, keeping the old files)."""
+    from lipvae.evaluate import reevaluate
+    from lipvae.stored import load_model
+
+    overrides = []
+    for key, value in (("r", r), ("p", p), ("forms", forms)):
+        if value:
+            overrides.append(f"certify.{key}=[{','.join(map(str, value))}]")
+    if num_inputs:
+        overrides.append(f"certify.num_inputs={num_inputs}")
+    vae, _, run_dir = load_model(path)
+    if vae.kind != "lipschitz":
+        raise UserError(f"run: {run_dir} is a standard VAE; only Lipschitz VAEs have certificates")
+    out, part = reevaluate(Path(path), overrides, replace=replace)
+    return {**part["certified"], "written_to": str(out), "soundness_violations": part["soundness_violations"]}
+
+
 def model(args: list[str]) -> str:
     if not args:
         raise UserError("model: give a run folder or a checkpoint, e.g. outputs/runs/<date>/<time>_<name>")
-    from lipvae.certify.recertify import recertify
-
     replace = "--replace" in args
     opts = _parse([a for a in args[1:] if a != "--replace"], {"r": list, "p": list, "forms": str, "num_inputs": int})
     if "forms" in opts:

@@ -1,4 +1,4 @@
-"""Recompute the certificates of an existing run from its files (config, weights, data)."""
+"""A finished run's files read back: its weights (loaded safely), its config and its model."""
 
 from __future__ import annotations
 
@@ -63,23 +63,3 @@ def load_model(path: Path):
     if not frozen:
         vae.freeze()
     return vae.eval(), cfg, run_dir
-
-
-def recertify(path: Path, r=None, p=None, forms=None, num_inputs=None, replace: bool = False) -> dict:
-    """``lipvae.certify model``: the evaluation pipeline (``lipvae.evaluate``) with other
-    certificate settings. The stored estimated margins are reused when the attack is unchanged,
-    so the soundness check is redone against the new certificates. Written to a new folder
-    under ``<run>/evaluations/`` (``replace``: into the run, keeping the old files)."""
-    from lipvae.evaluate import reevaluate
-
-    overrides = []
-    for key, value in (("r", r), ("p", p), ("forms", forms)):
-        if value:
-            overrides.append(f"certify.{key}=[{','.join(map(str, value))}]")
-    if num_inputs:
-        overrides.append(f"certify.num_inputs={num_inputs}")
-    vae, _, run_dir = load_model(path)
-    if vae.kind != "lipschitz":
-        raise UserError(f"run: {run_dir} is a standard VAE; only Lipschitz VAEs have certificates")
-    out, part = reevaluate(Path(path), overrides, replace=replace)
-    return {**part["certified"], "written_to": str(out), "soundness_violations": part["soundness_violations"]}

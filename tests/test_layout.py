@@ -1,0 +1,56 @@
+"""The package's layering: data flows one way, and nothing low imports anything high."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lipvae"
+
+#: each layer may import only from itself and the layers before it
+LAYERS = [
+    {"errors", "results", "plots", "networks", "data", "certify.bounds"},
+    {"vae", "certify.certificates", "certify.tightness"},
+    {"attack", "attack.base", "attack.pgd", "attack.lbfgs", "attack.latent", "module"},
+    {"schema", "runfolder"},
+    {"config"},
+    {"stored"},
+    {"evaluate"},
+    {"train", "report", "sweep", "certify.__main__"},
+]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The lipvae modules a file imports, at the top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lipvae"):
+            found.add(node.module.removeprefix("lipvae").lstrip("."))
+        elif isinstance(node, ast.Import):
+            found.update(a.name.removeprefix("lipvae.") for a in node.names if a.name.startswith("lipvae."))
+    return found - {""}
+
+
+def _level(name: str) -> int:
+    for i, layer in enumerate(LAYERS):
+        if name in layer:
+            return i
+    raise AssertionError(f"lipvae.{name} is in no layer of tests/test_layout.py: place it")
+
+
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "conf" not in p.relative_to(PACKAGE).parts
+                 and _module_name(p) not in ("", "certify"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[_module_name(p) for p in MODULES])
+def test_no_module_imports_a_higher_layer(path):
+    name = _module_name(path)
+    for imported in _imports(path):
+        assert _level(imported) <= _level(name), f"lipvae.{name} imports the higher lipvae.{imported}"
