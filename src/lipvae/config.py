@@ -39,6 +39,17 @@ def validate(cfg: DictConfig) -> None:
         check_root(cfg.data.root)
     _validate_devices(cfg)
     _validate_accelerator(cfg)
+    if cfg.logger.wandb.enabled and "_target_" in cfg.logger.wandb:
+        from hydra.utils import get_class
+        from lightning.pytorch.loggers import Logger
+
+        target = cfg.logger.wandb._target_
+        try:
+            cls = get_class(target)
+        except Exception as e:
+            raise _cannot_build("logger.wandb", target, e) from None
+        _check(isinstance(cls, type) and issubclass(cls, Logger), "logger.wandb._target_", target,
+               "a lightning.pytorch Logger class")
     if cfg.attack.enabled:
         certified, attacked = cfg.certify.num_inputs, cfg.attack.num_inputs
         if cfg.certify.enabled and lipschitz and certified is not None:
@@ -90,7 +101,7 @@ def build_vae(model: DictConfig) -> VAE:
         raise _cannot_build("model", target, e) from None
     layer = build_layer(model) if model.kind == "lipschitz" else None
     resolved = OmegaConf.to_container(model, resolve=True)  # the interpolations (enc_L) refer to the root
-    fields = {k: v for k, v in resolved.items() if k not in ("layer", "_target_") and _accepts(build, k)}
+    fields = {k: v for k, v in resolved.items() if k not in ("layer", "_target_") and accepts(build, k)}
     try:
         return instantiate({"_target_": target, **fields}, layer=layer, _convert_="all")
     except Exception as e:
@@ -123,7 +134,7 @@ def build_attack(attack: DictConfig):
     _check(isinstance(cls, type) and issubclass(cls, MarginAttack), "attack._target_", target,
            "a subclass of lipvae.attack.MarginAttack")
     resolved = OmegaConf.to_container(attack, resolve=True)
-    fields = {k: v for k, v in resolved.items() if k != "_target_" and _accepts(cls, k)}
+    fields = {k: v for k, v in resolved.items() if k != "_target_" and accepts(cls, k)}
     try:
         return instantiate({"_target_": target, **fields}, _convert_="all")
     except Exception as e:
@@ -322,7 +333,7 @@ def _build_entries(cfg: DictConfig, path: str, base: type, accepted: str, defaul
                f"a mapping with _target_ ({accepted}) and its arguments")
         try:
             cls = get_class(spec._target_)
-            extra = {k: v for k, v in (defaults or {}).items() if k not in spec and _accepts(cls, k)}
+            extra = {k: v for k, v in (defaults or {}).items() if k not in spec and accepts(cls, k)}
             obj = instantiate(spec, **extra)
         except Exception as e:  # a wrong class path or argument
             raise _cannot_build(field, spec._target_, e) from None
@@ -331,10 +342,12 @@ def _build_entries(cfg: DictConfig, path: str, base: type, accepted: str, defaul
     return built
 
 
-def _accepts(cls: type, argument: str) -> bool:
+def accepts(cls, argument: str) -> bool:
+    """Whether ``cls`` (a class or function) takes ``argument``: named, or through ``**kwargs``."""
     import inspect
 
     try:
-        return argument in inspect.signature(cls).parameters
+        parameters = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         return False
+    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())

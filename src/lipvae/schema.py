@@ -250,6 +250,7 @@ class AttackConfig:
 
 @dataclass
 class WandbConfig:
+    _target_: str = MISSING
     enabled: bool = MISSING
     mode: WandbMode = MISSING
     project: str = MISSING

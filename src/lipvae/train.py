@@ -30,12 +30,12 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.stored import load_state
-from lipvae.config import build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides, validate
+from lipvae.config import accepts, build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides, validate
 from lipvae.errors import UserError
 from lipvae.evaluate import evaluate
 from lipvae.module import FineTune, NonFiniteLossError, SaveOnException, VAEModule
@@ -102,23 +102,26 @@ def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
         loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="csv", version=""))
     wb = cfg.logger.wandb
     if wb.enabled:
-        from lightning.pytorch.loggers import WandbLogger
-
         if not os.environ.get("WANDB_MODE"):
             os.environ["WANDB_MODE"] = wb.mode
         os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(
-            WandbLogger(
-                project=wb.project,
-                entity=wb.entity,
-                group=wb.group or sweep_group(),
-                tags=list(wb.tags),
-                name=cfg.name,
-                save_dir=str(run_dir),
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
-        )
+        loggers.append(build_wandb_logger(wb, name=cfg.name, save_dir=str(run_dir),
+                                          config=OmegaConf.to_container(cfg, resolve=True)))
     return loggers
+
+
+def build_wandb_logger(wb: DictConfig, **run) -> Logger:
+    """The W&B logger of ``logger.wandb``, from its ``_target_`` (WandbLogger for runs recorded
+    before the field existed) and the fields the class takes; ``run``: the run's name, folder
+    and config. A sweep's runs share a group unless one is given."""
+    from hydra.utils import get_class
+
+    target = wb.get("_target_", "lightning.pytorch.loggers.WandbLogger")
+    cls = get_class(target)
+    fields = {k: v for k, v in OmegaConf.to_container(wb, resolve=True).items()
+              if k not in ("_target_", "enabled", "mode") and accepts(cls, k)}
+    fields["group"] = fields.get("group") or sweep_group()
+    return cls(**fields, **run)  # not instantiate(): the run's config must not be read as one
 
 
 def run_context(loggers) -> dict:
