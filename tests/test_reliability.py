@@ -72,6 +72,7 @@ BAD_INPUTS = [
     (["trainer.max_time=inf"], "trainer.max_time: got inf; accepted: minutes > 0, or null"),
     (["trainer.max_time=soon"], "trainer.max_time: got 'soon'; accepted: minutes > 0, or null"),
     (["trainer.accelerator=cpu", "trainer.devices=2"], "trainer.devices: got 2 on CPU; accepted: 1, or several with a strategy"),
+    (["trainer.strategy=dpp"], "trainer.strategy: got 'dpp'; accepted: auto or a Lightning strategy name"),
     (["trainer.devices=0"], "trainer.devices: got 0; accepted: a positive integer, -1 or auto"),
     (["trainer.evaluate=first"], "trainer.evaluate: got 'first'; accepted: best, last"),
     (["attack=cw"], "attack: got 'cw'; accepted: lbfgs, pgd"),

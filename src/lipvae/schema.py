@@ -156,11 +156,17 @@ class FinetuneConfig:
 PRECISIONS = ("32-true", "32", "64-true", "64")
 
 
+def _strategies() -> list[str]:
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return ["auto", *StrategyRegistry.available_strategies()]
+
+
 @dataclass
 class TrainerConfig:
     accelerator: Accelerator = MISSING
     devices: Any = spec((lambda v: v == "auto" or (_int(v) and (v >= 1 or v == -1)), "a positive integer, -1 or auto"))
-    strategy: str = MISSING
+    strategy: str = spec((lambda v: v in _strategies(), "auto or a Lightning strategy name (ddp, ddp_spawn, fsdp, ...)"))
     precision: str = spec((lambda v: v in PRECISIONS, ", ".join(PRECISIONS)))
     max_epochs: int = spec(POSITIVE_INT)
     patience: int = spec(POSITIVE_INT)
