@@ -1,14 +1,12 @@
 import json
 from pathlib import Path
 
+import lightning as L
 import pandas as pd
 import pytest
-
-import lightning as L
 import torch
-from conftest import run_cli
-from lightning.pytorch.callbacks import EarlyStopping
 
+from conftest import run_cli
 from lipvae.module import FineTune
 
 SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false"]

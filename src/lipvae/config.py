@@ -40,16 +40,9 @@ def validate(cfg: DictConfig) -> None:
     _validate_devices(cfg)
     _validate_accelerator(cfg)
     if cfg.logger.wandb.enabled and "_target_" in cfg.logger.wandb:
-        from hydra.utils import get_class
         from lightning.pytorch.loggers import Logger
 
-        target = cfg.logger.wandb._target_
-        try:
-            cls = get_class(target)
-        except Exception as e:
-            raise _cannot_build("logger.wandb", target, e) from None
-        _check(isinstance(cls, type) and issubclass(cls, Logger), "logger.wandb._target_", target,
-               "a lightning.pytorch Logger class")
+        target_class("logger.wandb", cfg.logger.wandb._target_, Logger, "a lightning.pytorch Logger class")
     if cfg.attack.enabled:
         certified, attacked = cfg.certify.num_inputs, cfg.attack.num_inputs
         if cfg.certify.enabled and lipschitz and certified is not None:
@@ -115,10 +108,23 @@ VAE_TARGET = "lipvae.vae.VAE.from_config"
 ATTACK_TARGETS = {"pgd": "lipvae.attack.PGDAttack", "lbfgs": "lipvae.attack.LBFGSAttack"}
 
 
+def target_class(field: str, target: str, base: type, accepted: str) -> type:
+    """The class a ``_target_`` names, which must subclass ``base``: one line naming ``field``
+    when it cannot be imported or is of another kind."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(target)
+    except Exception as e:
+        raise _cannot_build(field, target, e) from None
+    _check(isinstance(cls, type) and issubclass(cls, base), f"{field}._target_", target, accepted)
+    return cls
+
+
 def build_attack(attack: DictConfig):
     """The margin attack of the ``attack`` group: its ``_target_`` class (a
     ``lipvae.attack.MarginAttack``) built from the group's fields that its constructor names."""
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import instantiate
 
     from lipvae.attack import MarginAttack
 
@@ -127,12 +133,7 @@ def build_attack(attack: DictConfig):
         method = attack.get("method")
         _check(method in ATTACK_TARGETS, "attack.method", method, ", ".join(ATTACK_TARGETS))
         target = ATTACK_TARGETS[method]
-    try:
-        cls = get_class(target)
-    except Exception as e:
-        raise _cannot_build("attack", target, e) from None
-    _check(isinstance(cls, type) and issubclass(cls, MarginAttack), "attack._target_", target,
-           "a subclass of lipvae.attack.MarginAttack")
+    cls = target_class("attack", target, MarginAttack, "a subclass of lipvae.attack.MarginAttack")
     resolved = OmegaConf.to_container(attack, resolve=True)
     fields = {k: v for k, v in resolved.items() if k != "_target_" and accepts(cls, k)}
     try:
@@ -144,7 +145,7 @@ def build_attack(attack: DictConfig):
 def build_layer(model: DictConfig):
     """The Lipschitz layer of the ``model/layer`` group: a partial of its ``_target_`` class
     (a ``lipvae.networks.LipschitzLinear``), called with (in, out, scale=...) for each layer."""
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import instantiate
 
     from lipvae.networks import LipschitzLinear
 
@@ -155,12 +156,7 @@ def build_layer(model: DictConfig):
                                  **({"iters": model.bjorck.iters, "beta": model.bjorck.beta} if spec == "bjorck" else {})})
     _check(OmegaConf.is_dict(spec) and "_target_" in spec, "model.layer", spec,
            "a mapping with _target_ (a LipschitzLinear class) and its arguments (conf/model/layer/)")
-    try:
-        cls = get_class(spec._target_)
-    except Exception as e:
-        raise _cannot_build("model.layer", spec._target_, e) from None
-    _check(isinstance(cls, type) and issubclass(cls, LipschitzLinear), "model.layer._target_", spec._target_,
-           "a subclass of lipvae.networks.LipschitzLinear")
+    target_class("model.layer", spec._target_, LipschitzLinear, "a subclass of lipvae.networks.LipschitzLinear")
     try:
         layer = instantiate(spec, _partial_=True)
         layer(2, 2, scale=1.0)  # a tiny one: its arguments are checked now, not when the VAE is built

@@ -25,47 +25,16 @@ from lipvae.data import DATASETS
 from lipvae.errors import UserError
 
 
-class Kind(StrEnum):
-    lipschitz = "lipschitz"
-    standard = "standard"
-
-
-class Likelihood(StrEnum):
-    continuous_bernoulli = "continuous_bernoulli"
-    bernoulli = "bernoulli"
-    gaussian = "gaussian"
-
-
+# Choices. Each member's value is its name (StrEnum's functional form), so `model.kind=lipschitz`
+# sets Kind.lipschitz, which also compares equal to the string "lipschitz".
+Kind = StrEnum("Kind", "lipschitz standard")
+Likelihood = StrEnum("Likelihood", "continuous_bernoulli bernoulli gaussian")
 StdMode = StrEnum("StdMode", {m: m for m in STD_MODES})  # the bounds' modes: one list of them
-
-
-class Accelerator(StrEnum):
-    auto = "auto"
-    cpu = "cpu"
-    gpu = "gpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-class Weights(StrEnum):
-    best = "best"
-    last = "last"
-
-
-class Search(StrEnum):
-    bisection = "bisection"
-    grid = "grid"
-
-
-class LatentKind(StrEnum):
-    hard = "hard"
-    soft = "soft"
-
-
-class WandbMode(StrEnum):
-    offline = "offline"
-    online = "online"
-    disabled = "disabled"
+Accelerator = StrEnum("Accelerator", "auto cpu gpu cuda mps")
+Weights = StrEnum("Weights", "best last")
+Search = StrEnum("Search", "bisection grid")
+LatentKind = StrEnum("LatentKind", "hard soft")
+WandbMode = StrEnum("WandbMode", "offline online disabled")
 
 
 # ---- constraints: a predicate on the value and the words for what it accepts -------------
