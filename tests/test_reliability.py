@@ -309,3 +309,29 @@ def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     # has its validation row
     val = pd.read_csv(tmp_path / "csv" / "metrics.csv").dropna(subset=["val/loss"])
     assert before <= set(val["epoch"].astype(int)) and set(range(21)) <= set(val["epoch"].astype(int))
+
+
+def test_runs_recorded_before_the_target_fields_still_build():
+    """A stored config from before model/attack/layer had a _target_ builds the same objects."""
+    from omegaconf import OmegaConf
+
+    from lipvae.attack import LBFGSAttack, PGDAttack
+    from lipvae.config import build_attack, build_vae
+    from lipvae.networks import AOLLinear, BjorckLinear
+
+    cfg = OmegaConf.to_container(composed("model.hidden=[8,8]", "model.bjorck.iters=7"), resolve=True)
+    old = OmegaConf.create(cfg)
+    del old.model["_target_"], old.attack["_target_"]
+    old.model.layer = "bjorck"
+    layers = [m for m in build_vae(old.model).modules() if isinstance(m, BjorckLinear)]
+    assert len(layers) == 9 and all(m.iters == 7 for m in layers)  # the run's own Björck settings
+    old.model.layer = "aol"
+    assert any(isinstance(m, AOLLinear) for m in build_vae(old.model).modules())
+    old.attack.method = "pgd"
+    assert type(build_attack(old.attack)) is PGDAttack
+    old.attack.method, old.attack.lbfgs = "lbfgs", {"maxiter": 9}
+    attack = build_attack(old.attack)
+    assert type(attack) is LBFGSAttack and attack.lbfgs["maxiter"] == 9 and attack.lbfgs["maxcor"] == 100
+    old.attack.method = "cw"
+    with pytest.raises(UserError, match=r"^attack.method: got 'cw'; accepted: pgd, lbfgs$"):
+        build_attack(old.attack)
