@@ -93,8 +93,7 @@ def build_vae(model: DictConfig) -> VAE:
     except Exception as e:
         raise _cannot_build("model", target, e) from None
     layer = build_layer(model) if model.kind == "lipschitz" else None
-    resolved = OmegaConf.to_container(model, resolve=True)  # the interpolations (enc_L) refer to the root
-    fields = {k: v for k, v in resolved.items() if k not in ("layer", "_target_") and accepts(build, k)}
+    fields = named_fields(model, build, skip=("layer",))
     try:
         return instantiate({"_target_": target, **fields}, layer=layer, _convert_="all")
     except Exception as e:
@@ -134,8 +133,7 @@ def build_attack(attack: DictConfig):
         _check(method in ATTACK_TARGETS, "attack.method", method, ", ".join(ATTACK_TARGETS))
         target = ATTACK_TARGETS[method]
     cls = target_class("attack", target, MarginAttack, "a subclass of lipvae.attack.MarginAttack")
-    resolved = OmegaConf.to_container(attack, resolve=True)
-    fields = {k: v for k, v in resolved.items() if k != "_target_" and accepts(cls, k)}
+    fields = named_fields(attack, cls)
     try:
         return instantiate({"_target_": target, **fields}, _convert_="all")
     except Exception as e:
@@ -336,6 +334,14 @@ def _build_entries(cfg: DictConfig, path: str, base: type, accepted: str, defaul
         _check(isinstance(obj, base), field, spec._target_, accepted)
         built.append(obj)
     return built
+
+
+def named_fields(node: DictConfig, cls, skip: tuple[str, ...] = ()) -> dict:
+    """The fields of a config node that ``cls`` takes as arguments, resolved (interpolations such
+    as ``${enc_L}`` refer to the root, which the built object never sees); ``_target_`` and
+    ``skip`` left out."""
+    resolved = OmegaConf.to_container(node, resolve=True)
+    return {k: v for k, v in resolved.items() if k != "_target_" and k not in skip and accepts(cls, k)}
 
 
 def accepts(cls, argument: str) -> bool:

@@ -91,9 +91,9 @@ class FineTune(Callback):
     EarlyStopping on ``val/loss``). When phase 1 ends (early stopping, or ``train_epochs``
     epochs) it raises the Björck iterations to ``bjorck_iters`` and sets the learning rate to
     ``lr``, and training goes on until the epoch's training loss moved by at most ``tol`` nats
-    for ``patience`` epochs in a row, or for ``max_epochs`` epochs. It runs after EarlyStopping
-    in the callback list and overrides its decision from then on. Its state is checkpointed,
-    so a run resumes mid-phase."""
+    for ``patience`` epochs in a row, or for ``max_epochs`` epochs. EarlyStopping decides when
+    validation ends; this callback acts later, at the epoch's end, so from phase 2 on its
+    decision replaces early stopping's. Its state is checkpointed, so a run resumes mid-phase."""
 
     def __init__(self, train_epochs: int, max_epochs: int, bjorck_iters: int = 50, lr: float = 1e-5,
                  tol: float = 1.0, patience: int = 1) -> None:

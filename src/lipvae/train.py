@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.stored import load_state
-from lipvae.config import accepts, build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides, validate
+from lipvae.config import build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides, named_fields, validate
 from lipvae.errors import UserError
 from lipvae.evaluate import evaluate
 from lipvae.module import FineTune, NonFiniteLossError, SaveOnException, VAEModule
@@ -118,8 +118,7 @@ def build_wandb_logger(wb: DictConfig, **run) -> Logger:
 
     target = wb.get("_target_", "lightning.pytorch.loggers.WandbLogger")
     cls = get_class(target)
-    fields = {k: v for k, v in OmegaConf.to_container(wb, resolve=True).items()
-              if k not in ("_target_", "enabled", "mode") and accepts(cls, k)}
+    fields = named_fields(wb, cls, skip=("enabled", "mode"))
     fields["group"] = fields.get("group") or sweep_group()
     return cls(**fields, **run)  # not instantiate(): the run's config must not be read as one
 
@@ -180,8 +179,8 @@ def schedule_callbacks(patience: int, max_epochs: int, finetune: DictConfig | di
     early_stopping = EarlyStopping(monitor="val/loss", mode="min", patience=patience, check_on_train_epoch_end=False)
     if not finetune:
         return early_stopping, None
-    ft = finetune
-    return early_stopping, FineTune(max_epochs, ft["max_epochs"], ft["bjorck_iters"], ft["lr"], ft["tol"], ft["patience"])
+    return early_stopping, FineTune(max_epochs, finetune["max_epochs"], finetune["bjorck_iters"], finetune["lr"],
+                                    finetune["tol"], finetune["patience"])
 
 
 def stop_reason(early_stopping: EarlyStopping, finetune: FineTune | None, epochs: int, max_epochs: int) -> str:
