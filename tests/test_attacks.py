@@ -1,3 +1,6 @@
+import shutil
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -280,3 +283,65 @@ def test_soft_latent_attack_trades_kl_against_the_norm():
     assert torch.all(weak.delta.norm(dim=1) > strong.delta.norm(dim=1))
     assert torch.all(weak.kl < before) and weak.kl.mean() < strong.kl.mean()
     assert torch.all((weak.adversarial >= -1e-12) & (weak.adversarial <= 1 + 1e-12))
+
+
+@pytest.mark.parametrize("scale, censored", [(0.5, True), (2.0, False)])
+def test_inputs_still_robust_at_the_largest_radius_are_censored(scale, censored):
+    # bisection attacks max_radius only for inputs a midpoint found robust: the verdict must
+    # still be the one a direct attack there gives
+    model = LinearGaussianVAE()
+    x = torch.rand(4, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    truth = model.true_margin(1.5, 0.5)
+    est = estimate_margins(model, x, r=1.5, p=0.5, samples=4000, starts=2, steps=20, max_radius=scale * truth,
+                           tol=0.01, pixel_range=False, generator=torch.Generator().manual_seed(3), progress=False)
+    assert est.censored.tolist() == [censored] * len(x)
+    if censored:
+        assert torch.all(est.margin == scale * truth)
+    else:
+        assert torch.allclose(est.margin, torch.full_like(est.margin, truth), atol=0.03)
+
+
+def test_attacks_leave_the_models_parameters_alone():
+    vae = tiny_vae()
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.rand(4, 36, generator=g, dtype=torch.float64), torch.rand(4, 36, generator=g, dtype=torch.float64)
+    estimate_margins(vae, x, r=1.0, samples=20, starts=2, steps=5, max_radius=2.0, tol=0.5, generator=g,
+                     progress=False)
+    latent_space_attack(vae, x, xt, budget=1.0, steps=5, generator=g)
+    latent_space_attack(vae, x, xt, budget=0.0, steps=5, kind="soft")
+    assert all(p.requires_grad and p.grad is None for p in vae.parameters())
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_attack(monkeypatch):
+    import lipvae.attack.pgd as pgd
+
+    def broken_compile(fn, **kw):
+        def call(*a):
+            raise RuntimeError("no C++ compiler")
+        return call
+
+    vae = tiny_vae()
+    x = torch.rand(4, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kw = dict(r=1.0, p=0.5, samples=50, starts=2, steps=10, max_radius=3.0, tol=0.1, progress=False)
+    eager = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), **kw)
+    monkeypatch.setattr(pgd, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.warns(UserWarning, match=r"attack.compile: torch.compile failed \(RuntimeError\)") as said:
+        fallback = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), compile=True, **kw)
+    assert len(said) == 1 and torch.equal(fallback.margin, eager.margin)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")), reason="torch.compile needs a C++ compiler on a CPU")
+def test_compiled_attack_finds_the_eager_margins(monkeypatch):
+    import lipvae.attack.pgd as pgd
+
+    monkeypatch.setattr(pgd, "_COMPILED", {})
+    vae = tiny_vae()
+    x = torch.rand(6, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kw = dict(r=1.0, p=0.5, samples=100, starts=2, steps=20, max_radius=3.0, tol=0.02, progress=False)
+    eager = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="attack.compile")  # compiled, not the fallback
+        compiled = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), compile=True, **kw)
+    assert torch.allclose(compiled.margin, eager.margin, atol=kw["tol"])  # same search, float rounding aside

@@ -334,7 +334,7 @@ def _reusable(stored: dict | None, cfg: DictConfig, run_dir: Path) -> tuple[pd.D
     old_attack, new_attack = dict(old.get("attack") or {}), OmegaConf.to_container(cfg.attack, resolve=True)
 
     def core(settings: dict) -> dict:
-        return {k: v for k, v in settings.items() if k not in ("latent", "enabled")}
+        return {k: v for k, v in settings.items() if k not in ("latent", "enabled", "compile")}  # not what is attacked
 
     if core(old_attack) != core(new_attack) or old.get("seed") != cfg.seed:
         return None, None

@@ -219,6 +219,7 @@ class AttackConfig:
     search: Search = MISSING
     grid_step: float = spec(POSITIVE, when=_attacking)
     pixel_range: bool = MISSING
+    compile: bool = False
     lbfgs: Optional[LbfgsConfig] = None
     latent: LatentAttackConfig = MISSING
 

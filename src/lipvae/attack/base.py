@@ -5,6 +5,7 @@ the ``attack`` config group subclasses. Torch only, no Hydra."""
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,21 @@ def damage(vae: VAE, x: torch.Tensor, delta: torch.Tensor, samples: int = 0) -> 
     q, q2 = vae.encode(x), vae.encode(x + delta)
     diff = vae.decode(q2.sample(samples)) - vae.decode(q.sample(samples))
     return diff.norm(dim=-1).mean(0)
+
+
+@contextmanager
+def input_gradients_only(module: torch.nn.Module):
+    """Within the block ``module``'s parameters need no gradient (restored after): an attack
+    differentiates with respect to its input alone, and compiled backward passes otherwise
+    compute the weights' gradients too (about 1.6x the time of a step)."""
+    needed = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in needed:
+            p.requires_grad_(False)
+        yield module
+    finally:
+        for p, flag in needed:
+            p.requires_grad_(flag)
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lipvae.attack.base import input_gradients_only
 from lipvae.attack.pgd import projected_gradient
 from lipvae.vae import VAE
 
@@ -53,7 +54,8 @@ def latent_space_attack(
     with torch.no_grad():
         qt = vae.encode(target)
     if kind == "soft":
-        delta = _soft_latent(vae, x, qt, penalty, steps, lr, pixel_range)
+        with input_gradients_only(vae):
+            delta = _soft_latent(vae, x, qt, penalty, steps, lr, pixel_range)
         with torch.no_grad():
             q = vae.encode(x + delta)
             kl = gaussian_kl(q.mean, q.log_std, qt.mean, qt.log_std)
@@ -66,7 +68,8 @@ def latent_space_attack(
             return gaussian_kl(q.mean, q.log_std, mean_t, log_std_t)
 
         radius = torch.full((len(x),), float(budget), dtype=x.dtype, device=x.device)
-        deltas, kls = projected_gradient(objective, x, radius, starts, steps, pixel_range, generator, maximise=False)
+        with input_gradients_only(vae):
+            deltas, kls = projected_gradient(objective, x, radius, starts, steps, pixel_range, generator, maximise=False)
         pick = kls.argmin(dim=1)
         delta, kl = deltas[torch.arange(len(x)), pick], kls[torch.arange(len(x)), pick]
     with torch.no_grad():

@@ -6,12 +6,15 @@ descending grid). Tensors stay on the model's device."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from lipvae.attack.base import EstimatedMargins, MarginAttack, SearchState, damage, robust_probability
+from lipvae.attack.base import (
+    EstimatedMargins, MarginAttack, SearchState, damage, input_gradients_only, robust_probability,
+)
 from lipvae.vae import VAE
 
 
@@ -29,18 +32,21 @@ def project_ball_box(
     if lo is None:
         norm = delta.norm(dim=1)
         return delta * torch.clamp(r / norm.clamp_min(1e-30), max=1.0)[:, None]
-    clipped = torch.maximum(torch.minimum(delta, hi), lo)
-    inside = clipped.norm(dim=1) <= r
-    if inside.all():
+    clipped = torch.clamp(delta, lo, hi)
+    outside = clipped.norm(dim=1) > r
+    if not outside.any():
         return clipped
-    s_lo, s_hi = torch.zeros_like(r), torch.ones_like(r)
-    for _ in range(50):
+    idx = outside.nonzero().flatten()  # only these rows need the bisection on s
+    d, ro, lo_o, hi_o = delta[idx], r[idx], lo.expand_as(delta)[idx], hi.expand_as(delta)[idx]
+    s_lo, s_hi = torch.zeros_like(ro), torch.ones_like(ro)
+    # enough halvings to pin s ∈ (0, 1] below the dtype's resolution (float32: 26, float64: 55)
+    for _ in range(round(-math.log2(torch.finfo(delta.dtype).eps)) + 3):
         mid = 0.5 * (s_lo + s_hi)
-        ok = torch.maximum(torch.minimum(delta * mid[:, None], hi), lo).norm(dim=1) <= r
+        ok = torch.clamp(d * mid[:, None], lo_o, hi_o).norm(dim=1) <= ro
         s_lo = torch.where(ok, mid, s_lo)
         s_hi = torch.where(ok, s_hi, mid)
-    projected = torch.maximum(torch.minimum(delta * s_lo[:, None], hi), lo)
-    return torch.where(inside[:, None], clipped, projected)
+    clipped[idx] = torch.clamp(d * s_lo[:, None], lo_o, hi_o)
+    return clipped
 
 
 def _random_on_sphere(shape, radius: torch.Tensor, generator, device, dtype) -> torch.Tensor:
@@ -90,6 +96,42 @@ def projected_gradient(
     return best.reshape(b, starts, n), (sign * best_val).reshape(b, starts)
 
 
+def _reconstruction_distance(vae: VAE, x: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """``‖g(μ(x)) − clean‖₂`` per row: the damage with the clean reconstruction precomputed."""
+    return (vae.decode(vae.encode(x).mean) - clean).norm(dim=-1)
+
+
+#: compiled ``_reconstruction_distance``, one per model (``compile=True``)
+_COMPILED: dict[int, object] = {}
+
+
+def _distance_fn(vae: VAE, compile: bool):
+    """``_reconstruction_distance`` bound to ``vae``; with ``compile``, through ``torch.compile``
+    (dynamic batch size, so the shrinking batches of a search reuse one graph). Where the
+    compiler is not available the eager function is used, with one warning."""
+    eager = lambda x, clean: _reconstruction_distance(vae, x, clean)  # noqa: E731
+    if not compile:
+        return eager
+    key = id(vae)
+    if key not in _COMPILED:
+        _COMPILED.clear()  # one model at a time: a later model does not keep an earlier one alive
+        _COMPILED[key] = torch.compile(eager, dynamic=True)
+    compiled = _COMPILED[key]
+
+    def distance(x, clean):
+        if _COMPILED.get(key) is eager:
+            return eager(x, clean)
+        try:
+            return compiled(x, clean)
+        except Exception as err:  # no C++ compiler, an unsupported device, ...: eager, once said
+            warnings.warn(f"attack.compile: torch.compile failed ({type(err).__name__}); "
+                          "attacking without it", stacklevel=2)
+            _COMPILED[key] = eager
+            return eager(x, clean)
+
+    return distance
+
+
 def max_damage_attack(
     vae: VAE,
     x: torch.Tensor,
@@ -99,23 +141,31 @@ def max_damage_attack(
     pixel_range: bool = True,
     samples: int = 0,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximise the damage over ``‖δ‖ ≤ radius`` (and ``x + δ ∈ [0, 1]`` with ``pixel_range``).
 
     ``radius``: a number or one per input. Returns δ (``B × S × n``) and damage (``B × S``).
+    ``compile``: run the network through ``torch.compile`` (``samples = 0`` only).
     """
     radius = torch.as_tensor(radius, dtype=x.dtype, device=x.device).expand(len(x))
-    return projected_gradient(
-        lambda xr, d: damage(vae, xr, d, samples), x, radius, starts, steps, pixel_range, generator, maximise=True
-    )
+    if samples > 0:
+        objective = lambda xr, d: damage(vae, xr, d, samples)  # noqa: E731
+    else:  # the clean reconstruction g(μ(x)) does not move with δ: computed once, not every step
+        with torch.no_grad():
+            clean = vae.decode(vae.encode(x).mean).repeat_interleave(starts, dim=0)
+        distance = _distance_fn(vae, compile)
+        objective = lambda xr, d: distance(xr + d, clean)  # noqa: E731
+    with input_gradients_only(vae):
+        return projected_gradient(objective, x, radius, starts, steps, pixel_range, generator, maximise=True)
 
 
-def _robust_at(vae, x, radius, r, p, samples, starts, steps, pixel_range, generator) -> torch.Tensor:
+def _robust_at(vae, x, radius, r, p, samples, starts, steps, pixel_range, generator, compile=False) -> torch.Tensor:
     """x is judged robust at ``radius`` only if every start leaves ``P̂ > p`` (docs/math.md §4)."""
     if torch.all(radius == 0):
         delta = torch.zeros(len(x), 1, x.shape[1], dtype=x.dtype, device=x.device)
     else:
-        delta, _ = max_damage_attack(vae, x, radius, starts, steps, pixel_range, 0, generator)
+        delta, _ = max_damage_attack(vae, x, radius, starts, steps, pixel_range, 0, generator, compile)
     return (robust_probability(vae, x, delta, r, samples, generator) > p).all(dim=1)
 
 
@@ -135,6 +185,7 @@ def estimate_margins(
     generator: torch.Generator | None = None,
     progress: bool = True,
     state_path: Path | None = None,
+    compile: bool = False,
 ) -> EstimatedMargins:
     """Estimated (r, p)-robustness margins (Camuto et al. 2020; paper Appendix D).
 
@@ -142,16 +193,19 @@ def estimate_margins(
     narrower than ``tol``; the margin is the bracket's upper end. ``grid``: the reference's
     descending grid ``max_radius, max_radius − grid_step, …``, margin = smallest non-robust
     radius on it. Either way an input still robust at ``max_radius`` gets ``max_radius``
-    and ``censored = True``. With ``state_path`` (and a ``generator``) the search saves its
+    and ``censored = True`` (bisection attacks ``max_radius`` only for inputs that a midpoint
+    found robust: the others' brackets never reach it). ``compile``: the network runs through
+    ``torch.compile`` (a one-off compilation, then faster steps; for long or repeated searches).
+    With ``state_path`` (and a ``generator``) the search saves its
     state after every round and, called again the same way, continues from it (``SearchState``);
     a finished search removes it.
     """
     was_training = vae.training
     vae.eval()
-    args = (r, p, samples, starts, steps, pixel_range, generator)
+    args = (r, p, samples, starts, steps, pixel_range, generator, compile)
     state = None
     if state_path is not None and generator is not None:
-        settings = (r, p, samples, starts, steps, max_radius, tol, search, grid_step, pixel_range)
+        settings = (r, p, samples, starts, steps, max_radius, tol, search, grid_step, pixel_range, "v2")
         state = SearchState(state_path, x, settings, generator)
     n = len(x)
     full = torch.full((n,), float(max_radius), dtype=x.dtype, device=x.device)
@@ -180,25 +234,33 @@ def estimate_margins(
 
     saved = state.load(x.device) if state is not None else None
     if saved is not None:
-        evaluated, robust_max, robust_zero = saved["evaluated"], saved["robust_max"], saved["robust_zero"]
+        evaluated, censored, top_known = saved["evaluated"], saved["censored"], saved["top_known"]
         lo, hi, active = saved["lo"], saved["hi"], saved["active"]
     else:
-        evaluated = 2
-        robust_max = _robust_at(vae, x, full, *args)
+        evaluated = 1
         robust_zero = _robust_at(vae, x, torch.zeros_like(full), *args)
         lo = torch.zeros_like(full)
-        hi = full.clone()
-        active = ~robust_max & robust_zero
-        hi = torch.where(robust_zero, hi, torch.zeros_like(hi))
+        hi = torch.where(robust_zero, full, torch.zeros_like(full))
+        active = robust_zero.clone()
+        censored = torch.zeros_like(active)
+        top_known = torch.zeros_like(active)  # whether max_radius has been attacked
     total = max(0, math.ceil(math.log2(max_radius / tol)))
     with tqdm(total=total, desc="margins (bisection)", disable=not progress, leave=False) as bar:
         while True:
             if state is not None:
-                state.save(lo, hi, evaluated=evaluated, robust_max=robust_max, robust_zero=robust_zero,
-                           active=active)
-            if not bool((active & (hi - lo > tol)).any()):
-                break
+                state.save(lo, hi, evaluated=evaluated, censored=censored, top_known=top_known, active=active)
+            # max_radius is attacked only for inputs that a smaller radius has not broken, once one
+            # midpoint found them robust (or the bracket is done): robust there means censored
+            top = active & ~top_known & (hi >= max_radius) & ((lo > 0) | (hi - lo <= tol))
+            if bool(top.any()):
+                idx = top.nonzero().flatten()
+                robust = _robust_at(vae, x[idx], full[idx], *args)
+                censored[idx], active[idx], top_known[idx] = robust, ~robust, True
+                evaluated += 1
+                continue
             todo = active & (hi - lo > tol)
+            if not bool(todo.any()):
+                break
             mid = 0.5 * (lo + hi)
             idx = todo.nonzero().flatten()
             robust = _robust_at(vae, x[idx], mid[idx], *args)
@@ -209,7 +271,7 @@ def estimate_margins(
     if state is not None:
         state.remove()
     vae.train(was_training)
-    return EstimatedMargins(hi, robust_max & robust_zero, evaluated)
+    return EstimatedMargins(hi, censored, evaluated)
 
 
 class PGDAttack(MarginAttack):
@@ -219,13 +281,15 @@ class PGDAttack(MarginAttack):
 
     def __init__(self, r: float = 8.0, p: float = 0.5, samples: int = 40, starts: int = 5, steps: int = 100,
                  max_radius: float = 10.0, tol: float = 0.05, search: str = "bisection", grid_step: float = 0.5,
-                 pixel_range: bool = True) -> None:
+                 pixel_range: bool = True, compile: bool = False) -> None:
         super().__init__(r, p, samples, starts, max_radius, pixel_range)
         self.steps, self.tol, self.search, self.grid_step = int(steps), float(tol), str(search), float(grid_step)
+        self.compile = bool(compile)
 
     def estimate(self, vae, x, generator, seed=0, progress=True, state_path=None) -> EstimatedMargins:
         return estimate_margins(
             vae, x, r=self.r, p=self.p, samples=self.samples, starts=self.starts, steps=self.steps,
             max_radius=self.max_radius, tol=self.tol, search=self.search, grid_step=self.grid_step,
             pixel_range=self.pixel_range, generator=generator, progress=progress, state_path=state_path,
+            compile=self.compile,
         )
