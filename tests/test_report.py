@@ -91,6 +91,8 @@ def test_report_on_folder_without_runs_is_one_line(tmp_path, capsys):
     [
         ("fig5_quick", "lipschitz_L7", dict(kind="lipschitz", enc_L=7.0, hidden=[256, 256])),
         ("fig5", "standard", dict(kind="standard", lr=1e-3, hidden=[512, 512])),
+        ("fig5_cpu", "lipschitz_L10", dict(kind="lipschitz", enc_L=10.0, lr=1e-3, hidden=[256, 256])),
+        ("fig5_cpu", "standard", dict(kind="standard", lr=1e-3, hidden=[256, 256])),
         ("fig6_7_quick", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2)),
     ],
 )
