@@ -34,7 +34,7 @@ import torch
 
 from lipvae.attack import estimate_margins, lbfgs_margins
 from lipvae.data import ImageDataModule
-from timing import machine, timed
+from timing import cores, machine, timed
 
 R, P, SAMPLES, STARTS, MAX_RADIUS, GRID_STEP = 8.0, 0.5, 40, 5, 10.0, 0.5
 
@@ -106,8 +106,7 @@ def main() -> None:
         raise SystemExit(f"error: --inputs: got {args.inputs}; accepted: an integer >= 5 (fixed costs dominate fewer)")
     if not 1 <= args.reference_images <= 25:
         raise SystemExit(f"error: --reference-images: got {args.reference_images}; accepted: an integer in [1, 25]")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = args.workers or cores
+    workers = args.workers or cores()
     os.environ.setdefault("LIPVAE_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     vae = trained_model(args.run, args.epochs)
     test = ImageDataModule(resplit=True).split("test").images

@@ -13,12 +13,16 @@ from dataclasses import dataclass
 import torch
 
 
+def cores() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
 def machine() -> str:
     """Cores this process may use, torch's threads, the CPU model, torch and Python versions."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        cores = os.cpu_count()
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -26,7 +30,7 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"machine: {cores} cores ({model}), torch {torch.__version__} with {torch.get_num_threads()} threads"
+    return (f"machine: {cores()} cores ({model}), torch {torch.__version__} with {torch.get_num_threads()} threads"
             f"{gpu}, Python {platform.python_version()}")
 
 

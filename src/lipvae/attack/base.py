@@ -19,10 +19,16 @@ def damage(vae: VAE, x: torch.Tensor, delta: torch.Tensor, samples: int = 0) -> 
     """``‖g(μ(x+δ)) − g(μ(x))‖₂`` (eq. 4), or with ``samples > 0`` its sampled variant
     ``mean_k ‖g(z'_k) − g(z_k)‖``, ``z' ~ q(·|x+δ)``, ``z ~ q(·|x)``."""
     if samples <= 0:
-        return (vae.decode(vae.encode(x + delta).mean) - vae.decode(vae.encode(x).mean)).norm(dim=-1)
+        return reconstruction_distance(vae, x + delta, vae.decode(vae.encode(x).mean))
     q, q2 = vae.encode(x), vae.encode(x + delta)
     diff = vae.decode(q2.sample(samples)) - vae.decode(q.sample(samples))
     return diff.norm(dim=-1).mean(0)
+
+
+def reconstruction_distance(vae: VAE, x: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """``‖g(μ(x)) − clean‖₂`` per row: the damage of ``x`` against a precomputed ``clean``
+    reconstruction (an attack computes that once, not at every step)."""
+    return (vae.decode(vae.encode(x).mean) - clean).norm(dim=-1)
 
 
 @contextmanager

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from lipvae.attack.base import (
-    EstimatedMargins, MarginAttack, SearchState, damage, input_gradients_only, robust_probability,
+    EstimatedMargins, MarginAttack, SearchState, damage, input_gradients_only, reconstruction_distance,
+    robust_probability,
 )
 from lipvae.vae import VAE
 
@@ -96,38 +98,33 @@ def projected_gradient(
     return best.reshape(b, starts, n), (sign * best_val).reshape(b, starts)
 
 
-def _reconstruction_distance(vae: VAE, x: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    """``‖g(μ(x)) − clean‖₂`` per row: the damage with the clean reconstruction precomputed."""
-    return (vae.decode(vae.encode(x).mean) - clean).norm(dim=-1)
-
-
-#: compiled ``_reconstruction_distance``, one per model (``compile=True``)
+#: torch.compile of ``reconstruction_distance``, for one model at a time (``compile=True``);
+#: None once compiling failed for that model
 _COMPILED: dict[int, object] = {}
 
 
 def _distance_fn(vae: VAE, compile: bool):
-    """``_reconstruction_distance`` bound to ``vae``; with ``compile``, through ``torch.compile``
+    """``reconstruction_distance`` bound to ``vae``; with ``compile``, through ``torch.compile``
     (dynamic batch size, so the shrinking batches of a search reuse one graph). Where the
-    compiler is not available the eager function is used, with one warning."""
-    eager = lambda x, clean: _reconstruction_distance(vae, x, clean)  # noqa: E731
+    compiler fails, the eager function is used from then on, after one warning."""
+    eager = partial(reconstruction_distance, vae)
     if not compile:
         return eager
-    key = id(vae)
+    key = id(vae)  # the compiled function holds vae, so the id is not reused while cached
     if key not in _COMPILED:
-        _COMPILED.clear()  # one model at a time: a later model does not keep an earlier one alive
+        _COMPILED.clear()  # a later model does not keep an earlier one alive
         _COMPILED[key] = torch.compile(eager, dynamic=True)
-    compiled = _COMPILED[key]
 
     def distance(x, clean):
-        if _COMPILED.get(key) is eager:
-            return eager(x, clean)
-        try:
-            return compiled(x, clean)
-        except Exception as err:  # no C++ compiler, an unsupported device, ...: eager, once said
-            warnings.warn(f"attack.compile: torch.compile failed ({type(err).__name__}); "
-                          "attacking without it", stacklevel=2)
-            _COMPILED[key] = eager
-            return eager(x, clean)
+        compiled = _COMPILED.get(key)
+        if compiled is not None:
+            try:
+                return compiled(x, clean)
+            except Exception as err:  # no C++ compiler, an unsupported device, ...
+                warnings.warn(f"attack.compile: torch.compile failed ({type(err).__name__}); "
+                              "attacking without it", stacklevel=2)
+                _COMPILED[key] = None
+        return eager(x, clean)
 
     return distance
 
