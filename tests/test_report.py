@@ -94,6 +94,8 @@ def test_report_on_folder_without_runs_is_one_line(tmp_path, capsys):
         ("fig5_cpu", "lipschitz_L10", dict(kind="lipschitz", enc_L=10.0, lr=1e-3, hidden=[256, 256])),
         ("fig5_cpu", "standard", dict(kind="standard", lr=1e-3, hidden=[256, 256])),
         ("fig6_7_quick", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2)),
+        ("fig6_7_cpu", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2, lr=1e-3, hidden=[256, 256])),
+        ("fig6_7_cpu", "standard", dict(kind="standard", latent_dim=2, lr=1e-3, hidden=[256, 256])),
     ],
 )
 def test_experiment_presets_compose(experiment, variant, expect):
@@ -104,6 +106,35 @@ def test_experiment_presets_compose(experiment, variant, expect):
     got = {"kind": cfg.model.kind, "enc_L": cfg.enc_L, "hidden": list(cfg.model.hidden), "lr": cfg.model.lr,
            "beta": cfg.model.beta, "latent_dim": cfg.model.latent_dim}
     assert {k: got[k] for k in expect} == expect
+
+
+@pytest.mark.parametrize(
+    "experiment,override,expect",
+    [
+        ("fig3_cpu", "model.encoder_std.gamma=0.4", dict(mode="fixed", gamma=0.4, max_time=6.0, data="mnist")),
+        ("fig4_cpu", "data=fashion_mnist", dict(mode="learned", gamma=0.1, max_time=18.0, data="fashion_mnist")),
+        ("fig4_cpu", "model.encoder_std.mode=fixed", dict(mode="fixed", gamma=0.1, max_time=18.0, data="mnist")),
+        ("fig5_cpu", "enc_L=7", dict(mode="learned", gamma=0.1, max_time=18.0, data="mnist")),
+    ],
+)
+def test_cpu_tier_presets_share_one_set_of_changes(experiment, override, expect):
+    """Every *_cpu preset takes cpu_tier's changes (256-256, lr 1e-3, early stopping, best epoch, no W&B)
+    and keeps its figure's own grid and settings."""
+    from lipvae.config import validate
+
+    cfg = composed(f"experiment={experiment}", override)
+    validate(cfg)
+    assert (list(cfg.model.hidden), cfg.model.lr, cfg.model.kind) == ([256, 256], 1e-3, "lipschitz")
+    assert (cfg.trainer.patience, cfg.trainer.evaluate, cfg.logger.wandb.enabled) == (5, "best", False)
+    got = dict(mode=cfg.model.encoder_std.mode, gamma=cfg.model.encoder_std.gamma, max_time=cfg.trainer.max_time,
+               data=cfg.data.name)
+    assert got == expect
+    grid = composed(f"experiment={experiment}", hydra=True).hydra
+    assert grid.sweep.dir.startswith(f"outputs/multirun/{experiment}/")
+    plain = composed(f"experiment={experiment.removesuffix('_cpu')}", hydra=True).hydra
+    def values(params):  # the grid, whatever the order (fig5_cpu puts the standard VAE first)
+        return {k: sorted(str(v).split(",")) for k, v in params.items()}
+    assert values(grid.sweeper.params) == values(plain.sweeper.params)
 
 
 def test_sweep_grids_and_launchers_compose():
