@@ -254,3 +254,126 @@ def test_bounded_sigma_global_margin_covers_the_float32_projection():
     c = summary["constants"]
     nominal = global_margin(c["a"], c["b"], m=10, c=c["c"], max_norm=1.0).margin
     assert nominal > table["certified_tight"].min() * (1 + 1e-12)  # max_norm itself would overclaim
+
+
+# ----------------------------------------------------------------- the coupled form (docs/math.md §3)
+
+
+def test_dkw_width_bounds_the_tail_for_every_threshold_at_once():
+    """Over many draws, sup_τ (P(D > τ) − P̂(D > τ)) exceeds the width in at most about alpha of
+    them (Massart's one-sided bound), and a width half as large is exceeded far more often."""
+    from lipvae.certify.coupled import dkw_width
+
+    rng = np.random.default_rng(0)
+    n, alpha, reps = 200, 0.1, 600
+    d = np.sort(rng.exponential(size=(reps, n)), axis=1)  # P(D > τ) = exp(−τ)
+    sup = np.max(np.exp(-d) - (n - 1 - np.arange(n)) / n, axis=1)
+    eps = dkw_width(n, alpha)
+    assert np.mean(sup > eps) <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / reps)
+    assert np.mean(sup > eps / 2) > 3 * alpha
+
+
+def test_noise_quantile_is_the_sup_norm_quantile():
+    from lipvae.certify.coupled import noise_quantile
+
+    xi = np.random.default_rng(1).standard_normal((200_000, 10))
+    for beta in (0.05, 0.25, 0.45):
+        k = noise_quantile(beta, 10)
+        assert np.mean(np.abs(xi).max(axis=1) > k) == pytest.approx(beta, abs=4 * np.sqrt(beta * (1 - beta) / 2e5))
+
+
+def _coupled_bound(t, tau, damages, a, b, c, m, r, eps):
+    """The right-hand side of the coupled bound (docs/math.md §3), straight from its definition."""
+    from scipy.special import erf
+
+    tail = np.mean(damages > tau) + eps
+    reach = (r - tau) / a - b * t
+    if reach <= 0:
+        return 1.0 + tail
+    noise = 0.0 if c == 0 else 1.0 - erf(reach / (c * t) / np.sqrt(2)) ** m if t > 0 else 0.0
+    return noise + tail
+
+
+@pytest.mark.parametrize("c", [1.25, 0.0])
+def test_coupled_margin_is_the_largest_radius_the_bound_certifies(c):
+    """Brute force: for every threshold on a fine grid, bisect the largest t whose bound stays
+    below 1 − p; the closed form must equal the best of them (never above)."""
+    from lipvae.certify.coupled import coupled_margin, dkw_width
+
+    rng = np.random.default_rng(2)
+    a, b, m, r, p, alpha, n = 1.25, 5.0, 10, 8.0, 0.5, 1e-3, 400
+    damages = np.sort(rng.gamma(4.0, 0.5, size=(3, n)), axis=1)
+    damages[2] += 3.0  # a noisier input
+    got, tau = coupled_margin(damages, a, b, c, m, r, p, alpha)
+    eps = dkw_width(n, alpha)
+    for i, row in enumerate(damages):
+        best = 0.0
+        for t_ in np.concatenate([row, (row[:-1] + row[1:]) / 2]):
+            lo, hi = 0.0, r / (a * b)
+            if _coupled_bound(1e-12, t_, row, a, b, c, m, r, eps) >= 1 - p:
+                continue
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if _coupled_bound(mid, t_, row, a, b, c, m, r, eps) < 1 - p else (lo, mid)
+            best = max(best, lo)
+        assert got[i] == pytest.approx(best, rel=1e-9) and got[i] <= best * (1 + 1e-12)
+        assert _coupled_bound(got[i] * (1 - 1e-9), tau[i], row, a, b, c, m, r, eps) < 1 - p  # every t below it
+    assert got[2] < got[0]  # more self-damage, smaller margin
+
+
+def _random_lipschitz_vae(std_mode="learned", seed=0):
+    from lipvae.vae import VAE
+
+    torch.manual_seed(seed)
+    vae = VAE(input_dim=12, latent_dim=3, hidden=(16, 16), encoder_mean_L=2.0, encoder_std_L=2.0, decoder_L=4.0,
+              std_mode=std_mode, gamma=0.2)
+    return vae.freeze().eval().double()
+
+
+@pytest.mark.parametrize("std_mode", ["learned", "fixed"])
+def test_coupled_certificate_holds_against_the_worst_delta_found(std_mode):
+    """Monte Carlo on random small networks: at the coupled certified radius, the perturbation
+    that an attack finds most damaging (mean and sampled damage, 3 starts each) still leaves
+    P(‖g(z′) − g(z)‖ ≤ r) above p, on 10,000 pairs, up to 4 standard errors."""
+    from lipvae.attack.base import robust_probability
+    from lipvae.attack.pgd import max_damage_attack
+    from lipvae.certify.certificates import certify
+
+    vae = _random_lipschitz_vae(std_mode)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 12, generator=gen, dtype=torch.float64)
+    r, p, n = 0.6, 0.5, 10_000
+    table, summary = certify(vae, x, np.arange(4), np.zeros(4, dtype=int), vae.lipschitz_constants(), [r], [p],
+                             ["tight", "coupled"], coupled={"samples": 4000})
+    radius = torch.tensor(table.certified_coupled.to_numpy())
+    assert (radius > 0).all() and summary["by_r_p_form"]["r0.6_p0.5"]["coupled"]["global_margin"] is None
+    for samples in (0, 16):
+        delta, _ = max_damage_attack(vae, x, radius, starts=3, steps=40, pixel_range=False, samples=samples,
+                                     generator=gen)
+        assert (delta.norm(dim=-1) <= radius[:, None] * (1 + 1e-9)).all()
+        prob = robust_probability(vae, x, delta, r, n, gen)
+        assert (prob > p - 4 * np.sqrt(p * (1 - p) / n)).all(), prob
+    # the same check fails where it should: far enough out, the attack breaks every input
+    delta, _ = max_damage_attack(vae, x, radius * 40, starts=3, steps=40, pixel_range=False, generator=gen)
+    assert (robust_probability(vae, x, delta, r, n, gen).min(dim=1).values < p).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["learned", "fixed"])
+def test_coupled_form_in_a_recertified_run(runs, capsys, tmp_path, monkeypatch, synthetic_root, mode):
+    """Opt-in through certify.forms: its columns, its settings in the summary, no Theorem 3 margin,
+    the run's soundness check against the stored estimated margins, and the cap r/(ab) that no
+    certificate using Lip(μ) = b and Lip(g) = a can pass."""
+    monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
+    run = shutil.copytree(runs[("lipschitz", mode)], tmp_path / "run")
+    assert certify_main(["model", str(run), "forms=coupled,tight", "num_inputs=40"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["form"] == "coupled" and summary["soundness_violations"] == 0
+    assert summary["global_margin"] is None
+    assert summary["coupled"]["samples"] == 2000 and summary["coupled"]["dkw_width"] == pytest.approx(0.04156, abs=1e-5)
+    table = pd.read_csv(Path(summary["written_to"]) / "certified_margins.csv")
+    a, b = summary["constants"]["a"], summary["constants"]["b"]
+    assert len(table) == 40 and (table.certified_coupled > 0).all()
+    assert (table.certified_coupled < 8.0 / (a * b)).all() and (table.tau_coupled > 0).all()
+    margins = pd.read_csv(Path(summary["written_to"]) / "margins.csv")
+    assert (margins.certified_coupled <= margins.estimated).all()

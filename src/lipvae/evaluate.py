@@ -132,7 +132,8 @@ def evaluate(
 
 def _certify(vae, test, cc: DictConfig, batch_size: int, out_dir: Path, loggers, step: int):
     table, summary = certify_test_split(
-        vae, test, cc.num_inputs, vae.lipschitz_constants(), list(cc.r), list(cc.p), list(cc.forms), batch_size
+        vae, test, cc.num_inputs, vae.lipschitz_constants(), list(cc.r), list(cc.p), list(cc.forms), batch_size,
+        OmegaConf.to_container(cc.coupled) if "coupled" in cc else None,
     )
     write_table(out_dir / CERTIFIED_TABLE, table)
     summary["table"] = CERTIFIED_TABLE

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, get_args
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from lipvae.certify.bounds import FORMS, STD_MODES
+from lipvae.certify.bounds import CERTIFY_FORMS, STD_MODES
 from lipvae.data import DATASETS
 from lipvae.errors import UserError
 
@@ -172,14 +172,27 @@ def _certifying(root) -> bool:
     return bool(root.certify.enabled)
 
 
+def _coupled(root) -> bool:
+    return _certifying(root) and "coupled" in root.certify.forms
+
+
+@dataclass
+class CoupledConfig:
+    samples: int = spec((lambda v: _int(v) and v >= 100, "an integer >= 100"), when=_coupled)
+    alpha: float = spec((lambda v: _num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"), when=_coupled)
+    seed: int = spec(NONNEG_INT, when=_coupled)
+
+
 @dataclass
 class CertifyConfig:
     enabled: bool = MISSING
     r: List[float] = spec(_list_of(POSITIVE[0], "a list of numbers > 0"), when=_certifying)
     p: List[float] = spec(_list_of(UNIT[0], "a list of numbers in (0, 1)"), when=_certifying)
-    forms: List[str] = spec(_list_of(lambda v: v in FORMS, f"a list drawn from {', '.join(FORMS)}"), when=_certifying)
+    forms: List[str] = spec(_list_of(lambda v: v in CERTIFY_FORMS, f"a list drawn from {', '.join(CERTIFY_FORMS)}"),
+                            when=_certifying)
     num_inputs: Optional[int] = spec((lambda v: v is None or (_int(v) and v > 0), "a positive integer or null"), None,
                                      when=_certifying)
+    coupled: CoupledConfig = field(default_factory=CoupledConfig)
 
 
 def _attacking(root) -> bool:

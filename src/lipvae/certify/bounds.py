@@ -28,6 +28,10 @@ import numpy as np
 from scipy import optimize, special, stats
 
 FORMS = ("paper", "exact", "tight")
+#: Forms that also sample the model (lipvae.certify.coupled), so they have no closed form in
+#: (a, b, c, s) and no Theorem 3 margin; ``certify.forms`` accepts both kinds.
+SAMPLED_FORMS = ("coupled",)
+CERTIFY_FORMS = FORMS + SAMPLED_FORMS
 STD_MODES = ("learned", "bounded", "fixed")
 #: Relative accuracy of every root found here (docs/math.md §3: 1e-9, never a grid).
 RTOL = 1e-9

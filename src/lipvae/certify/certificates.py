@@ -13,12 +13,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lipvae.certify.bounds import global_margin, margin
+from lipvae.certify.bounds import SAMPLED_FORMS, global_margin, margin
+from lipvae.certify.coupled import coupled_margin, dkw_width, self_damage
 from lipvae.networks import cpu_float64
 
 log = logging.getLogger("lipvae")
 #: A measured constant above nominal by more than this (relative) is reported.
 LIPSCHITZ_TOLERANCE = 1e-3
+#: The coupled form's Monte Carlo: pairs per input, the certificate's failure probability, seed.
+COUPLED_DEFAULTS = {"samples": 2000, "alpha": 1e-3, "seed": 0}
 
 
 def check_lipschitz(constants: dict) -> list[str]:
@@ -84,30 +87,44 @@ def certify(
     p: list[float],
     forms: list[str],
     batch_size: int = 1000,
+    coupled: dict | None = None,
 ) -> tuple[pd.DataFrame, dict]:
     """Per-input Lemma 2 margins for every (r, p, form), and a summary for results.json.
 
     The first (r, p) and the first form are the primary ones: their columns are
     ``R_M_<form>``, ``R_chi2_<form>``, ``certified_<form>``; other (r, p) pairs add the
     suffix ``_r<r>_p<p>``. The summary's top-level numbers are the primary form's.
+    The ``coupled`` form (settings ``coupled``: samples, alpha, seed) writes ``tau_coupled``
+    and ``certified_coupled`` instead (lipvae.certify.coupled).
     """
     measured = constants["measured"]
     a, b, c = measured["decoder"], measured["encoder_mean"], measured["encoder_std"]
     m = vae.latent_dim
     s, s_inf = encoder_std_norms(vae, x, batch_size)
     table = pd.DataFrame({"index": index, "label": labels, "s": s, "s_inf": s_inf})
+    damages = None
+    if "coupled" in forms:
+        coupled = {**COUPLED_DEFAULTS, **(coupled or {})}
+        device = next(vae.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(int(coupled["seed"]))
+        damages = self_damage(vae, x, int(coupled["samples"]), gen)
     by = {}
     for rr, pp in product(r, p):
         sfx = column_suffix(r, p, rr, pp)
         key = f"r{rr:g}_p{pp:g}"
         by[key] = {}
         for form in forms:
-            res = margin(rr, a, b, c, s, s_inf, m, pp, vae.std_mode, form)
-            table[f"R_M_{form}{sfx}"] = res.markov
-            table[f"R_chi2_{form}{sfx}"] = res.chi2
-            table[f"certified_{form}{sfx}"] = res.margin
-            entry = _stats(res.margin)
-            entry["global_margin"] = _global(vae, a, b, c, rr, pp, form)
+            if form in SAMPLED_FORMS:
+                certified, tau = coupled_margin(damages, a, b, c, m, rr, pp, float(coupled["alpha"]))
+                table[f"tau_{form}{sfx}"] = tau
+            else:
+                res = margin(rr, a, b, c, s, s_inf, m, pp, vae.std_mode, form)
+                table[f"R_M_{form}{sfx}"] = res.markov
+                table[f"R_chi2_{form}{sfx}"] = res.chi2
+                certified = res.margin
+            table[f"certified_{form}{sfx}"] = certified
+            entry = _stats(certified)
+            entry["global_margin"] = None if form in SAMPLED_FORMS else _global(vae, a, b, c, rr, pp, form)
             by[key][form] = entry
     primary = by[f"r{r[0]:g}_p{p[0]:g}"][forms[0]]
     summary = {
@@ -119,14 +136,17 @@ def certify(
         "constants": {"a": a, "b": b, "c": c, "m": m},
         "by_r_p_form": by,
     }
+    if damages is not None:
+        summary["coupled"] = {**coupled, "dkw_width": dkw_width(int(coupled["samples"]), float(coupled["alpha"]))}
     return table, summary
 
 
-def certify_test_split(vae, test, num_inputs, constants, r, p, forms, batch_size=1000):
+def certify_test_split(vae, test, num_inputs, constants, r, p, forms, batch_size=1000, coupled=None):
     """``certify`` on the first ``num_inputs`` (all when None) inputs of a test split."""
     n = len(test) if num_inputs is None else min(num_inputs, len(test))
     return certify(
-        vae, test.images[:n], test.index[:n].numpy(), test.labels[:n].numpy(), constants, r, p, forms, batch_size
+        vae, test.images[:n], test.index[:n].numpy(), test.labels[:n].numpy(), constants, r, p, forms, batch_size,
+        coupled,
     )
 
 
