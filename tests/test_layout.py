@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lipvae"
 #: each layer may import only from itself and the layers before it
 LAYERS = [
     {"errors", "results", "plots", "networks", "data", "certify.bounds"},
-    {"vae", "certify.certificates", "certify.tightness"},
+    {"vae", "certify.coupled", "certify.certificates", "certify.tightness"},
     {"attack", "attack.base", "attack.pgd", "attack.lbfgs", "attack.latent", "module"},
     {"schema", "runfolder"},
     {"config"},
