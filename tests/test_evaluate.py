@@ -5,6 +5,7 @@ import shutil
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import run_cli
 from lipvae.evaluate import main as evaluate_main
@@ -114,3 +115,25 @@ def test_bad_overrides_are_one_line_and_write_nothing(run, capsys, args, message
 def test_missing_run_is_one_line(tmp_path, capsys):
     assert evaluate_main([str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: run:")
+
+
+def test_latent_attack_summary_says_how_far_toward_the_target(tmp_path):
+    """No budget moves nothing; a budget large enough to replace the input reaches the target
+    (share ≈ 1, every reconstruction nearer the target's than its own)."""
+    from omegaconf import OmegaConf
+
+    from lipvae.data import TensorBatches
+    from lipvae.evaluate import _latent_attack
+    from lipvae.vae import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(latent_dim=2, hidden=(16, 16), std_mode="fixed", gamma=0.1).freeze().eval()
+    gen = torch.Generator().manual_seed(0)
+    test = TensorBatches(torch.rand(6, 784, generator=gen), torch.tensor([0, 1, 0, 1, 0, 1]), torch.arange(6))
+    ac = OmegaConf.create({"pixel_range": True, "latent": {"kind": "hard", "budget": 0.0, "num_inputs": 6,
+                                                           "steps": 200, "penalty": None, "lr": None}})
+    still, _ = _latent_attack(vae, test, ac, "cpu", gen, tmp_path)
+    assert still["median_share_moved"] == 0.0 and still["closer_to_target"] == 0.0
+    ac.latent.budget = 28.0  # the pixel box's diameter: x + δ may become the target itself
+    far, _ = _latent_attack(vae, test, ac, "cpu", gen, tmp_path)
+    assert far["median_share_moved"] == pytest.approx(1.0, abs=0.05) and far["closer_to_target"] == 1.0
