@@ -118,7 +118,7 @@ def test_experiment_presets_compose(experiment, variant, expect):
     ],
 )
 def test_cpu_tier_presets_share_one_set_of_changes(experiment, override, expect):
-    """Every *_cpu preset takes cpu_tier's changes (256-256, lr 1e-3, early stopping, best epoch, no W&B)
+    """Every *_cpu preset takes conf/tier/cpu.yaml's changes (256-256, lr 1e-3, early stopping, best epoch, no W&B)
     and keeps its figure's own grid and settings."""
     from lipvae.config import validate
 
