@@ -259,8 +259,6 @@ def _latent_attack(vae, test, ac, device, gen, out_dir: Path):
         vae, x, xt, 0.0 if soft else lat.budget, starts=1, steps=lat.steps, pixel_range=ac.pixel_range,
         generator=gen, kind=lat.kind, penalty=lat.penalty if soft else 0.0, lr=lat.lr if soft else 0.0,
     )
-    with torch.no_grad():  # how far apart the clean reconstructions of input and target are
-        gap = (vae.decode(vae.encode(x).mean) - vae.decode(vae.encode(xt).mean)).norm(dim=-1)
     summary = {
         "kind": lat.kind,
         "budget": None if soft else float(lat.budget),
@@ -274,7 +272,7 @@ def _latent_attack(vae, test, ac, device, gen, out_dir: Path):
         # the median share of the way from the input's reconstruction to the target's it moved
         # (a blurrier model's reconstructions sit closer together, so distances alone mislead)
         "closer_to_target": float((res.dist_to_target < res.dist_to_original).float().mean()),
-        "median_share_moved": float((res.dist_to_original / gap.clamp_min(1e-12)).median()),
+        "median_share_moved": float((res.dist_to_original / res.clean_gap.clamp_min(1e-12)).median()),
     }
     figure = save_latent_attack(x, res, xt, out_dir / "latent_attack.png", budget=None if soft else lat.budget)
     return summary, figure

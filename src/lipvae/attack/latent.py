@@ -27,6 +27,7 @@ class LatentAttack:
     kl: torch.Tensor  # KL(q(z|x+δ) ‖ q(z|x_t))
     dist_to_target: torch.Tensor  # ‖g(μ(x+δ)) − g(μ(x_t))‖
     dist_to_original: torch.Tensor  # ‖g(μ(x+δ)) − g(μ(x))‖
+    clean_gap: torch.Tensor  # ‖g(μ(x)) − g(μ(x_t))‖: how far the attack would have to go
 
 
 def latent_space_attack(
@@ -77,7 +78,8 @@ def latent_space_attack(
         rec = vae.decode(vae.encode(adv).mean)
         rec_t = vae.decode(qt.mean)
         rec_x = vae.decode(vae.encode(x).mean)
-    return LatentAttack(adv, delta, rec, kl, (rec - rec_t).norm(dim=-1), (rec - rec_x).norm(dim=-1))
+    return LatentAttack(adv, delta, rec, kl, (rec - rec_t).norm(dim=-1), (rec - rec_x).norm(dim=-1),
+                        (rec_x - rec_t).norm(dim=-1))
 
 
 def _soft_latent(vae: VAE, x: torch.Tensor, qt, penalty: float, steps: int, lr: float, pixel_range: bool):

@@ -103,7 +103,7 @@ def certify(
     s, s_inf = encoder_std_norms(vae, x, batch_size)
     table = pd.DataFrame({"index": index, "label": labels, "s": s, "s_inf": s_inf})
     damages = None
-    if "coupled" in forms:
+    if any(form in SAMPLED_FORMS for form in forms):
         coupled = {**COUPLED_DEFAULTS, **(coupled or {})}
         device = next(vae.parameters()).device
         gen = torch.Generator(device=device).manual_seed(int(coupled["seed"]))
@@ -114,18 +114,17 @@ def certify(
         key = f"r{rr:g}_p{pp:g}"
         by[key] = {}
         for form in forms:
-            if form in SAMPLED_FORMS:
+            if form in SAMPLED_FORMS:  # no Theorem 3 analogue
                 certified, tau = coupled_margin(damages, a, b, c, m, rr, pp, float(coupled["alpha"]))
                 table[f"tau_{form}{sfx}"] = tau
+                global_ = None
             else:
                 res = margin(rr, a, b, c, s, s_inf, m, pp, vae.std_mode, form)
                 table[f"R_M_{form}{sfx}"] = res.markov
                 table[f"R_chi2_{form}{sfx}"] = res.chi2
-                certified = res.margin
+                certified, global_ = res.margin, _global(vae, a, b, c, rr, pp, form)
             table[f"certified_{form}{sfx}"] = certified
-            entry = _stats(certified)
-            entry["global_margin"] = None if form in SAMPLED_FORMS else _global(vae, a, b, c, rr, pp, form)
-            by[key][form] = entry
+            by[key][form] = {**_stats(certified), "global_margin": global_}
     primary = by[f"r{r[0]:g}_p{p[0]:g}"][forms[0]]
     summary = {
         "r": float(r[0]),

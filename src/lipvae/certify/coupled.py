@@ -73,9 +73,8 @@ def coupled_margin(damages: np.ndarray, a: float, b: float, c: float, m: int, r:
         t = reach / (b + c * k)
     else:
         t = reach / b
-    t = np.where(ok, t, 0.0)
-    best = np.argmax(t, axis=1)
-    margin = np.take_along_axis(t, best[:, None], axis=1)[:, 0]
+    best = np.argmax(t, axis=1)  # t is 0 wherever no threshold certifies (reach is 0 there)
+    margin = t.max(axis=1)
     tau = np.where(margin > 0, np.take_along_axis(damages, best[:, None], axis=1)[:, 0], np.nan)
     # one float64 step toward 0: a margin is never rounded up
     return np.nextafter(margin, 0.0) * (margin > 0), tau
