@@ -12,11 +12,13 @@ ever idle, which favours the reference (the wall time, with idle cores at the en
 too). It is run once (many minutes per image); its spread is the per-image times it prints.
 
 lipvae (``attack=pgd``): all inputs and starts in one batch, projected gradient ascent, and a
-bisection on the radius (tolerance 0.05); eager and with ``attack.compile=true``, each the
-median of ``--repeats`` runs after a warm-up (the compiler's one-off time is printed apart).
-Same model, same first images, same process.
+bisection on the radius (tolerance 0.05), whose radii after an input's first start from the δ
+found at the previous one (``attack.warm_steps``, default 40 steps; ``cold``: random starts and
+100 steps at every radius); eager and with ``attack.compile=true``, each the median of
+``--repeats`` runs after a warm-up (the compiler's one-off time is printed apart). Same model,
+same first images, same process.
 
-    python benchmarks/bench_attack.py [--inputs 5] [--repeats 3] [--reference-images 5] [--run <run dir>]
+    python benchmarks/bench_attack.py [--inputs 5] [--repeats 3] [--reference-images 5] [--warm-steps 40]
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="reference processes at once (default: every core)")
     ap.add_argument("--run", default=None, help="a trained run's folder (default: train 2 epochs here)")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--warm-steps", type=int, default=40, help="lipvae's attack.warm_steps (conf/attack/pgd.yaml)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.inputs < 5:
@@ -113,18 +116,20 @@ def main() -> None:
     x, x25, xref = test[: args.inputs], test[:25], test[: args.reference_images]
     print(machine(), flush=True)
 
-    def ours(inputs, compile=False):
+    def ours(inputs, compile=False, warm=args.warm_steps):
         return lambda: estimate_margins(vae, inputs, r=R, p=P, samples=SAMPLES, starts=STARTS,
-                                        generator=torch.Generator().manual_seed(0), progress=False, compile=compile)
+                                        generator=torch.Generator().manual_seed(0), progress=False, compile=compile,
+                                        warm_steps=warm)
 
     start = time.perf_counter()
     ours(x[:1], compile=True)()  # the compiler's one-off cost, apart from the timed runs
     compile_s = time.perf_counter() - start
     print(f"torch.compile, first search (compilation included): {compile_s:.1f} s", flush=True)
     timings = {}
-    for label, inputs, comp in [("eager", x, False), ("compiled", x, True), ("eager", x25, False),
-                                ("compiled", x25, True)]:
-        t, est = timed(ours(inputs, comp), repeats=args.repeats)
+    for label, inputs, comp, warm in [("cold eager", x, False, 0), ("eager", x, False, args.warm_steps),
+                                      ("compiled", x, True, args.warm_steps), ("cold eager", x25, False, 0),
+                                      ("eager", x25, False, args.warm_steps), ("compiled", x25, True, args.warm_steps)]:
+        t, est = timed(ours(inputs, comp, warm), repeats=args.repeats)
         timings[(label, len(inputs))] = (t, est)
         print(f"lipvae {label}, {len(inputs)} images: {t}, mean margin {est.margin.mean().item():.4f}", flush=True)
 
@@ -133,13 +138,13 @@ def main() -> None:
     ref_margin = sum(r[2] for r in rows) / len(rows)
     ours_on_ref = timings[("compiled", 25)][1].margin[: len(xref)].mean().item()
     result = {
-        "machine": machine(), "r": R, "p": P, "samples": SAMPLES, "starts": STARTS,
+        "machine": machine(), "r": R, "p": P, "samples": SAMPLES, "starts": STARTS, "warm_steps": args.warm_steps,
         "compile_first_search_s": compile_s,
         "reference_images": len(xref), "reference_workers": workers, "reference_wall_s": wall,
         "reference_per_image_s": ref_per_image, "reference_image_s_one_thread": [r[1] for r in rows],
         "reference_margins": [r[2] for r in rows], "reference_mean_margin": ref_margin,
         "lipvae_mean_margin_on_reference_images": ours_on_ref,
-        "lipvae": {f"{label}_{n}": {"runs_s": t.runs, "median_s": t.median, "per_image_s": t.median / n,
+        "lipvae": {f"{label.replace(' ', '_')}_{n}": {"runs_s": t.runs, "median_s": t.median, "per_image_s": t.median / n,
                                     "mean_margin": est.margin.mean().item(),
                                     "speedup": ref_per_image / (t.median / n)}
                    for (label, n), (t, est) in timings.items()},

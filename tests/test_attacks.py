@@ -17,6 +17,7 @@ from lipvae.attack import (
     lbfgs_margins,
     max_damage_attack,
     project_ball_box,
+    projected_gradient,
     robust_probability,
 )
 from lipvae.certify.bounds import global_margin
@@ -100,7 +101,8 @@ def test_max_damage_beats_random_and_respects_constraints(pixel_range):
     assert dmg.max(1).values.mean() > 1.5 * random_best.mean()
 
 
-def test_estimated_margin_matches_the_analytic_one():
+@pytest.mark.parametrize("warm_steps", [0, 8])
+def test_estimated_margin_matches_the_analytic_one(warm_steps):
     model = LinearGaussianVAE()
     x = torch.rand(6, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     r, p = 1.5, 0.5
@@ -109,10 +111,20 @@ def test_estimated_margin_matches_the_analytic_one():
     assert certified == pytest.approx(truth, rel=1e-6)  # this certificate is exact here
     est = estimate_margins(
         model, x, r=r, p=p, samples=4000, starts=2, steps=30, max_radius=3.0, tol=0.01,
-        pixel_range=False, generator=torch.Generator().manual_seed(3), progress=False,
+        pixel_range=False, generator=torch.Generator().manual_seed(3), progress=False, warm_steps=warm_steps,
     )
     assert not est.censored.any()
     assert torch.allclose(est.margin, torch.full_like(est.margin, truth), atol=0.03)
+
+
+def test_a_warm_start_begins_from_the_given_deltas_rescaled():
+    x = torch.full((2, 5), 0.5, dtype=torch.float64)
+    init = torch.tensor([[[1.0, 0, 0, 0, 0]], [[0, 0.1, 0.1, 0, 0]]], dtype=torch.float64)  # B=2, S=1
+    radius = torch.tensor([0.3, 0.2], dtype=torch.float64)
+    best, val = projected_gradient(lambda xr, d: -(d - init.reshape(2, 5)).norm(dim=1), x, radius, 1, 0, True,
+                                   None, maximise=True, init=init)
+    expected = init[:, 0] * (radius / init[:, 0].norm(dim=1))[:, None]
+    assert torch.allclose(best[:, 0], expected) and torch.allclose(val[:, 0], -(expected - init[:, 0]).norm(dim=1))
 
 
 def test_bisection_and_grid_agree():
@@ -199,19 +211,19 @@ def stop_after(n: int, real):
     return wrapped
 
 
-@pytest.mark.parametrize("search", ["bisection", "grid"])
-def test_an_interrupted_search_continues_to_the_same_answer(tmp_path, monkeypatch, search):
+@pytest.mark.parametrize("search,warm_steps", [("bisection", 0), ("bisection", 4), ("grid", 0)])
+def test_an_interrupted_search_continues_to_the_same_answer(tmp_path, monkeypatch, search, warm_steps):
     import lipvae.attack.pgd as attacks
 
     vae = tiny_vae()
     x = torch.rand(6, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     kw = dict(r=1.0, p=0.5, samples=100, starts=2, steps=10, max_radius=3.0, tol=0.05, search=search,
-              grid_step=0.5, progress=False)
+              grid_step=0.5, progress=False, warm_steps=warm_steps)
     whole = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), **kw)
 
-    real = attacks._robust_at
+    real = attacks._attack_and_test  # one call per round (every radius after the first is warm)
     state = tmp_path / "attack_state.pt"
-    monkeypatch.setattr(attacks, "_robust_at", stop_after(4, real))
+    monkeypatch.setattr(attacks, "_attack_and_test", stop_after(4, real))
     with pytest.raises(KeyboardInterrupt):
         estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw)
     assert state.is_file()
@@ -220,7 +232,7 @@ def test_an_interrupted_search_continues_to_the_same_answer(tmp_path, monkeypatc
         assert len(partial) == 6 and (partial["robust_up_to"] <= whole.margin.numpy() + 1e-12).all()
         assert (whole.margin.numpy() <= partial["non_robust_at"] + 1e-12).all()
     counted = []
-    monkeypatch.setattr(attacks, "_robust_at", lambda *a, **k: counted.append(1) or real(*a, **k))
+    monkeypatch.setattr(attacks, "_attack_and_test", lambda *a, **k: counted.append(1) or real(*a, **k))
     resumed = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw)
     assert torch.equal(resumed.margin, whole.margin) and torch.equal(resumed.censored, whole.censored)
     assert len(counted) == whole.radii_evaluated - 4  # the 4 rounds done before the stop are not redone

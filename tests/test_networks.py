@@ -174,3 +174,30 @@ def test_aol_layer_is_one_lipschitz_without_iterations():
     freeze(net)
     assert torch.allclose(net(x), before, atol=1e-6)
     assert abs(measured_lipschitz(net) - measured) < 1e-6 * measured
+
+
+def test_with_projection_one_in_graph_iteration_trains_like_three():
+    """The default (model.bjorck.iters=1, project_iters=2) rests on this: once the projection
+    keeps the weights orthonormal, further in-graph iterations change neither loss nor gradient.
+    Without the projection the counts differ, so the comparison can tell them apart."""
+    from lipvae.networks import project_bjorck_
+
+    def trained(iters, project):
+        torch.manual_seed(0)
+        net = lipschitz_mlp([30, 16, 16, 6], 3.0, layer=partial(BjorckLinear, iters=iters)).double()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        data = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(40):
+            loss = (net(torch.randn(64, 30, generator=data, dtype=torch.float64)) - 1.0).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if project:
+                project_bjorck_(net, 2)
+            losses.append(loss.item())
+        return torch.tensor(losses)
+
+    one, three = trained(1, True), trained(3, True)
+    assert torch.allclose(one, three, rtol=1e-4)
+    assert not torch.allclose(trained(1, False), trained(3, False), rtol=1e-2)

@@ -233,6 +233,7 @@ class AttackConfig:
     grid_step: float = spec(POSITIVE, when=_attacking)
     pixel_range: bool = MISSING
     compile: bool = False
+    warm_steps: int = spec(NONNEG_INT, 0, when=_attacking)
     lbfgs: Optional[LbfgsConfig] = None
     latent: LatentAttackConfig = MISSING
 

@@ -65,18 +65,28 @@ def projected_gradient(
     pixel_range: bool,
     generator: torch.Generator | None,
     maximise: bool,
+    init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected gradient ascent/descent with normalised steps on ``‖δ‖ ≤ radius`` (∩ pixel
     box), ``starts`` random starts per input. Returns the best δ per (input, start), shape
     ``B × S × n``, and its objective, ``B × S``.
 
     ``objective(x_rep, delta)`` returns one value per row of the ``B·S × n`` batch.
+    ``init`` (``B × S × n``): warm starts instead of random ones, each rescaled to ``radius``;
+    the step size then starts at radius/10 instead of radius/2, so as not to jump away from them.
     """
     b, n = x.shape
     xr = x.repeat_interleave(starts, dim=0)
     rr = radius.to(x).repeat_interleave(starts)
     lo, hi = (-xr, 1.0 - xr) if pixel_range else (None, None)
-    delta = project_ball_box(_random_on_sphere(xr.shape, rr, generator, x.device, x.dtype), rr, lo, hi)
+    if init is None:
+        delta = _random_on_sphere(xr.shape, rr, generator, x.device, x.dtype)
+        first = 0.24
+    else:
+        delta = init.reshape(b * starts, n).to(x)
+        delta = delta * (rr / delta.norm(dim=1).clamp_min(1e-30))[:, None]
+        first = 0.045
+    delta = project_ball_box(delta, rr, lo, hi)
     sign = 1.0 if maximise else -1.0
     best = delta.clone()
     best_val = torch.full((len(xr),), -math.inf, device=x.device, dtype=x.dtype)
@@ -91,8 +101,8 @@ def projected_gradient(
             best = torch.where(improved[:, None], delta, best)
             if k == steps:
                 break
-            # step size decays from radius/2 to radius/50 (cosine), per input's radius
-            size = rr * (0.01 + 0.24 * (1 + math.cos(math.pi * k / steps)))
+            # step size decays from radius/2 (warm: radius/10) to radius/50 (cosine), per input's radius
+            size = rr * (0.01 + first * (1 + math.cos(math.pi * k / steps)))
             step = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-30)
             delta = project_ball_box(delta + size[:, None] * step, rr, lo, hi)
     return best.reshape(b, starts, n), (sign * best_val).reshape(b, starts)
@@ -139,11 +149,13 @@ def max_damage_attack(
     samples: int = 0,
     generator: torch.Generator | None = None,
     compile: bool = False,
+    init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Maximise the damage over ``‖δ‖ ≤ radius`` (and ``x + δ ∈ [0, 1]`` with ``pixel_range``).
 
     ``radius``: a number or one per input. Returns δ (``B × S × n``) and damage (``B × S``).
     ``compile``: run the network through ``torch.compile`` (``samples = 0`` only).
+    ``init``: warm starts (``B × S × n``, e.g. the δ found at a nearby radius) instead of random ones.
     """
     radius = torch.as_tensor(radius, dtype=x.dtype, device=x.device).expand(len(x))
     if samples > 0:
@@ -154,16 +166,23 @@ def max_damage_attack(
         distance = _distance_fn(vae, compile)
         objective = lambda xr, d: distance(xr + d, clean)  # noqa: E731
     with input_gradients_only(vae):
-        return projected_gradient(objective, x, radius, starts, steps, pixel_range, generator, maximise=True)
+        return projected_gradient(objective, x, radius, starts, steps, pixel_range, generator, maximise=True,
+                                  init=init)
 
 
-def _robust_at(vae, x, radius, r, p, samples, starts, steps, pixel_range, generator, compile=False) -> torch.Tensor:
-    """x is judged robust at ``radius`` only if every start leaves ``P̂ > p`` (docs/math.md §4)."""
+def _attack_and_test(vae, x, radius, r, p, samples, starts, steps, pixel_range, generator, compile=False,
+                     init=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x is judged robust at ``radius`` only if every start leaves ``P̂ > p`` (docs/math.md §4).
+    Returns that verdict per input and the δ found (``B × S × n``)."""
     if torch.all(radius == 0):
         delta = torch.zeros(len(x), 1, x.shape[1], dtype=x.dtype, device=x.device)
     else:
-        delta, _ = max_damage_attack(vae, x, radius, starts, steps, pixel_range, 0, generator, compile)
-    return (robust_probability(vae, x, delta, r, samples, generator) > p).all(dim=1)
+        delta, _ = max_damage_attack(vae, x, radius, starts, steps, pixel_range, 0, generator, compile, init)
+    return (robust_probability(vae, x, delta, r, samples, generator) > p).all(dim=1), delta
+
+
+def _robust_at(vae, x, radius, *args) -> torch.Tensor:
+    return _attack_and_test(vae, x, radius, *args)[0]
 
 
 def estimate_margins(
@@ -183,6 +202,7 @@ def estimate_margins(
     progress: bool = True,
     state_path: Path | None = None,
     compile: bool = False,
+    warm_steps: int = 0,
 ) -> EstimatedMargins:
     """Estimated (r, p)-robustness margins (Camuto et al. 2020; paper Appendix D).
 
@@ -193,6 +213,9 @@ def estimate_margins(
     and ``censored = True`` (bisection attacks ``max_radius`` only for inputs that a midpoint
     found robust: the others' brackets never reach it). ``compile``: the network runs through
     ``torch.compile`` (a one-off compilation, then faster steps; for long or repeated searches).
+    ``warm_steps > 0`` (bisection only): an input's first radius is attacked from random starts
+    with ``steps`` steps; every later one from the δ its starts found at the previous radius,
+    rescaled, with ``warm_steps`` steps (0: random starts and ``steps`` steps at every radius).
     With ``state_path`` (and a ``generator``) the search saves its
     state after every round and, called again the same way, continues from it (``SearchState``);
     a finished search removes it.
@@ -202,7 +225,7 @@ def estimate_margins(
     args = (r, p, samples, starts, steps, pixel_range, generator, compile)
     state = None
     if state_path is not None and generator is not None:
-        settings = (r, p, samples, starts, steps, max_radius, tol, search, grid_step, pixel_range, "v2")
+        settings = (r, p, samples, starts, steps, max_radius, tol, search, grid_step, pixel_range, warm_steps, "v3")
         state = SearchState(state_path, x, settings, generator)
     n = len(x)
     full = torch.full((n,), float(max_radius), dtype=x.dtype, device=x.device)
@@ -229,10 +252,30 @@ def estimate_margins(
         vae.train(was_training)
         return EstimatedMargins(margin, censored & ~zero_fail, len(radii) + 1)
 
+    # per input, the δ of each start at its last attacked radius, and whether there is one
+    warm = torch.zeros(n, starts, x.shape[1], dtype=x.dtype, device=x.device) if warm_steps > 0 else None
+    warmed = torch.zeros(n, dtype=torch.bool, device=x.device)
+
+    def robust_at(idx: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """The verdict for inputs ``idx`` at ``radius``, warm-started where a δ is known."""
+        if warm is None:
+            return _attack_and_test(vae, x[idx], radius, *args)[0]
+        robust = torch.empty(len(idx), dtype=torch.bool, device=x.device)
+        for sel in (warmed[idx], ~warmed[idx]):
+            if bool(sel.any()):
+                j = idx[sel]
+                init, k = (warm[j], warm_steps) if bool(warmed[j[0]]) else (None, steps)
+                robust[sel], warm[j] = _attack_and_test(vae, x[j], radius[sel], r, p, samples, starts, k,
+                                                        pixel_range, generator, compile, init)
+                warmed[j] = True
+        return robust
+
     saved = state.load(x.device) if state is not None else None
     if saved is not None:
         evaluated, censored, top_known = saved["evaluated"], saved["censored"], saved["top_known"]
         lo, hi, active = saved["lo"], saved["hi"], saved["active"]
+        if warm is not None:
+            warm, warmed = saved["warm"], saved["warmed"]
     else:
         evaluated = 1
         robust_zero = _robust_at(vae, x, torch.zeros_like(full), *args)
@@ -245,13 +288,15 @@ def estimate_margins(
     with tqdm(total=total, desc="margins (bisection)", disable=not progress, leave=False) as bar:
         while True:
             if state is not None:
-                state.save(lo, hi, evaluated=evaluated, censored=censored, top_known=top_known, active=active)
+                extra = {"warm": warm, "warmed": warmed} if warm is not None else {}
+                state.save(lo, hi, evaluated=evaluated, censored=censored, top_known=top_known, active=active,
+                           **extra)
             # max_radius is attacked only for inputs that a smaller radius has not broken, once one
             # midpoint found them robust (or the bracket is done): robust there means censored
             top = active & ~top_known & (hi >= max_radius) & ((lo > 0) | (hi - lo <= tol))
             if bool(top.any()):
                 idx = top.nonzero().flatten()
-                robust = _robust_at(vae, x[idx], full[idx], *args)
+                robust = robust_at(idx, full[idx])
                 censored[idx], active[idx], top_known[idx] = robust, ~robust, True
                 evaluated += 1
                 continue
@@ -260,7 +305,7 @@ def estimate_margins(
                 break
             mid = 0.5 * (lo + hi)
             idx = todo.nonzero().flatten()
-            robust = _robust_at(vae, x[idx], mid[idx], *args)
+            robust = robust_at(idx, mid[idx])
             lo[idx] = torch.where(robust, mid[idx], lo[idx])
             hi[idx] = torch.where(robust, hi[idx], mid[idx])
             evaluated += 1
@@ -278,15 +323,15 @@ class PGDAttack(MarginAttack):
 
     def __init__(self, r: float = 8.0, p: float = 0.5, samples: int = 40, starts: int = 5, steps: int = 100,
                  max_radius: float = 10.0, tol: float = 0.05, search: str = "bisection", grid_step: float = 0.5,
-                 pixel_range: bool = True, compile: bool = False) -> None:
+                 pixel_range: bool = True, compile: bool = False, warm_steps: int = 0) -> None:
         super().__init__(r, p, samples, starts, max_radius, pixel_range)
         self.steps, self.tol, self.search, self.grid_step = int(steps), float(tol), str(search), float(grid_step)
-        self.compile = bool(compile)
+        self.compile, self.warm_steps = bool(compile), int(warm_steps)
 
     def estimate(self, vae, x, generator, seed=0, progress=True, state_path=None) -> EstimatedMargins:
         return estimate_margins(
             vae, x, r=self.r, p=self.p, samples=self.samples, starts=self.starts, steps=self.steps,
             max_radius=self.max_radius, tol=self.tol, search=self.search, grid_step=self.grid_step,
             pixel_range=self.pixel_range, generator=generator, progress=progress, state_path=state_path,
-            compile=self.compile,
+            compile=self.compile, warm_steps=self.warm_steps,
         )
