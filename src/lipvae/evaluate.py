@@ -336,7 +336,10 @@ def _reusable(stored: dict | None, cfg: DictConfig, run_dir: Path) -> tuple[pd.D
     settings and seed asked for now; (None, None) otherwise."""
     if not stored or not stored.get("estimated") or not (run_dir / MARGINS_TABLE).is_file():
         return None, None
-    old = stored.get("config") or {}
+    from lipvae.stored import complete_config
+
+    # completed the way the run's config is, so that fields added since it ran compare equal
+    old = OmegaConf.to_container(complete_config(run_dir, OmegaConf.create(stored.get("config") or {})), resolve=True)
     old_attack, new_attack = dict(old.get("attack") or {}), OmegaConf.to_container(cfg.attack, resolve=True)
 
     def core(settings: dict) -> dict:

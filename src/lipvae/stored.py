@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from lipvae.config import build_vae
 from lipvae.errors import UserError
@@ -45,10 +45,55 @@ def locate(path: Path) -> tuple[Path, Path]:
     return run_dir, weights
 
 
+#: fields added after runs may have been recorded without them, with the value that gives the
+#: behaviour of the code before they existed (where today's default would change what is done)
+BEFORE = {"attack.warm_steps": 0}
+
+#: the config groups a recorded run's choices are read for (experiment and variant presets only
+#: set fields of these, which the recorded config holds already)
+_GROUPS = ("data", "model", "trainer", "logger", "certify", "attack", "callbacks", "model/layer", "attack/latent")
+
+
+def complete_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
+    """A recorded run's config with the fields added to lipvae since it was recorded: today's
+    defaults for the same group choices (a choice that no longer exists: the group's default),
+    then ``BEFORE``, under every value the run recorded. Re-evaluating an older run thus checks
+    and uses a whole config, and does what the run did."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lipvae.schema import register
+
+    register()
+    conf = Path(__file__).parent / "conf"
+    overrides = []
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():
+        choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
+        for group in _GROUPS:
+            option = choices.get(group)
+            if option and (conf / group / f"{option}.yaml").is_file():
+                overrides.append(f"{group}={option}")
+    if GlobalHydra.instance().is_initialized():  # inside another Hydra app: its context stays
+        base = OmegaConf.create()
+    else:
+        try:
+            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+                base = compose("config", overrides=overrides)
+        finally:
+            GlobalHydra.instance().clear()
+    base = OmegaConf.create(OmegaConf.to_container(base))  # plain: the recorded values' types rule
+    for key, value in BEFORE.items():
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(base, key, value, force_add=True)
+    return OmegaConf.merge(base, cfg)
+
+
 def load_model(path: Path):
-    """The frozen VAE of a run (or of one of its checkpoints) and the run's config."""
+    """The frozen VAE of a run (or of one of its checkpoints) and the run's config (completed by
+    ``complete_config`` where it was recorded by an older lipvae)."""
     run_dir, weights = locate(path)
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = complete_config(run_dir, OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     vae = build_vae(cfg.model)
     state = load_state(weights)
     frozen = weights.name == FROZEN

@@ -215,7 +215,7 @@ def estimate_margins(
     ``torch.compile`` (a one-off compilation, then faster steps; for long or repeated searches).
     ``warm_steps > 0`` (bisection only): an input's first radius is attacked from random starts
     with ``steps`` steps; every later one from the δ its starts found at the previous radius,
-    rescaled, with ``warm_steps`` steps (0: random starts and ``steps`` steps at every radius).
+    rescaled, with ``min(warm_steps, steps)`` steps (0: random starts and ``steps`` steps at every radius).
     With ``state_path`` (and a ``generator``) the search saves its
     state after every round and, called again the same way, continues from it (``SearchState``);
     a finished search removes it.
@@ -264,7 +264,7 @@ def estimate_margins(
         for sel in (warmed[idx], ~warmed[idx]):
             if bool(sel.any()):
                 j = idx[sel]
-                init, k = (warm[j], warm_steps) if bool(warmed[j[0]]) else (None, steps)
+                init, k = (warm[j], min(warm_steps, steps)) if bool(warmed[j[0]]) else (None, steps)
                 robust[sel], warm[j] = _attack_and_test(vae, x[j], radius[sel], r, p, samples, starts, k,
                                                         pixel_range, generator, compile, init)
                 warmed[j] = True
