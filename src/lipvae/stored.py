@@ -74,12 +74,13 @@ def complete_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
             option = choices.get(group)
             if option and (conf / group / f"{option}.yaml").is_file():
                 overrides.append(f"{group}={option}")
-    if GlobalHydra.instance().is_initialized():  # inside another Hydra app: its context stays
-        base = OmegaConf.create()
-    else:
+    base = OmegaConf.create()
+    if not GlobalHydra.instance().is_initialized():  # inside another Hydra app its context stays
         try:
             with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
                 base = compose("config", overrides=overrides)
+        except Exception:  # choices today's configs cannot combine: the recorded config as it is
+            base = OmegaConf.create()
         finally:
             GlobalHydra.instance().clear()
     base = OmegaConf.create(OmegaConf.to_container(base))  # plain: the recorded values' types rule

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,8 +21,19 @@ from lipvae.networks import cpu_float64
 log = logging.getLogger("lipvae")
 #: A measured constant above nominal by more than this (relative) is reported.
 LIPSCHITZ_TOLERANCE = 1e-3
+
+
+def _coupled_defaults() -> dict:
+    """The ``certify.coupled`` settings a run gets (``conf/certify/default.yaml``), read from that
+    file, so that a caller of ``certify`` who passes none gets the same ones."""
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "certify" / "default.yaml"
+    return dict(OmegaConf.to_container(OmegaConf.load(conf).coupled))
+
+
 #: The coupled form's Monte Carlo: pairs per input, the certificate's failure probability, seed.
-COUPLED_DEFAULTS = {"samples": 2000, "alpha": 1e-3, "seed": 0}
+COUPLED_DEFAULTS = _coupled_defaults()
 
 
 def check_lipschitz(constants: dict) -> list[str]:
