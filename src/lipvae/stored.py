@@ -84,9 +84,8 @@ def complete_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
         finally:
             GlobalHydra.instance().clear()
     base = OmegaConf.create(OmegaConf.to_container(base))  # plain: the recorded values' types rule
-    for key, value in BEFORE.items():
-        if OmegaConf.select(cfg, key) is None:
-            OmegaConf.update(base, key, value, force_add=True)
+    for key, value in BEFORE.items():  # under the recorded config: a recorded value wins
+        OmegaConf.update(base, key, value, force_add=True)
     return OmegaConf.merge(base, cfg)
 
 

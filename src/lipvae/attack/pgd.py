@@ -259,12 +259,12 @@ def estimate_margins(
     def robust_at(idx: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         """The verdict for inputs ``idx`` at ``radius``, warm-started where a δ is known."""
         if warm is None:
-            return _attack_and_test(vae, x[idx], radius, *args)[0]
+            return _robust_at(vae, x[idx], radius, *args)
         robust = torch.empty(len(idx), dtype=torch.bool, device=x.device)
-        for sel in (warmed[idx], ~warmed[idx]):
+        for sel, is_warm in ((warmed[idx], True), (~warmed[idx], False)):
             if bool(sel.any()):
                 j = idx[sel]
-                init, k = (warm[j], min(warm_steps, steps)) if bool(warmed[j[0]]) else (None, steps)
+                init, k = (warm[j], min(warm_steps, steps)) if is_warm else (None, steps)
                 robust[sel], warm[j] = _attack_and_test(vae, x[j], radius[sel], r, p, samples, starts, k,
                                                         pixel_range, generator, compile, init)
                 warmed[j] = True
