@@ -335,38 +335,69 @@ def test_coupled_certificate_holds_against_the_worst_delta_found(std_mode):
     """Monte Carlo on random small networks: at the coupled certified radius, the perturbation
     that an attack finds most damaging (mean and sampled damage, 3 starts each) still leaves
     P(‖g(z′) − g(z)‖ ≤ r) above p, on 10,000 pairs, up to 4 standard errors."""
-    from lipvae.attack.base import robust_probability
-    from lipvae.attack.pgd import max_damage_attack
     from lipvae.certify.certificates import certify
 
     vae = _random_lipschitz_vae(std_mode)
     gen = torch.Generator().manual_seed(3)
     x = torch.rand(4, 12, generator=gen, dtype=torch.float64)
-    r, p, n = 0.6, 0.5, 10_000
+    r, p = 0.6, 0.5
     table, summary = certify(vae, x, np.arange(4), np.zeros(4, dtype=int), vae.lipschitz_constants(), [r], [p],
                              ["tight", "coupled"], coupled={"samples": 4000})
     radius = torch.tensor(table.certified_coupled.to_numpy())
     assert (radius > 0).all() and summary["by_r_p_form"]["r0.6_p0.5"]["coupled"]["global_margin"] is None
+    _holds_against_the_worst_delta(vae, x, radius, r, p, gen)
+
+
+def _holds_against_the_worst_delta(vae, x, radius, r, p, gen, n=10_000):
+    """The most damaging δ within ``radius`` that an attack finds (mean and sampled damage, 3
+    starts each) leaves P(‖g(z′) − g(z)‖ ≤ r) above p on n pairs, up to 4 standard errors; and
+    the same check fails where it should: 40 times farther out, the attack breaks every input."""
+    from lipvae.attack.base import robust_probability
+    from lipvae.attack.pgd import max_damage_attack
+
     for samples in (0, 16):
         delta, _ = max_damage_attack(vae, x, radius, starts=3, steps=40, pixel_range=False, samples=samples,
                                      generator=gen)
         assert (delta.norm(dim=-1) <= radius[:, None] * (1 + 1e-9)).all()
         prob = robust_probability(vae, x, delta, r, n, gen)
         assert (prob > p - 4 * np.sqrt(p * (1 - p) / n)).all(), prob
-    # the same check fails where it should: far enough out, the attack breaks every input
     delta, _ = max_damage_attack(vae, x, radius * 40, starts=3, steps=40, pixel_range=False, generator=gen)
     assert (robust_probability(vae, x, delta, r, n, gen).min(dim=1).values < p).all()
 
 
+@pytest.mark.parametrize("std_mode", ["learned", "bounded"])
+def test_cantelli_certificate_holds_against_the_worst_delta_found(std_mode):
+    """As for the coupled form: at the Cantelli certified radius, which here exceeds the tight
+    form's on every input, the most damaging δ an attack finds leaves P(‖g(z′) − g(z)‖ ≤ r) above
+    p on 10,000 pairs; and far enough out the attack breaks every input."""
+    from lipvae.certify.certificates import certify
+    from lipvae.vae import VAE
+
+    torch.manual_seed(0)  # the paper's latent size, where the σ terms weigh most
+    vae = VAE(input_dim=40, latent_dim=10, hidden=(16, 16), encoder_mean_L=3.0, encoder_std_L=3.0, decoder_L=3.0,
+              std_mode=std_mode, max_norm=1.2).freeze().eval().double()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(4, 40, generator=gen, dtype=torch.float64)
+    r, p = 3.5, 0.5
+    table, summary = certify(vae, x, np.arange(4), np.zeros(4, dtype=int), vae.lipschitz_constants(), [r], [p],
+                             ["tight", "cantelli"])
+    radius = torch.tensor(table.certified_cantelli.to_numpy())
+    assert (table.certified_cantelli > table.certified_tight * 1.05).all() and (table.R_C_cantelli == radius.numpy()).all()
+    glob = summary["by_r_p_form"]["r3.5_p0.5"]["cantelli"]["global_margin"]
+    assert (glob is None) == (std_mode == "learned") and (glob is None or glob <= radius.min().item())
+    _holds_against_the_worst_delta(vae, x, radius, r, p, gen)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["learned", "fixed"])
-def test_coupled_form_in_a_recertified_run(runs, capsys, tmp_path, monkeypatch, synthetic_root, mode):
-    """Opt-in through certify.forms: its columns, its settings in the summary, no Theorem 3 margin,
-    the run's soundness check against the stored estimated margins, and the cap r/(ab) that no
-    certificate using Lip(μ) = b and Lip(g) = a can pass."""
+def test_coupled_and_cantelli_forms_in_a_recertified_run(runs, capsys, tmp_path, monkeypatch, synthetic_root, mode):
+    """Opt-in through certify.forms: their columns, the coupled settings in the summary, no Theorem
+    3 margin for the coupled form (the Cantelli one's with fixed σ: the tight one's, whose χ² term
+    is the exact law there), the run's soundness check against the stored estimated margins, and
+    the cap r/(ab) that no certificate using Lip(μ) = b and Lip(g) = a can pass."""
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     run = shutil.copytree(runs[("lipschitz", mode)], tmp_path / "run")
-    assert certify_main(["model", str(run), "forms=coupled,tight", "num_inputs=40"]) == 0
+    assert certify_main(["model", str(run), "forms=coupled,tight,cantelli", "num_inputs=40"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["form"] == "coupled" and summary["soundness_violations"] == 0
     assert summary["global_margin"] is None
@@ -375,5 +406,10 @@ def test_coupled_form_in_a_recertified_run(runs, capsys, tmp_path, monkeypatch, 
     a, b = summary["constants"]["a"], summary["constants"]["b"]
     assert len(table) == 40 and (table.certified_coupled > 0).all()
     assert (table.certified_coupled < 8.0 / (a * b)).all() and (table.tau_coupled > 0).all()
+    assert (table.certified_cantelli >= table.certified_tight).all() and "R_C_cantelli" in table and "s_4" in table
+    by = json.loads((Path(summary["written_to"]) / "evaluation.json").read_text())["certified"]["by_r_p_form"]["r8_p0.5"]
+    assert by["cantelli"]["global_margin"] == by["tight"]["global_margin"]  # None, or equal (fixed σ)
+    assert (by["tight"]["global_margin"] is None) == (mode == "learned")
     margins = pd.read_csv(Path(summary["written_to"]) / "margins.csv")
     assert (margins.certified_coupled <= margins.estimated).all()
+    assert (margins.certified_cantelli <= margins.estimated).all()

@@ -201,3 +201,28 @@ def test_with_projection_one_in_graph_iteration_trains_like_three():
     one, three = trained(1, True), trained(3, True)
     assert torch.allclose(one, three, rtol=1e-4)
     assert not torch.allclose(trained(1, False), trained(3, False), rtol=1e-2)
+
+
+@pytest.mark.parametrize("sizes", [[40, 32, 32, 4], [4, 32, 32, 40]], ids=["narrowing", "widening"])
+def test_frozen_bjorck_network_is_an_exact_scaled_isometry_wherever_differentiable(sizes):
+    """docs/math.md §3, "Where the slack is": with monotone widths, every singular value of a
+    frozen Björck + GroupSort network's Jacobian equals its constant L at every point, so no
+    local Lipschitz bound on any ball can be below L. AOL layers (not orthonormal) do not have
+    this property, so the check can tell them apart."""
+    from torch.func import jacrev, vmap
+
+    from lipvae.networks import AOLLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(50, sizes[0], dtype=torch.float64) * 3
+    bjorck = freeze(lipschitz_mlp(sizes, 3.0).double())
+    sv = torch.linalg.svdvals(vmap(jacrev(bjorck))(x))  # 50 points × min(in, out) values
+    L = measured_lipschitz(bjorck)
+    assert abs(L - 3.0) < 1e-9 and torch.allclose(sv, torch.full_like(sv, L), rtol=1e-9)
+    aol = lipschitz_mlp(sizes, 3.0, layer=AOLLinear).double()
+    with torch.no_grad():
+        for m in aol.modules():
+            if isinstance(m, AOLLinear):
+                m.weight.add_(torch.randn_like(m.weight))  # AOL is 1-Lipschitz for any weights
+    sv = torch.linalg.svdvals(vmap(jacrev(aol))(x))
+    assert (sv.max() - sv.min()) / sv.max() > 0.1 and sv.max() <= measured_lipschitz(aol) * (1 + 1e-9)

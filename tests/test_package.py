@@ -138,10 +138,11 @@ def test_float64_work_happens_on_the_cpu():
             return Posterior(std, std, std.log())
 
     x = torch.randn(10, 5)
-    s, s_inf = encoder_std_norms(Encoder(), x, batch_size=4)
+    s, s_inf, s4 = encoder_std_norms(Encoder(), x, batch_size=4)
     expected = torch.sigmoid(x[:, :3]).double()
     assert s.dtype == np.float64
     assert np.allclose(s, expected.norm(dim=1).numpy()) and np.allclose(s_inf, expected.amax(dim=1).numpy())
+    assert np.allclose(s4, (expected**4).sum(dim=1).pow(0.25).numpy())
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])

@@ -43,7 +43,7 @@ BAD_INPUTS = [
     (["model.encoder_std.mode=wild"], "model.encoder_std.mode: got 'wild'; accepted: learned, bounded, fixed"),
     (["model.likelihood=poisson"], "model.likelihood: got 'poisson'; accepted: continuous_bernoulli, bernoulli, gaussian"),
     (["data.name=cifar"], "data.name: got 'cifar'; accepted: mnist, fashion_mnist"),
-    (["certify.forms=[loose]"], "certify.forms: got ['loose']; accepted: a list drawn from paper, exact, tight, coupled"),
+    (["certify.forms=[loose]"], "certify.forms: got ['loose']; accepted: a list drawn from paper, exact, tight, cantelli, coupled"),
     (["certify.forms=[tight,coupled]", "certify.coupled.alpha=0.7"],
      "certify.coupled.alpha: got 0.7; accepted: a number in (0, 0.5]"),
     (["certify.forms=[coupled]", "certify.coupled.samples=10"],

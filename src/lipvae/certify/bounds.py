@@ -17,6 +17,10 @@ Forms (``form``):
   term for the σ mode (non-central χ² for fixed σ, the exact χ² tail otherwise).
 
 ``tight`` ≥ ``exact`` ≥ ``paper`` margins everywhere.
+
+``cantelli`` (opt-in) adds to the tight form a third term, Cantelli's inequality on
+``Y = ‖z' − z‖²`` with its exact mean and variance bounded from above; it also needs
+``s4 = ‖σ(x)‖₄``, so it is not a function of (s, s_inf) alone (``margin_cantelli``).
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import numpy as np
 from scipy import optimize, special, stats
 
 FORMS = ("paper", "exact", "tight")
+#: Forms that also need ``s4 = ‖σ(x)‖₄`` (docs/math.md §3, Cantelli form).
+MOMENT_FORMS = ("cantelli",)
 #: Forms that also sample the model (lipvae.certify.coupled), so they have no closed form in
 #: (a, b, c, s) and no Theorem 3 margin; ``certify.forms`` accepts both kinds.
 SAMPLED_FORMS = ("coupled",)
-CERTIFY_FORMS = FORMS + SAMPLED_FORMS
+CERTIFY_FORMS = FORMS + MOMENT_FORMS + SAMPLED_FORMS
 STD_MODES = ("learned", "bounded", "fixed")
 #: Relative accuracy of every root found here (docs/math.md §3: 1e-9, never a grid).
 RTOL = 1e-9
@@ -252,6 +258,80 @@ def margin(r, a, b, c, s, s_inf, m, p=0.5, std_mode="learned", form="tight") -> 
     r_m = margin_markov(r, a, b, c, s, p, std_mode, form)
     r_c = margin_chi2(r, a, b, c, s_inf, m, p, std_mode, form)
     return Margin(np.maximum(r_m, r_c), r_m, r_c)
+
+
+# --------------------------------------------------------------------------- Cantelli form
+
+
+def cantelli_moments(t, b, c, s, s_inf, s4, m, std_mode="learned"):
+    """Upper bounds ``(E, V)`` on the mean and variance of ``Y = ‖z' − z‖²`` at ``‖δ‖ = t``
+    (docs/math.md §3, Cantelli form): ``E = b²t² + ‖σ'‖² + s²`` and ``V = 4b²t²·w + 2Q``,
+    with ``‖σ'‖ ≤ s + ct``, ``w ≥ max_i(σ'_i² + σ_i²)`` and ``√Q ≥ ‖σ'‖₄² + s4²``. With learned
+    or bounded σ (a sigmoid output, so every σ'_i ≤ 1) the caps ``‖σ'‖² ≤ m``, ``σ'_i ≤ 1`` and
+    ``‖σ'‖₄² ≤ √m`` apply too; with fixed σ, c = 0 and nothing is capped."""
+    t, b, c, s, s_inf, s4, m = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (t, b, c, s, s_inf, s4, m)))
+    if std_mode == "fixed":
+        c = np.zeros_like(c)
+    grow = c * t
+    mean_sq, top, quart = (s + grow) ** 2, s_inf + grow, (s4 + grow) ** 2
+    if std_mode != "fixed":  # σ' = sigmoid(·) ≤ 1 coordinatewise
+        mean_sq, top, quart = np.minimum(mean_sq, m), np.minimum(top, 1.0), np.minimum(quart, np.sqrt(m))
+    with np.errstate(over="ignore", invalid="ignore"):
+        shift_sq = b**2 * t**2
+        return shift_sq + mean_sq + s**2, 4 * shift_sq * (top**2 + s_inf**2) + 2 * (quart + s4**2) ** 2
+
+
+def cantelli_term(t, r, a, b, c, s, s_inf, s4, m, std_mode="learned"):
+    """``p_C``: Cantelli's bound on ``P(‖Δ‖ > r) ≤ P(Y > (r/a)²)``, ``Y = ‖z' − z‖²``:
+    ``V / (V + ((r/a)² − E)²)`` with ``(E, V)`` from ``cantelli_moments``; 1 where
+    ``E ≥ (r/a)²``."""
+    mean, var = cantelli_moments(t, b, c, s, s_inf, s4, m, std_mode)
+    r, a = np.broadcast_arrays(np.asarray(r, dtype=float), np.asarray(a, dtype=float))
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        gap = (r / np.where(a > 0, a, 1.0)) ** 2 - mean
+        tail = np.where(gap > 0, np.clip(var / (var + gap**2), 0.0, 1.0), 1.0)
+    return np.where(a > 0, tail, 0.0)  # a = 0: g is constant and Δ = 0
+
+
+@dataclass
+class CantelliMargin:
+    """The Cantelli form: ``margin = max(tight, cantelli)``, with ``tight = max(R_M, R_χ)``."""
+
+    margin: np.ndarray
+    tight: np.ndarray
+    cantelli: np.ndarray
+
+
+def margin_cantelli(r, a, b, c, s, s_inf, s4, m, p=0.5, std_mode="learned") -> CantelliMargin:
+    """The Cantelli form's margin: ``max(R_M, R_χ, R_C)``, the tight form's two margins and
+    ``R_C``, the largest t with ``p_C(t) < 1 − p`` (bisection on ``[0, r/(ab))`` as for
+    ``R_χ``: at t = r/(ab), ``E ≥ (r/a)²``)."""
+    _check(r=r, p=p, m=m, std_mode=std_mode, chi2=True, a=a, b=b, c=c, s=s, s_inf=s_inf, s4=s4)
+    tight = margin(r, a, b, c, s, s_inf, m, p, std_mode, "tight")
+    r, a, b, c, s, s_inf, s4, m, p = np.broadcast_arrays(
+        *(np.asarray(v, dtype=float) for v in (r, a, b, c, s, s_inf, s4, m, p))
+    )
+    with np.errstate(divide="ignore"):
+        hi = np.where(a * b > 0, r / np.where(a * b > 0, a * b, 1.0), np.inf)
+    r_c = _largest_below(lambda t: cantelli_term(t, r, a, b, c, s, s_inf, s4, m, std_mode), 1 - p, hi)
+    return CantelliMargin(np.maximum(tight.margin, r_c), tight.margin, r_c)
+
+
+def global_margin_cantelli(a, b, gamma=None, m=10, r=8.0, p=0.5, c=0.0, max_norm=None) -> CantelliMargin:
+    """Theorem 3 for the Cantelli form: every term grows with s, s_inf and s4, so the margin at
+    their largest values holds for every input. Fixed σ ≡ ``gamma``: ``s = √m γ``,
+    ``s_inf = γ``, ``s4 = m^¼ γ``; bounded σ: ``s = s_inf = s4 = max_norm`` (``‖·‖₄ ≤ ‖·‖₂``)."""
+    if (gamma is None) == (max_norm is None):
+        raise ValueError("gamma/max_norm: give exactly one (gamma for fixed σ, max_norm for bounded σ)")
+    if gamma is not None:
+        gamma = np.asarray(gamma, dtype=float)
+        if np.any(~(gamma > 0)):
+            raise ValueError(f"gamma: must be > 0, got {gamma}")
+        mm = np.asarray(m, dtype=float)
+        return margin_cantelli(r, a, b, 0.0, np.sqrt(mm) * gamma, gamma, mm**0.25 * gamma, m, p, "fixed")
+    if np.any(~(np.asarray(max_norm, dtype=float) > 0)):
+        raise ValueError(f"max_norm: must be > 0, got {max_norm}")
+    return margin_cantelli(r, a, b, c, max_norm, max_norm, max_norm, m, p, "bounded")
 
 
 # --------------------------------------------------------------------------- Theorem 3

@@ -14,7 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from lipvae.certify.bounds import SAMPLED_FORMS, global_margin, margin
+from lipvae.certify.bounds import (
+    MOMENT_FORMS,
+    SAMPLED_FORMS,
+    global_margin,
+    global_margin_cantelli,
+    margin,
+    margin_cantelli,
+)
 from lipvae.certify.coupled import coupled_margin, dkw_width, self_damage
 from lipvae.networks import cpu_float64
 
@@ -56,18 +63,18 @@ def check_lipschitz(constants: dict) -> list[str]:
 
 
 @torch.no_grad()
-def encoder_std_norms(vae, x: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """``s = ‖σ(x)‖₂`` and ``s_inf = ‖σ(x)‖_∞`` for every row of ``x``, batched."""
+def encoder_std_norms(vae, x: torch.Tensor, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``s = ‖σ(x)‖₂``, ``s_inf = ‖σ(x)‖_∞`` and ``s4 = ‖σ(x)‖₄`` for every row of ``x``, batched."""
     was_training = vae.training
     vae.eval()
-    s, s_inf = [], []
+    norms = []
     device = next(vae.parameters()).device
     for chunk in torch.split(x, batch_size):
         std = cpu_float64(vae.encode(chunk.to(device)).std)
-        s.append(std.norm(dim=-1))
-        s_inf.append(std.amax(dim=-1))
+        norms.append(torch.stack([std.norm(dim=-1), std.amax(dim=-1), std.norm(p=4, dim=-1)]))
     vae.train(was_training)
-    return torch.cat(s).numpy(), torch.cat(s_inf).numpy()
+    s, s_inf, s4 = torch.cat(norms, dim=1).numpy()
+    return s, s_inf, s4
 
 
 def column_suffix(r_list, p_list, r: float, p: float) -> str | None:
@@ -107,13 +114,17 @@ def certify(
     ``R_M_<form>``, ``R_chi2_<form>``, ``certified_<form>``; other (r, p) pairs add the
     suffix ``_r<r>_p<p>``. The summary's top-level numbers are the primary form's.
     The ``coupled`` form (settings ``coupled``: samples, alpha, seed) writes ``tau_coupled``
-    and ``certified_coupled`` instead (lipvae.certify.coupled).
+    and ``certified_coupled`` instead (lipvae.certify.coupled); the ``cantelli`` form writes
+    ``R_C_cantelli`` (its Cantelli term's margin; certified is the larger of it and the tight
+    form's) and ``certified_cantelli``, and adds the column ``s_4 = ‖σ(x)‖₄``.
     """
     measured = constants["measured"]
     a, b, c = measured["decoder"], measured["encoder_mean"], measured["encoder_std"]
     m = vae.latent_dim
-    s, s_inf = encoder_std_norms(vae, x, batch_size)
+    s, s_inf, s4 = encoder_std_norms(vae, x, batch_size)
     table = pd.DataFrame({"index": index, "label": labels, "s": s, "s_inf": s_inf})
+    if any(form in MOMENT_FORMS for form in forms):
+        table["s_4"] = s4
     damages = None
     if any(form in SAMPLED_FORMS for form in forms):
         coupled = {**COUPLED_DEFAULTS, **(coupled or {})}
@@ -130,6 +141,10 @@ def certify(
                 certified, tau = coupled_margin(damages, a, b, c, m, rr, pp, float(coupled["alpha"]))
                 table[f"tau_{form}{sfx}"] = tau
                 global_ = None
+            elif form in MOMENT_FORMS:
+                res = margin_cantelli(rr, a, b, c, s, s_inf, s4, m, pp, vae.std_mode)
+                table[f"R_C_{form}{sfx}"] = res.cantelli
+                certified, global_ = res.margin, _global(vae, a, b, c, rr, pp, form)
             else:
                 res = margin(rr, a, b, c, s, s_inf, m, pp, vae.std_mode, form)
                 table[f"R_M_{form}{sfx}"] = res.markov
@@ -184,10 +199,9 @@ def max_norm_bound(vae) -> float:
 def _global(vae, a, b, c, r, p, form) -> float | None:
     """Theorem 3's margin, when σ is fixed or bounded; None when σ is learned. It uses the σ the
     model actually computes (``computed_gamma``) or an upward-rounded bound on it (``max_norm_bound``)."""
-    if vae.std_mode == "fixed":
-        return float(global_margin(a, b, gamma=computed_gamma(vae), m=vae.latent_dim, r=r, p=p, form=form).margin)
-    if vae.std_mode == "bounded":
-        return float(
-            global_margin(a, b, m=vae.latent_dim, r=r, p=p, form=form, c=c, max_norm=max_norm_bound(vae)).margin
-        )
-    return None
+    if vae.std_mode == "learned":
+        return None
+    given = {"gamma": computed_gamma(vae)} if vae.std_mode == "fixed" else {"c": c, "max_norm": max_norm_bound(vae)}
+    if form in MOMENT_FORMS:
+        return float(global_margin_cantelli(a, b, m=vae.latent_dim, r=r, p=p, **given).margin)
+    return float(global_margin(a, b, m=vae.latent_dim, r=r, p=p, form=form, **given).margin)
