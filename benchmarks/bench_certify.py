@@ -26,20 +26,27 @@ from lipvae.vae import VAE
 from timing import machine, timed
 
 
-def runs_table(paths: list[str], repeats: int) -> pd.DataFrame:
-    """Per run and form: mean certified ÷ mean estimated on the attacked inputs, time per input."""
+def attacked_run(path: str):
+    """A finished run's frozen VAE, config, folder, ``margins.csv`` table, test split and its
+    attacked inputs ``x`` (the first ``len(margins.csv)``, checked against the table), r and p."""
     from lipvae.config import build_datamodule
     from lipvae.stored import load_model
 
+    vae, cfg, run_dir = load_model(Path(path))
+    attacked = pd.read_csv(run_dir / "margins.csv")
+    test = build_datamodule(cfg.data, cfg.seed).split("test")
+    n = len(attacked)
+    if not np.array_equal(test.index[:n].numpy(), attacked["index"].to_numpy()):
+        raise SystemExit(f"{run_dir}: its test split is not the one it attacked (data.resplit, seed?)")
+    return vae, cfg, run_dir, attacked, test, test.images[:n], float(cfg.attack.r), float(cfg.attack.p)
+
+
+def runs_table(paths: list[str], repeats: int) -> pd.DataFrame:
+    """Per run and form: mean certified ÷ mean estimated on the attacked inputs, time per input."""
     rows = []
     for path in paths:
-        vae, cfg, run_dir = load_model(Path(path))
-        attacked = pd.read_csv(run_dir / "margins.csv")
-        test = build_datamodule(cfg.data, cfg.seed).split("test")
-        n = len(attacked)
-        if not np.array_equal(test.index[:n].numpy(), attacked["index"].to_numpy()):
-            raise SystemExit(f"{run_dir}: its test split is not the one it attacked (data.resplit, seed?)")
-        x, r, p = test.images[:n], float(cfg.attack.r), float(cfg.attack.p)
+        vae, cfg, run_dir, attacked, test, x, r, p = attacked_run(path)
+        n = len(x)
         constants, estimated = vae.lipschitz_constants(), attacked["estimated"].mean()
         for form in CERTIFY_FORMS:
             def run():
@@ -78,35 +85,25 @@ def main() -> None:
         vae = VAE(std_mode=mode, gamma=0.1).freeze().eval()
         constants = vae.lipschitz_constants()
 
-        def run():
-            return certify(vae, x, np.arange(len(x)), np.zeros(len(x), dtype=int), constants, [8.0], [0.5], list(FORMS))
+        def certifying(inputs, forms):
+            return lambda: certify(vae, inputs, np.arange(len(inputs)), np.zeros(len(inputs), dtype=int), constants,
+                                   [8.0], [0.5], forms)
 
-        timing, (table, summary) = timed(run, repeats=args.repeats)
+        timing, (table, summary) = timed(certifying(x, list(FORMS)), repeats=args.repeats)
         print(
             f"σ {mode:7s}: certified {len(table)} inputs x 3 forms in {timing} "
             f"({len(table) / timing.median:,.0f} inputs/s); mean tight margin {table['certified_tight'].mean():.4f}"
         )
-
-        def run_cantelli():
-            return certify(vae, x, np.arange(len(x)), np.zeros(len(x), dtype=int), constants, [8.0], [0.5], ["cantelli"])
-
-        timing, (table, summary) = timed(run_cantelli, repeats=args.repeats)
+        timing, (table, summary) = timed(certifying(x, ["cantelli"]), repeats=args.repeats)
         print(
             f"σ {mode:7s}: certified {len(table)} inputs, Cantelli form in {timing} "
             f"({len(table) / timing.median:,.0f} inputs/s); mean Cantelli margin {summary['mean']:.4f}"
         )
-        xc = x[: args.coupled_inputs]
-
-        def run_coupled():
-            return certify(vae, xc, np.arange(len(xc)), np.zeros(len(xc), dtype=int), constants, [8.0], [0.5],
-                           ["coupled"])
-
-        timing, (table, summary) = timed(run_coupled, repeats=args.repeats)
+        timing, (table, summary) = timed(certifying(x[: args.coupled_inputs], ["coupled"]), repeats=args.repeats)
         print(
             f"σ {mode:7s}: certified {len(table)} inputs, coupled form (2,000 pairs each) in {timing} "
             f"({1000 * timing.median / len(table):.3g} ms per input); mean coupled margin {summary['mean']:.4f}"
         )
-
 
 if __name__ == "__main__":
     main()

@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.func import jacfwd, jacrev, vmap
 
+from bench_certify import attacked_run
 from lipvae.certify.bounds import margin, margin_cantelli
 from lipvae.certify.certificates import COUPLED_DEFAULTS
 from lipvae.certify.coupled import coupled_margin, self_damage
@@ -115,21 +114,12 @@ def exact_law_ceiling(sigma: np.ndarray, a, b: float, c: float, r: float, p, pai
 
 
 def ceilings(path: str, eps: float, pairs: int) -> dict:
-    from lipvae.config import build_datamodule
-    from lipvae.stored import load_model
-
-    vae, cfg, run_dir = load_model(Path(path))
-    vae = vae.double().cpu()
+    vae, _, run_dir, attacked, _, x, r, p = attacked_run(path)
+    vae, x, n = vae.double().cpu(), x.double(), len(x)
     if vae.std_mode != "learned":
         raise SystemExit(f"{run_dir}: the ceilings are written for a learned σ (this run: {vae.std_mode})")
     measured = vae.lipschitz_constants()["measured"]
     a, b, c, m = measured["decoder"], measured["encoder_mean"], measured["encoder_std"], vae.latent_dim
-    attacked = pd.read_csv(run_dir / "margins.csv")
-    test = build_datamodule(cfg.data, cfg.seed).split("test")
-    n = len(attacked)
-    if not np.array_equal(test.index[:n].numpy(), attacked["index"].to_numpy()):
-        raise SystemExit(f"{run_dir}: its test split is not the one it attacked (data.resplit, seed?)")
-    x, r, p = test.images[:n].double(), float(cfg.attack.r), float(cfg.attack.p)
     with torch.no_grad():
         q = vae.encode(x)
     sigma = q.std.numpy()

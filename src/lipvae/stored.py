@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -59,34 +60,45 @@ def complete_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
     defaults for the same group choices (a choice that no longer exists: the group's default),
     then ``BEFORE``, under every value the run recorded. Re-evaluating an older run thus checks
     and uses a whole config, and does what the run did."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lipvae.schema import register
-
-    register()
-    conf = Path(__file__).parent / "conf"
     overrides = []
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
     if hydra_file.is_file():
         choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
         for group in _GROUPS:
             option = choices.get(group)
-            if option and (conf / group / f"{option}.yaml").is_file():
+            if option and (_CONF / group / f"{option}.yaml").is_file():
                 overrides.append(f"{group}={option}")
-    base = OmegaConf.create()
-    if not GlobalHydra.instance().is_initialized():  # inside another Hydra app its context stays
-        try:
-            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-                base = compose("config", overrides=overrides)
-        except Exception:  # choices today's configs cannot combine: the recorded config as it is
-            base = OmegaConf.create()
-        finally:
-            GlobalHydra.instance().clear()
-    base = OmegaConf.create(OmegaConf.to_container(base))  # plain: the recorded values' types rule
+    # inside another Hydra app its context stays, and nothing is composed
+    defaults = {} if GlobalHydra.instance().is_initialized() else _defaults(tuple(overrides))
+    base = OmegaConf.create(defaults)  # a plain copy: the recorded values' types rule
     for key, value in BEFORE.items():  # under the recorded config: a recorded value wins
         OmegaConf.update(base, key, value, force_add=True)
     return OmegaConf.merge(base, cfg)
+
+
+_CONF = Path(__file__).parent / "conf"
+
+
+@functools.lru_cache(maxsize=16)
+def _defaults(overrides: tuple[str, ...]) -> dict:
+    """Today's composed default config for these group choices, as a plain container (composed
+    once per process: a re-evaluation completes both the run's config and its stored one); {}
+    where today's configs cannot combine them (the recorded config is then used as it is)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from lipvae.schema import register
+
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(_CONF), version_base="1.3"):
+            return OmegaConf.to_container(compose("config", overrides=list(overrides)))
+    except Exception:
+        return {}
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def load_model(path: Path):

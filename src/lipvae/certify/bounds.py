@@ -317,43 +317,40 @@ def margin_cantelli(r, a, b, c, s, s_inf, s4, m, p=0.5, std_mode="learned") -> C
     return CantelliMargin(np.maximum(tight.margin, r_c), tight.margin, r_c)
 
 
-def global_margin_cantelli(a, b, gamma=None, m=10, r=8.0, p=0.5, c=0.0, max_norm=None) -> CantelliMargin:
-    """Theorem 3 for the Cantelli form: every term grows with s, s_inf and s4, so the margin at
-    their largest values holds for every input. Fixed σ ≡ ``gamma``: ``s = √m γ``,
-    ``s_inf = γ``, ``s4 = m^¼ γ``; bounded σ: ``s = s_inf = s4 = max_norm`` (``‖·‖₄ ≤ ‖·‖₂``)."""
-    if (gamma is None) == (max_norm is None):
-        raise ValueError("gamma/max_norm: give exactly one (gamma for fixed σ, max_norm for bounded σ)")
-    if gamma is not None:
-        gamma = np.asarray(gamma, dtype=float)
-        if np.any(~(gamma > 0)):
-            raise ValueError(f"gamma: must be > 0, got {gamma}")
-        mm = np.asarray(m, dtype=float)
-        return margin_cantelli(r, a, b, 0.0, np.sqrt(mm) * gamma, gamma, mm**0.25 * gamma, m, p, "fixed")
-    if np.any(~(np.asarray(max_norm, dtype=float) > 0)):
-        raise ValueError(f"max_norm: must be > 0, got {max_norm}")
-    return margin_cantelli(r, a, b, c, max_norm, max_norm, max_norm, m, p, "bounded")
-
-
 # --------------------------------------------------------------------------- Theorem 3
 
 
-def global_margin(a, b, gamma=None, m=10, r=8.0, p=0.5, form="tight", c=0.0, max_norm=None) -> Margin:
-    """Theorem 3: the margin every input has, known from the configuration alone.
-
-    Fixed σ ≡ ``gamma``: ``c = 0, s = √m γ, s_inf = γ``. Bounded σ (``‖σ(x)‖₂ ≤ max_norm``,
-    give ``max_norm`` and ``c``, no ``gamma``): ``s = s_inf = max_norm``.
-    """
+def _worst_sigma(gamma, max_norm, m, c) -> dict:
+    """The largest ``s``, ``s_inf``, ``s4`` any input can have (and the σ mode and c that go with
+    them), from the configuration alone. Fixed σ ≡ ``gamma``: ``c = 0, s = √m γ, s_inf = γ,
+    s4 = m^¼ γ``. Bounded σ (``‖σ(x)‖₂ ≤ max_norm``): ``s = s_inf = s4 = max_norm``, as
+    ``‖·‖_∞ ≤ ‖·‖₄ ≤ ‖·‖₂``."""
     if (gamma is None) == (max_norm is None):
         raise ValueError("gamma/max_norm: give exactly one (gamma for fixed σ, max_norm for bounded σ)")
     if gamma is not None:
         _check(gamma=gamma, m=m)
         if np.any(np.asarray(gamma, dtype=float) <= 0):
             raise ValueError(f"gamma: must be > 0, got {gamma}")
-        s = np.sqrt(np.asarray(m, dtype=float)) * np.asarray(gamma, dtype=float)
-        return margin(r, a, b, 0.0, s, gamma, m, p, "fixed", form)
+        gamma, mm = np.asarray(gamma, dtype=float), np.asarray(m, dtype=float)
+        return dict(std_mode="fixed", c=0.0, s=np.sqrt(mm) * gamma, s_inf=gamma, s4=mm**0.25 * gamma)
     if np.any(~(np.asarray(max_norm, dtype=float) > 0)):
         raise ValueError(f"max_norm: must be > 0, got {max_norm}")
-    return margin(r, a, b, c, max_norm, max_norm, m, p, "bounded", form)
+    return dict(std_mode="bounded", c=c, s=max_norm, s_inf=max_norm, s4=max_norm)
+
+
+def global_margin(a, b, gamma=None, m=10, r=8.0, p=0.5, form="tight", c=0.0, max_norm=None) -> Margin:
+    """Theorem 3: the margin every input has, known from the configuration alone: Lemma 2's
+    margin at the largest σ any input can have (``_worst_sigma``; give ``gamma`` for fixed σ,
+    or ``max_norm`` and ``c`` for bounded σ)."""
+    w = _worst_sigma(gamma, max_norm, m, c)
+    return margin(r, a, b, w["c"], w["s"], w["s_inf"], m, p, w["std_mode"], form)
+
+
+def global_margin_cantelli(a, b, gamma=None, m=10, r=8.0, p=0.5, c=0.0, max_norm=None) -> CantelliMargin:
+    """Theorem 3 for the Cantelli form: every term grows with s, s_inf and s4, so the margin at
+    their largest values (``_worst_sigma``) holds for every input."""
+    w = _worst_sigma(gamma, max_norm, m, c)
+    return margin_cantelli(r, a, b, w["c"], w["s"], w["s_inf"], w["s4"], m, p, w["std_mode"])
 
 
 # --------------------------------------------------------------------------- design (inverse)
