@@ -29,12 +29,12 @@ from timing import machine, timed
 def attacked_run(path: str):
     """A finished run's frozen VAE, config, folder, ``margins.csv`` table, test split and its
     attacked inputs ``x`` (the first ``len(margins.csv)``, checked against the table), r and p."""
-    from lipvae.config import build_datamodule
+    from lipvae.stored import rebuild_data
     from lipvae.stored import load_model
 
     vae, cfg, run_dir = load_model(Path(path))
     attacked = pd.read_csv(run_dir / "margins.csv")
-    test = build_datamodule(cfg.data, cfg.seed).split("test")
+    test = rebuild_data(run_dir, cfg).split("test")
     n = len(attacked)
     if not np.array_equal(test.index[:n].numpy(), attacked["index"].to_numpy()):
         raise SystemExit(f"{run_dir}: its test split is not the one it attacked (data.resplit, seed?)")

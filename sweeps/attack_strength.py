@@ -32,8 +32,7 @@ import torch
 from scipy import optimize
 
 from lipvae.attack import estimate_margins, robust_probability
-from lipvae.stored import load_model
-from lipvae.config import build_datamodule
+from lipvae.stored import load_model, rebuild_data
 
 
 def reference_margin(vae, x, r, p, t_max, rng, gen, samples=40, starts=5, step=0.5) -> tuple[float, bool]:
@@ -61,9 +60,9 @@ def reference_margin(vae, x, r, p, t_max, rng, gen, samples=40, starts=5, step=0
 
 
 def check_run(run: Path, inputs: int, reference_inputs: int, steps: int, starts: int, samples: int) -> pd.DataFrame:
-    vae, cfg, _ = load_model(run)
+    vae, cfg, run_dir = load_model(run)
     att = cfg.attack
-    test = build_datamodule(cfg.data, cfg.seed).split("test")
+    test = rebuild_data(run_dir, cfg).split("test")
     x = test.images[:inputs]
     rows = {"index": test.index[:inputs].numpy()}
     timing = {}

@@ -135,6 +135,8 @@ def test_recertify_cli_reproduces_the_run_and_keeps_its_record(runs, capsys, tmp
     assert json.loads(capsys.readouterr().out)["num_inputs"] == 7
     assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "--replace"]) == 2
     assert "is a checkpoint" in capsys.readouterr().err
+    assert certify_main(["model", str(run), "num_inputs=0"]) == 2  # was ignored: certified every input
+    assert capsys.readouterr().err.startswith("error: certify.num_inputs: got 0; accepted: a positive integer or null")
 
 
 @pytest.mark.parametrize(

@@ -142,7 +142,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, fragment):
         (["model=standard", "enc_l=5"], "enc_l: no such field; did you mean enc_L?"),
         (["-m", "data.limitt=4,8"], "data.limitt: no such field; did you mean data.limit?"),
         (["model=lipshitz"], "model: got 'lipshitz'; accepted: lipschitz, standard"),
-        (["experiment=fig55"], "experiment: got 'fig55'; accepted: fig3, fig3_cpu, fig3_quick, fig4,"),
+        (["experiment=fig55"], "experiment: got 'fig55'; accepted: fig3, fig3_cpu, fig3_official, fig3_quick, fig4,"),
         (["model.hidden=[1"], "model.hidden=[1: cannot be read as an override"),
         (["certify.zzz=1"], "certify.zzz: no such field; no field of that name"),
     ],

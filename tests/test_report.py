@@ -208,6 +208,39 @@ def test_paired_margins_against_the_standard_vae(tmp_path):
     assert -1 <= table.loc["5", "ci_low"] < 0.375 < table.loc["5", "ci_high"] <= 1
 
 
+def test_paired_margins_pair_each_seed_with_its_own_standard_vae(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paired", Path(__file__).parents[1] / "sweeps" / "paired_margins.py")
+    paired = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired)
+
+    def make(folder, kind, L, seed, margins):
+        run = tmp_path / folder
+        run.mkdir(parents=True)
+        pd.DataFrame({"index": range(len(margins)), "estimated": margins}).to_csv(run / "margins.csv", index=False)
+        results = {"status": "completed", "model": {"kind": kind}, "config": {"enc_L": L, "seed": seed},
+                   "estimated": {"table": "margins.csv"}}
+        (run / "results.json").write_text(json.dumps(results))
+
+    make("std/0", "standard", 5.0, 0, [1.0, 1.0, 1.0])
+    make("std/1", "standard", 5.0, 1, [3.0, 3.0, 3.0])
+    make("lip/0", "lipschitz", 8.0, 0, [2.0, 2.0, 2.0])  # +1 against seed 0's standard VAE
+    make("lip/1", "lipschitz", 8.0, 1, [2.0, 2.0, 2.0])  # -1 against seed 1's
+    make("lip/2", "lipschitz", 9.0, 0, [1.5, 1.5, 1.5])
+    make("lip/3", "lipschitz", 9.0, 1, [3.5, 3.5, 3.5])
+    table = paired.compare(tmp_path / "std", tmp_path / "lip", resamples=500)
+    got = {(r.L, r.seed): r.mean_difference for r in table.itertuples()}
+    assert got == {("8", 0): 1.0, ("8", 1): -1.0, ("9", 0): 0.5, ("9", 1): 0.5}
+    summary = paired.summarise(table).set_index("L")
+    assert summary.loc["8", "verdict"] == "undecided" and summary.loc["9", "verdict"] == "more robust"
+    assert (summary.loc["8", "lowest"], summary.loc["8", "highest"]) == (-1.0, 1.0)
+    make("extra/std", "standard", 5.0, 0, [0.0, 0.0, 0.0])  # a second seed-0 standard VAE: which one?
+    with pytest.raises(SystemExit, match="found 2 completed standard VAE runs with seed 0"):
+        paired.compare(tmp_path)
+    assert paired.compare(tmp_path, standard=tmp_path / "std", resamples=10).mean_difference.tolist() == [1.0, -1.0, 0.5, 0.5]
+
+
 def test_fixed_sigma_grid_figure_needs_a_grid(tmp_path):
     from lipvae.report import fig_fixed_sigma_grid
 
@@ -219,3 +252,29 @@ def test_fixed_sigma_grid_figure_needs_a_grid(tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 1000
     learned = [{**r, "std_mode": "learned"} for r in grid]
     assert fig_fixed_sigma_grid(learned + grid[:1], tmp_path / "none.png") is None  # one fixed point: no grid
+
+
+def test_a_sweep_that_refused_a_job_exits_non_zero_and_names_it(tmp_path, caplog):
+    """Re-running a sweep into its folder with one job's override changed: the refused job's old
+    record says completed, but this multirun did not run it (issue 27)."""
+    from omegaconf import OmegaConf
+
+    from lipvae.sweep import SweepSummary, note_refusal
+
+    caplog.set_level("INFO", logger="lipvae")
+    for name in ("0_a", "1_b"):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "results.json").write_text(json.dumps({"status": "completed"}))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    summary = SweepSummary()
+    summary.on_multirun_start(config)
+    summary.on_multirun_end(config)  # both completed: no exit
+    summary.on_multirun_start(config)
+    note_refusal(tmp_path / "1_b", "run 1_b differs from this command in enc_L\nmore")
+    with pytest.raises(SystemExit) as stop:
+        summary.on_multirun_end(config)
+    assert stop.value.code == 1
+    assert "job 1_b refused by this multirun: run 1_b differs from this command in enc_L" in caplog.text
+    assert "1 of 2 jobs completed" in caplog.text
+    summary.on_multirun_start(config)  # the next multirun starts clean
+    summary.on_multirun_end(config)

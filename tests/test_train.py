@@ -145,6 +145,13 @@ def test_time_budget_ends_training_and_the_run_completes(tmp_path):
     r = load(tmp_path)
     assert r["status"] == "completed" and r["metrics"]["stop_reason"] == "max_time"
     assert r["metrics"]["epochs"] < 500 and r["metrics"]["test_log_likelihood"] is not None
+    assert r["metrics"]["convergence"]["converged"] is False
+    # the log a user reads when the output is not a terminal (here: a pipe): no progress-bar
+    # redraws, no third-party deprecation notes, a plain statement of convergence
+    out = proc.stdout + proc.stderr
+    assert "\x1b[A" not in out and "\r" not in out
+    assert "deprecated" not in out and "Tip:" not in out
+    assert "training stopped by trainer.max_time (the wall-clock budget)" in out and "NOT converged" in out
 
 
 class _Scripted(L.LightningModule):
@@ -197,3 +204,82 @@ def test_schedule_records_why_it_stopped():
     # early stopping ends phase 1 early, and has no say in phase 2 (val/loss never improves there)
     assert _epochs([5, 4, 4, 4, 4, 4, 4, 4, 4], 50, 2, _ft(4, 0.0, 9))[:2] == (8, "finetune_max_epochs")
     assert FineTune(1, 1).stop_reason is None  # still running: none
+
+
+def test_a_time_budget_that_ends_the_last_epoch_is_still_the_stop_reason():
+    """trainer.max_time stopping training within the only epoch was recorded as max_epochs (issue 27)."""
+    from lipvae.logs import EpochHistory, time_is_up
+    from lipvae.train import schedule_callbacks, stop_reason
+
+    module = _Scripted([3.0, 2.0])
+    history = EpochHistory(echo=False)
+    es, _ = schedule_callbacks(5, 1, None)
+    data = torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1)
+    trainer = L.Trainer(max_epochs=1, max_time={"seconds": 0}, callbacks=[es, history], logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
+    assert trainer.global_step < 64  # stopped within the epoch
+    assert time_is_up(trainer)
+    assert stop_reason(es, None, max(trainer.current_epoch, 1), 1, timed_out=time_is_up(trainer)) == "max_time"
+    assert stop_reason(es, None, 1, 1, timed_out=False) == "max_epochs"
+
+
+@pytest.mark.parametrize(
+    "losses,reason,evaluated,expect",
+    [
+        ([10.0, 8.0, 7.0, 6.5], "max_time", 4, dict(converged=False, improvement_last_epoch=0.5,
+                                                    improvement_last_3_epochs=3.5, best_epoch_is_last=True)),
+        ([10.0, 8.0, 8.5, 8.6, 8.7], "patience", 2, dict(converged=True, improvement_last_epoch=-0.1,
+                                                         improvement_last_3_epochs=-0.7, best_epoch_is_last=False)),
+        ([10.0], "max_epochs", 1, dict(converged=False, improvement_last_epoch=None,
+                                       improvement_last_3_epochs=None, best_epoch_is_last=True)),
+    ],
+)
+def test_convergence_is_read_from_the_validation_curve(losses, reason, evaluated, expect):
+    from lipvae.logs import convergence, describe
+
+    got = convergence(losses, reason, evaluated)
+    assert got["val_losses"] == losses
+    for key, value in expect.items():
+        assert got[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+    line = describe(got, reason, len(losses))
+    assert ("NOT converged" in line) == (not expect["converged"])
+    if expect["improvement_last_epoch"] is not None and not expect["converged"]:
+        assert f"fell {expect['improvement_last_epoch']:.2f} nats in the last epoch" in line
+
+
+def test_epoch_history_keeps_the_curve_across_a_resume():
+    from lipvae.logs import EpochHistory
+
+    first = EpochHistory(echo=False)
+    first.val_losses = [5.0, 4.0]
+    again = EpochHistory(echo=False)
+    again.load_state_dict(first.state_dict())
+    assert again.val_losses == [5.0, 4.0]
+
+
+def test_a_copied_run_folder_resumes_with_its_own_best_checkpoint(tmp_path):
+    """last.ckpt remembers best.ckpt by absolute path; a copy resumed elsewhere must evaluate its
+    own best weights, not the original folder's, and keep the best score (issue 27)."""
+    import shutil
+
+    from lipvae.module import RunCheckpoint
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
+
+    def fit(folder, epochs, ckpt_path=None):
+        ckpt = RunCheckpoint(dirpath=str(folder / "checkpoints"), filename="best", monitor="val/loss",
+                             save_last=True, save_top_k=1)
+        trainer = L.Trainer(max_epochs=epochs, callbacks=[ckpt], logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(folder))
+        trainer.fit(_Scripted([3.0, 1.0, 2.0]), loader, loader, ckpt_path=ckpt_path, weights_only=True)
+        return ckpt
+
+    original, copy = tmp_path / "P", tmp_path / "Q"
+    fit(original, 2)
+    shutil.copytree(original, copy)
+    ckpt = fit(copy, 3, ckpt_path=str(copy / "checkpoints" / "last.ckpt"))  # epoch 3 is worse than epoch 2
+    assert Path(ckpt.best_model_path) == copy / "checkpoints" / "best.ckpt"
+    assert float(ckpt.best_model_score) == 1.0
+    best = torch.load(copy / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["epoch"] == 1  # the copy's best.ckpt is still epoch 2's, not overwritten by epoch 3

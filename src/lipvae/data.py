@@ -12,6 +12,7 @@ torchvision's ``<Class>/raw/`` layout.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -176,8 +177,21 @@ def _as_batch(batch):
     return batch
 
 
+def digest(*arrays) -> str:
+    """SHA-256 (first 16 hex digits) of arrays' bytes: a short name for exact contents."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class SplitInfo:
+    """Which images a run trained, validated and tested on, exactly: recorded in results.json
+    (``data``) so that a re-evaluation rebuilds the same split or refuses (``check_same``)."""
+
     name: str
     split: str
     num_train: int
@@ -185,9 +199,34 @@ class SplitInfo:
     num_test: int
     folder: str | None = None  # where the images were read from
     train_folder: str | None = None  # the official training split's, when different
+    seed: int | None = None  # the seed that divided the split
+    sources: dict | None = None  # source file -> digest of its images and labels
+    indices: str | None = None  # digest of the train, val and test index lists (positions in their files)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def check_same(self, recorded: dict, run_dir) -> None:
+        """One line when this split is not the one ``recorded`` (a run's results.json ``data``)."""
+        for key in ("split", "num_train", "num_val", "num_test"):
+            if recorded.get(key) is not None and recorded[key] != getattr(self, key):
+                raise UserError(
+                    f"data: {run_dir} was trained on another split ({key}: recorded {recorded[key]!r}, rebuilt"
+                    f" {getattr(self, key)!r}); its re-evaluation would test on other images"
+                )
+        for name, was in (recorded.get("sources") or {}).items():
+            now = (self.sources or {}).get(name)
+            if now != was:
+                found = "is missing" if now is None else "differs from the one the run read"
+                raise UserError(
+                    f"data: {run_dir} was trained on a {name} file that {found} (digest {was}); put the run's"
+                    f" data back (data.root or LIPVAE_DATA_DIR) to re-evaluate it"
+                )
+        if recorded.get("indices") and recorded["indices"] != self.indices:
+            raise UserError(
+                f"data: {run_dir}'s train/val/test division cannot be rebuilt (digest recorded {recorded['indices']},"
+                f" rebuilt {self.indices}); its re-evaluation would test on other images"
+            )
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -221,12 +260,14 @@ class ImageDataModule(L.LightningDataModule):
         self.info: SplitInfo | None = None
         self._splits: dict[str, TensorBatches] = {}
         self._folders: dict[str, str] = {}
+        self._sources: dict[str, str] = {}
 
     def _source(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels, folder = load_split(self.name, split, self.root, self.download)
         self._folders[split] = str(folder)
         if self.limit:
             images, labels = images[: self.limit], labels[: self.limit]
+        self._sources[f"{self.name}/{split}"] = digest(images, labels)
         x = torch.from_numpy(images.astype(np.float32) / 255.0).flatten(1)
         return x, torch.from_numpy(labels.astype(np.int64))
 
@@ -275,6 +316,9 @@ class ImageDataModule(L.LightningDataModule):
             len(test_x),
             folder,
             train_folder if train_folder not in (None, folder) else None,
+            seed=self.seed,
+            sources=dict(self._sources),
+            indices=digest(*(self._splits[k].index for k in ("train", "val", "test"))),
         )
 
     def split(self, name: str) -> TensorBatches:

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.attack import latent_space_attack
 from lipvae.config import build_attack
+from lipvae.logs import interactive, quiet_third_party
 from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
 from lipvae.errors import UserError
 from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
@@ -382,7 +383,7 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
 
 
 def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress):
-    from lipvae.config import build_datamodule
+    from lipvae.stored import rebuild_data
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # always evaluated into a folder of its own first: a stop midway leaves the run as it was
@@ -395,8 +396,7 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     vae = vae.to(device)
     check_lipschitz(vae.lipschitz_constants())
-    dm = build_datamodule(cfg.data, cfg.seed)
-    test = dm.split("test")
+    test = rebuild_data(run_dir, cfg).split("test")  # the run's own split; seed= seeds only the attack
     start = time.perf_counter()
     try:
         ev = evaluate(vae, test, cfg, out_dir, cfg.seed, progress=progress, reuse=reuse, reuse_latent=reuse_latent)
@@ -454,6 +454,7 @@ USAGE = "python -m lipvae.evaluate <run folder> [certify.*=... attack.*=... seed
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    quiet_third_party()
     flags = {a for a in argv if a.startswith("--")}
     args = [a for a in argv if not a.startswith("--")]
     unknown = flags - {"--replace", "--fresh"}
@@ -462,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {what}\nusage: {USAGE}", file=sys.stderr)
         return 2
     try:
-        out, part = reevaluate(Path(args[0]), args[1:], replace="--replace" in flags, fresh="--fresh" in flags)
+        out, part = reevaluate(Path(args[0]), args[1:], replace="--replace" in flags, fresh="--fresh" in flags,
+                               progress=interactive())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,11 +7,14 @@ lower learning rate until the epoch's training loss changes by at most ``tol`` n
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, OnExceptionCheckpoint, Timer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
+from lipvae.logs import time_is_up
 from lipvae.networks import project_bjorck_, set_bjorck
 from lipvae.vae import VAE
 
@@ -86,6 +89,32 @@ class SaveOnException(OnExceptionCheckpoint):
         the end of a run that did not fail)."""
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose remembered files follow the run folder: a checkpoint
+    stores the absolute paths of ``best.ckpt`` and ``last.ckpt``, so a run folder copied or
+    moved elsewhere and resumed would evaluate (and compare against) the *original* folder's
+    best weights. On loading, every path that was inside the saving run's checkpoint folder is
+    re-rooted in this run's own, and the scores are kept."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and Path(saved) != Path(self.dirpath):
+            def here(path):
+                if not path or Path(path).parent != Path(saved):
+                    return path
+                return str(Path(self.dirpath) / Path(path).name)
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": here(state_dict.get("best_model_path")),
+                "kth_best_model_path": here(state_dict.get("kth_best_model_path")),
+                "last_model_path": here(state_dict.get("last_model_path")),
+                "best_k_models": {here(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
+
 class FineTune(Callback):
     """Phase 2 of the paper's schedule, for Lipschitz models (phase 1 is Lightning's
     EarlyStopping on ``val/loss``). When phase 1 ends (early stopping, or ``train_epochs``
@@ -124,7 +153,7 @@ class FineTune(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.phase_epochs += 1
-        if _time_is_up(trainer):  # trainer.max_time ends training in either phase
+        if time_is_up(trainer):  # trainer.max_time ends training in either phase
             return
         if self.phase == "train":
             early = any(c.stopping_reason != EarlyStoppingReason.NOT_STOPPED for c in trainer.early_stopping_callbacks)
@@ -142,9 +171,3 @@ class FineTune(Callback):
                 self.phase = "done"
             trainer.should_stop = self.phase == "done"  # early stopping has no say in this phase
         pl_module.log("phase", {"train": 0.0, "finetune": 1.0, "done": 2.0}[self.phase], on_epoch=True)
-
-
-def _time_is_up(trainer: L.Trainer) -> bool:
-    """Whether Lightning's Timer (``trainer.max_time``) has ended training."""
-    return any(isinstance(c, Timer) and (left := c.time_remaining("train")) is not None and left <= 0
-               for c in trainer.callbacks)

@@ -120,3 +120,38 @@ def load_model(path: Path):
     if not frozen:
         vae.freeze()
     return vae.eval(), cfg, run_dir
+
+
+def recorded_data(run_dir: Path) -> dict:
+    """The ``data`` record of a run's results.json ({} where there is none or it cannot be read)."""
+    import json
+
+    try:
+        record = json.loads((Path(run_dir) / "results.json").read_text()).get("data")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def rebuild_data(run_dir: Path, cfg: DictConfig):
+    """The data module of a finished run with the split it was trained on, rebuilt from its
+    record, never from today's defaults or environment: the recorded kind of split (official
+    or resplit-test) and the seed that divided it (the run's own, whatever ``seed=`` a
+    re-evaluation sets for its attack), checked against the recorded file and index digests.
+    ``cfg.data`` may still point elsewhere for the files (``data.root``). One line when the
+    split cannot be rebuilt exactly."""
+    from lipvae.config import build_datamodule
+
+    record = recorded_data(run_dir)
+    seed = record.get("seed")
+    if seed is None:  # recorded before the field existed: the seed the run was trained with
+        trained = OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml")
+        seed = trained.get("seed", cfg.seed)
+    data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+    if record.get("split") in ("official", "resplit-test"):
+        data.resplit = record["split"] == "resplit-test"
+    dm = build_datamodule(data, int(seed))
+    dm.setup()
+    if record:
+        dm.info.check_same(record, run_dir)
+    return dm

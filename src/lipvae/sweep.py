@@ -1,9 +1,10 @@
-"""Hydra callback: at the end of a multirun, one line per failed job and a non-zero exit."""
+"""Hydra callback: at the end of a multirun, one line per failed or refused job and a non-zero exit."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,26 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger("lipvae")
+
+#: Where a sweep's jobs note that they refused to run (in the sweep's folder, not the job's: a
+#: refused job leaves its own folder as it was). Cleared when a multirun starts.
+REFUSED = ".refused"
+
+
+def note_refusal(run_dir: Path, message: str) -> None:
+    """Record that the job of ``run_dir`` (a folder of a sweep) refused to run, and why."""
+    from lipvae.results import atomic_write_text
+
+    folder = Path(run_dir).parent / REFUSED
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / Path(run_dir).name, message.splitlines()[0] + "\n")
+
+
+def refusals(sweep_dir: Path) -> dict[str, str]:
+    folder = Path(sweep_dir) / REFUSED
+    if not folder.is_dir():
+        return {}
+    return {p.name: p.read_text().strip() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 def job_statuses(sweep_dir: Path) -> dict[str, str]:
@@ -29,12 +50,17 @@ def job_statuses(sweep_dir: Path) -> dict[str, str]:
 
 
 class SweepSummary(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        shutil.rmtree(Path(config.hydra.sweep.dir) / REFUSED, ignore_errors=True)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         statuses = job_statuses(Path(config.hydra.sweep.dir))
+        for job, why in refusals(Path(config.hydra.sweep.dir)).items():
+            statuses[job] = f"refused by this multirun: {why}"
         failed = {k: v for k, v in statuses.items() if v != "completed"}
         log.info("sweep %s: %d of %d jobs completed", config.hydra.sweep.dir, len(statuses) - len(failed), len(statuses))
         for job, status in failed.items():
             log.error("job %s %s", job, status)
         if failed:
-            print(f"error: {len(failed)} of {len(statuses)} jobs failed (listed above)", file=sys.stderr)
+            print(f"error: {len(failed)} of {len(statuses)} jobs failed or were refused (listed above)", file=sys.stderr)
             sys.exit(1)

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -38,10 +38,12 @@ from lipvae.stored import load_state
 from lipvae.config import build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides, named_fields, validate
 from lipvae.errors import UserError
 from lipvae.evaluate import evaluate
-from lipvae.module import FineTune, NonFiniteLossError, SaveOnException, VAEModule
+from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up
+from lipvae.module import FineTune, NonFiniteLossError, RunCheckpoint, SaveOnException, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import atomic_write_text, code_version, replace_atomically, write_results
+from lipvae.sweep import note_refusal
 from lipvae.runfolder import AlreadyCompleted, RunFolderError, check_run_folder, claim, read_status, save_hydra_files
 
 log = logging.getLogger("lipvae")
@@ -183,13 +185,17 @@ def schedule_callbacks(patience: int, max_epochs: int, finetune: DictConfig | di
                                     finetune["tol"], finetune["patience"])
 
 
-def stop_reason(early_stopping: EarlyStopping, finetune: FineTune | None, epochs: int, max_epochs: int) -> str:
+def stop_reason(early_stopping: EarlyStopping, finetune: FineTune | None, epochs: int, max_epochs: int,
+                timed_out: bool = False) -> str:
     """Why training ended: finetune_converged or finetune_max_epochs (phase 2), patience (early
-    stopping), max_epochs, or max_time (Lightning's Timer)."""
+    stopping), max_time (``timed_out``: Lightning's Timer ran out, which may happen within the
+    last epoch) or max_epochs."""
     if finetune is not None and finetune.stop_reason:
         return finetune.stop_reason
     if finetune is None and early_stopping.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
         return "patience"
+    if timed_out:
+        return "max_time"
     return "max_epochs" if epochs >= max_epochs else "max_time"
 
 
@@ -218,12 +224,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     project = cfg.model.bjorck.project_iters if lipschitz else 0
     module = VAEModule(vae, lr=cfg.model.lr, num_importance=cfg.trainer.num_importance, project_iters=project)
     tr = cfg.trainer
+    bar = bool(tr.enable_progress_bar) and interactive()  # a bar redrawn into a file is debris
+    history = EpochHistory(echo=not bar)
     finetune_epochs = tr.finetune.max_epochs if lipschitz else 0
     early_stopping, finetune = schedule_callbacks(tr.patience, tr.max_epochs, tr.finetune if finetune_epochs else None)
-    checkpoint = ModelCheckpoint(
+    checkpoint = RunCheckpoint(
         dirpath=str(ckpt_dir), filename="best", monitor="val/loss", save_last=True, save_top_k=1
     )
-    schedule = [early_stopping, *([finetune] if finetune else []), checkpoint,
+    schedule = [early_stopping, *([finetune] if finetune else []), checkpoint, history,
                 SaveOnException(dirpath=str(ckpt_dir), filename="last")]
     loggers = make_loggers(cfg, run_dir) + extra_loggers
     trainer = L.Trainer(
@@ -237,7 +245,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         callbacks=[*schedule, *extra_callbacks],
         logger=loggers or False,
         log_every_n_steps=tr.log_every_n_steps,
-        enable_progress_bar=tr.enable_progress_bar,
+        enable_progress_bar=bar,
         default_root_dir=str(run_dir),
         num_sanity_val_steps=0,
     )
@@ -246,12 +254,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     fit_s = time.perf_counter() - t_fit
     epochs_trained = trainer.current_epoch
+    timed_out = time_is_up(trainer)
     if trainer.world_size > 1:  # trained on several devices: rank zero alone evaluates and records
         if not trainer.is_global_zero:
             return None
         trainer = L.Trainer(
             accelerator=tr.accelerator, devices=1, precision=tr.precision, logger=loggers or False,
-            enable_progress_bar=tr.enable_progress_bar, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=bar, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
         )
     evaluated_epoch = epochs_trained
     best = checkpoint.best_model_path
@@ -262,6 +271,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         evaluated_epoch = int(state["epoch"]) + 1
         log.info("evaluating the best epoch (%d of %d): %s", evaluated_epoch, epochs_trained, best)
 
+    stopped_by = stop_reason(early_stopping, finetune, epochs_trained, tr.max_epochs + finetune_epochs, timed_out)
+    converged = convergence(history.val_losses, stopped_by, evaluated_epoch)
+    log.info("%s", describe(converged, stopped_by, epochs_trained))
     orthonormality = orthonormality_error(vae)  # how much freezing will change the trained function
     vae.freeze()
     constants = vae.lipschitz_constants()
@@ -275,7 +287,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     test_s = time.perf_counter() - t_test
     # the one evaluation pipeline (also `python -m lipvae.evaluate`): certify, attack, soundness check
     ev = evaluate(vae, datamodule.split("test"), cfg, run_dir, cfg.seed, loggers=loggers,
-                  step=trainer.global_step, progress=tr.enable_progress_bar)
+                  step=trainer.global_step, progress=bar)
     x = datamodule.split("test").images[:8].to(module.device)
     save_reconstructions(vae, x, run_dir / "reconstructions.png", loggers)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -318,7 +330,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             "evaluated_epoch": evaluated_epoch,
             "best_val_loss": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
             "final_phase": finetune.phase if finetune else "train",
-            "stop_reason": stop_reason(early_stopping, finetune, epochs_trained, tr.max_epochs + finetune_epochs),
+            "stop_reason": stopped_by,
+            "convergence": converged,
             "orthonormality_error_before_freeze": orthonormality if lipschitz else None,
         },
         **ev.results(),
@@ -385,6 +398,7 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    quiet_third_party()  # again here: a sweep's worker processes start without cli()'s filters
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     rank_zero = not _other_rank()  # other ranks share rank zero's folder and leave it to rank zero
@@ -399,7 +413,8 @@ def main(cfg: DictConfig) -> float | None:
     except RunFolderError as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
-        if multirun:
+        if multirun:  # the sweep goes on; its summary lists this job as refused and exits non-zero
+            note_refusal(run_dir, str(e))
             return None
         sys.exit(2)
     if rank_zero:
@@ -451,6 +466,7 @@ def main(cfg: DictConfig) -> float | None:
 def cli() -> None:
     """``python -m lipvae.train``: the command line's overrides are checked (one line on a
     mistake, exit 2) before Hydra composes and runs the job."""
+    quiet_third_party()
     try:
         check_overrides(sys.argv[1:])
     except UserError as e:

@@ -121,7 +121,7 @@ def recertify(path: Path, r=None, p=None, forms=None, num_inputs=None, replace: 
     for key, value in (("r", r), ("p", p), ("forms", forms)):
         if value:
             overrides.append(f"certify.{key}=[{','.join(map(str, value))}]")
-    if num_inputs:
+    if num_inputs is not None:  # 0 too: the schema refuses it in one line rather than certifying all
         overrides.append(f"certify.num_inputs={num_inputs}")
     vae, _, run_dir = load_model(path)
     if vae.kind != "lipschitz":
