@@ -8,7 +8,7 @@ set -euo pipefail
 PY=${PY:-python}
 OUT=${OUT:-outputs/multirun/official}
 presets=("$@")
-[ ${#presets[@]} -gt 0 ] || presets=(fig5_official fig5_standard fig5_seeds fig6_7_official fig3_official)
+[ ${#presets[@]} -gt 0 ] || presets=(fig5_official fig5_standard fig5_seeds fig6_7_official fig4_official fig3_official)
 for preset in "${presets[@]}"; do
   start=$(date +%s)
   echo "== $preset: $(date -u +%FT%TZ)"

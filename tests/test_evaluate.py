@@ -158,3 +158,95 @@ def test_latent_attack_summary_says_how_far_toward_the_target(tmp_path):
     ac.latent.budget = 28.0  # the pixel box's diameter: x + δ may become the target itself
     far, _ = _latent_attack(vae, test, ac, "cpu", gen, tmp_path)
     assert far["median_share_moved"] == pytest.approx(1.0, abs=0.05) and far["closer_to_target"] == 1.0
+
+
+def test_coupled_certificates_are_counted_apart_from_soundness_violations():
+    """A coupled certificate above the estimated margin is allowed with probability α per input;
+    a deterministic one never is (issue 27)."""
+    import pandas as pd
+
+    from lipvae.evaluate import coupled_exceedances, probabilistic, soundness_violations
+
+    table = pd.DataFrame({"index": [0, 1, 2, 3], "estimated": [1.0, 1.0, 1.0, 1.0],
+                          "certified_tight": [0.5, 0.5, 1.5, 0.5], "certified_coupled": [0.9, 1.2, 0.9, 1.1]})
+    cols = ["certified_tight", "certified_coupled"]
+    assert [c for c in cols if probabilistic(c)] == ["certified_coupled"]
+    assert probabilistic("certified_coupled_r8_p0.5") and not probabilistic("certified_cantelli")
+    assert soundness_violations(table, [c for c in cols if not probabilistic(c)]) == [2]
+    got = coupled_exceedances(table, cols, alpha=0.25)
+    assert got == {"observed": 2, "expected": 1.0, "inputs": 4, "alpha": 0.25, "indices": [1, 3]}
+    assert coupled_exceedances(table, ["certified_tight"], alpha=0.25) is None
+
+
+def _snapshot(folder):
+    """Every file below ``folder`` and its bytes (the lock file aside: a lock, not content)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lipvae.lock"}
+
+
+class _FullDisk:
+    """Makes the ``at``-th file opened for writing (by ``open`` or ``os.open``) fail with ENOSPC."""
+
+    def __init__(self, monkeypatch, at: int):
+        import builtins
+        import errno
+        import io
+        import os
+
+        self.count, self.at, self.hit = 0, at, False
+        real_open, real_os_open = builtins.open, os.open
+
+        def check(writing: bool):
+            if writing:
+                self.count += 1
+                if self.count == self.at:
+                    self.hit = True
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            check(any(c in mode for c in "wax+"))
+            return real_open(file, mode, *args, **kwargs)
+
+        def fake_os_open(path, flags, *args, **kwargs):
+            check(bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)))
+            return real_os_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(io, "open", fake_open)
+        monkeypatch.setattr(os, "open", fake_os_open)
+
+
+@pytest.mark.slow
+def test_replace_on_a_full_disk_at_every_write_leaves_the_run_byte_identical(run, capsys, monkeypatch):
+    """--replace under ENOSPC at the 1st, 2nd, ... write: each time one line naming the run, and
+    the run folder exactly as before; then, with room, the replacement goes through (issue 27)."""
+    before = _snapshot(run)
+    args = [str(run), "certify.forms=[tight,cantelli]", "certify.num_inputs=5", "--replace"]  # reuses the attack: quick
+    at = 1
+    while True:
+        with monkeypatch.context() as m:
+            disk = _FullDisk(m, at)
+            code = evaluate_main(args)
+        err = capsys.readouterr().err
+        if not disk.hit:
+            break
+        assert code == 2, at
+        assert err.strip().splitlines() == [
+            f"error: no space left on the device while evaluating {run} (No space left on device); the run is as it"
+            " was: free some space and run the command again"], at
+        assert _snapshot(run) == before, f"the run changed when write {at} failed"
+        at += 1
+    assert code == 0 and at > 5  # every write of a complete replacement was made to fail once
+    r = json.loads((run / "results.json").read_text())
+    assert r["certified"]["form"] == "tight" and "cantelli" in r["certified"]["by_r_p_form"]["r8_p0.5"]
+    assert "certified_cantelli" in pd.read_csv(run / "certified_margins.csv").columns
+    _consistent(run, r)
+
+
+def test_a_malformed_stored_config_is_one_line(tmp_path, capsys):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("model: {kind: [lipschitz\n")
+    (tmp_path / "frozen_model.pt").write_bytes(b"")
+    assert evaluate_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: config: {tmp_path / '.hydra' / 'config.yaml'} is not valid YAML (line ") and "\n" not in err

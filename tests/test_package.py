@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 import pytest
 import torch
 from torch import nn
@@ -190,3 +191,29 @@ def test_docs_link_only_inside_the_repository():
             if re.match(r"[a-z]+://", target) or path.suffix != ".md":
                 continue
             assert (path.parent / target).exists(), f"{path.name} links to missing {target}"
+
+
+@pytest.mark.slow
+def test_a_config_dir_adds_new_names_and_does_not_replace_packaged_files(tmp_path):
+    """Hydra searches lipvae's packaged configs before --config-dir, so a user's file named like a
+    packaged one is not used; a new name is (README, "Installing into your own environment")."""
+    model = tmp_path / "my_conf" / "model"
+    model.mkdir(parents=True)
+    body = "defaults:\n  - lipschitz\n  - _self_\nlatent_dim: 3\n"
+    (model / "lipschitz.yaml").write_text(body)
+    (model / "mine.yaml").write_text(body)
+
+    def latent_dim(*args):
+        proc = subprocess.run([sys.executable, "-m", "lipvae.train", "--config-dir", str(tmp_path / "my_conf"), *args,
+                               "--cfg", "job"], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return OmegaConf.create(proc.stdout).model.latent_dim
+
+    assert latent_dim() == 10  # the packaged model/lipschitz.yaml
+    assert latent_dim("model=mine") == 3
+    (model / "broken.yaml").write_text("latent_dim: [3\n")  # a malformed file: one line naming it
+    proc = subprocess.run([sys.executable, "-m", "lipvae.train", "--config-dir", str(tmp_path / "my_conf")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: config: {model / 'broken.yaml'} is not valid YAML (line 2, column 1: expected ',' or ']', but got"
+        " '<stream end>')"]

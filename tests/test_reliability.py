@@ -97,6 +97,9 @@ BAD_INPUTS = [
     (["logger.wandb._target_=collections.OrderedDict"],
      "logger.wandb._target_: got 'collections.OrderedDict'; accepted: a lightning.pytorch Logger class"),
     (["data.root=/nonexistent/lipvae"], "data.root: got '/nonexistent/lipvae', which does not exist"),
+    (["name=x/../../../elsewhere/run"], "name: got 'x/../../../elsewhere/run'; accepted: a plain folder name"),
+    (["attack.search=grid", "attack.grid_step=1e-4"],
+     "attack.grid_step: got 0.0001; accepted: at least attack.max_radius/1000 = 0.01 (at most 1000 radii"),
 ]
 
 
@@ -132,7 +135,20 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, fragment):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(fragment)
     assert "Traceback" not in proc.stderr
-    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before the run folder was written
+
+
+def test_a_run_name_that_leaves_outputs_writes_nothing(tmp_path):
+    """name=x/../../.. was refused only after .hydra/, results.json and train.log were written at
+    the escaped path (issue 27)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli(*SMOKE, "name=x/../../../../../escaped", cwd=work)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: name: got 'x/../../../../../escaped'; accepted: a plain folder name (no '/', '\\' or '..');"
+        " set hydra.run.dir to choose the folder"]
+    assert [p for p in tmp_path.rglob("*") if p != work] == []
 
 
 @pytest.mark.parametrize(

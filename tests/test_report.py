@@ -176,6 +176,29 @@ def test_report_counts_soundness_only_over_checked_runs(tmp_path):
     assert "Soundness violations (certified > estimated): 0 in 1 checked run(s) of 3 completed" in md
 
 
+def test_report_says_a_coupled_certificate_holds_with_probability(tmp_path):
+    """The coupled form as the primary certificate: the report, results.csv and the soundness
+    line say it holds with probability 1 - alpha and count its exceedances apart (issue 27)."""
+    folder = tmp_path / "coupled"
+    folder.mkdir()
+    certified = {"r": 8.0, "p": 0.5, "form": "coupled", "num_inputs": 100, "mean": 0.6, "median": 0.6, "min": 0.5,
+                 "fraction_certified": 1.0, "global_margin": None, "holds_with_probability": 0.999,
+                 "coupled": {"samples": 2000, "alpha": 0.001, "seed": 0}}
+    results = {"status": "completed", "model": {"kind": "lipschitz"}, "soundness_violations": 0,
+               "coupled_exceedances": {"observed": 1, "expected": 0.1, "inputs": 100, "alpha": 0.001, "indices": [4]},
+               "metrics": {"epochs": 3}, "certified": certified, "estimated": None}
+    (folder / "results.json").write_text(json.dumps(results))
+    _fake_run(tmp_path / "tight", violations=0)
+    assert report_main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "coupled form, 100 inputs, each holding with probability >= 0.999 over the certifier's samples (not a proof)" in md
+    assert "Coupled certificates (probabilistic) above the estimated margin: 1, against about 0.1 expected" in md
+    assert "Soundness violations (certified > estimated): 0 in 2 checked run(s)" in md
+    table = pd.read_csv(tmp_path / "results.csv").set_index("run")
+    assert table.loc["coupled", "certified_holds_with_probability"] == 0.999
+    assert "0.999" in (tmp_path / "report.html").read_text()
+
+
 def test_report_out_that_is_a_file_is_one_line(tmp_path, capsys):
     _fake_run(tmp_path / "run")
     (tmp_path / "out.txt").write_text("x")
@@ -278,3 +301,48 @@ def test_a_sweep_that_refused_a_job_exits_non_zero_and_names_it(tmp_path, caplog
     assert "1 of 2 jobs completed" in caplog.text
     summary.on_multirun_start(config)  # the next multirun starts clean
     summary.on_multirun_end(config)
+
+
+@pytest.mark.parametrize(
+    "edit,reason",
+    [
+        (lambda r: r.update(soundness_violations=float("nan")), "soundness_violations is nan, not a finite number"),
+        (lambda r: r["estimated"].pop("r"), "estimated.r or estimated.p is missing or not a number"),
+        (lambda r: r.update(lipschitz={"nominal": {"encoder_mean": "5", "decoder": 5.0}}),
+         "lipschitz.nominal.encoder_mean is '5', not a number"),
+        (lambda r: r.update(config=None), None),  # null config: reported, with no config fields
+        (lambda r: r.update(config=[1, 2]), "config is a list, not an object"),
+    ],
+)
+def test_report_reads_any_record_and_says_what_it_skips(tmp_path, edit, reason):
+    """Foreign or corrupt records are listed with a reason in one line; the others are reported
+    and nothing crashes or is left half-written (issue 27)."""
+    good = {"status": "completed", "model": {"kind": "lipschitz"}, "soundness_violations": 0,
+            "metrics": {"epochs": 3}, "config": {"seed": 0},
+            "lipschitz": {"nominal": {"encoder_mean": 5.0, "decoder": 5.0}},
+            "estimated": {"r": 8.0, "p": 0.5, "num_inputs": 2, "mean": 1.0, "table": "margins.csv"}}
+    for name in ("good", "odd"):
+        (tmp_path / name).mkdir()
+        record = json.loads(json.dumps(good))
+        if name == "odd":
+            edit(record)
+        (tmp_path / name / "results.json").write_text(json.dumps(record, allow_nan=True))
+        pd.DataFrame({"index": [0, 1], "estimated": [1.0, 1.0]}).to_csv(tmp_path / name / "margins.csv", index=False)
+    assert report_main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    if reason is None:
+        assert "skipped" not in md
+    else:
+        assert f"`odd`: skipped: {reason}" in md
+    assert (tmp_path / "results.csv").is_file() and (tmp_path / "report.html").is_file()
+
+
+def test_report_leaves_out_a_margins_table_without_estimates(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    results = {"status": "completed", "model": {"kind": "standard"}, "metrics": {"epochs": 3},
+               "estimated": {"r": 8.0, "p": 0.5, "num_inputs": 2, "mean": 1.0, "table": "margins.csv"}}
+    (run / "results.json").write_text(json.dumps(results))
+    pd.DataFrame({"index": [0, 1], "other": [1.0, 1.0]}).to_csv(run / "margins.csv", index=False)
+    assert report_main([str(tmp_path)]) == 0
+    assert not (tmp_path / "estimated_margins.png").exists()  # no numbers to draw

@@ -7,6 +7,7 @@ what is accepted, before any data is read or any model is built.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -43,12 +44,30 @@ def validate(cfg: DictConfig) -> None:
         from lightning.pytorch.loggers import Logger
 
         target_class("logger.wandb", cfg.logger.wandb._target_, Logger, "a lightning.pytorch Logger class")
+    check_name(cfg)
+    if cfg.attack.enabled and cfg.attack.get("search") == "grid":
+        step, top = cfg.attack.grid_step, cfg.attack.max_radius
+        _check(top / step <= MAX_GRID, "attack.grid_step", step,
+               f"at least attack.max_radius/{MAX_GRID} = {top / MAX_GRID:g} (at most {MAX_GRID} radii per input)")
     if cfg.attack.enabled:
         certified, attacked = cfg.certify.num_inputs, cfg.attack.num_inputs
         if cfg.certify.enabled and lipschitz and certified is not None:
             _check(certified >= attacked, "certify.num_inputs", certified,
                    f"null, or at least attack.num_inputs={attacked} (each attacked input's certificate is checked)")
         build_attack(cfg.attack)  # its class and arguments, before any data is read
+
+
+#: The most radii the grid search may try per input (the reference's grid has 20: step 0.5 up to 10).
+MAX_GRID = 1000
+
+
+def check_name(cfg: DictConfig) -> None:
+    """The run's ``name`` becomes a folder name: no separators or ``..`` that would place the run
+    (and Hydra's files) outside ``outputs/``."""
+    name = str(cfg.name)
+    parts = Path(name.replace("\\", "/")).parts
+    _check(name.strip() != "" and "/" not in name and "\\" not in name and ".." not in parts and name != ".",
+           "name", name, "a plain folder name (no '/', '\\' or '..'); set hydra.run.dir to choose the folder")
 
 
 def _check(ok: bool, path: str, value, accepted: str) -> None:
@@ -179,6 +198,29 @@ def build_datamodule(data: DictConfig, seed: int) -> ImageDataModule:
         if isinstance(e.__cause__, UserError):  # the class's own one-line check
             raise e.__cause__ from None
         raise _cannot_build("data", data._target_, e) from None
+
+
+def check_yaml_files(argv: list[str]) -> None:
+    """Every YAML file of a ``--config-dir`` (``-cd``) given on the command line must parse: one
+    line naming the file and the place, rather than Hydra's traceback."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        folder = None
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            folder = argv[i + 1]
+        elif arg.startswith("--config-dir="):
+            folder = arg.split("=", 1)[1]
+        if folder is None or not Path(folder).is_dir():
+            continue
+        for path in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                yaml.safe_load(path.read_text())
+            except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+                where = getattr(e, "problem_mark", None)
+                at = f"line {where.line + 1}, column {where.column + 1}: " if where is not None else ""
+                what = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise UserError(f"config: {path} is not valid YAML ({at}{what})") from None
 
 
 #: Hydra flags that take no value; with any other flag the command line is left to Hydra.

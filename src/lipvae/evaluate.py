@@ -9,13 +9,15 @@ its tables and figures) and the run's own results are left as they were. With ``
 becomes the run's evaluation: results.json's ``certified``, ``estimated``, ``latent_attack`` and
 ``soundness_violations`` are rewritten together, after the files they replace are copied to
 ``<run>/evaluations/<time>-replaced/``. Either way the evaluation runs in its own folder first,
-so a stop midway leaves the run's files as they were. When the attack's settings are those of the stored
+so a stop midway leaves the run's files as they were; a replacement is staged whole beside the
+run and switched in by renames alone, so a full disk leaves the run exactly as it was. When the attack's settings are those of the stored
 evaluation, its estimated margins are reused (the soundness check is redone against the new
 certificates); ``--fresh`` attacks again regardless.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.attack import latent_space_attack
 from lipvae.config import build_attack
 from lipvae.logs import interactive, quiet_third_party
+from lipvae.certify.bounds import SAMPLED_FORMS
 from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
 from lipvae.errors import UserError
 from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
@@ -42,7 +45,6 @@ from lipvae.results import (
     atomic_write_text,
     code_version,
     read_results,
-    replace_atomically,
     write_results,
     write_table,
 )
@@ -61,6 +63,7 @@ class Evaluation:
     estimated: dict | None = None
     latent_attack: dict | None = None
     soundness_violations: int | None = None
+    coupled_exceedances: dict | None = None
     certify_s: float = 0.0
     attack_s: float = 0.0
 
@@ -71,6 +74,7 @@ class Evaluation:
             "estimated": self.estimated,
             "latent_attack": self.latent_attack,
             "soundness_violations": self.soundness_violations,
+            "coupled_exceedances": self.coupled_exceedances,
         }
 
 
@@ -80,6 +84,24 @@ def soundness_violations(table: pd.DataFrame, columns: list[str], slack: float =
         return []
     certified = table[columns].max(axis=1)
     return table.loc[certified > table["estimated"] + slack, "index"].astype(int).tolist()
+
+
+def probabilistic(column: str) -> bool:
+    """Whether a certified column is of a form that holds only with probability 1 − α (coupled)."""
+    return any(column == f"certified_{form}" or column.startswith(f"certified_{form}_") for form in SAMPLED_FORMS)
+
+
+def coupled_exceedances(table: pd.DataFrame, columns: list[str], alpha: float, slack: float = 1e-9) -> dict | None:
+    """How often a probabilistic (coupled) certificate exceeds the estimated margin, beside the
+    α·N such exceedances its guarantee allows (it holds per input with probability ≥ 1 − α over
+    the certifier's samples). Not a soundness violation; None without a probabilistic column."""
+    cols = [c for c in columns if probabilistic(c)]
+    if not cols:
+        return None
+    over = table[cols].max(axis=1) > table["estimated"] + slack
+    n = len(table)
+    return {"observed": int(over.sum()), "expected": float(alpha * n), "inputs": n, "alpha": float(alpha),
+            "indices": table.loc[over, "index"].astype(int).tolist()}
 
 
 def other_class_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -138,16 +160,18 @@ def _certify(vae, test, cc: DictConfig, batch_size: int, out_dir: Path, loggers,
     )
     write_table(out_dir / CERTIFIED_TABLE, table)
     summary["table"] = CERTIFIED_TABLE
+    held = summary.get("holds_with_probability", 1.0)
     log.info(
-        "certified (r=%g, p=%g, %s form) on %d inputs: mean %.4g, median %.4g, min %.4g, certified %.1f%%%s",
+        "certified (r=%g, p=%g, %s form) on %d inputs: mean %.4g, median %.4g, min %.4g, certified %.1f%%%s%s",
         summary["r"], summary["p"], summary["form"], summary["num_inputs"], summary["mean"], summary["median"],
         summary["min"], 100 * summary["fraction_certified"],
         "" if summary["global_margin"] is None else f", global margin {summary['global_margin']:.4g}",
+        "" if held >= 1 else f"; each holds with probability >= {held:g} over the certifier's samples, not surely",
     )
     metrics = {
         f"certified/{k}": v
         for k, v in summary.items()
-        if k in ("mean", "median", "min", "fraction_certified", "global_margin") and v is not None
+        if k in ("mean", "median", "min", "fraction_certified", "global_margin", "holds_with_probability") and v is not None
     }
     figure = save_margin_histogram(
         {f: table[f"certified_{f}"].to_numpy() for f in cc.forms},
@@ -195,7 +219,13 @@ def _attack(ev, vae, test, cfg, cert_table, out_dir, seed, loggers, step, progre
         "table": MARGINS_TABLE,
     }
     if vae.kind == "lipschitz" and cert_cols:
-        bad = soundness_violations(table, cert_cols)
+        alpha = float(cfg.certify.coupled.alpha) if "coupled" in cfg.certify else 0.0
+        ev.coupled_exceedances = coupled_exceedances(table, cert_cols, alpha)
+        if ev.coupled_exceedances is not None:
+            log.info("coupled certificates above the estimated margin: %d of %d inputs (expected at most about"
+                     " α·N = %.3g; the coupled form holds with probability >= %g per input)",
+                     ev.coupled_exceedances["observed"], n, alpha * n, 1 - alpha)
+        bad = soundness_violations(table, [c for c in cert_cols if not probabilistic(c)])
         ev.soundness_violations = len(bad)
         for i in bad:
             row = table[table["index"] == i].iloc[0]
@@ -372,22 +402,38 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
         raise UserError(f"--replace: {run_dir} holds no completed run to replace the evaluation of; drop --replace")
     if weights.name != FROZEN:
         stored = None  # the stored margins belong to the frozen model, not to this checkpoint
+    evaluations_existed = (run_dir / "evaluations").exists()
+    made: list[Path] = []  # folders this evaluation created: removed again if the disk fills up
+    lock = None
     try:
-        lock = claim(run_dir)  # no training or other evaluation writes here meanwhile
+        lock = claim(run_dir, hint="(its training, or another evaluation of it); run this one when it has finished")
+        return _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress, made)
     except RunFolderError as e:
         raise UserError(str(e)) from None
-    try:
-        return _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+        if not evaluations_existed:
+            shutil.rmtree(run_dir / "evaluations", ignore_errors=True)
+        raise UserError(f"no space left on the device while evaluating {run_dir} ({e.strerror}); the run is as it"
+                        " was: free some space and run the command again") from None
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
 
 
-def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress):
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress, made):
     from lipvae.stored import rebuild_data
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # always evaluated into a folder of its own first: a stop midway leaves the run as it was
     out_dir = _new_folder(run_dir / "evaluations" / stamp)
+    made.append(out_dir)
     reuse, reuse_latent = (None, None) if fresh else _reusable(stored, cfg, run_dir)
     if reuse is None:
         reuse_latent = None  # a new attack draws the latent attack anew too
@@ -416,24 +462,40 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
     atomic_write_text(out_dir / "evaluation.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
     if not replace:
         return out_dir, part
-    kept = _new_folder(run_dir / "evaluations" / f"{stamp}-replaced")
-    for name in (*OUTPUTS, RESULTS_FILE):
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, kept / name)
-    log.info("the evaluation being replaced is kept in %s", kept)
-    for name in OUTPUTS:  # the new files in, the old ones this evaluation did not make out
-        new = out_dir / name
-        if new.is_file():
-            replace_atomically(run_dir / name, lambda partial, new=new: shutil.copy2(new, partial))
-        else:
-            (run_dir / name).unlink(missing_ok=True)
     stored.pop("schema_version", None)
     stored.update(part)
     stored["config"]["certify"] = OmegaConf.to_container(cfg.certify)
     stored["config"]["attack"] = OmegaConf.to_container(cfg.attack)
+    kept = _new_folder(run_dir / "evaluations" / f"{stamp}-replaced")
+    made.append(kept)
     stored["evaluation"] = {**record, "made_in": f"evaluations/{out_dir.name}", "replaced": f"evaluations/{kept.name}"}
-    write_results(run_dir, stored)
+    _switch_in(run_dir, out_dir, kept, stored, made)
     return run_dir, part
+
+
+def _switch_in(run_dir: Path, new: Path, kept: Path, record: dict, made: list[Path]) -> None:
+    """Make the evaluation in ``new`` the run's own, all or nothing: the files it replaces are
+    copied to ``kept``, the new files and results.json are staged whole in a hidden folder beside
+    them, and only then moved in by renames, which write no data (a full disk cannot stop them
+    halfway, so the tables and results.json never disagree)."""
+    for name in (*OUTPUTS, RESULTS_FILE):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, kept / name)
+    staging = _new_folder(run_dir / f".replacing-{kept.name}")
+    made.append(staging)
+    for name in OUTPUTS:
+        if (new / name).is_file():
+            shutil.copy2(new / name, staging / name)
+    write_results(staging, record)
+    log.info("the evaluation being replaced is kept in %s", kept)
+    for name in OUTPUTS:  # the new files in, the old ones this evaluation did not make out
+        if (staging / name).is_file():
+            os.replace(staging / name, run_dir / name)
+        else:
+            (run_dir / name).unlink(missing_ok=True)
+    os.replace(staging / RESULTS_FILE, run_dir / RESULTS_FILE)
+    staging.rmdir()
+    made.remove(staging)
 
 
 def _new_folder(path: Path) -> Path:

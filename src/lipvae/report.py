@@ -12,6 +12,7 @@ import argparse
 import base64
 import html
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -22,11 +23,14 @@ from lipvae.errors import UserError
 from lipvae.plots import plt, save_figure
 from lipvae.results import RESULTS_FILE, atomic_write_text, write_table
 
+log = logging.getLogger("lipvae")
+
 COLUMNS = [
     "run", "status", "data", "split", "model", "enc_L", "dec_L", "std_mode", "gamma", "beta", "latent_dim",
     "lr", "epochs", "stopped_by", "test_log_likelihood", "test_elbo", "certified_mean", "certified_median", "certified_min",
     "fraction_certified", "global_margin", "estimated_mean", "estimated_median", "estimated_min",
-    "estimated_censored", "soundness_violations", "total_s", "code", "wandb_run_id",
+    "estimated_censored", "soundness_violations", "certified_holds_with_probability", "coupled_exceedances",
+    "coupled_expected", "total_s", "code", "wandb_run_id",
 ]
 #: The columns of the compact table (the full one is behind a toggle and in results.csv).
 KEY_COLUMNS = [
@@ -67,7 +71,10 @@ def load_row(run: Path, root: Path) -> tuple[dict, dict | None]:
         return {"run": name, "status": f"unreadable results.json (a JSON {type(r).__name__}, not an object)"}, None
     if r.get("status") != "completed":
         return {"run": name, "status": f"failed: {r.get('error', 'unknown error')}"}, None
-    cfg = r.get("config", {})
+    why = invalid(r)
+    if why is not None:
+        return {"run": name, "status": f"skipped: {why}"}, None
+    cfg = r.get("config") or {}
     lip = r.get("lipschitz") or {}
     row = {
         "run": name,
@@ -96,12 +103,61 @@ def load_row(run: Path, root: Path) -> tuple[dict, dict | None]:
         "estimated_min": _get(r, "estimated", "min"),
         "estimated_censored": _get(r, "estimated", "censored"),
         "soundness_violations": r.get("soundness_violations"),
+        # the primary certificate's guarantee: 1 for a proof, 1 - alpha for the coupled form
+        "certified_holds_with_probability": _holds(r),
+        "coupled_exceedances": _get(r, "coupled_exceedances", "observed"),
+        "coupled_expected": _get(r, "coupled_exceedances", "expected"),
         "total_s": _get(r, "timings", "total_s"),
         "code": _get(r, "run", "code"),
         "wandb_run_id": _get(r, "run", "wandb_run_id"),
     }
     row["seed"] = cfg.get("seed")
     return row, r
+
+
+def _number(v, finite: bool = False) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return ok and (not finite or bool(np.isfinite(v)))
+
+
+#: Fields the report reads as numbers: (path, may be null, must be finite).
+_NUMBERS = [
+    (("metrics", "epochs"), True, False), (("metrics", "test_log_likelihood"), True, False),
+    (("metrics", "test_elbo"), True, False), (("model", "beta"), True, False), (("model", "latent_dim"), True, False),
+    (("model", "encoder_std", "gamma"), True, False),
+    (("lipschitz", "nominal", "encoder_mean"), True, False), (("lipschitz", "nominal", "decoder"), True, False),
+    (("soundness_violations",), True, True),
+    *[((part, key), True, False) for part in ("certified", "estimated")
+      for key in ("mean", "median", "min", "fraction_certified", "global_margin", "censored", "num_inputs")],
+]
+
+
+def invalid(r: dict) -> str | None:
+    """Why a completed record cannot be reported (a foreign schema version, a hand-edited or
+    corrupt file), in a few words; None when every field the report reads has its type."""
+    for part in ("config", "model", "metrics", "lipschitz", "certified", "estimated", "data", "run", "timings"):
+        if r.get(part) is not None and not isinstance(r[part], dict):
+            return f"{part} is a {type(r[part]).__name__}, not an object"
+    for part in ("certified", "estimated"):
+        if isinstance(r.get(part), dict) and not all(_number(r[part].get(k)) for k in ("r", "p")):
+            return f"{part}.r or {part}.p is missing or not a number (results.json of another schema version?)"
+    for path, nullable, finite in _NUMBERS:
+        value = _get(r, *path)
+        if value is None and nullable:
+            continue
+        if not _number(value, finite):
+            return f"{'.'.join(path)} is {value!r}, not a{' finite' if finite else ''} number"
+    return None
+
+
+def _holds(r: dict) -> float | None:
+    """With what probability the run's primary certificates hold (None: no certificates)."""
+    if not isinstance(r.get("certified"), dict):
+        return None
+    held = _get(r, "certified", "holds_with_probability")
+    if held is None and _get(r, "certified", "form") == "coupled":  # recorded before the field existed
+        held = 1.0 - float(_get(r, "certified", "coupled", "alpha") or 0.0)
+    return 1.0 if held is None else float(held)
 
 
 def label(row: dict) -> str:
@@ -126,9 +182,13 @@ def _margins(run: Path, r: dict) -> pd.DataFrame | None:
     if not table or not (run / table).is_file():
         return None
     try:
-        return pd.read_csv(run / table)
+        frame = pd.read_csv(run / table)
     except (OSError, ValueError, pd.errors.ParserError):
         return None
+    if "estimated" not in frame or not pd.api.types.is_numeric_dtype(frame["estimated"]):
+        log.warning("%s: %s has no numeric 'estimated' column; its margins are left out of the figures", run, table)
+        return None
+    return frame
 
 
 def _order(rows: list[dict]) -> list[int]:
@@ -298,6 +358,8 @@ def _context(results: list[dict], rows: list[dict], dirs: list[Path]) -> list[tu
     certified = distinct(
         f"r={_get(r, 'certified', 'r'):g}, p={_get(r, 'certified', 'p'):g}, {_get(r, 'certified', 'form')} form, "
         f"{_get(r, 'certified', 'num_inputs')} inputs"
+        + ("" if _holds(r) == 1.0 else f", each holding with probability >= {_holds(r):g} over the certifier's samples"
+           " (not a proof)")
         for r in results
         if r.get("certified")
     )
@@ -323,10 +385,17 @@ def _context(results: list[dict], rows: list[dict], dirs: list[Path]) -> list[tu
 def _soundness_line(rows: list[dict]) -> str:
     checked = [r for r in rows if r.get("soundness_violations") is not None]
     total = sum(int(r["soundness_violations"]) for r in checked)
-    return (
+    line = (
         f"Soundness violations (certified > estimated): {total} in {len(checked)} checked run(s)"
         f" of {len(rows)} completed (standard VAEs have no certificate to check)."
     )
+    coupled = [r for r in rows if r.get("coupled_exceedances") is not None]
+    if coupled:  # allowed with probability alpha per input, so counted apart from the proofs' violations
+        seen = sum(int(r["coupled_exceedances"]) for r in coupled)
+        expected = sum(float(r.get("coupled_expected") or 0.0) for r in coupled)
+        line += (f" Coupled certificates (probabilistic) above the estimated margin: {seen}, against about"
+                 f" {expected:.3g} expected from their failure probability α, in {len(coupled)} run(s).")
+    return line
 
 
 def build_report(dirs: list[Path], out: Path | None = None) -> Path:

@@ -113,18 +113,20 @@ def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
         )
 
 
-def claim(run_dir: Path):
-    """Hold an exclusive lock on the folder for this process's life; refuse if another holds it."""
+TRAINING_HINT = ("(two runs started in the same second with the same name?); start this one again, or set"
+                 " hydra.run.dir")
+
+
+def claim(run_dir: Path, hint: str = TRAINING_HINT):
+    """Hold an exclusive lock on the folder for this process's life; refuse if another holds it
+    (``hint``: what the refused command should do)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise RunFolderError(
-            f"run: {run_dir} is in use by another lipvae process (two runs started in the same second"
-            " with the same name?); start this one again, or set hydra.run.dir"
-        ) from None
+        raise RunFolderError(f"run: {run_dir} is in use by another lipvae process {hint}") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd  # kept open: the lock lasts until the process ends

@@ -101,11 +101,28 @@ def _defaults(overrides: tuple[str, ...]) -> dict:
         GlobalHydra.instance().clear()
 
 
+def load_config(path: Path) -> DictConfig:
+    """A run's stored config; one line when it is missing or not valid YAML."""
+    import yaml
+
+    try:
+        cfg = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise UserError(f"config: {path} does not exist; is this a lipvae run folder?") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f"line {where.line + 1}: " if where is not None else ""
+        raise UserError(f"config: {path} is not valid YAML ({at}{getattr(e, 'problem', None) or type(e).__name__})") from None
+    if not isinstance(cfg, DictConfig):
+        raise UserError(f"config: {path} holds a list, not a config")
+    return cfg
+
+
 def load_model(path: Path):
     """The frozen VAE of a run (or of one of its checkpoints) and the run's config (completed by
     ``complete_config`` where it was recorded by an older lipvae)."""
     run_dir, weights = locate(path)
-    cfg = complete_config(run_dir, OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    cfg = complete_config(run_dir, load_config(run_dir / ".hydra" / "config.yaml"))
     vae = build_vae(cfg.model)
     state = load_state(weights)
     frozen = weights.name == FROZEN

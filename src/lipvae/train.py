@@ -35,7 +35,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.stored import load_state
-from lipvae.config import build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides, named_fields, validate
+from lipvae.config import (build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_name, check_overrides,
+                           check_yaml_files,
+                           named_fields, validate)
 from lipvae.errors import UserError
 from lipvae.evaluate import evaluate
 from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up
@@ -468,7 +470,11 @@ def cli() -> None:
     mistake, exit 2) before Hydra composes and runs the job."""
     quiet_third_party()
     try:
-        check_overrides(sys.argv[1:])
+        check_yaml_files(sys.argv[1:])
+        composed = check_overrides(sys.argv[1:])
+        if composed is not None:  # before Hydra creates the run folder: nothing is written for a bad value
+            check_name(composed)
+            validate(composed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -162,8 +162,12 @@ def certify(
         "constants": {"a": a, "b": b, "c": c, "m": m},
         "by_r_p_form": by,
     }
+    # the primary form's guarantee: 1 for a proof; 1 - alpha for the coupled form, which holds per
+    # input with that probability over the certifier's own samples
+    summary["holds_with_probability"] = 1.0 - float(coupled["alpha"]) if forms[0] in SAMPLED_FORMS else 1.0
     if damages is not None:
         summary["coupled"] = {**coupled, "dkw_width": dkw_width(int(coupled["samples"]), float(coupled["alpha"]))}
+        table["coupled_holds_with_probability"] = 1.0 - float(coupled["alpha"])
     return table, summary
 
 
