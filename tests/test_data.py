@@ -142,3 +142,25 @@ class PlainData:
         if not isinstance(size, int):
             raise ValueError(f"size must be an integer, got {size!r}")
         self.size, self.seed = size, seed
+
+
+def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
+    """torchvision makes <root>/MNIST/raw/ before it fails to download; those empty folders were left."""
+    import torchvision
+
+    from lipvae.data import _download
+
+    class Offline:
+        def __init__(self, root, train, download):
+            (Path(root) / "MNIST" / "raw").mkdir(parents=True)
+            raise RuntimeError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("x")
+    assert _download("mnist", "test", str(kept)) is None
+    assert sorted(p.name for p in kept.rglob("*")) == ["notes.txt"]  # the user's folder is kept, MNIST/raw is gone
+    monkeypatch.setenv("LIPVAE_CACHE_DIR", str(tmp_path / "cache"))
+    assert _download("mnist", "test") is None
+    assert not (tmp_path / "cache").exists()

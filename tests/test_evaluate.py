@@ -250,3 +250,25 @@ def test_a_malformed_stored_config_is_one_line(tmp_path, capsys):
     assert evaluate_main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: config: {tmp_path / '.hydra' / 'config.yaml'} is not valid YAML (line ") and "\n" not in err
+
+
+def test_evaluate_can_be_interrupted_when_started_with_sigint_ignored(monkeypatch, capsys):
+    """A script's `lipvae.evaluate ... &` inherits SIGINT ignored; the evaluation must still stop
+    on it, and the caller's handlers come back afterwards (issue 27)."""
+    import os
+    import signal
+
+    import lipvae.evaluate as ev
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("SIGINT was ignored")
+
+    monkeypatch.setattr(ev, "reevaluate", interrupted)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert ev.main(["some/run"]) == 130
+        assert "error: interrupted" in capsys.readouterr().err
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -149,7 +149,7 @@ def test_disk_full_is_one_line_and_leaves_no_partial_file(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: no space left while writing") and "resume=true" in last
+    assert last.startswith(f"error: no space left while writing to the run folder {tmp_path} (") and "resume=true" in last
     assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob(".*.tmp*"))
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()  # never a truncated checkpoint
 

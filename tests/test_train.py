@@ -283,3 +283,17 @@ def test_a_copied_run_folder_resumes_with_its_own_best_checkpoint(tmp_path):
     assert float(ckpt.best_model_score) == 1.0
     best = torch.load(copy / "checkpoints" / "best.ckpt", weights_only=True)
     assert best["epoch"] == 1  # the copy's best.ckpt is still epoch 2's, not overwritten by epoch 3
+
+
+def test_a_resume_drops_the_metric_rows_logged_after_the_checkpoint(tmp_path):
+    """After a kill and resume, the killed epoch's step rows appeared twice in csv/metrics.csv."""
+    from lipvae.train import trim_metrics
+
+    path = tmp_path / "metrics.csv"
+    pd.DataFrame({"epoch": [0, 0, 0, 1, 1], "step": [9, 19, 21, 29, 39],
+                  "train/loss_step": [5.0, 4.0, None, 3.0, 2.0], "val/loss": [None, None, 4.5, None, None]}
+                 ).to_csv(path, index=False)
+    trim_metrics(path, resumed_step=22)  # the checkpoint was taken after step 21 (end of epoch 0)
+    kept = pd.read_csv(path)
+    assert kept["step"].tolist() == [9, 19, 21] and kept["val/loss"].iloc[-1] == 4.5
+    trim_metrics(tmp_path / "absent.csv", 5)  # nothing to trim

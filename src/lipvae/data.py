@@ -122,11 +122,38 @@ def _download(name: str, split: str, root: str | None = None) -> tuple[Path, Pat
 
     cls = getattr(torchvision.datasets, DATASETS[name]["class"])
     target = Path(root).expanduser() if root else download_dir() / name
+    before = _existing_folders(target)
     try:
         cls(root=str(target), train=(split == "train"), download=True)
     except Exception:  # any network failure means "not available"
+        _remove_new_empty_folders(target, before)  # torchvision made <Class>/raw/ before failing
         return None
     return find_split(name, split, str(target))
+
+
+def _existing_folders(root: Path) -> set[Path]:
+    folders, top = set(), Path(root)
+    while True:
+        if top.is_dir():
+            folders.add(top)
+        if top.parent == top:
+            break
+        top = top.parent
+    return folders | ({p for p in Path(root).rglob("*") if p.is_dir()} if Path(root).is_dir() else set())
+
+
+def _remove_new_empty_folders(root: Path, before: set[Path]) -> None:
+    """Remove the folders below (and including) ``root`` that did not exist in ``before`` and are empty."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for folder in sorted((p for p in [root, *root.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+        if folder not in before and not any(folder.iterdir()):
+            folder.rmdir()
+    for parent in root.parents:  # download_dir()/<name> may have been made on the way
+        if parent in before or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def load_split(

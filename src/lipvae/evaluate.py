@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -510,6 +511,10 @@ def _new_folder(path: Path) -> Path:
             candidate = path.with_name(f"{path.name}-{k}")
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 USAGE = "python -m lipvae.evaluate <run folder> [certify.*=... attack.*=... seed=...] [--replace] [--fresh]"
 
 
@@ -517,6 +522,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     quiet_third_party()
+    # SIGINT and SIGTERM stop an evaluation cleanly, also when it was started with SIGINT ignored
+    # (a script's `&`); the caller's handlers are restored afterwards
+    before = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(argv)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str]) -> int:
     flags = {a for a in argv if a.startswith("--")}
     args = [a for a in argv if not a.startswith("--")]
     unknown = flags - {"--replace", "--fresh"}

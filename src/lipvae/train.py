@@ -87,6 +87,26 @@ class _AppendingWriter(ExperimentWriter):
         self._rows, self.metrics = rows, []
 
 
+def trim_metrics(path: Path, resumed_step: int) -> None:
+    """Drop the rows a killed run logged after its last checkpoint (step >= ``resumed_step``):
+    the resumed run logs those steps again, and they would appear twice."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows, fields = list(reader), list(reader.fieldnames or [])
+    kept = [r for r in rows if not (r.get("step") or "").strip() or float(r["step"]) < resumed_step]
+    if len(kept) == len(rows):
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(path, text.getvalue())
+    log.info("dropped %d metric rows logged after the checkpoint (step >= %d) from %s", len(rows) - len(kept),
+             resumed_step, path)
+
+
 class AppendingCSVLogger(CSVLogger):
     """Lightning's CSVLogger, except that a resumed run appends to csv/metrics.csv: the curves
     from before a stop are kept."""
@@ -216,6 +236,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
             raise UserError(f"resume: {last} does not exist, so there is nothing to resume; drop resume=true")
         check_shapes(load_state(last), build_vae(cfg.model).state_dict(), last)  # safe load, then shapes
         ckpt_path = str(last)
+        trim_metrics(run_dir / "csv" / "metrics.csv", int(torch.load(last, map_location="cpu", weights_only=True)
+                                                           .get("global_step", 0)))
         log.info("resuming from %s", last)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data, cfg.seed)
@@ -435,7 +457,8 @@ def main(cfg: DictConfig) -> float | None:
     except OSError as e:
         if e.errno not in NO_SPACE:
             raise
-        code, error = 2, f"no space left while writing {e.filename or 'a file'} ({e.strerror}); free space, then {resume_hint(run_dir)}"
+        code, error = 2, (f"no space left while writing to the run folder {run_dir} ({e.strerror}); free space, then"
+                          f" {resume_hint(run_dir)}")
     except (KeyboardInterrupt, SystemExit) as e:
         # our handler raises KeyboardInterrupt; Lightning turns it into SystemExit(1) after its graceful stop
         if _signal["received"] is None and isinstance(e, SystemExit) and e.code in (0, None):
