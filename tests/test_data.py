@@ -164,3 +164,19 @@ def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
     monkeypatch.setenv("LIPVAE_CACHE_DIR", str(tmp_path / "cache"))
     assert _download("mnist", "test") is None
     assert not (tmp_path / "cache").exists()
+
+
+def test_images_of_another_size_are_one_line_before_training(tmp_path):
+    """10x10 images in IDX files failed with a 128-line traceback once the Trainer had started."""
+    from conftest import write_idx
+
+    from lipvae.data import ImageDataModule
+    from lipvae.errors import UserError
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((20, 10, 10), dtype=np.uint8))
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(20, dtype=np.uint8))
+    dm = ImageDataModule(root=str(folder), resplit=True, download=False)
+    with pytest.raises(UserError, match=r"^data: .*t10k-images-idx3-ubyte.gz holds 10×10 images; accepted: 28×28"):
+        dm.setup()

@@ -245,3 +245,42 @@ def test_an_accelerator_that_is_not_there_is_refused():
     if not (mps is not None and mps.is_available()):
         with pytest.raises(UserError, match="trainer.accelerator: got 'mps', but MPS is not available"):
             validate(composed(*SMOKE, "trainer.accelerator=mps"))
+
+
+def test_checkpoints_for_resume_are_lightning_checkpoints_loaded_safely(tmp_path):
+    """A plain state dict as last.ckpt (a 36-line KeyError inside Lightning) and a malicious
+    best.ckpt (a 38-line UnpicklingError) are one line each (issue 27)."""
+    import pickle
+
+    from lipvae.errors import UserError
+    from lipvae.stored import load_checkpoint
+
+    plain = tmp_path / "last.ckpt"
+    torch.save({"encoder_mean.0.weight": torch.zeros(2, 2)}, plain)
+    with pytest.raises(UserError, match=r"^checkpoint: .*last.ckpt is not a Lightning checkpoint \(a plain state dict\?\)"):
+        load_checkpoint(plain)
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    evil = tmp_path / "best.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": Exploit(), "epoch": 1}))
+    with pytest.raises(UserError, match=r"^checkpoint: cannot load .*best.ckpt safely \(UnpicklingError"):
+        load_checkpoint(evil)
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"vae.w": torch.zeros(1)}, "epoch": 3, "global_step": 30}, good)
+    assert load_checkpoint(good)["epoch"] == 3
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    import os
+
+    from lipvae.runfolder import RunFolderError, claim
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", denied)
+    with pytest.raises(RunFolderError, match=r"^run: cannot write to .* \(Permission denied\); make it writable"):
+        claim(tmp_path)

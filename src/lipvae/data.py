@@ -180,6 +180,9 @@ def load_split(
     images, labels = read_idx(found[0]), read_idx(found[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise UserError(f"data: {found[0]} and {found[1]} do not match (shapes {images.shape}, {labels.shape})")
+    if images.shape[1:] != (28, 28):
+        raise UserError(f"data: {found[0]} holds {images.shape[1]}×{images.shape[2]} images; accepted: 28×28 grey-scale"
+                        " images (MNIST, Fashion-MNIST)")
     return images, labels, found[0].parent.resolve()
 
 

@@ -120,8 +120,12 @@ TRAINING_HINT = ("(two runs started in the same second with the same name?); sta
 def claim(run_dir: Path, hint: str = TRAINING_HINT):
     """Hold an exclusive lock on the folder for this process's life; refuse if another holds it
     (``hint``: what the refused command should do)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError as e:
+        raise RunFolderError(f"run: cannot write to {run_dir} ({e.strerror}); make it writable or choose another"
+                             " folder (hydra.run.dir)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -14,14 +14,28 @@ from lipvae.errors import UserError
 FROZEN = "frozen_model.pt"
 
 
-def load_state(path: Path) -> dict:
-    """A state dict from a file, never executing code from it (``weights_only=True``)."""
+def _load(path: Path):
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(
             f"checkpoint: cannot load {path} safely ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A Lightning checkpoint (the whole dict: weights, epoch, loops), never executing code from
+    the file; one line when it cannot be loaded safely or is not a Lightning checkpoint."""
+    ckpt = _load(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "epoch" not in ckpt:
+        raise UserError(f"checkpoint: {path} is not a Lightning checkpoint (a plain state dict?); resume needs the"
+                        " run's own checkpoints/last.ckpt, or drop resume=true to start afresh")
+    return ckpt
+
+
+def load_state(path: Path) -> dict:
+    """A state dict from a file, never executing code from it (``weights_only=True``)."""
+    state = _load(path)
     if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
         state = {k.removeprefix("vae."): v for k, v in state["state_dict"].items()}
     if not isinstance(state, dict):

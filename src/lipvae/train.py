@@ -34,7 +34,7 @@ from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
-from lipvae.stored import load_state
+from lipvae.stored import load_checkpoint, load_state
 from lipvae.config import (build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_name, check_overrides,
                            check_yaml_files,
                            named_fields, validate)
@@ -234,10 +234,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     if cfg.resume is True or (cfg.resume == "auto" and last.is_file()):  # checked before any data is read
         if not last.is_file():  # check_run_folder refuses this first; kept for run() called alone
             raise UserError(f"resume: {last} does not exist, so there is nothing to resume; drop resume=true")
-        check_shapes(load_state(last), build_vae(cfg.model).state_dict(), last)  # safe load, then shapes
+        resumed = load_checkpoint(last)  # safe load: one line for a foreign or malicious file
+        check_shapes(load_state(last), build_vae(cfg.model).state_dict(), last)
         ckpt_path = str(last)
-        trim_metrics(run_dir / "csv" / "metrics.csv", int(torch.load(last, map_location="cpu", weights_only=True)
-                                                           .get("global_step", 0)))
+        trim_metrics(run_dir / "csv" / "metrics.csv", int(resumed.get("global_step", 0)))
         log.info("resuming from %s", last)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data, cfg.seed)
@@ -290,7 +290,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     best = checkpoint.best_model_path
     if tr.evaluate == "best" and best and Path(best).is_file():
         # the weights of the epoch with the lowest validation loss, not those `patience` epochs on
-        state = torch.load(best, map_location="cpu", weights_only=True)
+        state = load_checkpoint(Path(best))
         module.load_state_dict(state["state_dict"])
         evaluated_epoch = int(state["epoch"]) + 1
         log.info("evaluating the best epoch (%d of %d): %s", evaluated_epoch, epochs_trained, best)
