@@ -346,3 +346,29 @@ def test_report_leaves_out_a_margins_table_without_estimates(tmp_path):
     pd.DataFrame({"index": [0, 1], "other": [1.0, 1.0]}).to_csv(run / "margins.csv", index=False)
     assert report_main([str(tmp_path)]) == 0
     assert not (tmp_path / "estimated_margins.png").exists()  # no numbers to draw
+
+
+def test_compare_evaluations_pairs_a_run_with_its_re_evaluations(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "compare", Path(__file__).parents[1] / "sweeps" / "compare_evaluations.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    run = tmp_path / "sweep" / "0_run"
+    (run / "evaluations" / "e1").mkdir(parents=True)
+    (run / "evaluations" / "e2").mkdir(parents=True)
+    pd.DataFrame({"index": [0, 1], "estimated": [2.0, 4.0]}).to_csv(run / "margins.csv", index=False)
+    (run / "results.json").write_text(json.dumps({"status": "completed", "model": {"kind": "lipschitz"},
+                                                  "config": {"enc_L": 5.0, "seed": 0},
+                                                  "estimated": {"table": "margins.csv"}}))
+    pd.DataFrame({"index": [0, 1], "estimated": [1.5, 4.5]}).to_csv(run / "evaluations" / "e1" / "margins.csv", index=False)
+    (run / "evaluations" / "e1" / "evaluation.json").write_text(json.dumps(
+        {"overrides": ["attack.warm_steps=40"], "reused_estimated_margins": False, "estimated": {"table": "margins.csv"}}))
+    (run / "evaluations" / "e2" / "evaluation.json").write_text(json.dumps(  # reused: not a new attack
+        {"overrides": ["certify.forms=[paper]"], "reused_estimated_margins": True, "estimated": {"table": "margins.csv"}}))
+    table = compare.compare(tmp_path / "sweep")
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert row.overrides == "attack.warm_steps=40" and row.run_mean == 3.0 and row.evaluation_mean == 3.0
+    assert row.difference == 0.0 and row.smaller_on == 1 and row.inputs == 2
