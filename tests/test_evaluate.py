@@ -272,3 +272,16 @@ def test_evaluate_can_be_interrupted_when_started_with_sigint_ignored(monkeypatc
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # restored
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.slow
+def test_a_corrupt_or_foreign_record_is_evaluated_afresh_and_never_replaced(run, capsys):
+    """evaluate reads any folder: an unreadable or foreign results.json is not reused (one log line)
+    and cannot be --replaced (one error line), instead of a traceback (issue 27)."""
+    for text in ("{", json.dumps({"status": "completed", "config": [1], "estimated": "x"})):
+        (run / "results.json").write_text(text)
+        assert evaluate_main([str(run), "attack.num_inputs=2", "attack.steps=5", "attack.starts=1"]) == 0
+        assert capsys.readouterr().out.startswith("evaluation written to ")
+        assert evaluate_main([str(run), "--replace"]) == 2
+        assert "holds no completed run" in capsys.readouterr().err
+        assert (run / "results.json").read_text() == text

@@ -41,7 +41,7 @@ def test_a_completed_run_is_never_overwritten(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run: {run} already holds a completed run")
     # 2. resume with a typo'd constant, or without the original preset: refused, keys named
-    proc = run_cli(*SMOKE, "attack.enabled=false", "enc_L=0", "resume=true", f"hydra.run.dir={run}")
+    proc = run_cli(*SMOKE, "attack.enabled=false", "enc_L=6", "resume=true", f"hydra.run.dir={run}")
     assert proc.returncode == 2 and "differs from the one stored" in proc.stderr and " at enc_L;" in proc.stderr
     proc = run_cli("data.resplit=true", "resume=true", f"hydra.run.dir={run}")
     last = proc.stderr.strip().splitlines()[-1]

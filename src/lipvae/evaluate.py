@@ -371,7 +371,11 @@ def _reusable(stored: dict | None, cfg: DictConfig, run_dir: Path) -> tuple[pd.D
     from lipvae.stored import complete_config
 
     # completed the way the run's config is, so that fields added since it ran compare equal
-    old = OmegaConf.to_container(complete_config(run_dir, OmegaConf.create(stored.get("config") or {})), resolve=True)
+    try:
+        old = OmegaConf.to_container(complete_config(run_dir, OmegaConf.create(stored.get("config") or {})), resolve=True)
+    except Exception as e:  # a hand-edited or foreign record: evaluate afresh rather than fail
+        log.warning("%s: the recorded config cannot be completed (%s); attacking again", run_dir, type(e).__name__)
+        return None, None
     old_attack, new_attack = dict(old.get("attack") or {}), OmegaConf.to_container(cfg.attack, resolve=True)
 
     def core(settings: dict) -> dict:
@@ -379,9 +383,33 @@ def _reusable(stored: dict | None, cfg: DictConfig, run_dir: Path) -> tuple[pd.D
 
     if core(old_attack) != core(new_attack) or old.get("seed") != cfg.seed:
         return None, None
-    table = pd.read_csv(run_dir / MARGINS_TABLE)
+    try:
+        table = pd.read_csv(run_dir / MARGINS_TABLE)
+    except (OSError, ValueError) as e:
+        log.warning("%s: %s cannot be read (%s); attacking again", run_dir, MARGINS_TABLE, type(e).__name__)
+        return None, None
+    if not {"index", "label", "estimated", "censored"} <= set(table.columns):
+        log.warning("%s: %s lacks the columns of an estimated-margin table; attacking again", run_dir, MARGINS_TABLE)
+        return None, None
     latent = stored.get("latent_attack") if old_attack.get("latent") == new_attack.get("latent") else None
     return table, latent
+
+
+def _stored_record(run_dir: Path) -> dict | None:
+    """The run's results.json, or None (with one log line) when it is missing, unreadable or not
+    a record this lipvae can reuse: the evaluation then attacks afresh."""
+    if not (run_dir / RESULTS_FILE).is_file():
+        return None
+    try:
+        stored = read_results(run_dir)
+    except (OSError, ValueError) as e:
+        log.warning("%s: results.json cannot be read (%s); nothing of it is reused", run_dir, type(e).__name__)
+        return None
+    parts = ("config", "estimated", "certified", "latent_attack")
+    if not isinstance(stored, dict) or any(stored.get(k) is not None and not isinstance(stored[k], dict) for k in parts):
+        log.warning("%s: results.json is not a record of this lipvae's schema; nothing of it is reused", run_dir)
+        return None
+    return stored
 
 
 def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: bool = False,
@@ -396,7 +424,7 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
     vae, cfg, run_dir = load_model(Path(path))
     cfg = apply_overrides(cfg, overrides)
     validate(cfg)
-    stored = read_results(run_dir) if (run_dir / RESULTS_FILE).is_file() else None
+    stored = _stored_record(run_dir)
     if replace and weights.name != FROZEN:
         raise UserError(f"--replace: {weights} is a checkpoint, not the run's evaluated model; drop --replace")
     if replace and (stored is None or stored.get("status") != "completed"):
