@@ -174,6 +174,8 @@ def label(row: dict) -> str:
         text += f" β={row['beta']:g}"
     if row.get("data") not in (None, "mnist"):
         text += f" ({row['data']})"
+    if row.get("seed") not in (None, 0):  # a grid over seeds: tell the arms' runs apart
+        text += f" s{row['seed']}"
     return text
 
 
