@@ -373,7 +373,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         if is_wandb(lg):
             summary = {f"results/{k}": v for k, v in results["metrics"].items()}
             for name, part in (("certified", ev.certified), ("estimated", ev.estimated)):
-                for k in ("mean", "median", "min", "fraction_certified", "global_margin"):
+                for k in ("mean", "median", "min", "fraction_certified", "global_margin", "holds_with_probability"):
                     if part and part.get(k) is not None:
                         summary[f"results/{name}_{k}"] = part[k]
             if ev.soundness_violations is not None:
