@@ -44,7 +44,6 @@ def validate(cfg: DictConfig) -> None:
         from lightning.pytorch.loggers import Logger
 
         target_class("logger.wandb", cfg.logger.wandb._target_, Logger, "a lightning.pytorch Logger class")
-    check_name(cfg)
     if cfg.attack.enabled and cfg.attack.get("search") == "grid":
         step, top = cfg.attack.grid_step, cfg.attack.max_radius
         _check(top / step <= MAX_GRID, "attack.grid_step", step,
@@ -59,15 +58,6 @@ def validate(cfg: DictConfig) -> None:
 
 #: The most radii the grid search may try per input (the reference's grid has 20: step 0.5 up to 10).
 MAX_GRID = 1000
-
-
-def check_name(cfg: DictConfig) -> None:
-    """The run's ``name`` becomes a folder name: no separators or ``..`` that would place the run
-    (and Hydra's files) outside ``outputs/``."""
-    name = str(cfg.name)
-    parts = Path(name.replace("\\", "/")).parts
-    _check(name.strip() != "" and "/" not in name and "\\" not in name and ".." not in parts and name != ".",
-           "name", name, "a plain folder name (no '/', '\\' or '..'); set hydra.run.dir to choose the folder")
 
 
 def _check(ok: bool, path: str, value, accepted: str) -> None:

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.stored import load_checkpoint, load_state
-from lipvae.config import (build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_name, check_overrides,
+from lipvae.config import (build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides,
                            check_yaml_files,
                            named_fields, validate)
 from lipvae.errors import UserError
@@ -495,8 +495,7 @@ def cli() -> None:
     try:
         check_yaml_files(sys.argv[1:])
         composed = check_overrides(sys.argv[1:])
-        if composed is not None:  # before Hydra creates the run folder: nothing is written for a bad value
-            check_name(composed)
+        if composed is not None:  # before Hydra creates the run folder (from `name`): nothing is written for a bad value
             validate(composed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
