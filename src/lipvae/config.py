@@ -207,10 +207,14 @@ def check_yaml_files(argv: list[str]) -> None:
             try:
                 yaml.safe_load(path.read_text())
             except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-                where = getattr(e, "problem_mark", None)
-                at = f"line {where.line + 1}, column {where.column + 1}: " if where is not None else ""
-                what = getattr(e, "problem", None) or str(e).splitlines()[0]
-                raise UserError(f"config: {path} is not valid YAML ({at}{what})") from None
+                raise UserError(f"config: {path} is not valid YAML ({yaml_problem(e)})") from None
+
+
+def yaml_problem(e: Exception) -> str:
+    """Where and what a YAML parse error is, in a few words (``line 2, column 1: expected ...``)."""
+    where = getattr(e, "problem_mark", None)
+    at = f"line {where.line + 1}, column {where.column + 1}: " if where is not None else ""
+    return at + (getattr(e, "problem", None) or str(e).splitlines()[0])
 
 
 #: Hydra flags that take no value; with any other flag the command line is left to Hydra.

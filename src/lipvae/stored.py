@@ -124,9 +124,9 @@ def load_config(path: Path) -> DictConfig:
     except FileNotFoundError:
         raise UserError(f"config: {path} does not exist; is this a lipvae run folder?") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        where = getattr(e, "problem_mark", None)
-        at = f"line {where.line + 1}: " if where is not None else ""
-        raise UserError(f"config: {path} is not valid YAML ({at}{getattr(e, 'problem', None) or type(e).__name__})") from None
+        from lipvae.config import yaml_problem
+
+        raise UserError(f"config: {path} is not valid YAML ({yaml_problem(e)})") from None
     if not isinstance(cfg, DictConfig):
         raise UserError(f"config: {path} holds a list, not a config")
     return cfg

@@ -79,12 +79,17 @@ class _AppendingWriter(ExperimentWriter):
             return
         self._record_new_keys()
         rows = self._rows + self.metrics
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(Path(self.metrics_file_path), text.getvalue())
+        write_rows(Path(self.metrics_file_path), self.metrics_keys, rows)
         self._rows, self.metrics = rows, []
+
+
+def write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """A metrics CSV replaced atomically (a signal never leaves it cut short)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def trim_metrics(path: Path, resumed_step: int) -> None:
@@ -98,11 +103,7 @@ def trim_metrics(path: Path, resumed_step: int) -> None:
     kept = [r for r in rows if not (r.get("step") or "").strip() or float(r["step"]) < resumed_step]
     if len(kept) == len(rows):
         return
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(kept)
-    atomic_write_text(path, text.getvalue())
+    write_rows(path, fields, kept)
     log.info("dropped %d metric rows logged after the checkpoint (step >= %d) from %s", len(rows) - len(kept),
              resumed_step, path)
 
