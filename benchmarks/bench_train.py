@@ -14,6 +14,11 @@ loss and gradient as three, and no 50-iteration fine-tune is needed. Training co
 the baseline's validation ELBO is reached, once at the baseline's learning rate (1e-4: the
 engineering alone) and once at 1e-3 (the CPU tier's, ``conf/tier/cpu.yaml``: the recipe too).
 
+The Stiefel-manifold layer (``model/layer=stiefel``: weights orthonormal at every step, trained
+with ``StiefelAdam``, no in-graph iteration and no projection) is timed the same way, at both
+learning rates. Data: the official MNIST split by default (``--data proxy``: the test file
+re-divided, as measured before the full MNIST was available).
+
 Both models are judged the way certificates judge them: frozen (exact polar factor), on the
 same validation images. "Certified" means every Björck layer's singular values are within
 1e-4 of 1 before freezing, so freezing does not change the trained function.
@@ -37,7 +42,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from lipvae.data import ImageDataModule
-from lipvae.networks import AOLLinear, BjorckLinear, orthonormality_error, project_bjorck_, set_bjorck
+from lipvae.module import make_optimizer
+from lipvae.networks import AOLLinear, BjorckLinear, StiefelLinear, orthonormality_error, project_bjorck_, set_bjorck
 from lipvae.vae import VAE
 from timing import Timing, machine
 
@@ -100,7 +106,7 @@ def train_steps(vae, opt, data, steps, project_iters=0) -> None:
 
 
 def step_time(vae, x, steps=10, project_iters=0) -> float:
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
+    opt = make_optimizer(vae.parameters(), 1e-4)  # Adam; StiefelAdam for the Stiefel layer
     data = batches(x, 128, torch.Generator().manual_seed(0))
     train_steps(vae, opt, data, 2, project_iters)
     start = time.perf_counter()
@@ -158,12 +164,15 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=1000)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3, help="full training runs of each, timed")
+    ap.add_argument("--data", choices=("official", "proxy"), default="official",
+                    help="the official MNIST split, or the test file re-divided (the proxy used before)")
     args = ap.parse_args()
     os.environ.setdefault("LIPVAE_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    dm = ImageDataModule(resplit=True)
+    dm = ImageDataModule(resplit=args.data == "proxy")
+    dm.setup()
     x_train, x_val = dm.split("train").images, dm.split("val").images
     print(machine())
-    print(f"data: {len(x_train)} train / {len(x_val)} val images (MNIST test split resplit)")
+    print(f"data: {len(x_train)} train / {len(x_val)} val images ({dm.info.split} split)")
 
     def ours_vae() -> VAE:
         vae = VAE()
@@ -176,9 +185,12 @@ def main() -> None:
     t_ours_plain = step_time(VAE(), x_train)
     torch.manual_seed(0)
     t_ours_step = step_time(ours_vae(), x_train, project_iters=args.project_iters)
+    torch.manual_seed(0)
+    t_stiefel_step = step_time(VAE(layer=StiefelLinear), x_train)
     print(f"step (batch 128): reference at 3 iterations {t_ref_step:.3f} s, lipvae at 3 {t_ours_plain:.3f} s "
           f"({t_ref_step / t_ours_plain:.2f}x), lipvae at {args.iters} + projection ({args.project_iters} it) "
-          f"{t_ours_step:.3f} s ({t_ref_step / t_ours_step:.2f}x)")
+          f"{t_ours_step:.3f} s ({t_ref_step / t_ours_step:.2f}x), Stiefel layer {t_stiefel_step:.3f} s "
+          f"({t_ref_step / t_stiefel_step:.2f}x)")
 
     def baseline():  # train at 3 iterations, fine-tune at 50 (lr 1e-5), freeze
         torch.manual_seed(0)
@@ -193,14 +205,15 @@ def main() -> None:
         train_steps(ref, opt, data, args.finetune_steps)
         return time.perf_counter() - start, ref
 
-    def lipvae(target, lr):  # args.iters iterations + projection after every step, until the target ELBO
+    def lipvae(target, lr, layer="bjorck"):  # until the target ELBO: Björck (args.iters + projection) or Stiefel
         torch.manual_seed(0)
-        ours = ours_vae()
-        opt = torch.optim.Adam(ours.parameters(), lr=lr)
+        ours = ours_vae() if layer == "bjorck" else VAE(layer=StiefelLinear)
+        project = args.project_iters if layer == "bjorck" else 0
+        opt = make_optimizer(ours.parameters(), lr)  # Adam, or StiefelAdam for the Stiefel layer
         data = batches(x_train, 128, torch.Generator().manual_seed(1))
         start, steps, evals, reached = time.perf_counter(), 0, 0.0, None
         while steps < args.max_steps:
-            train_steps(ours, opt, data, args.eval_every, args.project_iters)
+            train_steps(ours, opt, data, args.eval_every, project)
             steps += args.eval_every
             t_eval = time.perf_counter()
             elbo = frozen_val_elbo(ours, x_val)
@@ -211,26 +224,32 @@ def main() -> None:
         return time.perf_counter() - start - evals, ours, steps, reached
 
     # every run is seeded, so each repeat trains the same steps: only the time varies
-    ref_times, ours_times, fast_times = [], [], []
+    ref_times, ours_times, fast_times, stiefel_times, stiefel_fast_times = [], [], [], [], []
     for k in range(args.repeats):
         t_ref, ref = baseline()
         ref_err, target = orthonormality_error(ref), frozen_val_elbo(ref, x_val)
         ref_times.append(t_ref)
         print(f"repeat {k + 1}/{args.repeats}: reference {args.train_steps} steps at 3 it + {args.finetune_steps} at"
               f" 50 it: {t_ref:.1f} s, frozen val ELBO {target:.2f}, max |σ−1| {ref_err:.1e}", flush=True)
-        for lr, times in ((1e-4, ours_times), (args.fast_lr, fast_times)):
-            t_ours, trained, steps, reached = lipvae(target, lr)
+        runs = (("bjorck", 1e-4, ours_times), ("bjorck", args.fast_lr, fast_times),
+                ("stiefel", 1e-4, stiefel_times), ("stiefel", args.fast_lr, stiefel_fast_times))
+        for layer, lr, times in runs:
+            t_ours, trained, steps, reached = lipvae(target, lr, layer)
             times.append(t_ours)
-            if lr == 1e-4:
+            if lr == 1e-4 and layer == "bjorck":
                 ours, ours_steps = trained, steps
             status = f"reached {reached:.2f}" if reached is not None else f"did NOT reach the target in {steps} steps"
-            print(f"  lipvae, lr {lr:g}: {steps} steps at {args.iters} it + projection ({args.project_iters} it): "
+            how = f"at {args.iters} it + projection ({args.project_iters} it)" if layer == "bjorck" else "(Stiefel, StiefelAdam)"
+            print(f"  lipvae, lr {lr:g}: {steps} steps {how}: "
                   f"{t_ours:.1f} s (evaluation excluded), {status}, max |σ−1| {orthonormality_error(trained):.1e}",
                   flush=True)
     t_ref, t_ours, t_fast = Timing(ref_times), Timing(ours_times), Timing(fast_times)
+    t_st, t_st_fast = Timing(stiefel_times), Timing(stiefel_fast_times)
     print(f"time to a certified model: reference {t_ref}; lipvae at lr 1e-4 {t_ours}, ratio of medians "
           f"{t_ref.median / t_ours.median:.2f}x; lipvae at lr {args.fast_lr:g} {t_fast}, ratio of medians "
-          f"{t_ref.median / t_fast.median:.2f}x", flush=True)
+          f"{t_ref.median / t_fast.median:.2f}x; Stiefel layer at lr 1e-4 {t_st}, ratio of medians "
+          f"{t_ref.median / t_st.median:.2f}x; Stiefel at lr {args.fast_lr:g} {t_st_fast}, ratio of medians "
+          f"{t_ref.median / t_st_fast.median:.2f}x", flush=True)
 
     # --- beyond the paper: the iteration-free AOL layer on the same step budget
     torch.manual_seed(0)
@@ -251,8 +270,11 @@ def main() -> None:
     rows = [
         ("time to certified model (s), median", t_ref.median, t_ours.median),
         (f"the same, lipvae at lr {args.fast_lr:g}", t_ref.median, t_fast.median),
+        ("the same, Stiefel layer at lr 1e-4", t_ref.median, t_st.median),
+        (f"the same, Stiefel layer at lr {args.fast_lr:g}", t_ref.median, t_st_fast.median),
         ("step time, batch 128, 3 it (s)", t_ref_step, t_ours_plain),
         (f"lipvae at {args.iters} it + projection", t_ref_step, t_ours_step),
+        ("Stiefel layer (StiefelAdam)", t_ref_step, t_stiefel_step),
         ("eval forwards/s (Björck model)", forwards_per_second(reference_vae(), x_val), forwards_per_second(VAE(), x_val)),
         ("eval forwards/s (frozen)", forwards_per_second(copy.deepcopy(ref).freeze(), x_val), forwards_per_second(frozen, x_val)),
         ("peak RSS, fresh process (MiB)", mem_ref, mem_ours),

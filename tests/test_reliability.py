@@ -89,7 +89,7 @@ BAD_INPUTS = [
     (["attack/latent=soft", "attack.latent.penalty=-1"], "attack.latent.penalty: got -1.0; accepted: a number >= 0"),
     (["attack/latent=soft", "attack.latent.lr=0"], "attack.latent.lr: got 0.0; accepted: a positive number"),
     (["model.layer=cayley"], "model.layer: got 'cayley'; accepted: bjorck, aol"),
-    (["model/layer=cayley"], "model/layer: got 'cayley'; accepted: aol, bjorck"),
+    (["model/layer=cayley"], "model/layer: got 'cayley'; accepted: aol, bjorck, stiefel, torchlip"),
     (["model.layer._target_=torch.nn.Linear"],
      "model.layer._target_: got 'torch.nn.Linear'; accepted: a subclass of lipvae.networks.LipschitzLinear"),
     (["model.layer._target_=no.such.Layer"], "model.layer: cannot build no.such.Layer ("),

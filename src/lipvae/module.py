@@ -69,7 +69,67 @@ class VAEModule(L.LightningModule):
             self.log("test/log_likelihood", ll.mean(), batch_size=len(x))
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return make_optimizer(self.parameters(), self.lr)
+
+
+def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
+    """Adam; ``StiefelAdam`` when some weight lives on the Stiefel manifold (``StiefelLinear``)."""
+    params = list(params)
+    if any(_on_manifold(p) for p in params):
+        return StiefelAdam(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _on_manifold(p: torch.Tensor) -> bool:
+    return hasattr(p, "manifold") and type(p).__name__ == "ManifoldParameter"
+
+
+class StiefelAdam(torch.optim.Adam):
+    """Adam with its weights on the Stiefel manifold kept there: each manifold weight's gradient is
+    projected onto the tangent space at the weight (geoopt's ``egrad2rgrad``), Adam takes its
+    step with per-element moments, and the result is retracted onto the manifold by QR (geoopt's
+    ``retr``, computed by ``qr_retract``). Other parameters take Adam's steps unchanged.
+
+    Not geoopt's ``RiemannianAdam``: that one keeps *one* second moment per matrix (the manifold's
+    inner product), so each step moves a whole n×p weight by about ``lr`` in Frobenius norm, where
+    Adam moves every element by about ``lr``: √(np) times smaller (about 600× for 784×512). At the
+    ELBO's learning rates it barely learned: 36 steps on MNIST (widths 64-64, lr 1e-3) took the
+    training loss from 40 to 5.4 nats with it, to −548 with the Björck layer and to −550 with
+    this. The momentum is not transported between tangent spaces: the weights move little per
+    step, and each new gradient is projected at the new point.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:  # Lightning passes the forward-backward as a closure
+            with torch.enable_grad():
+                loss = closure()
+        manifold = [p for group in self.param_groups for p in group["params"] if _on_manifold(p)]
+        for p in manifold:
+            if p.grad is not None:
+                p.grad.copy_(p.manifold.egrad2rgrad(p, p.grad))
+        super().step()
+        for p in manifold:  # back on the manifold: the Q factor of the updated weight
+            p.copy_(qr_retract(p.detach()))
+        return loss
+
+
+def qr_retract(w: torch.Tensor) -> torch.Tensor:
+    """The Q factor (positive diagonal R) of a tall ``w`` near the Stiefel manifold, i.e. geoopt's
+    QR retraction ``EuclideanStiefel.retr``, computed as ``w R⁻¹`` with ``Rᵀ R = wᵀw`` (Cholesky
+    QR): the same matrix, from a Gram product, a p×p Cholesky and a triangular solve, 1.4–1.6
+    times faster on a CPU than Householder QR at 784×512 and 512×512. Cholesky QR loses
+    orthogonality as cond(w)², harmless here (an Adam step from an orthonormal matrix leaves
+    cond ≈ 1); where the Cholesky fails, or on Apple's MPS, geoopt's QR does it."""
+    if w.device.type != "mps":
+        r, info = torch.linalg.cholesky_ex(w.mT @ w, upper=True)
+        if int(info) == 0:
+            return torch.linalg.solve_triangular(r, w, upper=True, left=False)
+    import geoopt
+
+    point = w.cpu() if w.device.type == "mps" else w  # MPS has no QR
+    return geoopt.EuclideanStiefel().retr(point, torch.zeros_like(point)).to(w.device)
 
 
 class SaveOnException(OnExceptionCheckpoint):

@@ -201,6 +201,71 @@ class AOLLinear(LipschitzLinear):
         return w * d
 
 
+class StiefelLinear(LipschitzLinear):
+    """``y = scale · W x + b`` with ``W`` a point of the Stiefel manifold, orthonormal at every step.
+
+    The weight is a ``geoopt.ManifoldParameter`` on ``EuclideanStiefel``. Trained with
+    ``lipvae.module.StiefelAdam`` (which ``VAEModule`` picks when a model holds such a weight):
+    the gradient is projected onto the tangent space, Adam steps, and a QR retraction puts the
+    weight back on the manifold. The forward pass is a plain linear layer, with no in-graph
+    iteration, and freezing changes nothing. geoopt's matrices are tall (``n ≥ p``, orthonormal
+    columns), so a wide layer (``out < in``) stores ``Wᵀ``: the parameter's shape is then
+    ``(in, out)``. Lipschitz constant: ``scale · ‖W‖₂ = scale`` up to float rounding (measured,
+    as for every layer).
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 1.0, bias: bool = True) -> None:
+        super().__init__()
+        import geoopt
+
+        self.in_features, self.out_features, self.scale = in_features, out_features, float(scale)
+        self.transposed = out_features < in_features
+        shape = (in_features, out_features) if self.transposed else (out_features, in_features)
+        init = torch.empty(shape)
+        nn.init.orthogonal_(init)
+        self.weight = geoopt.ManifoldParameter(init, manifold=geoopt.EuclideanStiefel())
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.weight.as_subclass(torch.Tensor)  # a plain tensor: no manifold bookkeeping downstream
+        return w.mT if self.transposed else w
+
+
+class TorchlipLinear(LipschitzLinear):
+    """A layer of deel-torchlip (``pip install lipvae[torchlip]``), by default its
+    ``SpectralLinear`` (power-iteration spectral normalisation, then Björck to tolerance
+    ``eps_bjorck``), built 1-Lipschitz and scaled by ``scale`` like every ``LipschitzLinear``.
+
+    deel-torchlip's normalisation stops at a tolerance, so ``‖W‖₂`` may exceed 1 slightly:
+    certificates use the measured constant ``scale · ‖W‖₂`` of the weight the forward pass uses,
+    never the nominal one alone. Freezing stores that weight in a plain layer.
+    """
+
+    def __init__(self, in_features: int, out_features: int, scale: float = 1.0, bias: bool = True,
+                 kind: str = "SpectralLinear", **kwargs) -> None:
+        super().__init__()
+        try:
+            from deel import torchlip
+        except ImportError:
+            raise ImportError(
+                "deel-torchlip is not installed: pip install 'lipvae[torchlip]'"
+                " (or pip install deel-torchlip), or choose model/layer=bjorck|aol|stiefel"
+            ) from None
+        self.in_features, self.out_features, self.scale, self.kind = in_features, out_features, float(scale), kind
+        self.inner = getattr(torchlip, kind)(in_features, out_features, bias=bias, k_coef_lip=1.0, **kwargs)
+        self.bias = self.inner.bias
+
+    @property
+    def weight(self) -> torch.Tensor:  # the raw parameter (device and dtype for ``frozen``)
+        return self.inner.parametrizations.weight.original
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.inner.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, in_features={self.in_features}, out_features={self.out_features}, scale={self.scale:.4g}"
+
+
 #: Lipschitz constant of each activation (Euclidean norm), for ``measured_lipschitz``.
 ACTIVATION_LIPSCHITZ: dict[type[nn.Module], float] = {
     GroupSort2: 1.0,
@@ -275,12 +340,14 @@ def project_bjorck_(module: nn.Module, iters: int) -> None:
 
 
 def orthonormality_error(module: nn.Module) -> float:
-    """``max |σ_i(orth(W)) − 1|`` over the Björck layers below ``module`` (0 when none)."""
+    """``max |σ_i(W) − 1|`` over the layers below ``module`` that are meant to be orthonormal
+    (Björck's ``orth(W)``, the Stiefel layers' weights); 0 when there are none."""
     worst = 0.0
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, BjorckLinear):
-                s = torch.linalg.svdvals(cpu_float64(m.orthonormal_weight()))
+            if isinstance(m, (BjorckLinear, StiefelLinear)):
+                w = m.orthonormal_weight() if isinstance(m, BjorckLinear) else m.effective_weight()
+                s = torch.linalg.svdvals(cpu_float64(w))
                 worst = max(worst, float((s - 1).abs().max()))
     return worst
 

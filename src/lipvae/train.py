@@ -52,7 +52,10 @@ log = logging.getLogger("lipvae")
 
 
 def sweep_group() -> str | None:
-    """The W&B group shared by the runs of one multirun: named after its sweep folder."""
+    """The W&B group shared by the runs of one multirun: named after its sweep folder (None for
+    a single run, and for ``run()`` called outside Hydra)."""
+    if not HydraConfig.initialized():
+        return None
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return None
@@ -149,13 +152,14 @@ def build_wandb_logger(wb: DictConfig, **run) -> Logger:
 
 
 def run_context(loggers) -> dict:
-    """What a reader of the results needs to redo the run: command, overrides, code, W&B id."""
-    hc = HydraConfig.get()
+    """What a reader of the results needs to redo the run: command, overrides, code, W&B id
+    (outside Hydra, as when ``run()`` is called from Python, no overrides and no experiment)."""
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
     wandb_ids = [lg.experiment.id for lg in loggers if is_wandb(lg)]
     return {
         "command": " ".join([_program(), *sys.argv[1:]]),
-        "overrides": list(hc.overrides.task),
-        "experiment": hc.runtime.choices.get("experiment"),
+        "overrides": list(hc.overrides.task) if hc else [],
+        "experiment": hc.runtime.choices.get("experiment") if hc else None,
         "code": code_version(),
         "wandb_run_id": wandb_ids[0] if wandb_ids else None,
     }
