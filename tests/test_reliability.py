@@ -93,7 +93,7 @@ BAD_INPUTS = [
     (["model.layer._target_=torch.nn.Linear"],
      "model.layer._target_: got 'torch.nn.Linear'; accepted: a subclass of lipvae.networks.LipschitzLinear"),
     (["model.layer._target_=no.such.Layer"], "model.layer: cannot build no.such.Layer ("),
-    (["+model.layer.colour=red"], "model.layer: cannot build lipvae.networks.BjorckLinear (TypeError"),
+    (["+model.layer.colour=red"], "model.layer: cannot build lipvae.networks.StiefelLinear (TypeError"),
     (["logger.wandb._target_=collections.OrderedDict"],
      "logger.wandb._target_: got 'collections.OrderedDict'; accepted: a lightning.pytorch Logger class"),
     (["data.root=/nonexistent/lipvae"], "data.root: got '/nonexistent/lipvae', which does not exist"),
