@@ -21,7 +21,6 @@ two layers running side by side see the same machine.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing as mp
 import os
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench_train import batches, frozen_val_elbo, step_time, train_steps
 from timing import cores, machine
 
 LAYERS = ("bjorck", "aol", "stiefel", "torchlip")
@@ -57,24 +57,6 @@ def make_vae(name: str, hidden: tuple[int, ...], lip: float):
     return VAE(hidden=hidden, encoder_mean_L=lip, encoder_std_L=lip, decoder_L=lip, layer=layer), project
 
 
-def step(vae, opt, x, project: int) -> None:
-    from lipvae.networks import project_bjorck_
-
-    loss = -vae.elbo(x)["elbo"].mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if project:
-        project_bjorck_(vae, project)
-
-
-@torch.no_grad()
-def frozen_elbo(vae, x: torch.Tensor) -> float:
-    frozen = copy.deepcopy(vae).freeze().eval()
-    torch.manual_seed(123)
-    return float(torch.cat([frozen.elbo(c)["elbo"] for c in torch.split(x, 1000)]).mean())
-
-
 def evaluation_config(attack_inputs: int):
     from hydra import compose, initialize_config_module
 
@@ -96,32 +78,24 @@ def measure(name: str, args: argparse.Namespace, threads: int) -> dict:
     dm = ImageDataModule(resplit=False)
     dm.setup()
     x_train, x_val = dm.split("train").images, dm.split("val").images
-    gen = torch.Generator().manual_seed(1)
-    order = torch.randperm(len(x_train), generator=gen)
-    batches = [x_train[i] for i in order.split(128) if len(i) == 128]
-
     step_times = []
     for repeat in range(args.repeats):
         torch.manual_seed(repeat)
         vae, project = make_vae(name, hidden, args.L)
-        opt = make_optimizer(vae.parameters(), args.lr)
-        for i in range(args.steps + 3):
-            if i == 3:
-                start = time.perf_counter()
-            step(vae, opt, batches[i], project)
-        step_times.append((time.perf_counter() - start) / args.steps)
+        step_times.append(step_time(vae, x_train, args.steps, project))
 
     torch.manual_seed(0)
     vae, project = make_vae(name, hidden, args.L)
     opt = make_optimizer(vae.parameters(), args.lr)
+    data = batches(x_train, 128, torch.Generator().manual_seed(1))
     curve, trained, steps = [], 0.0, 0
     for budget in sorted(args.budgets):
         while trained < budget * 60:
             start = time.perf_counter()
-            step(vae, opt, batches[steps % len(batches)], project)
+            train_steps(vae, opt, data, 1, project)
             trained += time.perf_counter() - start
             steps += 1
-        curve.append({"minutes": budget, "steps": steps, "val_elbo": frozen_elbo(vae, x_val)})
+        curve.append({"minutes": budget, "steps": steps, "val_elbo": frozen_val_elbo(vae, x_val)})
         print(f"{name}: {budget} min, {steps} steps, frozen val ELBO {curve[-1]['val_elbo']:.2f}", flush=True)
 
     vae.freeze().eval()

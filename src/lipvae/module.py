@@ -7,6 +7,7 @@ lower learning rate until the epoch's training loss changes by at most ``tol`` n
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -75,13 +76,16 @@ class VAEModule(L.LightningModule):
 def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
     """Adam; ``StiefelAdam`` when some weight lives on the Stiefel manifold (``StiefelLinear``)."""
     params = list(params)
-    if any(_on_manifold(p) for p in params):
+    if any(_on_stiefel(p) for p in params):
         return StiefelAdam(params, lr=lr)
     return torch.optim.Adam(params, lr=lr)
 
 
-def _on_manifold(p: torch.Tensor) -> bool:
-    return hasattr(p, "manifold") and type(p).__name__ == "ManifoldParameter"
+def _on_stiefel(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a geoopt weight on a Stiefel manifold (geoopt, slow to import, is looked
+    up only if something imported it: without it no such weight exists)."""
+    geoopt = sys.modules.get("geoopt")
+    return geoopt is not None and isinstance(getattr(p, "manifold", None), geoopt.Stiefel)
 
 
 class StiefelAdam(torch.optim.Adam):
@@ -105,7 +109,7 @@ class StiefelAdam(torch.optim.Adam):
         if closure is not None:  # Lightning passes the forward-backward as a closure
             with torch.enable_grad():
                 loss = closure()
-        manifold = [p for group in self.param_groups for p in group["params"] if _on_manifold(p)]
+        manifold = [p for group in self.param_groups for p in group["params"] if _on_stiefel(p)]
         for p in manifold:
             if p.grad is not None:
                 p.grad.copy_(p.manifold.egrad2rgrad(p, p.grad))

@@ -230,6 +230,10 @@ class StiefelLinear(LipschitzLinear):
         w = self.weight.as_subclass(torch.Tensor)  # a plain tensor: no manifold bookkeeping downstream
         return w.mT if self.transposed else w
 
+    def orthonormal_weight(self) -> torch.Tensor:
+        """The weight, orthonormal by construction (the name ``BjorckLinear`` uses for ``orth(W)``)."""
+        return self.effective_weight()
+
 
 class TorchlipLinear(LipschitzLinear):
     """A layer of deel-torchlip (``pip install lipvae[torchlip]``), by default its
@@ -253,11 +257,14 @@ class TorchlipLinear(LipschitzLinear):
             ) from None
         self.in_features, self.out_features, self.scale, self.kind = in_features, out_features, float(scale), kind
         self.inner = getattr(torchlip, kind)(in_features, out_features, bias=bias, k_coef_lip=1.0, **kwargs)
-        self.bias = self.inner.bias
 
     @property
     def weight(self) -> torch.Tensor:  # the raw parameter (device and dtype for ``frozen``)
         return self.inner.parametrizations.weight.original
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # the inner layer's, held once (not a second state-dict key)
+        return self.inner.bias
 
     def effective_weight(self) -> torch.Tensor:
         return self.inner.weight
@@ -346,8 +353,7 @@ def orthonormality_error(module: nn.Module) -> float:
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, (BjorckLinear, StiefelLinear)):
-                w = m.orthonormal_weight() if isinstance(m, BjorckLinear) else m.effective_weight()
-                s = torch.linalg.svdvals(cpu_float64(w))
+                s = torch.linalg.svdvals(cpu_float64(m.orthonormal_weight()))
                 worst = max(worst, float((s - 1).abs().max()))
     return worst
 
