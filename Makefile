@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 geoopt==0.5.1 deel-torchlip==1.0.5
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 geoopt==0.5.1 deel-torchlip==1.0.5 pytest-xdist==3.8.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 

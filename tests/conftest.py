@@ -1,4 +1,6 @@
 import gzip
+import shutil
+import json
 import os
 import socket
 import struct
@@ -11,13 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import lipvae.schema  # noqa: F401  (registers the config schemas for in-process composition)
-import torch
-
 PROJECT = Path(__file__).resolve().parents[1]
-CONF = PROJECT / "src" / "lipvae" / "conf"
+CONF = PROJECT / "conf"
+# torch, Lightning and lipvae are imported where tests run (in pytest-xdist's workers), not here:
+# the process that hands out the tests would spend ~10 s importing them for nothing.
 
-torch.set_num_threads(2)
+
+@cache
+def _test_process() -> None:
+    import lipvae.schema  # noqa: F401  (registers the config schemas for in-process composition)
+    import torch
+
+    # the cores shared among pytest-xdist's workers (one per core under -n auto): one thread each then
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 2) // workers)))
 
 # Seven-segment digits (segments a..g as line segments in a unit box, y downwards): each
 # synthetic image is one of them, jittered, shifted and drawn with a soft stroke, so the
@@ -118,6 +127,13 @@ class _Lazy:
 needs_real_mnist = _Lazy()
 
 
+def every_kth_fast(cases: list, k: int, ids: list[str] | None = None) -> list:
+    """Parameters for ``parametrize``: every ``k``-th case (a spread of the kinds) in the fast subset,
+    the others marked slow (run by the full suite)."""
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), id=None if ids is None else ids[i],
+                         marks=() if i % k == 0 else pytest.mark.slow) for i, c in enumerate(cases)]
+
+
 def pytest_collection_modifyitems(config, items):
     if any(item.get_closest_marker("real_mnist") for item in items):
         found, why = real_mnist()
@@ -133,6 +149,9 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _seed():
+    import torch
+
+    _test_process()
     torch.manual_seed(0)
 
 
@@ -142,8 +161,12 @@ def synthetic_root() -> Path:
     return synthetic_data_dir()
 
 
-def run_cli(*args: str, module: str = "lipvae.train", env: dict | None = None, cwd=None, timeout=300):
-    """Run an entry point as a user would, on the synthetic data; returns the CompletedProcess."""
+def run_cli(*args: str, module: str = "lipvae.train", env: dict | None = None, cwd=None, process: bool = False,
+            timeout=300):
+    """Run an entry point as a user would, on the synthetic data; returns the CompletedProcess.
+    In this process (``run_main``) unless ``process``: where a process is the thing under test."""
+    if not process:
+        return run_main(*args, module=module, env=env, cwd=cwd)
     full_env = {
         **os.environ,
         "LIPVAE_DATA_DIR": str(synthetic_data_dir()),
@@ -158,3 +181,97 @@ def run_cli(*args: str, module: str = "lipvae.train", env: dict | None = None, c
         cwd=cwd or PROJECT,
         timeout=timeout,
     )
+
+
+def run_main(*args: str, module: str = "lipvae.train", env: dict | None = None, cwd=None):
+    """Run an entry point's ``cli()``/``main()`` in this process, as ``run_cli`` does in a new one:
+    same arguments, environment and working folder, and the same CompletedProcess back (exit
+    status, stdout, stderr; an exception that escapes is a traceback on stderr and status 1).
+    For the tests of what a command does, not of what a process does (signals, DDP, the wheel):
+    it saves the ~8 s of importing torch and Lightning each time."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import signal
+    import traceback
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    entry = importlib.import_module(module)
+    entry = getattr(entry, "cli", None) or entry.main
+    full_env = {"LIPVAE_DATA_DIR": str(synthetic_data_dir()), "WANDB_MODE": "offline", **(env or {})}
+    saved_env = {k: os.environ.get(k) for k in full_env}
+    saved_argv, saved_cwd = sys.argv, os.getcwd()
+    saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    os.environ.update(full_env)
+    sys.argv = [f"{module.replace('.', '/')}.py", *args]
+    os.chdir(cwd or PROJECT)
+    GlobalHydra.instance().clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                entry()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Exception:  # noqa: BLE001 (what a process would print before dying)
+                traceback.print_exc()
+                code = 1
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+        for s, handler in saved_signals.items():
+            signal.signal(s, handler)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
+SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false", "trainer.enable_progress_bar=false"]
+
+
+def shared_folder(tmp_path_factory, name: str, build) -> Path:
+    """A folder made once per test session by ``build(folder)`` and shared by the session's
+    pytest-xdist workers: the first to ask builds it while the others wait, then all read it."""
+    import fcntl
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's, either way
+    folder = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / f"{name}.complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            build(folder)
+            (shared / f"{name}.complete").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory) -> dict:
+    """The test session's trained models, one smoke multirun shared by every test that reads a
+    finished run (copy a folder before changing it): Lipschitz and standard VAEs, each with learned
+    and with fixed σ, keyed by (model kind, σ mode)."""
+
+    def build(root: Path) -> None:
+        proc = run_main(*SMOKE, "model=lipschitz,standard", "model.encoder_std.mode=learned,fixed",
+                        f"hydra.sweep.dir={root}", "-m")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    out = {}
+    for results in shared_folder(tmp_path_factory, "smoke_runs", build).glob("*/results.json"):
+        r = json.loads(results.read_text())
+        out[(r["model"]["kind"], r["model"]["encoder_std"]["mode"])] = results.parent
+    assert len(out) == 4
+    return out

@@ -56,6 +56,7 @@ def test_exact_law_ceiling_matches_the_closed_form_in_one_dimension():
     assert exact_law_ceiling(one, a, b, 2.0, r, 0.8) == exact_law_ceiling(one, a, b, 0.0, r, 0.8)
 
 
+@pytest.mark.slow
 def test_largest_slope_in_balls_is_a_lower_bound_that_search_raises():
     """On f(z) = sigmoid(w·z) the largest slope on a ball is σ′ at the point nearest w·z = 0:
     ¼‖w‖ when the ball reaches that hyperplane, less otherwise; sampling plus ascent comes within

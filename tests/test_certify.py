@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from conftest import every_kth_fast
 import torch
 
-from conftest import run_cli
 from lipvae.certify.__main__ import main as certify_main
 from lipvae.certify.bounds import global_margin, margin
 from lipvae.stored import load_model, load_state
@@ -16,27 +17,10 @@ from lipvae.errors import UserError
 
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Two tiny trained Lipschitz VAEs (learned and fixed σ) and a standard one, one multirun."""
-    root = tmp_path_factory.mktemp("sweep")
-    proc = run_cli(
-        "experiment=smoke",
-        "data.resplit=true",
-        "logger.wandb.enabled=false",
-        "trainer.enable_progress_bar=false",
-        "model=lipschitz,standard",
-        "model.encoder_std.mode=learned,fixed",
-        f"hydra.sweep.dir={root}",
-        "-m",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = {}
-    for results in root.glob("*/results.json"):
-        r = json.loads(results.read_text())
-        out[(r["model"]["kind"], r["model"]["encoder_std"]["mode"])] = results.parent
-    assert len(out) == 4
-    return out
+@pytest.fixture
+def runs(smoke_runs):
+    """Two tiny trained Lipschitz VAEs (learned and fixed σ) and two standard ones."""
+    return smoke_runs
 
 
 @pytest.mark.slow
@@ -296,7 +280,7 @@ def _coupled_bound(t, tau, damages, a, b, c, m, r, eps):
     return noise + tail
 
 
-@pytest.mark.parametrize("c", [1.25, 0.0])
+@pytest.mark.parametrize("c", every_kth_fast([1.25, 0.0], 2))
 def test_coupled_margin_is_the_largest_radius_the_bound_certifies(c):
     """Brute force: for every threshold on a fine grid, bisect the largest t whose bound stays
     below 1 − p; the closed form must equal the best of them (never above)."""
@@ -367,7 +351,7 @@ def _holds_against_the_worst_delta(vae, x, radius, r, p, gen, n=10_000):
     assert (robust_probability(vae, x, delta, r, n, gen).min(dim=1).values < p).all()
 
 
-@pytest.mark.parametrize("std_mode", ["learned", "bounded"])
+@pytest.mark.parametrize("std_mode", every_kth_fast(["learned", "bounded"], 2))
 def test_cantelli_certificate_holds_against_the_worst_delta_found(std_mode):
     """As for the coupled form: at the Cantelli certified radius, which here exceeds the tight
     form's on every input, the most damaging δ an attack finds leaves P(‖g(z′) − g(z)‖ ≤ r) above

@@ -115,6 +115,7 @@ def test_data_schema_covers_every_argument_of_the_data_module():
     assert {f.name for f in dataclasses.fields(ImageDataConfig)} - {"_target_"} == arguments
 
 
+@pytest.mark.slow
 def test_data_group_builds_its_target_old_records_included():
     from omegaconf import OmegaConf
 

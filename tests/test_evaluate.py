@@ -7,18 +7,13 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_cli
 from lipvae.evaluate import main as evaluate_main
 from lipvae.evaluate import soundness_violations
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("trained") / "run"
-    proc = run_cli("experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false",
-                   "trainer.enable_progress_bar=false", f"hydra.run.dir={run}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
+@pytest.fixture
+def trained(smoke_runs):
+    return smoke_runs[("lipschitz", "learned")]
 
 
 @pytest.fixture
@@ -138,6 +133,7 @@ def test_missing_run_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("error: run:")
 
 
+@pytest.mark.slow
 def test_latent_attack_summary_says_how_far_toward_the_target(tmp_path):
     """No budget moves nothing; a budget large enough to replace the input reaches the target
     (share ≈ 1, every reconstruction nearer the target's than its own)."""

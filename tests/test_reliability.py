@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, PROJECT, run_cli, synthetic_data_dir
+from conftest import CONF, PROJECT, every_kth_fast, run_cli, synthetic_data_dir
 from lipvae.config import build_callbacks, check_overrides, validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
@@ -103,7 +103,7 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("overrides,message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+@pytest.mark.parametrize("overrides,message", every_kth_fast(BAD_INPUTS, 7, ids=[" ".join(o) for o, _ in BAD_INPUTS]))
 def test_bad_input_names_field_value_and_accepted(overrides, message):
     with pytest.raises(UserError) as err:
         validate(check_overrides(list(overrides)))  # types at composition, constraints in validate
@@ -125,10 +125,10 @@ def test_defaults_and_presets_are_valid():
 
 @pytest.mark.parametrize(
     "args,fragment",
-    [
+    every_kth_fast([
         (["model.hidden=[31,32]"], "error: model.hidden: got [31, 32]; accepted: even widths"),
         (["certify.p=[2]"], "error: certify.p: got [2.0]; accepted"),
-    ],
+    ], 2),
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, fragment):
     proc = run_cli(*SMOKE, *args, f"hydra.run.dir={tmp_path}")
@@ -153,7 +153,7 @@ def test_a_run_name_that_leaves_outputs_writes_nothing(tmp_path):
 
 @pytest.mark.parametrize(
     "argv,message",
-    [
+    every_kth_fast([
         (["model.lattent_dim=3"], "model.lattent_dim: no such field; did you mean model.latent_dim?"),
         (["model=standard", "enc_l=5"], "enc_l: no such field; did you mean enc_L?"),
         (["-m", "data.limitt=4,8"], "data.limitt: no such field; did you mean data.limit?"),
@@ -161,7 +161,7 @@ def test_a_run_name_that_leaves_outputs_writes_nothing(tmp_path):
         (["experiment=fig55"], "experiment: got 'fig55'; accepted: fig3, fig3_cpu, fig3_official, fig3_quick, fig4,"),
         (["model.hidden=[1"], "model.hidden=[1: cannot be read as an override"),
         (["certify.zzz=1"], "certify.zzz: no such field; no field of that name"),
-    ],
+    ], 3),
 )
 def test_mistyped_override_is_one_line_naming_the_closest_field(argv, message):
     with pytest.raises(UserError) as err:
@@ -180,14 +180,14 @@ def test_callbacks_group_builds_lightning_callbacks():
 
 @pytest.mark.parametrize(
     "overrides,message",
-    [
+    every_kth_fast([
         (["+callbacks.x=3"], "callbacks.x: got 3; accepted: a mapping with _target_"),
         (["+callbacks.x._target_=no.such.Class"], "callbacks.x: cannot build no.such.Class ("),
         (["+callbacks.x._target_=lightning.pytorch.callbacks.EarlyStopping"],
          "callbacks.x: cannot build lightning.pytorch.callbacks.EarlyStopping (TypeError: "),
         (["+callbacks.x._target_=collections.OrderedDict"],
          "callbacks.x: got 'collections.OrderedDict'; accepted: a lightning.pytorch Callback class"),
-    ],
+    ], 2),
 )
 def test_bad_callback_entry_is_one_line(overrides, message):
     with pytest.raises(UserError) as err:
@@ -222,6 +222,7 @@ def test_cli_mistyped_key_exits_2_with_one_line(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before any run folder was written
 
 
+@pytest.mark.slow
 def test_cli_missing_and_corrupt_dataset(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -296,7 +297,7 @@ def test_multirun_with_a_failing_job(tmp_path):
 def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     args = [
         *SMOKE, "attack.enabled=false", "model.hidden=[256,256]",
-        "trainer.max_epochs=20", "trainer.patience=100", f"hydra.run.dir={tmp_path}",
+        "trainer.max_epochs=4", "trainer.patience=100", f"hydra.run.dir={tmp_path}",
     ]
     env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
     proc = subprocess.Popen([sys.executable, "-m", "lipvae.train", *args], cwd=PROJECT, env=env,
@@ -312,7 +313,7 @@ def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     failed = json.loads((tmp_path / "results.json").read_text())
     assert failed["status"] == "interrupted" and "resume=true" in failed["error"]
     stopped_at = torch.load(last, weights_only=True)["epoch"]
-    assert stopped_at < 20
+    assert stopped_at < 4
     assert not list(tmp_path.rglob("*.partial"))
     metrics = tmp_path / "csv" / "metrics.csv"
     header = pd.read_csv(metrics, nrows=0).columns  # whole after the stop, never half-rewritten
@@ -323,12 +324,12 @@ def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     done = run_cli(*args, "resume=true")
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
-    assert r["status"] == "completed" and r["metrics"]["epochs"] == 21  # 20 + 1 fine-tune epoch
+    assert r["status"] == "completed" and r["metrics"]["epochs"] == 5  # 4 + 1 fine-tune epoch
     assert r["certified"]["fraction_certified"] == 1.0
     # the curves from before the stop are kept and every epoch, the one in flight included,
     # has its validation row
     val = pd.read_csv(tmp_path / "csv" / "metrics.csv").dropna(subset=["val/loss"])
-    assert before <= set(val["epoch"].astype(int)) and set(range(21)) <= set(val["epoch"].astype(int))
+    assert before <= set(val["epoch"].astype(int)) and set(range(5)) <= set(val["epoch"].astype(int))
 
 
 def test_runs_recorded_before_the_target_fields_still_build():

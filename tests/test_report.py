@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, run_cli
+from conftest import CONF, every_kth_fast, run_cli, shared_folder
 from lipvae.report import main as report_main
 
 TINY = [
@@ -25,17 +25,21 @@ def composed(*overrides, hydra=False):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sweep(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multirun")
-    proc = run_cli(*TINY, "model=lipschitz", "enc_L=5,7", "logger.wandb.enabled=true", f"hydra.sweep.dir={root}", "-m",
-                   env={"WANDB_MODE": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    # a killed job (no results.json) and a half-written one, as a crash would leave them
-    (root / "9_killed" / ".hydra").mkdir(parents=True)
-    (root / "8_torn" / ".hydra").mkdir(parents=True)
-    (root / "8_torn" / "results.json").write_text('{"schema_version": 1, "status": "compl')
-    return root
+    """A two-run multirun with W&B, plus a killed and a half-written job beside them (read only:
+    shared by the session's workers)."""
+
+    def build(root):
+        proc = run_cli(*TINY, "model=lipschitz", "enc_L=5,7", "logger.wandb.enabled=true", f"hydra.sweep.dir={root}",
+                       "-m", env={"WANDB_MODE": ""})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # a killed job (no results.json) and a half-written one, as a crash would leave them
+        (root / "9_killed" / ".hydra").mkdir(parents=True)
+        (root / "8_torn" / ".hydra").mkdir(parents=True)
+        (root / "8_torn" / "results.json").write_text('{"schema_version": 1, "status": "compl')
+
+    return shared_folder(tmp_path_factory, "report_sweep", build)
 
 
 @pytest.mark.slow
@@ -88,7 +92,7 @@ def test_report_on_folder_without_runs_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "experiment,variant,expect",
-    [
+    every_kth_fast([
         ("fig5_quick", "lipschitz_L7", dict(kind="lipschitz", enc_L=7.0, hidden=[256, 256])),
         ("fig5", "standard", dict(kind="standard", lr=1e-3, hidden=[512, 512])),
         ("fig5_cpu", "lipschitz_L10", dict(kind="lipschitz", enc_L=10.0, lr=1e-3, hidden=[256, 256])),
@@ -96,7 +100,7 @@ def test_report_on_folder_without_runs_is_one_line(tmp_path, capsys):
         ("fig6_7_quick", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2)),
         ("fig6_7_cpu", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2, lr=1e-3, hidden=[256, 256])),
         ("fig6_7_cpu", "standard", dict(kind="standard", latent_dim=2, lr=1e-3, hidden=[256, 256])),
-    ],
+    ], 3),
 )
 def test_experiment_presets_compose(experiment, variant, expect):
     from lipvae.config import validate
@@ -110,12 +114,12 @@ def test_experiment_presets_compose(experiment, variant, expect):
 
 @pytest.mark.parametrize(
     "experiment,override,expect",
-    [
+    every_kth_fast([
         ("fig3_cpu", "model.encoder_std.gamma=0.4", dict(mode="fixed", gamma=0.4, max_time=6.0, data="mnist")),
         ("fig4_cpu", "data=fashion_mnist", dict(mode="learned", gamma=0.1, max_time=18.0, data="fashion_mnist")),
         ("fig4_cpu", "model.encoder_std.mode=fixed", dict(mode="fixed", gamma=0.1, max_time=18.0, data="mnist")),
         ("fig5_cpu", "enc_L=7", dict(mode="learned", gamma=0.1, max_time=18.0, data="mnist")),
-    ],
+    ], 4),
 )
 def test_cpu_tier_presets_share_one_set_of_changes(experiment, override, expect):
     """Every *_cpu preset takes conf/tier/cpu.yaml's changes (256-256, lr 1e-3, early stopping, best epoch, no W&B)
@@ -167,6 +171,7 @@ def test_report_with_no_completed_run_exits_1(tmp_path, capsys):
     assert "`a`: failed: boom" in md and "`b`: unreadable results.json (a JSON NoneType, not an object)" in md
 
 
+@pytest.mark.slow
 def test_report_counts_soundness_only_over_checked_runs(tmp_path):
     _fake_run(tmp_path / "checked", violations=0)
     _fake_run(tmp_path / "unchecked", violations=None)
@@ -176,6 +181,7 @@ def test_report_counts_soundness_only_over_checked_runs(tmp_path):
     assert "Soundness violations (certified > estimated): 0 in 1 checked run(s) of 3 completed" in md
 
 
+@pytest.mark.slow
 def test_report_says_a_coupled_certificate_holds_with_probability(tmp_path):
     """The coupled form as the primary certificate: the report, results.csv and the soundness
     line say it holds with probability 1 - alpha and count its exceedances apart (issue 27)."""
@@ -305,14 +311,14 @@ def test_a_sweep_that_refused_a_job_exits_non_zero_and_names_it(tmp_path, caplog
 
 @pytest.mark.parametrize(
     "edit,reason",
-    [
+    every_kth_fast([
         (lambda r: r.update(soundness_violations=float("nan")), "soundness_violations is nan, not a finite number"),
         (lambda r: r["estimated"].pop("r"), "estimated.r or estimated.p is missing or not a number"),
         (lambda r: r.update(lipschitz={"nominal": {"encoder_mean": "5", "decoder": 5.0}}),
          "lipschitz.nominal.encoder_mean is '5', not a number"),
         (lambda r: r.update(config=None), None),  # null config: reported, with no config fields
         (lambda r: r.update(config=[1, 2]), "config is a list, not an object"),
-    ],
+    ], 5),
 )
 def test_report_reads_any_record_and_says_what_it_skips(tmp_path, edit, reason):
     """Foreign or corrupt records are listed with a reason in one line; the others are reported

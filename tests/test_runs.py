@@ -156,7 +156,7 @@ def test_disk_full_is_one_line_and_leaves_no_partial_file(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_jobs_resume_hint_resumes_that_job(tmp_path):
-    args = [*SMOKE, "attack.enabled=false", "model.hidden=[256,256]", "trainer.max_epochs=20",
+    args = [*SMOKE, "attack.enabled=false", "model.hidden=[256,256]", "trainer.max_epochs=6",
             "trainer.patience=100", "enc_L=5,7", f"hydra.sweep.dir={tmp_path}", "-m"]
     env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
     proc = subprocess.Popen([sys.executable, "-m", "lipvae.train", *args], cwd=PROJECT, env=env,
@@ -217,7 +217,7 @@ def test_a_failure_is_recorded_beside_a_completed_record(tmp_path):
 @pytest.mark.slow
 def test_two_devices_train_together_and_rank_zero_alone_records(tmp_path):
     proc = run_cli(*SMOKE, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-                   f"hydra.run.dir={tmp_path}")
+                   f"hydra.run.dir={tmp_path}", process=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "completed" and r["metrics"]["epochs"] == 2 and r["soundness_violations"] == 0

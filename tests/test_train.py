@@ -296,3 +296,25 @@ def test_a_resume_drops_the_metric_rows_logged_after_the_checkpoint(tmp_path):
     kept = pd.read_csv(path)
     assert kept["step"].tolist() == [9, 19, 21] and kept["val/loss"].iloc[-1] == 4.5
     trim_metrics(tmp_path / "absent.csv", 5)  # nothing to trim
+
+
+@pytest.mark.slow
+def test_train_runs_in_process_without_hydra(tmp_path, monkeypatch, synthetic_root):
+    """train(cfg, ctx) needs a composed config and a folder, nothing of Hydra's global state."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from lipvae.train import RunContext, train
+
+    monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
+    with initialize_config_module(version_base="1.3", config_module="lipvae.conf"):
+        cfg = compose("config", overrides=["experiment=smoke", "data.resplit=true", "attack.num_inputs=3"])
+    assert not GlobalHydra.instance().is_initialized() and not HydraConfig.initialized()
+    ctx = RunContext(tmp_path / "run", command="my notebook", overrides=["attack.num_inputs=3"])
+    results = train(cfg, ctx)
+    stored = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert stored["status"] == "completed" and stored["soundness_violations"] == 0
+    assert stored["run"]["command"] == "my notebook" and stored["run"]["overrides"] == ["attack.num_inputs=3"]
+    assert stored["metrics"]["test_elbo"] == pytest.approx(results["metrics"]["test_elbo"])
+    assert stored["estimated"]["num_inputs"] == 3 and (tmp_path / "run" / "frozen_model.pt").is_file()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from conftest import needs_real_mnist
+from conftest import every_kth_fast, needs_real_mnist
 from lipvae.data import ImageDataModule
 from lipvae.networks import BjorckLinear
 from lipvae.vae import VAE
@@ -33,7 +33,8 @@ def test_likelihood_is_a_normalised_density_or_mass(likelihood):
     else:
         lo, hi = (0.0, 1.0) if likelihood == "continuous_bernoulli" else (-4.0, 5.0)
         grid = torch.linspace(lo, hi, 20001)
-        dens = torch.stack([vae.log_likelihood(v.view(1), probs).exp() for v in grid], dim=-1)
+        dens = vae.log_likelihood(grid.view(-1, 1, 1), probs).exp().T  # (4 probabilities, grid)
+        assert dens.shape == (4, len(grid))
         total = torch.trapezoid(dens, grid, dim=-1)
     assert torch.allclose(total, torch.ones_like(total), atol=1e-3)
 
@@ -112,7 +113,7 @@ def test_std_network_counts_its_sigmoid_head_once():
 
 
 @needs_real_mnist
-@pytest.mark.parametrize("kind", ["lipschitz", "standard"])
+@pytest.mark.parametrize("kind", every_kth_fast(["lipschitz", "standard"], 2))
 def test_elbo_improves_on_real_images(kind):
     dm = ImageDataModule(resplit=True, limit=512, batch_size=64)
     x = dm.split("train").images[:256]

@@ -14,6 +14,7 @@ import html
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -400,6 +401,19 @@ def _soundness_line(rows: list[dict]) -> str:
     return line
 
 
+@dataclass
+class Page:
+    """What report.md and report.html both show."""
+
+    headline: str
+    context: list
+    rows: list[dict]
+    order: list[int]
+    problems: list[dict]
+    soundness: str
+    figures: dict
+
+
 def build_report(dirs: list[Path], out: Path | None = None) -> Path:
     """Write report.md, report.html, results.csv and the figures; raises ``NothingCompleted``
     (after writing) when no run completed."""
@@ -415,13 +429,26 @@ def build_report(dirs: list[Path], out: Path | None = None) -> Path:
     loaded = [load_row(run, root) for run in runs]
     good = [(row, r, run) for (row, r), run in zip(loaded, runs) if r is not None]
     problems = [row for row, r in loaded if r is None]
-    rows = [row for row, _, _ in good]
-    results = [r for _, r, _ in good]
-    run_dirs = [run for _, _, run in good]
-    margins = [_margins(run, r) for _, r, run in good]
-    frame = pd.DataFrame([*rows, *problems], columns=COLUMNS + ["seed"])
-    write_table(out / "results.csv", frame)
+    rows, results, run_dirs = [row for row, _, _ in good], [r for _, r, _ in good], [run for _, _, run in good]
+    write_table(out / "results.csv", pd.DataFrame([*rows, *problems], columns=COLUMNS + ["seed"]))
+    page = Page(
+        headline=f"{len(rows)} completed run(s), {len(problems)} not usable.", context=_context(results, rows, dirs),
+        rows=rows, order=_order(rows), problems=problems, soundness=_soundness_line(rows),
+        figures=report_figures(rows, results, run_dirs, out),
+    )
+    atomic_write_text(out / "report.md", markdown(page, out))
+    atomic_write_text(out / "report.html", html_page(page))
+    if not rows:
+        raise NothingCompleted(
+            f"report: none of the {len(problems)} run(s) below {', '.join(map(str, dirs))} completed"
+            f" (listed in {out / 'report.md'})"
+        )
+    return out / "report.md"
 
+
+def report_figures(rows: list[dict], results: list[dict], run_dirs: list[Path], out: Path) -> dict:
+    """The paper's figures that these runs can draw, by title (PNG files in ``out``)."""
+    margins = [_margins(run, r) for r, run in zip(results, run_dirs)]
     figures = {
         "Latent-space attack, standard vs Lipschitz VAE (paper Fig. 1)": fig_latent_attack_pair(
             rows, run_dirs, out / "latent_attack_pair.png"
@@ -448,64 +475,67 @@ def build_report(dirs: list[Path], out: Path | None = None) -> Path:
         figures["Tightness of Theorem 1's terms at the paper's setting (paper Fig. 2)"] = save_tightness_figure(
             out / "tightness.png", samples=20_000
         )
-    figures = {k: v for k, v in figures.items() if v is not None}
-    context = _context(results, rows, dirs)
-    order = _order(rows)
-    soundness = _soundness_line(rows)
-    headline = f"{len(rows)} completed run(s), {len(problems)} not usable."
+    return {k: v for k, v in figures.items() if v is not None}
 
-    md = [f"# lipvae report\n\n{headline}\n"]
-    md += [f"- **{k}**: {v}" for k, v in context]
+
+def markdown(page: Page, out: Path) -> str:
+    """report.md: context, the key columns per run, runs left out, soundness, figures."""
+    rows = page.rows
+    md = [f"# lipvae report\n\n{page.headline}\n"]
+    md += [f"- **{k}**: {v}" for k, v in page.context]
     md.append("\n| model | " + " | ".join(KEY_COLUMNS) + " |")
     md.append("|" + "---|" * (len(KEY_COLUMNS) + 1))
-    for i in order:
+    for i in page.order:
         md.append(f"| {label(rows[i])} | " + " | ".join(_fmt(rows[i].get(c)) for c in KEY_COLUMNS) + " |")
     md.append("\nEvery column of every run is in `results.csv`.")
-    if problems:
+    if page.problems:
         md.append("\n## Runs not included\n")
-        md += [f"- `{p['run']}`: {p['status']}" for p in problems]
-    md.append(f"\n**{soundness}**\n")
-    for title, path in figures.items():
+        md += [f"- `{p['run']}`: {p['status']}" for p in page.problems]
+    md.append(f"\n**{page.soundness}**\n")
+    for title, path in page.figures.items():
         rel = path.name if path.parent == out else str(path)
         md.append(f"## {title}\n\n![{title}]({rel})\n")
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    return "\n".join(md) + "\n"
 
+
+_STYLE = (
+    "<style>body{font-family:sans-serif;margin:1.5em;max-width:1240px}"
+    "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+    "th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}dl{display:grid;"
+    "grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}dt{font-weight:bold}dd{margin:0}"
+    "details{margin:1em 0}.wide{overflow-x:auto;max-width:100%}img{max-width:100%}</style>"
+)
+
+
+def html_page(page: Page) -> str:
+    """report.html: report.md's content in one self-contained file (figures inlined), with every
+    column of every run behind a fold."""
+    rows, esc = page.rows, html.escape
     shown = [c for c in COLUMNS if c != "run"]
     parts = [
-        "<!doctype html><meta charset='utf-8'><title>lipvae report</title>",
-        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1240px}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-        "th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}dl{display:grid;"
-        "grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}dt{font-weight:bold}dd{margin:0}"
-        "details{margin:1em 0}.wide{overflow-x:auto;max-width:100%}img{max-width:100%}</style>",
-        f"<h1>lipvae report</h1><p>{html.escape(headline)}</p><dl>",
-        *[f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in context],
-        "</dl><table><tr><th>model</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in KEY_COLUMNS) + "</tr>",
+        "<!doctype html><meta charset='utf-8'><title>lipvae report</title>", _STYLE,
+        f"<h1>lipvae report</h1><p>{esc(page.headline)}</p><dl>",
+        *[f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in page.context],
+        "</dl><table><tr><th>model</th>" + "".join(f"<th>{esc(c)}</th>" for c in KEY_COLUMNS) + "</tr>",
     ]
-    for i in order:
-        cells = "".join(f"<td>{html.escape(_fmt(rows[i].get(c)))}</td>" for c in KEY_COLUMNS)
-        parts.append(f"<tr><td>{html.escape(label(rows[i]))}</td>{cells}</tr>")
+    for i in page.order:
+        cells = "".join(f"<td>{esc(_fmt(rows[i].get(c)))}</td>" for c in KEY_COLUMNS)
+        parts.append(f"<tr><td>{esc(label(rows[i]))}</td>{cells}</tr>")
     parts.append("</table><details><summary>all columns</summary><div class='wide'><table><tr><th>run</th>"
-                 + "".join(f"<th>{html.escape(c)}</th>" for c in shown) + "</tr>")
-    for i in order:
-        cells = "".join(f"<td>{html.escape(_fmt(rows[i].get(c)))}</td>" for c in shown)
-        parts.append(f"<tr><td>{html.escape(rows[i]['run'])}</td>{cells}</tr>")
+                 + "".join(f"<th>{esc(c)}</th>" for c in shown) + "</tr>")
+    for i in page.order:
+        cells = "".join(f"<td>{esc(_fmt(rows[i].get(c)))}</td>" for c in shown)
+        parts.append(f"<tr><td>{esc(rows[i]['run'])}</td>{cells}</tr>")
     parts.append("</table></div></details>")
-    if problems:
+    if page.problems:
         parts.append("<h2>Runs not included</h2><ul>")
-        parts += [f"<li><code>{html.escape(p['run'])}</code>: {html.escape(p['status'])}</li>" for p in problems]
+        parts += [f"<li><code>{esc(p['run'])}</code>: {esc(p['status'])}</li>" for p in page.problems]
         parts.append("</ul>")
-    parts.append(f"<p><b>{html.escape(soundness)}</b></p>")
-    for title, path in figures.items():
+    parts.append(f"<p><b>{esc(page.soundness)}</b></p>")
+    for title, path in page.figures.items():
         data = base64.b64encode(path.read_bytes()).decode()
-        parts.append(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{data}'>")
-    atomic_write_text(out / "report.html", "\n".join(parts))
-    if not rows:
-        raise NothingCompleted(
-            f"report: none of the {len(problems)} run(s) below {', '.join(map(str, dirs))} completed"
-            f" (listed in {out / 'report.md'})"
-        )
-    return out / "report.md"
+        parts.append(f"<h2>{esc(title)}</h2><img src='data:image/png;base64,{data}'>")
+    return "\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

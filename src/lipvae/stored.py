@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -92,7 +93,7 @@ def complete_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(base, cfg)
 
 
-_CONF = Path(__file__).parent / "conf"
+_CONF = Path(str(resources.files("lipvae.conf")))  # conf/ of the repository, or of the installed wheel
 
 
 @functools.lru_cache(maxsize=16)

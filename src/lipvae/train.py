@@ -1,11 +1,15 @@
 """Entry point: ``python -m lipvae.train [overrides] [-m]``.
 
 Trains (and, for Lipschitz models, fine-tunes and freezes) a VAE, evaluates it on the
-test split, and writes ``results.json`` with everything a report needs.
+test split, and writes ``results.json`` with everything a report needs. ``train(cfg, ctx)``
+is the whole run and needs no Hydra: compose → build → fit → freeze → evaluate → record, one
+named function each; ``main`` only turns Hydra's job into a ``RunContext`` and its failures
+into records and exit codes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -17,14 +21,13 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import CSVLogger
@@ -39,7 +42,7 @@ from lipvae.config import (build_callbacks, build_datamodule, build_extra_logger
                            check_yaml_files,
                            named_fields, validate)
 from lipvae.errors import UserError
-from lipvae.evaluate import evaluate
+from lipvae.evaluate import Evaluation, evaluate
 from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up
 from lipvae.module import FineTune, NonFiniteLossError, RunCheckpoint, SaveOnException, VAEModule
 from lipvae.networks import orthonormality_error
@@ -51,16 +54,47 @@ from lipvae.runfolder import AlreadyCompleted, RunFolderError, check_run_folder,
 log = logging.getLogger("lipvae")
 
 
-def sweep_group() -> str | None:
-    """The W&B group shared by the runs of one multirun: named after its sweep folder (None for
-    a single run, and for ``run()`` called outside Hydra)."""
-    if not HydraConfig.initialized():
-        return None
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return None
-    parts = Path(hc.sweep.dir).parts
-    return "_".join(parts[-3:]) if len(parts) >= 3 else "_".join(parts)
+@dataclass
+class RunContext:
+    """What a run needs beyond its config: its folder, and how it was started (recorded in
+    results.json, and used for the hint that resumes it). ``RunContext(run_dir)`` is a run
+    started from Python; ``from_hydra()`` one started by ``python -m lipvae.train``."""
+
+    run_dir: Path
+    command: str = ""
+    overrides: list[str] = field(default_factory=list)
+    experiment: str | None = None
+    multirun: bool = False
+    group: str | None = None  # the W&B group shared by the runs of one multirun
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.command = self.command or " ".join([_program(), *sys.argv[1:]])
+
+    @classmethod
+    def from_hydra(cls) -> RunContext:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        parts = Path(hc.sweep.dir).parts
+        return cls(run_dir=Path(hc.runtime.output_dir), overrides=list(hc.overrides.task),
+                   experiment=hc.runtime.choices.get("experiment"), multirun=multirun,
+                   group=("_".join(parts[-3:]) if len(parts) >= 3 else "_".join(parts)) if multirun else None)
+
+    def resume_hint(self) -> str:
+        """How to continue this run. A sweep job is resumed alone, in run mode, in its own folder."""
+        if not self.multirun:
+            return f"resume with the same command plus hydra.run.dir={self.run_dir} resume=true"
+        overrides = " ".join(shlex.quote(o) for o in self.overrides if not o.startswith("resume="))
+        return f"resume this job alone with: {_program()} {overrides} hydra.run.dir={self.run_dir} resume=true"
+
+    def record(self, loggers) -> dict:
+        """results.json's ``run``: what a reader needs to redo the run."""
+        wandb_ids = [lg.experiment.id for lg in loggers if is_wandb(lg)]
+        return {"command": self.command, "overrides": list(self.overrides), "experiment": self.experiment,
+                "code": code_version(), "wandb_run_id": wandb_ids[0] if wandb_ids else None}
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -124,45 +158,31 @@ class AppendingCSVLogger(CSVLogger):
         return self._experiment
 
 
-def make_loggers(cfg: DictConfig, run_dir: Path) -> list:
+def make_loggers(cfg: DictConfig, ctx: RunContext) -> list:
     loggers: list = []
     if cfg.logger.csv:
-        loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        loggers.append(AppendingCSVLogger(save_dir=str(ctx.run_dir), name="csv", version=""))
     wb = cfg.logger.wandb
     if wb.enabled:
         if not os.environ.get("WANDB_MODE"):
             os.environ["WANDB_MODE"] = wb.mode
         os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(build_wandb_logger(wb, name=cfg.name, save_dir=str(run_dir),
+        loggers.append(build_wandb_logger(wb, ctx.group, name=cfg.name, save_dir=str(ctx.run_dir),
                                           config=OmegaConf.to_container(cfg, resolve=True)))
     return loggers
 
 
-def build_wandb_logger(wb: DictConfig, **run) -> Logger:
+def build_wandb_logger(wb: DictConfig, group: str | None = None, **run) -> Logger:
     """The W&B logger of ``logger.wandb``, from its ``_target_`` (WandbLogger for runs recorded
     before the field existed) and the fields the class takes; ``run``: the run's name, folder
-    and config. A sweep's runs share a group unless one is given."""
+    and config. A sweep's runs share ``group`` unless the config names one."""
     from hydra.utils import get_class
 
     target = wb.get("_target_", "lightning.pytorch.loggers.WandbLogger")
     cls = get_class(target)
     fields = named_fields(wb, cls, skip=("enabled", "mode"))
-    fields["group"] = fields.get("group") or sweep_group()
+    fields["group"] = fields.get("group") or group
     return cls(**fields, **run)  # not instantiate(): the run's config must not be read as one
-
-
-def run_context(loggers) -> dict:
-    """What a reader of the results needs to redo the run: command, overrides, code, W&B id
-    (outside Hydra, as when ``run()`` is called from Python, no overrides and no experiment)."""
-    hc = HydraConfig.get() if HydraConfig.initialized() else None
-    wandb_ids = [lg.experiment.id for lg in loggers if is_wandb(lg)]
-    return {
-        "command": " ".join([_program(), *sys.argv[1:]]),
-        "overrides": list(hc.overrides.task) if hc else [],
-        "experiment": hc.runtime.choices.get("experiment") if hc else None,
-        "code": code_version(),
-        "wandb_run_id": wandb_ids[0] if wandb_ids else None,
-    }
 
 
 def _program() -> str:
@@ -226,166 +246,241 @@ def stop_reason(early_stopping: EarlyStopping, finetune: FineTune | None, epochs
     return "max_epochs" if epochs >= max_epochs else "max_time"
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """One complete run; returns the results dictionary it also writes (None on a device
-    other than the first, which only trains)."""
+@dataclass
+class Schedule:
+    """Training's callbacks: early stopping (phase 1), the fine-tune phase (2, Lipschitz models),
+    the best/last checkpoints, the epoch log and the checkpoint saved on a stop."""
+
+    early_stopping: EarlyStopping
+    finetune: FineTune | None
+    checkpoint: RunCheckpoint
+    history: EpochHistory
+    max_epochs: int  # both phases
+
+    @classmethod
+    def build(cls, cfg: DictConfig, run_dir: Path, echo: bool) -> Schedule:
+        tr = cfg.trainer
+        finetune_epochs = tr.finetune.max_epochs if cfg.model.kind == "lipschitz" else 0
+        early_stopping, finetune = schedule_callbacks(tr.patience, tr.max_epochs, tr.finetune if finetune_epochs else None)
+        checkpoint = RunCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss",
+                                   save_last=True, save_top_k=1)
+        return cls(early_stopping, finetune, checkpoint, EpochHistory(echo=echo), tr.max_epochs + finetune_epochs)
+
+    def callbacks(self, run_dir: Path) -> list:
+        return [self.early_stopping, *([self.finetune] if self.finetune else []), self.checkpoint, self.history,
+                SaveOnException(dirpath=str(run_dir / "checkpoints"), filename="last")]
+
+
+@dataclass
+class Built:
+    """What a run is made of, before anything is fitted."""
+
+    datamodule: object
+    vae: object
+    module: VAEModule
+    schedule: Schedule
+    loggers: list
+    trainer: L.Trainer
+    progress: bool
+
+
+@dataclass
+class Trained:
+    """What fitting and freezing leave for the evaluation and the record."""
+
+    fit_s: float
+    epochs: int
+    evaluated_epoch: int
+    stop_reason: str
+    convergence: dict
+    orthonormality: float | None
+    constants: dict | None
+
+
+def train(cfg: DictConfig, ctx: RunContext) -> dict | None:
+    """One complete run in ``ctx.run_dir``: compose (done: ``cfg``) → build → fit → freeze →
+    evaluate → record. Returns the results it writes (None on a device other than the first,
+    which only trains). Needs no Hydra: ``train(cfg, RunContext(folder))`` from Python."""
     t0 = time.perf_counter()
     validate(cfg)
     extra_callbacks = build_callbacks(cfg)  # before any data is read: a bad entry fails first
-    extra_loggers = build_extra_loggers(cfg, run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = None
-    last = ckpt_dir / "last.ckpt"
-    if cfg.resume is True or (cfg.resume == "auto" and last.is_file()):  # checked before any data is read
-        if not last.is_file():  # check_run_folder refuses this first; kept for run() called alone
-            raise UserError(f"resume: {last} does not exist, so there is nothing to resume; drop resume=true")
-        resumed = load_checkpoint(last)  # safe load: one line for a foreign or malicious file
-        check_shapes(load_state(last), build_vae(cfg.model).state_dict(), last)
-        ckpt_path = str(last)
-        trim_metrics(run_dir / "csv" / "metrics.csv", int(resumed.get("global_step", 0)))
-        log.info("resuming from %s", last)
+    extra_loggers = build_extra_loggers(cfg, ctx.run_dir)
+    ckpt_path = checkpoint_to_resume(cfg, ctx.run_dir)  # also before any data is read
+    built = build(cfg, ctx, extra_callbacks, extra_loggers)
+    fitted = fit(built, cfg.trainer, ckpt_path)
+    if fitted is None:
+        return None
+    trained = freeze(built, cfg, ctx.run_dir, *fitted)
+    test, test_s = timed(lambda: built.trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0])
+    # the one evaluation pipeline (also `python -m lipvae.evaluate`): certify, attack, soundness check
+    ev = evaluate(built.vae, built.datamodule.split("test"), cfg, ctx.run_dir, cfg.seed, loggers=built.loggers,
+                  step=built.trainer.global_step, progress=built.progress)
+    draw(built, ctx.run_dir, cfg.seed)
+    results = record(cfg, ctx, built, trained, test, ev)
+    results["timings"] = {"fit_s": trained.fit_s, "test_s": test_s, "certify_s": ev.certify_s,
+                          "attack_s": ev.attack_s, "total_s": time.perf_counter() - t0}
+    write_results(ctx.run_dir, results)
+    log.info("results written to %s", ctx.run_dir / "results.json")
+    summarise_to_wandb(built.loggers, results, ev)
+    return results
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint this run continues from (``resume``), checked against the config's model;
+    the metrics logged after it are dropped (they are logged again)."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not (cfg.resume is True or (cfg.resume == "auto" and last.is_file())):
+        return None
+    if not last.is_file():  # check_run_folder refuses this first; kept for train() called alone
+        raise UserError(f"resume: {last} does not exist, so there is nothing to resume; drop resume=true")
+    resumed = load_checkpoint(last)  # safe load: one line for a foreign or malicious file
+    check_shapes(load_state(last), build_vae(cfg.model).state_dict(), last)
+    trim_metrics(run_dir / "csv" / "metrics.csv", int(resumed.get("global_step", 0)))
+    log.info("resuming from %s", last)
+    return str(last)
+
+
+def build(cfg: DictConfig, ctx: RunContext, extra_callbacks: list, extra_loggers: list) -> Built:
+    """Data, VAE, Lightning module, schedule, loggers and Trainer of a run."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data, cfg.seed)
     datamodule.setup()
     log.info("data: %s", datamodule.info.as_dict())
     vae = build_vae(cfg.model)
-    lipschitz = cfg.model.kind == "lipschitz"
-    project = cfg.model.bjorck.project_iters if lipschitz else 0
+    project = cfg.model.bjorck.project_iters if cfg.model.kind == "lipschitz" else 0
     module = VAEModule(vae, lr=cfg.model.lr, num_importance=cfg.trainer.num_importance, project_iters=project)
-    tr = cfg.trainer
-    bar = bool(tr.enable_progress_bar) and interactive()  # a bar redrawn into a file is debris
-    history = EpochHistory(echo=not bar)
-    finetune_epochs = tr.finetune.max_epochs if lipschitz else 0
-    early_stopping, finetune = schedule_callbacks(tr.patience, tr.max_epochs, tr.finetune if finetune_epochs else None)
-    checkpoint = RunCheckpoint(
-        dirpath=str(ckpt_dir), filename="best", monitor="val/loss", save_last=True, save_top_k=1
-    )
-    schedule = [early_stopping, *([finetune] if finetune else []), checkpoint, history,
-                SaveOnException(dirpath=str(ckpt_dir), filename="last")]
-    loggers = make_loggers(cfg, run_dir) + extra_loggers
-    trainer = L.Trainer(
-        accelerator=tr.accelerator,
-        devices=tr.devices,
-        precision=tr.precision,
-        strategy=tr.strategy,
-        plugins=[AtomicCheckpointIO()],
-        max_epochs=tr.max_epochs + finetune_epochs,
-        max_time=None if tr.max_time is None else timedelta(minutes=tr.max_time),
-        callbacks=[*schedule, *extra_callbacks],
-        logger=loggers or False,
-        log_every_n_steps=tr.log_every_n_steps,
-        enable_progress_bar=bar,
+    progress = bool(cfg.trainer.enable_progress_bar) and interactive()  # a bar redrawn into a file is debris
+    schedule = Schedule.build(cfg, ctx.run_dir, echo=not progress)
+    loggers = make_loggers(cfg, ctx) + extra_loggers
+    trainer = build_trainer(cfg.trainer, ctx.run_dir, loggers, progress,
+                            callbacks=[*schedule.callbacks(ctx.run_dir), *extra_callbacks],
+                            max_epochs=schedule.max_epochs)
+    return Built(datamodule, vae, module, schedule, loggers, trainer, progress)
+
+
+def build_trainer(tr: DictConfig, run_dir: Path, loggers: list, progress: bool, callbacks=(), max_epochs=None,
+                  devices=None) -> L.Trainer:
+    """The Lightning Trainer of ``trainer``'s settings (``devices``: instead of the config's)."""
+    fitting = max_epochs is not None
+    return L.Trainer(
+        accelerator=tr.accelerator, devices=tr.devices if devices is None else devices, precision=tr.precision,
+        plugins=[AtomicCheckpointIO()], logger=loggers or False, enable_progress_bar=progress,
         default_root_dir=str(run_dir),
-        num_sanity_val_steps=0,
+        **({} if not fitting else dict(
+            strategy=tr.strategy, max_epochs=max_epochs, callbacks=list(callbacks), num_sanity_val_steps=0,
+            max_time=None if tr.max_time is None else timedelta(minutes=tr.max_time),
+            log_every_n_steps=tr.log_every_n_steps)),
     )
 
-    t_fit = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    fit_s = time.perf_counter() - t_fit
-    epochs_trained = trainer.current_epoch
-    timed_out = time_is_up(trainer)
-    if trainer.world_size > 1:  # trained on several devices: rank zero alone evaluates and records
-        if not trainer.is_global_zero:
+
+def fit(built: Built, tr: DictConfig, ckpt_path: str | None) -> tuple[float, int, bool] | None:
+    """Train; the seconds it took, the epochs trained and whether the time budget ran out. After
+    training on several devices rank zero alone goes on, on one (None on the others)."""
+    _, fit_s = timed(lambda: built.trainer.fit(built.module, datamodule=built.datamodule, ckpt_path=ckpt_path,
+                                               weights_only=True))
+    epochs, timed_out = built.trainer.current_epoch, time_is_up(built.trainer)
+    if built.trainer.world_size > 1:
+        if not built.trainer.is_global_zero:
             return None
-        trainer = L.Trainer(
-            accelerator=tr.accelerator, devices=1, precision=tr.precision, logger=loggers or False,
-            enable_progress_bar=bar, default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
-        )
-    evaluated_epoch = epochs_trained
-    best = checkpoint.best_model_path
-    if tr.evaluate == "best" and best and Path(best).is_file():
+        built.trainer = build_trainer(tr, Path(built.trainer.default_root_dir), built.loggers, built.progress,
+                                      devices=1)
+    return fit_s, epochs, timed_out
+
+
+def freeze(built: Built, cfg: DictConfig, run_dir: Path, fit_s: float, epochs: int, timed_out: bool) -> Trained:
+    """Take the evaluated weights (``trainer.evaluate``: best or last), say why training stopped
+    and how far it converged, freeze the Lipschitz layers and save the frozen model."""
+    evaluated_epoch = epochs
+    best = built.schedule.checkpoint.best_model_path
+    if cfg.trainer.evaluate == "best" and best and Path(best).is_file():
         # the weights of the epoch with the lowest validation loss, not those `patience` epochs on
         state = load_checkpoint(Path(best))
-        module.load_state_dict(state["state_dict"])
+        built.module.load_state_dict(state["state_dict"])
         evaluated_epoch = int(state["epoch"]) + 1
-        log.info("evaluating the best epoch (%d of %d): %s", evaluated_epoch, epochs_trained, best)
-
-    stopped_by = stop_reason(early_stopping, finetune, epochs_trained, tr.max_epochs + finetune_epochs, timed_out)
-    converged = convergence(history.val_losses, stopped_by, evaluated_epoch)
-    log.info("%s", describe(converged, stopped_by, epochs_trained))
-    orthonormality = orthonormality_error(vae)  # how much freezing will change the trained function
-    vae.freeze()
-    constants = vae.lipschitz_constants()
+        log.info("evaluating the best epoch (%d of %d): %s", evaluated_epoch, epochs, best)
+    sched = built.schedule
+    stopped_by = stop_reason(sched.early_stopping, sched.finetune, epochs, sched.max_epochs, timed_out)
+    converged = convergence(sched.history.val_losses, stopped_by, evaluated_epoch)
+    log.info("%s", describe(converged, stopped_by, epochs))
+    lipschitz = built.vae.kind == "lipschitz"
+    orthonormality = orthonormality_error(built.vae) if lipschitz else None  # how much freezing changes
+    built.vae.freeze()
+    constants = built.vae.lipschitz_constants()
     if lipschitz:
         check_lipschitz(constants)
         log.info("Lipschitz constants after freezing: %s", constants)
-    replace_atomically(run_dir / "frozen_model.pt", lambda partial: torch.save(vae.state_dict(), partial))
+    replace_atomically(run_dir / "frozen_model.pt", lambda partial: torch.save(built.vae.state_dict(), partial))
+    return Trained(fit_s, epochs, evaluated_epoch, stopped_by, converged, orthonormality,
+                   constants if lipschitz else None)
 
-    t_test = time.perf_counter()
-    test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-    test_s = time.perf_counter() - t_test
-    # the one evaluation pipeline (also `python -m lipvae.evaluate`): certify, attack, soundness check
-    ev = evaluate(vae, datamodule.split("test"), cfg, run_dir, cfg.seed, loggers=loggers,
-                  step=trainer.global_step, progress=bar)
-    x = datamodule.split("test").images[:8].to(module.device)
-    save_reconstructions(vae, x, run_dir / "reconstructions.png", loggers)
-    gen = torch.Generator().manual_seed(cfg.seed)
+
+def draw(built: Built, run_dir: Path, seed: int) -> None:
+    """Reconstructions, prior samples and (2-D latents) the aggregate posterior, as PNG files and
+    logged images."""
+    vae, loggers, device = built.vae, built.loggers, built.module.device
+    test = built.datamodule.split("test")
+    save_reconstructions(vae, test.images[:8].to(device), run_dir / "reconstructions.png", loggers)
+    gen = torch.Generator().manual_seed(seed)
     log_image(loggers, "prior_samples", save_prior_samples(vae, run_dir / "prior_samples.png", generator=gen))
     if vae.latent_dim == 2:
-        test_split = datamodule.split("test")
-        figure = save_aggregate_posterior(
-            vae, test_split.images.to(module.device), test_split.labels, run_dir / "aggregate_posterior.png"
-        )
+        figure = save_aggregate_posterior(vae, test.images.to(device), test.labels, run_dir / "aggregate_posterior.png")
         log_image(loggers, "aggregate_posterior", figure)
 
-    check_finite({
-        "metrics.test_elbo": test.get("test/elbo"),
-        "metrics.test_log_likelihood": test.get("test/log_likelihood"),
-        "metrics.test_kl": test.get("test/kl"),
-        "metrics.orthonormality_error_before_freeze": orthonormality if lipschitz else 0.0,
-    }, cfg)
-    results = {
-        "status": "completed",
-        "run": run_context(loggers),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "model": {
-            "kind": vae.kind,
-            "latent_dim": vae.latent_dim,
-            "encoder_std": {
-                "mode": vae.std_mode,
-                "gamma": vae.gamma if vae.std_mode == "fixed" else None,
-                "max_norm": vae.max_norm if vae.std_mode == "bounded" else None,
-            },
-            "beta": vae.beta,
-            "likelihood": vae.likelihood,
-        },
-        "lipschitz": constants if lipschitz else None,
-        "data": datamodule.info.as_dict(),
-        "metrics": {
-            "test_elbo": test.get("test/elbo"),
-            "test_log_likelihood": test.get("test/log_likelihood"),
-            "test_kl": test.get("test/kl"),
-            "epochs": epochs_trained,
-            "evaluated_epoch": evaluated_epoch,
-            "best_val_loss": None if checkpoint.best_model_score is None else float(checkpoint.best_model_score),
-            "final_phase": finetune.phase if finetune else "train",
-            "stop_reason": stopped_by,
-            "convergence": converged,
-            "orthonormality_error_before_freeze": orthonormality if lipschitz else None,
-        },
-        **ev.results(),
-        "timings": {
-            "fit_s": fit_s,
-            "test_s": test_s,
-            "certify_s": ev.certify_s,
-            "attack_s": ev.attack_s,
-            "total_s": time.perf_counter() - t0,
-        },
+
+def record(cfg: DictConfig, ctx: RunContext, built: Built, trained: Trained, test: dict, ev: Evaluation) -> dict:
+    """results.json's contents (docs/results.md), once every value is finite."""
+    vae = built.vae
+    metrics = {
+        "test_elbo": test.get("test/elbo"), "test_log_likelihood": test.get("test/log_likelihood"),
+        "test_kl": test.get("test/kl"), "epochs": trained.epochs, "evaluated_epoch": trained.evaluated_epoch,
+        "best_val_loss": (None if built.schedule.checkpoint.best_model_score is None
+                          else float(built.schedule.checkpoint.best_model_score)),
+        "final_phase": built.schedule.finetune.phase if built.schedule.finetune else "train",
+        "stop_reason": trained.stop_reason, "convergence": trained.convergence,
+        "orthonormality_error_before_freeze": trained.orthonormality,
     }
-    write_results(run_dir, results)
-    log.info("results written to %s", run_dir / "results.json")
+    check_finite({f"metrics.{k}": metrics[k] for k in ("test_elbo", "test_log_likelihood", "test_kl",
+                                                        "orthonormality_error_before_freeze")}, cfg)
+    std = {"mode": vae.std_mode, "gamma": vae.gamma if vae.std_mode == "fixed" else None,
+           "max_norm": vae.max_norm if vae.std_mode == "bounded" else None}
+    return {
+        "status": "completed",
+        "run": ctx.record(built.loggers),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "model": {"kind": vae.kind, "latent_dim": vae.latent_dim, "encoder_std": std, "beta": vae.beta,
+                  "likelihood": vae.likelihood},
+        "lipschitz": trained.constants,
+        "data": built.datamodule.info.as_dict(),
+        "metrics": metrics,
+        **ev.results(),
+    }
+
+
+def summarise_to_wandb(loggers: list, results: dict, ev: Evaluation) -> None:
+    """The run's headline numbers as the W&B run's summary; the W&B run is then finished."""
     for lg in loggers:
-        if is_wandb(lg):
-            summary = {f"results/{k}": v for k, v in results["metrics"].items()}
-            for name, part in (("certified", ev.certified), ("estimated", ev.estimated)):
-                for k in ("mean", "median", "min", "fraction_certified", "global_margin", "holds_with_probability"):
-                    if part and part.get(k) is not None:
-                        summary[f"results/{name}_{k}"] = part[k]
-            if ev.soundness_violations is not None:
-                summary["results/soundness_violations"] = ev.soundness_violations
-            lg.experiment.summary.update(summary)
-            lg.experiment.finish()
-    return results
+        if not is_wandb(lg):
+            continue
+        summary = {f"results/{k}": v for k, v in results["metrics"].items()}
+        for name, part in (("certified", ev.certified), ("estimated", ev.estimated)):
+            for k in ("mean", "median", "min", "fraction_certified", "global_margin", "holds_with_probability"):
+                if part and part.get(k) is not None:
+                    summary[f"results/{name}_{k}"] = part[k]
+        if ev.soundness_violations is not None:
+            summary["results/soundness_violations"] = ev.soundness_violations
+        lg.experiment.summary.update(summary)
+        lg.experiment.finish()
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    """``train`` in ``run_dir``, started from Python (no command line recorded beyond sys.argv)."""
+    return train(cfg, RunContext(run_dir))
 
 
 def _record(cfg: DictConfig, run_dir: Path, status: str, error: str) -> None:
@@ -398,21 +493,12 @@ def _record(cfg: DictConfig, run_dir: Path, status: str, error: str) -> None:
         write_results(run_dir, record)
 
 
-def resume_hint(run_dir: Path) -> str:
-    """How to continue this run. A sweep job is resumed alone, in run mode, in its own folder."""
-    hc = HydraConfig.get()
-    if hc.mode != RunMode.MULTIRUN:
-        return f"resume with the same command plus hydra.run.dir={run_dir} resume=true"
-    overrides = " ".join(shlex.quote(o) for o in hc.overrides.task if not o.startswith("resume="))
-    return f"resume this job alone with: {_program()} {overrides} hydra.run.dir={run_dir} resume=true"
-
-
 _signal: dict = {"received": None}
 
 
 def _on_signal(signum, frame) -> None:
     """SIGTERM and SIGINT stop the run in every phase: Lightning treats the KeyboardInterrupt as a
-    graceful stop (the last state is saved during fit); main() records the run as interrupted."""
+    graceful stop (the last state is saved during fit); the run is recorded as interrupted."""
     _signal["received"] = signum
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -425,72 +511,104 @@ def _other_rank() -> bool:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    quiet_third_party()  # again here: a sweep's worker processes start without cli()'s filters
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    rank_zero = not _other_rank()  # other ranks share rank zero's folder and leave it to rank zero
-    try:  # before anything is written to the folder
-        if rank_zero:
-            check_run_folder(cfg, run_dir)
-            lock = claim(run_dir)  # noqa: F841 (held until the process ends)
-    except AlreadyCompleted as e:
-        log.info("%s", e)
-        print(str(e), file=sys.stderr)
-        return None
-    except RunFolderError as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        if multirun:  # the sweep goes on; its summary lists this job as refused and exits non-zero
-            note_refusal(run_dir, str(e))
-            return None
-        sys.exit(2)
-    if rank_zero:
-        save_hydra_files(cfg, run_dir)
+class Stop(Exception):
+    """A run that ends without results: ``code`` for the process (0: nothing to do), ``status``
+    and ``error`` for its record."""
+
+    def __init__(self, code: int, error: str, status: str = "failed") -> None:
+        super().__init__(error)
+        self.code, self.error, self.status = code, error, status
+
+
+def _as_stop(e: BaseException, ctx: RunContext) -> Stop | None:
+    """What a run's exception means for the user: a Stop, or None for a bug (shown with its trace)."""
+    if isinstance(e, (UserError, NonFiniteLossError)):
+        message = str(e).splitlines()[0]
+        if isinstance(e, NonFiniteLossError) and (ctx.run_dir / "checkpoints" / "last.ckpt").is_file():
+            message += f"; last finite state saved: {ctx.resume_hint()}"
+        return Stop(2, message)
+    if isinstance(e, OSError) and e.errno in NO_SPACE:
+        return Stop(2, f"no space left while writing to the run folder {ctx.run_dir} ({e.strerror}); free space,"
+                       f" then {ctx.resume_hint()}")
+    # our handler raises KeyboardInterrupt; Lightning turns it into SystemExit(1) after its graceful stop
+    if isinstance(e, (KeyboardInterrupt, SystemExit)) and not (
+            _signal["received"] is None and isinstance(e, SystemExit) and e.code in (0, None)):
+        signum = _signal["received"] or signal.SIGINT
+        return Stop(128 + int(signum), f"interrupted ({signal.Signals(signum).name}); {ctx.resume_hint()}",
+                    "interrupted")
+    return None
+
+
+@contextlib.contextmanager
+def recorded(cfg: DictConfig, ctx: RunContext, rank_zero: bool = True):
+    """Run the body with SIGTERM/SIGINT as a stop; a failure or stop is recorded in the run folder
+    and ends the process with its exit code (2: the user's input, 128 + n: signal n). In a sweep,
+    the other jobs go on: the failure is recorded and the job returns (a signal still stops all)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _on_signal)
     _signal["received"] = None
-    status = "failed"
     try:
-        results = run(cfg, run_dir)
-    except (UserError, NonFiniteLossError) as e:
-        message = str(e).splitlines()[0]
-        if isinstance(e, NonFiniteLossError) and (run_dir / "checkpoints" / "last.ckpt").is_file():
-            message += f"; last finite state saved: {resume_hint(run_dir)}"
-        code, error = 2, message
-    except OSError as e:
-        if e.errno not in NO_SPACE:
-            raise
-        code, error = 2, (f"no space left while writing to the run folder {run_dir} ({e.strerror}); free space, then"
-                          f" {resume_hint(run_dir)}")
-    except (KeyboardInterrupt, SystemExit) as e:
-        # our handler raises KeyboardInterrupt; Lightning turns it into SystemExit(1) after its graceful stop
-        if _signal["received"] is None and isinstance(e, SystemExit) and e.code in (0, None):
-            raise
-        signum = _signal["received"] or signal.SIGINT
-        code = 128 + int(signum)
-        status = "interrupted"
-        error = f"interrupted ({signal.Signals(signum).name}); {resume_hint(run_dir)}"
-    except Exception as e:
-        if rank_zero:
-            _record(cfg, run_dir, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        if multirun:  # a bug in one job: record it, keep the sweep going, and show the trace
-            log.exception("job failed")
-            return None
-        raise
-    else:
-        return None if results is None else results["metrics"]["test_elbo"]
+        yield
+    except BaseException as e:  # noqa: BLE001 (sorted by _as_stop; anything else is re-raised)
+        stop = _as_stop(e, ctx)
+        if stop is None:
+            if isinstance(e, SystemExit):
+                raise
+            if rank_zero:
+                _record(cfg, ctx.run_dir, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if not ctx.multirun:
+                raise
+            log.exception("job failed")  # a bug in one job: recorded, shown, and the sweep goes on
+            return
+        try:
+            if rank_zero:
+                _record(cfg, ctx.run_dir, stop.status, stop.error)
+        except OSError as err:  # the disk may still be full
+            log.error("could not record the failure (%s)", err.strerror)
+        log.error("%s", stop.error)
+        if ctx.multirun and stop.code == 2:  # the report lists this job as failed
+            return
+        print(f"error: {stop.error}", file=sys.stderr)
+        sys.exit(stop.code)
+
+
+def prepare_folder(cfg: DictConfig, ctx: RunContext, rank_zero: bool) -> bool:
+    """Check and claim the run folder before anything is written to it; False when there is nothing
+    to run (a completed run, or a refused job of a sweep)."""
+    if not rank_zero:  # other ranks share rank zero's folder and leave it to rank zero
+        return True
     try:
-        if rank_zero:
-            _record(cfg, run_dir, status, error)
-    except OSError as e:  # the disk may still be full
-        log.error("could not record the failure (%s)", e.strerror)
-    log.error("%s", error)
-    if multirun and code == 2:  # the other jobs of the sweep go on; the report lists this one as failed
+        check_run_folder(cfg, ctx.run_dir)
+        _claimed.append(claim(ctx.run_dir))  # held until the process ends
+    except AlreadyCompleted as e:
+        log.info("%s", e)
+        print(str(e), file=sys.stderr)
+        return False
+    except RunFolderError as e:
+        log.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        if ctx.multirun:  # the sweep goes on; its summary lists this job as refused and exits non-zero
+            note_refusal(ctx.run_dir, str(e))
+            return False
+        sys.exit(2)
+    save_hydra_files(cfg, ctx.run_dir)
+    return True
+
+
+_claimed: list = []
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lipvae.conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    quiet_third_party()  # again here: a sweep's worker processes start without cli()'s filters
+    ctx = RunContext.from_hydra()
+    rank_zero = not _other_rank()
+    if not prepare_folder(cfg, ctx, rank_zero):
         return None
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(code)
+    results = None
+    with recorded(cfg, ctx, rank_zero):
+        results = train(cfg, ctx)
+    return None if results is None else results["metrics"]["test_elbo"]
 
 
 def cli() -> None:

@@ -185,6 +185,10 @@ def _robust_at(vae, x, radius, *args) -> torch.Tensor:
     return _attack_and_test(vae, x, radius, *args)[0]
 
 
+#: the version of the saved search state's layout: a state saved by another layout is not resumed
+STATE_LAYOUT = "v3"
+
+
 def estimate_margins(
     vae: VAE,
     x: torch.Tensor,
@@ -222,97 +226,124 @@ def estimate_margins(
     """
     was_training = vae.training
     vae.eval()
-    args = (r, p, samples, starts, steps, pixel_range, generator, compile)
+    verdict = Verdict(vae, x, r, p, samples, starts, steps, pixel_range, generator, compile,
+                      warm_steps if search == "bisection" else 0)
     state = None
     if state_path is not None and generator is not None:
-        settings = (r, p, samples, starts, steps, max_radius, tol, search, grid_step, pixel_range, warm_steps, "v3")
+        settings = (r, p, samples, starts, steps, max_radius, tol, search, grid_step, pixel_range, warm_steps,
+                    STATE_LAYOUT)
         state = SearchState(state_path, x, settings, generator)
-    n = len(x)
-    full = torch.full((n,), float(max_radius), dtype=x.dtype, device=x.device)
-    if search == "grid":
-        k = int(round(max_radius / grid_step))
-        radii = [grid_step * i for i in range(k, 0, -1)]
-        margin = full.clone()
-        censored = torch.ones(n, dtype=torch.bool, device=x.device)
-        done = 0
-        if state is not None and (saved := state.load(x.device)) is not None:
-            done, margin, censored = saved["done"], saved["margin"], saved["censored"]
-        for i, t in enumerate(tqdm(radii, desc="margins (grid)", disable=not progress, leave=False)):
-            if i < done:
-                continue
-            robust = _robust_at(vae, x, torch.full_like(full, t), *args)
-            margin = torch.where(~robust, torch.full_like(full, t), margin)
-            censored &= robust
-            if state is not None:
-                state.save(done=i + 1, margin=margin, censored=censored)
-        zero_fail = ~_robust_at(vae, x, torch.zeros_like(full), *args)
-        margin = torch.where(zero_fail, torch.zeros_like(full), margin)
-        if state is not None:
-            state.remove()  # finished: nothing left to continue
+    try:
+        if search == "grid":
+            return _grid_margins(verdict, max_radius, grid_step, state, progress)
+        return _bisection_margins(verdict, max_radius, tol, state, progress)
+    finally:
         vae.train(was_training)
-        return EstimatedMargins(margin, censored & ~zero_fail, len(radii) + 1)
 
-    # per input, the δ of each start at its last attacked radius, and whether there is one
-    warm = torch.zeros(n, starts, x.shape[1], dtype=x.dtype, device=x.device) if warm_steps > 0 else None
-    warmed = torch.zeros(n, dtype=torch.bool, device=x.device)
 
-    def robust_at(idx: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-        """The verdict for inputs ``idx`` at ``radius``, warm-started where a δ is known."""
-        if warm is None:
-            return _robust_at(vae, x[idx], radius, *args)
-        robust = torch.empty(len(idx), dtype=torch.bool, device=x.device)
-        for sel, is_warm in ((warmed[idx], True), (~warmed[idx], False)):
+class Verdict:
+    """Whether inputs are robust at given radii (every start leaves P̂ > p), by the batched attack.
+    With ``warm_steps`` an input attacked before starts from the δ of each start at its last radius,
+    rescaled, with ``min(warm_steps, steps)`` steps; ``warm``/``warmed`` hold those δ (saved with
+    the search's state)."""
+
+    def __init__(self, vae, x, r, p, samples, starts, steps, pixel_range, generator, compile, warm_steps) -> None:
+        self.vae, self.x, self.steps, self.warm_steps = vae, x, steps, warm_steps
+        self.args = (r, p, samples, starts, steps, pixel_range, generator, compile)
+        n = len(x)
+        self.warm = torch.zeros(n, starts, x.shape[1], dtype=x.dtype, device=x.device) if warm_steps > 0 else None
+        self.warmed = torch.zeros(n, dtype=torch.bool, device=x.device)
+
+    def at(self, idx: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """The verdict for inputs ``idx`` at ``radius`` (one per input)."""
+        if self.warm is None:
+            return _robust_at(self.vae, self.x[idx], radius, *self.args)
+        r, p, samples, starts, _, pixel_range, generator, compile = self.args
+        robust = torch.empty(len(idx), dtype=torch.bool, device=self.x.device)
+        for sel, is_warm in ((self.warmed[idx], True), (~self.warmed[idx], False)):
             if bool(sel.any()):
                 j = idx[sel]
-                init, k = (warm[j], min(warm_steps, steps)) if is_warm else (None, steps)
-                robust[sel], warm[j] = _attack_and_test(vae, x[j], radius[sel], r, p, samples, starts, k,
-                                                        pixel_range, generator, compile, init)
-                warmed[j] = True
+                init, k = (self.warm[j], min(self.warm_steps, self.steps)) if is_warm else (None, self.steps)
+                robust[sel], self.warm[j] = _attack_and_test(self.vae, self.x[j], radius[sel], r, p, samples, starts,
+                                                             k, pixel_range, generator, compile, init)
+                self.warmed[j] = True
         return robust
 
+    def all_at(self, radius: float) -> torch.Tensor:
+        """Every input's verdict at one radius, from random starts."""
+        x = self.x
+        return _robust_at(self.vae, x, torch.full((len(x),), float(radius), dtype=x.dtype, device=x.device),
+                          *self.args)
+
+
+def _grid_margins(verdict: Verdict, max_radius: float, grid_step: float, state, progress: bool) -> EstimatedMargins:
+    """The reference's descending grid: margin = the smallest radius found non-robust."""
+    x = verdict.x
+    n = len(x)
+    k = int(round(max_radius / grid_step))
+    radii = [grid_step * i for i in range(k, 0, -1)]
+    margin = torch.full((n,), float(max_radius), dtype=x.dtype, device=x.device)
+    censored = torch.ones(n, dtype=torch.bool, device=x.device)
+    done = 0
+    if state is not None and (saved := state.load(x.device)) is not None:
+        done, margin, censored = saved["done"], saved["margin"], saved["censored"]
+    for i, t in enumerate(tqdm(radii, desc="margins (grid)", disable=not progress, leave=False)):
+        if i < done:
+            continue
+        robust = verdict.all_at(t)
+        margin = torch.where(~robust, torch.full_like(margin, t), margin)
+        censored &= robust
+        if state is not None:
+            state.save(done=i + 1, margin=margin, censored=censored)
+    zero_fail = ~verdict.all_at(0.0)
+    margin = torch.where(zero_fail, torch.zeros_like(margin), margin)
+    if state is not None:
+        state.remove()  # finished: nothing left to continue
+    return EstimatedMargins(margin, censored & ~zero_fail, len(radii) + 1)
+
+
+def _bisection_margins(verdict: Verdict, max_radius: float, tol: float, state, progress: bool) -> EstimatedMargins:
+    """Every input's bracket [robust, non-robust] halves at once until narrower than ``tol``;
+    margin = the bracket's upper end. ``max_radius`` is attacked only for inputs that a midpoint
+    found robust (or whose bracket is done): robust there means censored."""
+    x = verdict.x
+    full = torch.full((len(x),), float(max_radius), dtype=x.dtype, device=x.device)
     saved = state.load(x.device) if state is not None else None
     if saved is not None:
         evaluated, censored, top_known = saved["evaluated"], saved["censored"], saved["top_known"]
         lo, hi, active = saved["lo"], saved["hi"], saved["active"]
-        if warm is not None:
-            warm, warmed = saved["warm"], saved["warmed"]
+        if verdict.warm is not None:
+            verdict.warm, verdict.warmed = saved["warm"], saved["warmed"]
     else:
-        evaluated = 1
-        robust_zero = _robust_at(vae, x, torch.zeros_like(full), *args)
-        lo = torch.zeros_like(full)
-        hi = torch.where(robust_zero, full, torch.zeros_like(full))
-        active = robust_zero.clone()
-        censored = torch.zeros_like(active)
+        evaluated, robust_zero = 1, verdict.all_at(0.0)
+        lo, hi = torch.zeros_like(full), torch.where(robust_zero, full, torch.zeros_like(full))
+        active, censored = robust_zero.clone(), torch.zeros_like(robust_zero)
         top_known = torch.zeros_like(active)  # whether max_radius has been attacked
     total = max(0, math.ceil(math.log2(max_radius / tol)))
     with tqdm(total=total, desc="margins (bisection)", disable=not progress, leave=False) as bar:
         while True:
             if state is not None:
-                extra = {"warm": warm, "warmed": warmed} if warm is not None else {}
+                extra = {"warm": verdict.warm, "warmed": verdict.warmed} if verdict.warm is not None else {}
                 state.save(lo, hi, evaluated=evaluated, censored=censored, top_known=top_known, active=active,
                            **extra)
-            # max_radius is attacked only for inputs that a smaller radius has not broken, once one
-            # midpoint found them robust (or the bracket is done): robust there means censored
             top = active & ~top_known & (hi >= max_radius) & ((lo > 0) | (hi - lo <= tol))
             if bool(top.any()):
                 idx = top.nonzero().flatten()
-                robust = robust_at(idx, full[idx])
+                robust = verdict.at(idx, full[idx])
                 censored[idx], active[idx], top_known[idx] = robust, ~robust, True
                 evaluated += 1
                 continue
             todo = active & (hi - lo > tol)
             if not bool(todo.any()):
                 break
-            mid = 0.5 * (lo + hi)
-            idx = todo.nonzero().flatten()
-            robust = robust_at(idx, mid[idx])
+            mid, idx = 0.5 * (lo + hi), todo.nonzero().flatten()
+            robust = verdict.at(idx, mid[idx])
             lo[idx] = torch.where(robust, mid[idx], lo[idx])
             hi[idx] = torch.where(robust, hi[idx], mid[idx])
             evaluated += 1
             bar.update(1)
     if state is not None:
         state.remove()
-    vae.train(was_training)
     return EstimatedMargins(hi, censored, evaluated)
 
 

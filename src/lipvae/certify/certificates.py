@@ -33,10 +33,12 @@ LIPSCHITZ_TOLERANCE = 1e-3
 def _coupled_defaults() -> dict:
     """The ``certify.coupled`` settings a run gets (``conf/certify/default.yaml``), read from that
     file, so that a caller of ``certify`` who passes none gets the same ones."""
+    from importlib import resources
+
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "certify" / "default.yaml"
-    return dict(OmegaConf.to_container(OmegaConf.load(conf).coupled))
+    conf = resources.files("lipvae.conf") / "certify" / "default.yaml"
+    return dict(OmegaConf.to_container(OmegaConf.create(conf.read_text()).coupled))
 
 
 #: The coupled form's Monte Carlo: pairs per input, the certificate's failure probability, seed.

@@ -1,0 +1,172 @@
+"""lipvae's margins as Lightning callbacks, for any ``Trainer`` whose module holds a lipvae VAE
+(as ``module.vae``):
+
+    trainer = L.Trainer(max_epochs=5, callbacks=[
+        CertifiedMargins(r=[8.0], p=[0.5]),
+        EstimatedMargins(num_inputs=25, samples=40, starts=5, steps=100),
+    ], default_root_dir="outputs/mine")
+    trainer.fit(module, datamodule=data)
+    # outputs/mine/evaluation.json: certified and estimated margins, soundness violations
+
+When fitting ends, the first of them in the trainer's list runs the one evaluation pipeline
+(``lipvae.evaluate.evaluate``: certify, attack, soundness check, tables and figures) once, with
+the settings of all of them, on the best checkpoint's weights (or the last ones), frozen. The
+callbacks hold settings only; what the pipeline finds is written to the run folder
+(``evaluation.json`` beside the tables) and logged to the trainer's loggers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+
+from lipvae.certify.certificates import check_lipschitz
+from lipvae.errors import UserError
+from lipvae.evaluate import evaluate
+from lipvae.results import atomic_write_text, code_version
+from lipvae.stored import load_checkpoint
+
+log = logging.getLogger("lipvae")
+EVALUATION_FILE = "evaluation.json"
+
+
+class MarginCallback(Callback):
+    """What the margin callbacks share: the trigger at the end of fitting. ``dirpath``: where the
+    evaluation is written (default: the trainer's ``default_root_dir``); ``weights``: best (the
+    checkpoint of the trainer's ModelCheckpoint with the lowest monitored value, where there is
+    one) or last (the weights as fitting left them)."""
+
+    section = ""  # certify | attack: the part of the evaluation's settings this callback holds
+
+    def __init__(self, dirpath: str | Path | None = None, weights: str = "best", seed: int = 0,
+                 eval_batch_size: int = 1000) -> None:
+        if weights not in ("best", "last"):
+            raise UserError(f"weights: got {weights!r}; accepted: best, last")
+        self.dirpath, self.weights, self.seed, self.eval_batch_size = dirpath, weights, seed, eval_batch_size
+
+    def settings(self) -> dict:
+        raise NotImplementedError
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        margin_callbacks = [cb for cb in trainer.callbacks if isinstance(cb, MarginCallback)]
+        if margin_callbacks[0] is self and trainer.is_global_zero:  # the pipeline runs once, on one process
+            evaluate_at_fit_end(trainer, pl_module, margin_callbacks)
+
+
+class CertifiedMargins(MarginCallback):
+    """Certified margins (docs/math.md §3) of the frozen model at every (r, p) of ``r`` × ``p``
+    for each of ``forms`` (the first is summarised), on the first ``num_inputs`` test inputs
+    (None: all). ``coupled``: the coupled form's samples, alpha and seed."""
+
+    section = "certify"
+
+    def __init__(self, r=(8.0,), p=(0.5,), forms=("tight", "exact", "paper"), num_inputs: int | None = None,
+                 coupled: dict | None = None, **common) -> None:
+        super().__init__(**common)
+        self.r, self.p, self.forms, self.num_inputs = list(r), list(p), list(forms), num_inputs
+        self.coupled = dict(coupled or {"samples": 2000, "alpha": 0.001, "seed": 0})
+
+    def settings(self) -> dict:
+        return {"enabled": True, "r": self.r, "p": self.p, "forms": self.forms, "num_inputs": self.num_inputs,
+                "coupled": self.coupled}
+
+
+class EstimatedMargins(MarginCallback):
+    """Estimated margins by the maximum-damage attack (conf/attack/pgd.yaml names every setting;
+    ``attack``: their values, or keyword arguments one by one), with the soundness check against
+    the certified margins when a CertifiedMargins callback certifies the same (r, p)."""
+
+    section = "attack"
+
+    def __init__(self, attack: dict | None = None, dirpath=None, weights: str = "best", seed: int = 0,
+                 eval_batch_size: int = 1000, **settings) -> None:
+        super().__init__(dirpath=dirpath, weights=weights, seed=seed, eval_batch_size=eval_batch_size)
+        self.attack = {**default_attack(), **(attack or {}), **settings}
+
+    def settings(self) -> dict:
+        return {**self.attack, "enabled": True}
+
+
+def default_attack() -> dict:
+    """The attack's default settings: the packaged conf/attack/pgd.yaml with its latent attack
+    (conf/attack/latent/hard.yaml), read as files (no Hydra composition, which an app may hold)."""
+    from importlib import resources
+
+    conf = resources.files("lipvae.conf") / "attack"
+
+    def read(f) -> dict:
+        node = OmegaConf.to_container(OmegaConf.create(f.read_text()))
+        node.pop("defaults", None)
+        return node
+
+    return {**read(conf / "pgd.yaml"), "latent": read(conf / "latent" / "hard.yaml")}
+
+
+def held_out_split(trainer: L.Trainer):
+    """The test inputs: the datamodule's ``split('test')`` (lipvae's ImageDataModule), or the
+    batches of its test loader with their positions as indices."""
+    from lipvae.data import TensorBatches
+
+    dm = trainer.datamodule
+    if dm is not None and hasattr(dm, "split"):
+        return dm.split("test")
+    loader = dm.test_dataloader() if dm is not None else None
+    if loader is None:
+        raise UserError("margins: the trainer has no datamodule with test data (fit with datamodule=...)")
+    images, labels = [], []
+    for batch in loader:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 else (batch, None)
+        images.append(x.flatten(1))
+        labels.append(torch.zeros(len(x), dtype=torch.long) if y is None else y)
+    images, labels = torch.cat(images), torch.cat(labels)
+    return TensorBatches(images, labels, torch.arange(len(images)))
+
+
+def best_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    """Load the best checkpoint's weights into the module, where the trainer keeps one; the
+    (1-based) epoch whose weights the module now holds."""
+    ckpt = trainer.checkpoint_callback
+    best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    if best and Path(best).is_file():
+        state = load_checkpoint(Path(best))
+        pl_module.load_state_dict(state["state_dict"])
+        log.info("evaluating the best epoch (%d of %d): %s", int(state["epoch"]) + 1, trainer.current_epoch, best)
+        return int(state["epoch"]) + 1
+    return trainer.current_epoch
+
+
+def evaluate_at_fit_end(trainer: L.Trainer, pl_module: L.LightningModule, callbacks: list[MarginCallback]) -> dict:
+    """Freeze the module's VAE (best weights unless asked otherwise), run the evaluation pipeline with
+    the callbacks' settings and write ``evaluation.json`` to the run folder; its contents."""
+    first = callbacks[0]
+    out_dir = Path(first.dirpath or trainer.default_root_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sections = {cb.section: cb.settings() for cb in callbacks}
+    cfg = OmegaConf.create({
+        "certify": sections.get("certify", {"enabled": False}),
+        "attack": sections.get("attack", {"enabled": False}),
+        "data": {"eval_batch_size": first.eval_batch_size},
+    })
+    epoch = best_weights(trainer, pl_module) if first.weights == "best" else trainer.current_epoch
+    vae = pl_module.vae
+    vae.freeze()
+    if vae.kind == "lipschitz":
+        check_lipschitz(vae.lipschitz_constants())
+    start = time.perf_counter()
+    ev = evaluate(vae, held_out_split(trainer), cfg, out_dir, first.seed, loggers=trainer.loggers,
+                  step=trainer.global_step, progress=False)
+    record = {
+        "evaluated_epoch": epoch, "weights": first.weights, "code": code_version(), **ev.results(),
+        "timings": {"certify_s": ev.certify_s, "attack_s": ev.attack_s, "total_s": time.perf_counter() - start},
+        "config": {**OmegaConf.to_container(cfg, resolve=True), "seed": first.seed},
+    }
+    atomic_write_text(out_dir / EVALUATION_FILE, json.dumps(record, indent=2, allow_nan=False) + "\n")
+    log.info("margins written to %s", out_dir / EVALUATION_FILE)
+    return record
