@@ -135,6 +135,9 @@ def every_kth_fast(cases: list, k: int, ids: list[str] | None = None) -> list:
 
 
 def pytest_collection_modifyitems(config, items):
+    # the long tests first (a stable sort: file order otherwise), so that pytest-xdist's workers
+    # finish together instead of one of them starting the wheel's build as the other runs out of work
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if any(item.get_closest_marker("real_mnist") for item in items):
         found, why = real_mnist()
         if not found:
