@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -110,7 +109,6 @@ def main() -> None:
     if not 1 <= args.reference_images <= 25:
         raise SystemExit(f"error: --reference-images: got {args.reference_images}; accepted: an integer in [1, 25]")
     workers = args.workers or cores()
-    os.environ.setdefault("LIPVAE_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     vae = trained_model(args.run, args.epochs)
     test = ImageDataModule(resplit=True).split("test").images
     x, x25, xref = test[: args.inputs], test[:25], test[: args.reference_images]

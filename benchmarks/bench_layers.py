@@ -1,6 +1,7 @@
 """The Lipschitz layers on one benchmark: lipvae's Björck layer (its default: one in-graph
 iteration plus a 2-step projection after every optimiser step), the iteration-free AOL layer,
-the Stiefel-manifold layer (geoopt's Riemannian Adam) and deel-torchlip's SpectralLinear.
+the Stiefel-manifold layer (geoopt weights trained by lipvae.module.StiefelAdam) and
+deel-torchlip's SpectralLinear.
 
 Every layer trains the same VAE (μ, σ, g: 3-layer MLPs, hidden widths ``--hidden``, latent 10,
 GroupSort2, continuous Bernoulli ELBO, encoder and decoder constants L = ``--L``, learning rate
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import statistics
 import tempfile
 import time
@@ -173,5 +173,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("LIPVAE_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     main()

@@ -64,5 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("LIPVAE_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     main()

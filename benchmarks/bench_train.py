@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -167,7 +165,6 @@ def main() -> None:
     ap.add_argument("--data", choices=("official", "proxy"), default="official",
                     help="the official MNIST split, or the test file re-divided (the proxy used before)")
     args = ap.parse_args()
-    os.environ.setdefault("LIPVAE_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     dm = ImageDataModule(resplit=args.data == "proxy")
     dm.setup()
     x_train, x_val = dm.split("train").images, dm.split("val").images

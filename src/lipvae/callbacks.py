@@ -17,7 +17,6 @@ callbacks hold settings only; what the pipeline finds is written to the run fold
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,14 +26,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
-from lipvae.certify.certificates import check_lipschitz
+from lipvae.certify.certificates import COUPLED_DEFAULTS, check_lipschitz
 from lipvae.errors import UserError
-from lipvae.evaluate import evaluate
-from lipvae.results import atomic_write_text, code_version
-from lipvae.stored import load_checkpoint
+from lipvae.evaluate import evaluate, write_evaluation
+from lipvae.results import code_version
+from lipvae.stored import load_best_weights
 
 log = logging.getLogger("lipvae")
-EVALUATION_FILE = "evaluation.json"
 
 
 class MarginCallback(Callback):
@@ -71,7 +69,7 @@ class CertifiedMargins(MarginCallback):
                  coupled: dict | None = None, **common) -> None:
         super().__init__(**common)
         self.r, self.p, self.forms, self.num_inputs = list(r), list(p), list(forms), num_inputs
-        self.coupled = dict(coupled or {"samples": 2000, "alpha": 0.001, "seed": 0})
+        self.coupled = dict(coupled or COUPLED_DEFAULTS)
 
     def settings(self) -> dict:
         return {"enabled": True, "r": self.r, "p": self.p, "forms": self.forms, "num_inputs": self.num_inputs,
@@ -129,19 +127,6 @@ def held_out_split(trainer: L.Trainer):
     return TensorBatches(images, labels, torch.arange(len(images)))
 
 
-def best_weights(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-    """Load the best checkpoint's weights into the module, where the trainer keeps one; the
-    (1-based) epoch whose weights the module now holds."""
-    ckpt = trainer.checkpoint_callback
-    best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
-    if best and Path(best).is_file():
-        state = load_checkpoint(Path(best))
-        pl_module.load_state_dict(state["state_dict"])
-        log.info("evaluating the best epoch (%d of %d): %s", int(state["epoch"]) + 1, trainer.current_epoch, best)
-        return int(state["epoch"]) + 1
-    return trainer.current_epoch
-
-
 def evaluate_at_fit_end(trainer: L.Trainer, pl_module: L.LightningModule, callbacks: list[MarginCallback]) -> dict:
     """Freeze the module's VAE (best weights unless asked otherwise), run the evaluation pipeline with
     the callbacks' settings and write ``evaluation.json`` to the run folder; its contents."""
@@ -154,7 +139,9 @@ def evaluate_at_fit_end(trainer: L.Trainer, pl_module: L.LightningModule, callba
         "attack": sections.get("attack", {"enabled": False}),
         "data": {"eval_batch_size": first.eval_batch_size},
     })
-    epoch = best_weights(trainer, pl_module) if first.weights == "best" else trainer.current_epoch
+    ckpt = trainer.checkpoint_callback
+    best = getattr(ckpt, "best_model_path", "") if first.weights == "best" and ckpt is not None else ""
+    epoch = load_best_weights(pl_module, best, trainer.current_epoch)
     vae = pl_module.vae
     vae.freeze()
     if vae.kind == "lipschitz":
@@ -164,9 +151,8 @@ def evaluate_at_fit_end(trainer: L.Trainer, pl_module: L.LightningModule, callba
                   step=trainer.global_step, progress=False)
     record = {
         "evaluated_epoch": epoch, "weights": first.weights, "code": code_version(), **ev.results(),
-        "timings": {"certify_s": ev.certify_s, "attack_s": ev.attack_s, "total_s": time.perf_counter() - start},
+        "timings": ev.timings(time.perf_counter() - start),
         "config": {**OmegaConf.to_container(cfg, resolve=True), "seed": first.seed},
     }
-    atomic_write_text(out_dir / EVALUATION_FILE, json.dumps(record, indent=2, allow_nan=False) + "\n")
-    log.info("margins written to %s", out_dir / EVALUATION_FILE)
+    log.info("margins written to %s", write_evaluation(out_dir, record))
     return record

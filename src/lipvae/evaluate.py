@@ -54,6 +54,7 @@ log = logging.getLogger("lipvae")
 CERTIFIED_TABLE = "certified_margins.csv"
 MARGINS_TABLE = "margins.csv"
 STATE = "attack_state.pt"  # the margin search's state while it runs (attack_state.csv: partial table)
+EVALUATION_FILE = "evaluation.json"  # an evaluation's record (docs/results.md), beside its tables
 #: the files an evaluation writes into its folder
 OUTPUTS = (CERTIFIED_TABLE, MARGINS_TABLE, "certified_margins.png", "certified_vs_estimated.png", "latent_attack.png")
 
@@ -67,6 +68,10 @@ class Evaluation:
     coupled_exceedances: dict | None = None
     certify_s: float = 0.0
     attack_s: float = 0.0
+
+    def timings(self, total_s: float) -> dict:
+        """Seconds spent certifying, attacking, and in all (``total_s``)."""
+        return {"certify_s": self.certify_s, "attack_s": self.attack_s, "total_s": total_s}
 
     def results(self) -> dict:
         """The parts of results.json an evaluation owns, always written together."""
@@ -483,12 +488,12 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
         "at": stamp,
         "code": code_version(),
         "reused_estimated_margins": reuse is not None,
-        "timings": {"certify_s": ev.certify_s, "attack_s": ev.attack_s, "total_s": time.perf_counter() - start},
+        "timings": ev.timings(time.perf_counter() - start),
     }
     body = {"run": str(run_dir), "weights": weights.name, **record, **part,
             "config": {"certify": OmegaConf.to_container(cfg.certify),
                        "attack": OmegaConf.to_container(cfg.attack), "seed": cfg.seed}}
-    atomic_write_text(out_dir / "evaluation.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
+    write_evaluation(out_dir, body)
     if not replace:
         return out_dir, part
     stored.pop("schema_version", None)
@@ -500,6 +505,13 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
     stored["evaluation"] = {**record, "made_in": f"evaluations/{out_dir.name}", "replaced": f"evaluations/{kept.name}"}
     _switch_in(run_dir, out_dir, kept, stored, made)
     return run_dir, part
+
+
+def write_evaluation(out_dir: Path, record: dict) -> Path:
+    """An evaluation's record as ``evaluation.json`` in its folder, atomically."""
+    path = Path(out_dir) / EVALUATION_FILE
+    atomic_write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
+    return path
 
 
 def _switch_in(run_dir: Path, new: Path, kept: Path, record: dict, made: list[Path]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from importlib import resources
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.config import build_vae
 from lipvae.errors import UserError
+
+log = logging.getLogger("lipvae")
 
 FROZEN = "frozen_model.pt"
 
@@ -32,6 +35,19 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"checkpoint: {path} is not a Lightning checkpoint (a plain state dict?); resume needs the"
                         " run's own checkpoints/last.ckpt, or drop resume=true to start afresh")
     return ckpt
+
+
+def load_best_weights(module, best: str | Path | None, epochs: int) -> int:
+    """Load the weights of the best checkpoint ``best`` (a ModelCheckpoint's ``best_model_path``;
+    nothing when empty or missing) into the Lightning ``module``; the 1-based epoch whose weights
+    it now holds (``epochs``, the epochs trained, when nothing was loaded)."""
+    if not best or not Path(best).is_file():
+        return epochs
+    state = load_checkpoint(Path(best))
+    module.load_state_dict(state["state_dict"])
+    epoch = int(state["epoch"]) + 1
+    log.info("evaluating the best epoch (%d of %d): %s", epoch, epochs, best)
+    return epoch
 
 
 def load_state(path: Path) -> dict:

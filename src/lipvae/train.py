@@ -37,7 +37,7 @@ from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
-from lipvae.stored import load_checkpoint, load_state
+from lipvae.stored import load_best_weights, load_checkpoint, load_state
 from lipvae.config import (build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides,
                            check_yaml_files,
                            named_fields, validate)
@@ -317,8 +317,7 @@ def train(cfg: DictConfig, ctx: RunContext) -> dict | None:
                   step=built.trainer.global_step, progress=built.progress)
     draw(built, ctx.run_dir, cfg.seed)
     results = record(cfg, ctx, built, trained, test, ev)
-    results["timings"] = {"fit_s": trained.fit_s, "test_s": test_s, "certify_s": ev.certify_s,
-                          "attack_s": ev.attack_s, "total_s": time.perf_counter() - t0}
+    results["timings"] = {"fit_s": trained.fit_s, "test_s": test_s, **ev.timings(time.perf_counter() - t0)}
     write_results(ctx.run_dir, results)
     log.info("results written to %s", ctx.run_dir / "results.json")
     summarise_to_wandb(built.loggers, results, ev)
@@ -397,13 +396,8 @@ def freeze(built: Built, cfg: DictConfig, run_dir: Path, fit_s: float, epochs: i
     """Take the evaluated weights (``trainer.evaluate``: best or last), say why training stopped
     and how far it converged, freeze the Lipschitz layers and save the frozen model."""
     evaluated_epoch = epochs
-    best = built.schedule.checkpoint.best_model_path
-    if cfg.trainer.evaluate == "best" and best and Path(best).is_file():
-        # the weights of the epoch with the lowest validation loss, not those `patience` epochs on
-        state = load_checkpoint(Path(best))
-        built.module.load_state_dict(state["state_dict"])
-        evaluated_epoch = int(state["epoch"]) + 1
-        log.info("evaluating the best epoch (%d of %d): %s", evaluated_epoch, epochs, best)
+    if cfg.trainer.evaluate == "best":  # the epoch with the lowest validation loss, not `patience` epochs on
+        evaluated_epoch = load_best_weights(built.module, built.schedule.checkpoint.best_model_path, epochs)
     sched = built.schedule
     stopped_by = stop_reason(sched.early_stopping, sched.finetune, epochs, sched.max_epochs, timed_out)
     converged = convergence(sched.history.val_losses, stopped_by, evaluated_epoch)
@@ -476,11 +470,6 @@ def summarise_to_wandb(loggers: list, results: dict, ev: Evaluation) -> None:
             summary["results/soundness_violations"] = ev.soundness_violations
         lg.experiment.summary.update(summary)
         lg.experiment.finish()
-
-
-def run(cfg: DictConfig, run_dir: Path) -> dict | None:
-    """``train`` in ``run_dir``, started from Python (no command line recorded beyond sys.argv)."""
-    return train(cfg, RunContext(run_dir))
 
 
 def _record(cfg: DictConfig, run_dir: Path, status: str, error: str) -> None:
