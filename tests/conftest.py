@@ -244,6 +244,15 @@ def run_main(*args: str, module: str = "lipvae.train", env: dict | None = None, 
 SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false", "trainer.enable_progress_bar=false"]
 
 
+def composed(*overrides: str, hydra: bool = False, conf: Path = CONF):
+    """The config the command line would compose from ``overrides`` (``conf``: the config folder;
+    ``hydra``: with Hydra's own node)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
 def shared_folder(tmp_path_factory, name: str, build) -> Path:
     """A folder made once per test session by ``build(folder)`` and shared by the session's
     pytest-xdist workers: the first to ask builds it while the others wait, then all read it."""

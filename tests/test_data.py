@@ -1,13 +1,13 @@
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hydra import compose, initialize_config_dir
 
-from conftest import CONF, needs_real_mnist
+from conftest import composed, needs_real_mnist
 from lipvae.data import ImageDataModule, find_split, load_split, read_idx
 from lipvae.errors import UserError
 
@@ -121,8 +121,7 @@ def test_data_group_builds_its_target_old_records_included():
 
     from lipvae.config import build_datamodule, validate
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["data.limit=50"])
+    cfg = composed("data.limit=50")
     dm = build_datamodule(cfg.data, seed=3)
     assert type(dm) is ImageDataModule and dm.seed == 3
     record = OmegaConf.create({k: v for k, v in cfg.data.items() if k != "_target_"})  # a run from before

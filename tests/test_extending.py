@@ -7,9 +7,8 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import CONF
+from conftest import CONF, composed
 from lipvae.attack import EstimatedMargins, MarginAttack, robust_probability
 from lipvae.config import build_attack, build_vae, validate
 from lipvae.data import TensorBatches
@@ -66,14 +65,9 @@ def my_conf(tmp_path):
     return conf
 
 
-def composed(conf, *overrides):
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 def test_a_new_layer_is_one_class_and_one_yaml_file(my_conf):
-    cfg = composed(my_conf, "model/layer=spectral", "model.hidden=[16,16]", "model.latent_dim=4", "enc_L=3",
-                   "dec_L=2")
+    cfg = composed("model/layer=spectral", "model.hidden=[16,16]", "model.latent_dim=4", "enc_L=3", "dec_L=2",
+                   conf=my_conf)
     validate(cfg)
     vae = build_vae(cfg.model)
     layers = [m for m in vae.modules() if isinstance(m, LipschitzLinear)]
@@ -98,8 +92,8 @@ def test_a_new_layer_is_one_class_and_one_yaml_file(my_conf):
 
 @pytest.mark.slow
 def test_a_new_attack_is_one_class_and_one_yaml_file(my_conf, tmp_path):
-    cfg = composed(my_conf, "attack=random", "experiment=smoke", "model.hidden=[16,16]", "model.latent_dim=4",
-                   "attack.num_inputs=4", "attack.starts=3", "attack.max_radius=3.0", "certify.r=[8.0]")
+    cfg = composed("attack=random", "experiment=smoke", "model.hidden=[16,16]", "model.latent_dim=4",
+                   "attack.num_inputs=4", "attack.starts=3", "attack.max_radius=3.0", "certify.r=[8.0]", conf=my_conf)
     validate(cfg)
     attack = build_attack(cfg.attack)
     assert type(attack) is RandomDirectionAttack

@@ -10,10 +10,9 @@ import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch.func import jacrev, vmap
 
-from conftest import CONF, synthetic_data_dir
+from conftest import composed, synthetic_data_dir
 from lipvae.config import build_layer
 from lipvae.errors import UserError
 from lipvae.module import StiefelAdam, make_optimizer
@@ -127,8 +126,7 @@ def test_torchlip_layers_are_sound_with_their_measured_constants():
 
 def test_a_missing_deel_torchlip_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "deel", None)  # as if not installed
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["model/layer=torchlip"])
+    cfg = composed("model/layer=torchlip")
     with pytest.raises(UserError) as err:
         build_layer(cfg.model)
     message = str(err.value)
@@ -141,14 +139,12 @@ def test_a_missing_deel_torchlip_is_one_line(monkeypatch):
 def test_the_layer_trains_freezes_certifies_and_passes_the_soundness_check(layer, tmp_path, monkeypatch):
     if layer == "torchlip":
         pytest.importorskip("deel.torchlip")
-    from lipvae.train import run
+    from lipvae.train import RunContext, train
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_data_dir()))
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=smoke", "data.resplit=true", f"model/layer={layer}",
-                                           "trainer.enable_progress_bar=false", "trainer.finetune.max_epochs=0",
-                                           "trainer.max_epochs=2"])
-    run(cfg, tmp_path)
+    cfg = composed("experiment=smoke", "data.resplit=true", f"model/layer={layer}", "trainer.enable_progress_bar=false",
+                   "trainer.finetune.max_epochs=0", "trainer.max_epochs=2")
+    train(cfg, RunContext(tmp_path))
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "completed" and r["config"]["model"]["layer"]["_target_"].endswith(
         {"stiefel": "StiefelLinear", "torchlip": "TorchlipLinear"}[layer])

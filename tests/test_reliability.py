@@ -11,23 +11,14 @@ import lightning as L
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import CONF, PROJECT, every_kth_fast, run_cli, synthetic_data_dir
+from conftest import PROJECT, SMOKE, composed, every_kth_fast, run_cli, synthetic_data_dir
 from lipvae.config import build_callbacks, check_overrides, validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnException, VAEModule
 from lipvae.results import write_results
 from lipvae.vae import VAE
-
-SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false", "trainer.enable_progress_bar=false"]
-
-
-def composed(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
 
 BAD_INPUTS = [
     (["enc_L=0"], "enc_L: got 0.0; accepted: a positive number"),

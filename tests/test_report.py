@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
-from conftest import CONF, every_kth_fast, run_cli, shared_folder
+from conftest import composed, every_kth_fast, run_cli, shared_folder
 from lipvae.report import main as report_main
 
 TINY = [
@@ -18,11 +17,6 @@ TINY = [
     "attack.starts=2",
     "attack.steps=10",
 ]
-
-
-def composed(*overrides, hydra=False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 @pytest.fixture(scope="session")

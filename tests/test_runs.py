@@ -12,20 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from conftest import CONF, PROJECT, run_cli, synthetic_data_dir
+from conftest import CONF, PROJECT, SMOKE, composed, run_cli, synthetic_data_dir
 from lipvae.errors import UserError
 from lipvae.runfolder import RunFolderError, check_run_folder, claim, config_differences
 from lipvae.train import check_finite, check_shapes
-
-SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false", "trainer.enable_progress_bar=false"]
-
-
-def composed(*overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
 
 def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "train.log"}
@@ -192,8 +183,7 @@ def test_resume_auto_continues_only_what_exists(tmp_path):
 
 def test_slurm_launcher_requeues_on_preemption():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    cfg = composed("hydra/launcher=slurm", hydra=True)
     assert cfg.hydra.launcher.max_num_timeout > 0 and cfg.hydra.launcher.signal_delay_s > 0
     assert "resume=auto" in (CONF / "hydra" / "launcher" / "slurm.yaml").read_text()
 

@@ -6,11 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import SMOKE, run_cli
 from lipvae.module import FineTune
-
-SMOKE = ["experiment=smoke", "data.resplit=true", "logger.wandb.enabled=false"]
-
 
 def load(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
@@ -115,12 +112,9 @@ def test_bad_input_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_wandb_offline_by_default_records_run(tmp_path):
-    from hydra import compose, initialize_config_dir
+    from conftest import composed
 
-    from conftest import CONF
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        default = compose("config")
+    default = composed()
     assert default.logger.wandb.enabled and default.logger.wandb.mode == "offline"
     proc = run_cli(  # the smoke preset turns W&B off; switch it back on
         "experiment=smoke", "data.resplit=true", "logger.wandb.enabled=true", f"hydra.run.dir={tmp_path}",
