@@ -225,6 +225,8 @@ def run_main(*args: str, module: str = "lipvae.train", env: dict | None = None, 
                 traceback.print_exc()
                 code = 1
     finally:
+        if "wandb" in sys.modules:  # what a process's exit does (wandb's atexit hook): the W&B service
+            sys.modules["wandb"].teardown()  # writes out its offline files and forgets this environment
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None
         for s, handler in saved_signals.items():
