@@ -1,4 +1,5 @@
 import json
+import re
 import pickle
 import shutil
 from pathlib import Path
@@ -7,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import every_kth_fast
+from conftest import PROJECT, every_kth_fast
 import torch
 
 from lipvae.certify.__main__ import main as certify_main
@@ -96,7 +97,7 @@ def test_recertify_cli_reproduces_the_run_and_keeps_its_record(runs, capsys, tmp
     run = shutil.copytree(runs[("lipschitz", "learned")], tmp_path / "run")
     before = pd.read_csv(run / "certified_margins.csv")
     stored = json.loads((run / "results.json").read_text())
-    assert certify_main(["model", str(run), "forms=paper,tight"]) == 0
+    assert certify_main(["model", str(run), "certify.forms=[paper,tight]"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["form"] == "paper" and summary["soundness_violations"] == 0
     out = Path(summary["written_to"])
@@ -108,29 +109,40 @@ def test_recertify_cli_reproduces_the_run_and_keeps_its_record(runs, capsys, tmp
     assert evaluation["estimated"]["mean"] == pytest.approx(stored["estimated"]["mean"])
     assert json.loads((run / "results.json").read_text()) == stored  # the run's record is untouched
     # --replace makes it the run's evaluation, everything together, and keeps the old files
-    assert certify_main(["model", str(run), "forms=paper,tight", "--replace"]) == 0
+    assert certify_main(["model", str(run), "certify.forms=[paper,tight]", "--replace"]) == 0
     capsys.readouterr()
     replaced = json.loads((run / "results.json").read_text())
     assert replaced["certified"]["form"] == "paper" and replaced["soundness_violations"] == 0
     kept = run / replaced["evaluation"]["replaced"]
     assert json.loads((kept / "results.json").read_text()) == stored
     assert pd.read_csv(kept / "certified_margins.csv").equals(before)
-    assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "num_inputs=7"]) == 0
+    assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "certify.num_inputs=7"]) == 0
     assert json.loads(capsys.readouterr().out)["num_inputs"] == 7
     assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "--replace"]) == 2
     assert "is a checkpoint" in capsys.readouterr().err
-    assert certify_main(["model", str(run), "num_inputs=0"]) == 2  # was ignored: certified every input
+    assert certify_main(["model", str(run), "certify.num_inputs=0"]) == 2  # was ignored: certified every input
     assert capsys.readouterr().err.startswith("error: certify.num_inputs: got 0; accepted: a positive integer or null")
+    # the same overrides as lipvae.evaluate, but only the certificate's
+    assert certify_main(["model", str(run), "attack.steps=3"]) == 2
+    assert capsys.readouterr().err.startswith("error: attack.steps: cannot change in a re-evaluation; accepted: certify.*")
+    standard = runs[("standard", "learned")]
+    assert certify_main(["model", str(standard)]) == 2
+    assert "has no certificates to recompute (model.kind=standard" in capsys.readouterr().err
+    assert not (standard / "evaluations").exists()
 
 
 @pytest.mark.parametrize(
     "args,message",
     [
         (["target=inf"], "target: got inf; accepted: a positive finite number"),
-        (["target=0"], "target: got 0; accepted: a positive finite number"),
-        (["target=1", "L=0"], "L: got 0; accepted: a positive finite number"),
-        (["target=1", "gamma=-0.1"], "gamma: got -0.1; accepted: a positive finite number"),
-        (["target=1", "p=1"], "p: got 1; accepted: a number in (0, 1)"),
+        (["target=0"], "target: got 0.0; accepted: a positive finite number"),
+        (["target=1", "L=[0]"], "L: got [0.0]; accepted: a list of positive finite numbers, e.g. [5,7]"),
+        (["target=1", "gamma=[-0.1]"], "gamma: got [-0.1]; accepted: a list of positive finite numbers"),
+        (["target=1", "L=5"], "L: got 5"),  # a list is [5]
+        (["target=1", "L=5,7"], "L=5,7: a sweep, which only training runs (with -m); a list is written L=[5,7]"),
+        (["target=1", "Q=5"], "Q: no such field"),
+        (["target=1", "p=abc"], "p: got 'abc'; accepted: a number in (0, 1)"),
+        (["target=1", "p=1"], "p: got 1.0; accepted: a number in (0, 1)"),
         (["target=1", "m=1"], "m: got 1; accepted: an integer >= 2"),
     ],
 )
@@ -141,7 +153,7 @@ def test_design_cli_refuses_what_has_no_answer(args, message, capsys):
 
 
 def test_design_cli_rows_reach_the_target(capsys):
-    assert certify_main(["design", "r=8", "p=0.5", "m=10", "target=0.5", "gamma=0.1", "L=5,12"]) == 0
+    assert certify_main(["design", "r=8", "p=0.5", "m=10", "target=0.5", "gamma=[0.1]", "L=[5,12]"]) == 0
     out = capsys.readouterr().out.splitlines()
     def override(line, key):
         return float(line.split(f"{key}=")[1].split()[0])
@@ -158,7 +170,7 @@ def test_certify_cli_errors_are_one_line(capsys, tmp_path):
     assert certify_main(["design", "target=1", "form=loose"]) == 2
     assert capsys.readouterr().err.strip() == "error: form: got 'loose'; accepted: paper, exact, tight"
     assert certify_main(["design", "target=1", "p=2"]) == 2
-    assert capsys.readouterr().err.strip().startswith("error: p: got 2; accepted: a number in (0, 1)")
+    assert capsys.readouterr().err.strip().startswith("error: p: got 2.0; accepted: a number in (0, 1)")
     assert certify_main(["model", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -383,7 +395,7 @@ def test_coupled_and_cantelli_forms_in_a_recertified_run(runs, capsys, tmp_path,
     the cap r/(ab) that no certificate using Lip(μ) = b and Lip(g) = a can pass."""
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     run = shutil.copytree(runs[("lipschitz", mode)], tmp_path / "run")
-    assert certify_main(["model", str(run), "forms=coupled,tight,cantelli", "num_inputs=40"]) == 0
+    assert certify_main(["model", str(run), "certify.forms=[coupled,tight,cantelli]", "certify.num_inputs=40"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["form"] == "coupled" and summary["soundness_violations"] == 0
     assert summary["global_margin"] is None
@@ -399,3 +411,25 @@ def test_coupled_and_cantelli_forms_in_a_recertified_run(runs, capsys, tmp_path,
     margins = pd.read_csv(Path(summary["written_to"]) / "margins.csv")
     assert (margins.certified_coupled <= margins.estimated).all()
     assert (margins.certified_cantelli <= margins.estimated).all()
+
+
+def test_the_documented_certify_and_evaluate_lines_compose(capsys):
+    """Every `python -m lipvae.certify|evaluate` line of README and docs/ reads in Hydra's syntax:
+    design's run as written; the run commands' overrides compose (their run folder is a placeholder)."""
+    from lipvae.config import compose_config, parse_overrides
+
+    docs = [PROJECT / "README.md", *sorted((PROJECT / "docs").glob("*.md"))]
+    lines = [m.group(1).split("#")[0].split("`")[0].split() for d in docs
+             for m in re.finditer(r"python -m (lipvae\.(?:certify|evaluate) [^\n]*)", d.read_text())]
+    checked = 0
+    for words in lines:
+        args = [w for w in words[1:] if "=" in w and not w.startswith(("[", "…")) and "…" not in w]
+        if words[0] == "lipvae.certify" and words[1] == "design" and any(w.startswith("target=") for w in words):
+            assert certify_main(["design", *args]) == 0, words
+            checked += 1
+        elif (words[0] == "lipvae.evaluate" or words[1] == "model") and "--config-dir" not in words:  # that one:
+            # test_extending's test_a_finished_run_is_reevaluated_with_a_new_attack_from_a_config_folder
+            compose_config([text for text, _ in parse_overrides(args, sweeps="refuse")])
+            checked += len(args)
+    capsys.readouterr()
+    assert checked >= 8

@@ -114,9 +114,13 @@ def test_default_writes_beside_the_run_and_reuses_an_unchanged_attack(run, capsy
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["model.latent_dim=3"], "error: model.latent_dim: cannot change in a re-evaluation; accepted: certify.*, attack.*"),
+        (["model.latent_dim=3"], "error: model.latent_dim: cannot change in a re-evaluation; accepted: certify.*, attack, attack.*, seed"),
         (["attack.stepz=3"], "error: attack.stepz: no such field; did you mean attack.steps?"),
         (["attack.steps=0"], "error: attack.steps: got 0; accepted: a positive integer"),
+        (["attack.steps=abc"], "error: attack.steps: got 'abc'; accepted: a positive integer"),  # training's line
+        (["attack=wild"], "error: attack: got 'wild'; accepted: lbfgs, pgd, pgd_cold, pgd_quick, pgd_smoke"),
+        (["certify.p=0.5,0.9"], "error: certify.p=0.5,0.9: a sweep, which only training runs (with -m); a list is written certify.p=[0.5,0.9]"),
+        (["+attack.extra=1"], "error: +attack.extra=1: only key=value"),
         (["certify.num_inputs=2"], "error: certify.num_inputs: got 2; accepted: null, or at least attack.num_inputs=5"),
         (["--replce"], "error: unknown flag --replce; accepted: --replace, --fresh"),
     ],

@@ -108,3 +108,28 @@ def test_a_new_attack_is_one_class_and_one_yaml_file(my_conf, tmp_path):
     on_grid = (margins["estimated"] / 0.25).round() * 0.25
     assert len(margins) == 4 and (margins["estimated"] - on_grid).abs().max() < 1e-9  # this attack's grid
     assert ev.soundness_violations == len(margins[margins["certified_tight"] > margins["estimated"]]) == 0
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_reevaluated_with_a_new_attack_from_a_config_folder(
+        my_conf, smoke_runs, tmp_path, monkeypatch, synthetic_root, capsys):
+    """README: `python -m lipvae.evaluate <run> attack=random --config-dir my_conf`: the option of
+    the user's folder, composed by Hydra with the run's choices, attacks the run's frozen model."""
+    import json
+
+    from lipvae.evaluate import main as evaluate_main
+
+    monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
+    run = shutil.copytree(smoke_runs[("lipschitz", "learned")], tmp_path / "run")
+    args = [str(run), "attack=random", "attack.num_inputs=3", "attack.starts=2", "attack.max_radius=2.0"]
+    assert evaluate_main(args) == 2  # not a packaged option
+    assert capsys.readouterr().err.startswith("error: attack: got 'random'; accepted: lbfgs, pgd, pgd_cold")
+    assert evaluate_main([*args, "--config-dir", str(my_conf)]) == 0, capsys.readouterr().err
+    (folder,) = (run / "evaluations").iterdir()
+    record = json.loads((folder / "evaluation.json").read_text())
+    assert record["estimated"]["method"] == "random_directions" and record["estimated"]["num_inputs"] == 3
+    assert record["soundness_violations"] == 0 and not record["reused_estimated_margins"]
+    margins = pd.read_csv(folder / "margins.csv")
+    assert ((margins["estimated"] / 0.25).round() * 0.25 - margins["estimated"]).abs().max() < 1e-9
+    assert evaluate_main([str(run), "--config-dir", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: --config-dir: got '{tmp_path / 'nope'}'; accepted: an existing folder of config groups"

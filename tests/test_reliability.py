@@ -70,11 +70,12 @@ BAD_INPUTS = [
     (["trainer.strategy=dpp"], "trainer.strategy: got 'dpp'; accepted: auto or a Lightning strategy name"),
     (["trainer.devices=0"], "trainer.devices: got 0; accepted: a positive integer, -1 or auto"),
     (["trainer.evaluate=first"], "trainer.evaluate: got 'first'; accepted: best, last"),
-    (["attack=cw"], "attack: got 'cw'; accepted: lbfgs, pgd"),
+    (["attack=cw"], "attack: got 'cw'; accepted: lbfgs, pgd, pgd_cold, pgd_quick, pgd_smoke"),
     (["attack._target_=collections.OrderedDict"],
      "attack._target_: got 'collections.OrderedDict'; accepted: a subclass of lipvae.attack.MarginAttack"),
     (["attack._target_=no.such.Attack"], "attack: cannot build no.such.Attack ("),
     (["attack=lbfgs", "attack.lbfgs.maxcor=0"], "attack.lbfgs.maxcor: got 0; accepted: a positive integer"),
+    (["attack=lbfgs", "attack.steps=5"], "attack.steps: no such field"),  # L-BFGS-B takes no steps
     (["attack=lbfgs", "attack.lbfgs.pgtol=-1"], "attack.lbfgs.pgtol: got -1.0; accepted: a positive number"),
     (["attack.latent.kind=medium"], "attack.latent.kind: got 'medium'; accepted: hard, soft"),
     (["attack/latent=soft", "attack.latent.penalty=-1"], "attack.latent.penalty: got -1.0; accepted: a number >= 0"),
@@ -87,7 +88,7 @@ BAD_INPUTS = [
     (["+model.layer.colour=red"], "model.layer: cannot build lipvae.networks.StiefelLinear (TypeError"),
     (["logger.wandb._target_=collections.OrderedDict"],
      "logger.wandb._target_: got 'collections.OrderedDict'; accepted: a lightning.pytorch Logger class"),
-    (["data.root=/nonexistent/lipvae"], "data.root: got '/nonexistent/lipvae', which does not exist"),
+    (["data.root=/nonexistent/lipvae"], "data.root: got '/nonexistent/lipvae'; accepted: an existing folder holding"),
     (["name=x/../../../elsewhere/run"], "name: got 'x/../../../elsewhere/run'; accepted: letters, digits and . _ = + , -"),
     (["attack.search=grid", "attack.grid_step=1e-4"],
      "attack.grid_step: got 0.0001; accepted: at least attack.max_radius/1000 = 0.01 (at most 1000 radii"),
@@ -108,8 +109,16 @@ def test_defaults_and_presets_are_valid():
     validate(composed("experiment=smoke", "model.encoder_std.mode=bounded", "model.encoder_std.max_norm=0.5"))
     lbfgs = composed("attack=lbfgs", "attack/latent=soft")
     validate(lbfgs)
-    assert (lbfgs.attack._target_, lbfgs.attack.search, lbfgs.attack.lbfgs.maxcor) == (
-        "lipvae.attack.LBFGSAttack", "grid", 100)
+    assert (lbfgs.attack._target_, lbfgs.attack.lbfgs.maxcor) == ("lipvae.attack.LBFGSAttack", 100)
+    pgd_only = {"steps", "tol", "search", "warm_steps", "compile"}  # LBFGSAttack takes none of them
+    assert not pgd_only & set(lbfgs.attack) and pgd_only <= set(composed().attack)
+    # the presets' pgd settings are pgd options, which attack=lbfgs replaces; their sizes stay
+    for preset in ("smoke", "quick", "fig5_official"):
+        both = composed(f"experiment={preset}", "attack=lbfgs")
+        validate(both)
+        assert not pgd_only & set(both.attack)
+        assert both.attack.num_inputs == composed(f"experiment={preset}").attack.num_inputs
+    assert (composed("experiment=smoke").attack.steps, composed("experiment=fig5_official").attack.warm_steps) == (20, 0)
     assert lbfgs.attack.latent.kind == "soft" and lbfgs.attack.latent.penalty == 1.0
     assert composed().attack._target_ == "lipvae.attack.PGDAttack" and composed().attack.latent.kind == "hard"
 

@@ -80,6 +80,8 @@ def test_standard_beta_vae_with_fixed_std(tmp_path):
     assert r["model"]["beta"] == 5.0 and r["model"]["encoder_std"]["gamma"] == 0.1
     assert r["metrics"]["epochs"] == 1  # no fine-tune phase for a standard VAE
     assert r["estimated"]["method"] == "lbfgs" and r["estimated"]["search"] == "grid"
+    assert r["estimated"]["steps"] is None and r["estimated"]["tol"] is None  # it has neither
+    assert not {"steps", "tol", "search", "warm_steps", "compile"} & set(r["config"]["attack"])  # only its fields
     margins = pd.read_csv(tmp_path / "margins.csv")
     assert len(margins) == 2 and ((margins["estimated"] * 2).round() == margins["estimated"] * 2).all()  # on the grid
     assert r["latent_attack"]["kind"] == "soft" and r["latent_attack"]["penalty"] == 1.0

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lipvae.data import ImageDataModule, check_root
+from lipvae.data import ImageDataModule
 from lipvae.errors import UserError
-from lipvae.schema import GROUPS, RootConfig, accepted_words, check_fields, fail, read
+from lipvae.schema import GROUPS, RootConfig, accepted_words, attack_schema, check_fields, fail, read
 from lipvae.vae import VAE
 
 
@@ -26,7 +26,7 @@ def validate(cfg: DictConfig) -> None:
     for group, node in GROUPS.items():
         if group == "data" and cfg.data.get("_target_", IMAGE_DATA) != IMAGE_DATA:
             continue  # another data class checks its own arguments
-        check_fields(cfg, group, node)
+        check_fields(cfg, group, attack_schema(cfg.attack) if group == "attack" else node)
     lipschitz = cfg.model.kind == "lipschitz"
     if lipschitz:
         hidden = list(cfg.model.hidden)
@@ -36,8 +36,6 @@ def validate(cfg: DictConfig) -> None:
             m = cfg.model.latent_dim
             _check(m >= 2, "model.latent_dim", m,
                    "an integer >= 2 when certifying (the χ² bound; or certify.enabled=false)")
-    if cfg.data.get("_target_", IMAGE_DATA) == IMAGE_DATA:
-        check_root(cfg.data.root)
     _validate_devices(cfg)
     _validate_accelerator(cfg)
     if cfg.logger.wandb.enabled and "_target_" in cfg.logger.wandb:
@@ -227,15 +225,22 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
     cannot parse) into one ``UserError`` naming the field, what was given and what is accepted.
     A sweep (``a=1,2,3``) is checked at its first value; ``hydra`` settings are left to Hydra.
     Returns the composed config (None when another flag leaves the command line to Hydra)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-
     if any(a.startswith("-") and a not in _PLAIN_FLAGS for a in argv):
         return None
-    texts = [a for a in argv if a not in _PLAIN_FLAGS]
+    overrides = parse_overrides([a for a in argv if a not in _PLAIN_FLAGS], sweeps="first")
+    return compose_config([o for o, _ in overrides], config_module, config_name)
+
+
+def parse_overrides(texts: list[str], sweeps: str = "first") -> list[tuple[str, object]]:
+    """Command-line overrides read by Hydra's own grammar, as ``(text, parsed Override)`` pairs;
+    ``hydra.*`` settings are dropped. A sweep (``a=1,2,3``) is replaced by its first value
+    (``sweeps="first"``: training checks a multirun at its first job) or refused in one line
+    (``sweeps="refuse"``: commands that run once, where ``[1,2,3]`` is the list)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
     parser = OverridesParser.create()
-    overrides = []
+    out = []
     for text in texts:
         try:
             (o,) = parser.parse_overrides([text])
@@ -245,17 +250,34 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
         if o.key_or_group.split(".")[0].split("/")[0] == "hydra":
             continue
         if o.is_sweep_override():
+            key = o.get_key_element()
+            if sweeps == "refuse":
+                raise UserError(f"{text}: a sweep, which only training runs (with -m); a list is written "
+                                f"{key}=[{o.input_line.split('=', 1)[1]}]")
             try:
                 first = next(iter(o.sweep_string_iterator()))
             except Exception:  # a range or interval sweep: no first value to try here
                 continue
-            overrides.append(f"{o.get_key_element()}={first}")
-        else:
-            overrides.append(text)
+            text = f"{key}={first}"
+            (o,) = parser.parse_overrides([text])
+        out.append((text, o))
+    return out
+
+
+def compose_config(overrides: list[str], config_module: str = "lipvae.conf", config_name: str = "config",
+                   schema: type = RootConfig, config_dirs: tuple = ()) -> DictConfig:
+    """Hydra's composition of ``config_name`` with ``overrides`` (outside any Hydra app); what
+    Hydra would report in several lines is one ``UserError`` (the field, what was given and what
+    is accepted, read from ``schema``). ``config_dirs``: more config folders, searched after the
+    packaged ones (as training's ``--config-dir``)."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in config_dirs)}]"]
 
     def composed(items: list[str]) -> DictConfig:
         with initialize_config_module(version_base="1.3", config_module=config_module):
-            return compose(config_name=config_name, overrides=items)
+            return compose(config_name=config_name, overrides=(search if config_dirs else []) + items)
 
     try:
         return composed(overrides)
@@ -268,7 +290,7 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
         group, choice = found.groups()
         raise UserError(f"{group}: got {choice!r}; accepted: {', '.join(options)}") from None
     except ConfigCompositionException as e:
-        wrong_type = _validation_error(e)
+        wrong_type = _validation_error(e, schema)
         if wrong_type is not None:
             raise wrong_type from None
         found = re.search(r"Could not override '([^']+)'", str(e))
@@ -283,7 +305,7 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
         raise UserError(f"{no_such_field(key, keys)} (to add a new field, write +{key}=...)") from None
 
 
-def _validation_error(error: Exception) -> UserError | None:
+def _validation_error(error: Exception, schema: type = RootConfig) -> UserError | None:
     """The one line for a value the schema's type refused at composition (``seed=abc``,
     ``model.kind=wild``), or None when the error is something else."""
     from omegaconf.errors import ValidationError
@@ -295,7 +317,7 @@ def _validation_error(error: Exception) -> UserError | None:
         return None
     path = re.sub(r"\[\d+\]$", "", cause.full_key)  # an element of a list: name the list
     members = re.search(r"expected one of \[([^\]]*)\]", str(cause))
-    words = accepted_words(path, members.group(1).split(", ") if members else None)
+    words = accepted_words(path, members.group(1).split(", ") if members else None, schema)
     return UserError(f"{path}: got {cause.value!r}; accepted: {words}")
 
 

@@ -162,7 +162,6 @@ def load_split(
     """Images (N × 28 × 28, uint8), labels and the folder they were read from, of one official split."""
     if name not in DATASETS:
         raise UserError(f"data.name: unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
-    check_root(root)
     found = find_split(name, split, root) or (_download(name, split, root) if download else None)
     if found is None:
         where = ", ".join(dict.fromkeys(str(p) for p in candidate_dirs(name, root)[::3]))

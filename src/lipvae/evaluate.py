@@ -21,7 +21,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
@@ -35,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.attack import latent_space_attack
-from lipvae.config import build_attack
+from lipvae.config import build_attack, check_yaml_files
 from lipvae.logs import interactive, quiet_third_party
 from lipvae.certify.bounds import SAMPLED_FORMS
 from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
@@ -220,8 +219,11 @@ def _attack(ev, vae, test, cfg, cert_table, out_dir, seed, loggers, step, progre
         "mean": float(np.mean(values)), "median": float(np.median(values)),
         "min": float(np.min(values)), "max": float(np.max(values)),
         "censored": int(table["censored"].sum()),
-        "method": attack.name or type(attack).__name__, "search": ac.search, "samples": ac.samples, "starts": ac.starts, "steps": ac.steps,
-        "tol": float(ac.tol), "max_radius": float(ac.max_radius), "pixel_range": bool(ac.pixel_range),
+        # the search's settings as the attack has them (None where it has no such setting: L-BFGS-B's
+        # grid has no projected-gradient steps or bisection tolerance)
+        "method": attack.name or type(attack).__name__, "search": getattr(attack, "search", None),
+        "samples": ac.samples, "starts": ac.starts, "steps": getattr(attack, "steps", None),
+        "tol": getattr(attack, "tol", None), "max_radius": float(ac.max_radius), "pixel_range": bool(ac.pixel_range),
         "table": MARGINS_TABLE,
     }
     if vae.kind == "lipschitz" and cert_cols:
@@ -321,51 +323,39 @@ def _latent_attack(vae, test, ac, device, gen, out_dir: Path):
 CHANGEABLE = ("certify.", "attack", "seed")
 
 
-def apply_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """``key=value`` overrides on a run's config; only certificate, attack and seed settings."""
-    from lipvae.config import field_paths, no_such_field
+def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[str, ...] = CHANGEABLE,
+                        config_dirs: tuple = ()) -> DictConfig:
+    """The run's config (``complete_config``) with ``overrides`` applied, read and typed by Hydra's
+    own composition, as training reads its command line (the same one-line errors): the packaged
+    config is composed once, with the run's group choices and the overrides, and the overridden
+    fields (a group's whole node for ``attack=lbfgs``) replace the run's. Only ``changeable``
+    fields may change: the model and the data are the run's. ``config_dirs``: the user's config
+    folders (``--config-dir``), for options of their own (``attack=random``)."""
+    from lipvae.config import compose_config, parse_overrides
+    from lipvae.stored import complete_config, load_config, run_choices
 
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    keys = field_paths(cfg)
-    for text in overrides:
-        key, eq, value = text.partition("=")
-        if not eq or not key:
-            raise UserError(f"{text}: not an override; write key=value, e.g. attack.steps=200")
-        if not key.startswith(CHANGEABLE):
-            raise UserError(f"{key}: cannot change in a re-evaluation; accepted: certify.*, attack.*, seed "
+    parsed = parse_overrides(overrides, sweeps="refuse")
+    accepted = ", ".join(f"{c}*" if c.endswith(".") else f"{c}, {c}.*" if c == "attack" else c for c in changeable)
+    for text, o in parsed:
+        key = o.key_or_group
+        if not key.startswith(changeable):
+            raise UserError(f"{key}: cannot change in a re-evaluation; accepted: {accepted} "
                             f"(the model and data are the run's: train a new run for those)")
-        if key in ("attack", "attack/latent"):  # a group's option, as in training: attack=lbfgs
-            OmegaConf.update(cfg, key.replace("/", "."), _group_option(key, value), merge=False)
-            keys = field_paths(cfg)
-            continue
-        if key not in keys:
-            raise UserError(no_such_field(key, keys))
-        OmegaConf.update(cfg, key, OmegaConf.create({"v": _parse_value(value)}).v, merge=False)
+        if o.is_add() or o.is_delete() or o.is_force_add():
+            raise UserError(f"{text}: only key=value (fields are neither added nor removed in a re-evaluation)")
+    groups = {o.key_or_group for _, o in parsed if o.key_or_group in ("attack", "attack/latent")}
+    base = [c for c in run_choices(run_dir) if c.split("=", 1)[0] not in groups]
+    composed = compose_config(base + [text for text, _ in parsed], config_dirs=config_dirs)
+    cfg = complete_config(run_dir, load_config(run_dir / ".hydra" / "config.yaml"), defaults=composed)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    order = {"attack": 0, "attack/latent": 1}  # a group's node first, then the fields set in it
+    for _, o in sorted(parsed, key=lambda p: order.get(p[1].key_or_group, 2)):
+        key = o.key_or_group.replace("/", ".")
+        value = OmegaConf.select(composed, key)
+        if isinstance(value, DictConfig):
+            value = OmegaConf.create(OmegaConf.to_container(value, resolve=True))
+        OmegaConf.update(cfg, key, value, merge=False)
     return cfg
-
-
-def _group_option(group: str, option: str) -> DictConfig:
-    """The settings of one option of a config group (``attack=lbfgs``), as training composes it."""
-    from hydra import compose, initialize_config_module
-    from hydra.errors import MissingConfigException
-
-    try:
-        with initialize_config_module(version_base="1.3", config_module="lipvae.conf"):
-            composed = compose(config_name="config", overrides=[f"{group}={option}"])
-    except MissingConfigException as e:
-        options = re.findall(r"^\t(\S+)$", str(e).split("Config search path")[0], flags=re.M)
-        raise UserError(f"{group}: got {option!r}; accepted: {', '.join(options)}") from None
-    return OmegaConf.create(OmegaConf.to_container(OmegaConf.select(composed, group.replace("/", ".")), resolve=True))
-
-
-def _parse_value(value: str):
-    """A command-line value as YAML reads it (numbers, booleans, null, [lists])."""
-    import yaml
-
-    try:
-        return yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
-        return value
 
 
 def _reusable(stored: dict | None, cfg: DictConfig, run_dir: Path) -> tuple[pd.DataFrame | None, dict | None]:
@@ -418,17 +408,23 @@ def _stored_record(run_dir: Path) -> dict | None:
 
 
 def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: bool = False,
-               progress: bool = True) -> tuple[Path, dict]:
+               progress: bool = True, changeable: tuple[str, ...] = CHANGEABLE,
+               certificates: bool = False, config_dirs: tuple = ()) -> tuple[Path, dict]:
     """Run the evaluation pipeline again on a finished run; returns where it was written and
-    the evaluation's part of the results."""
+    the evaluation's part of the results. ``changeable``: the fields the overrides may set;
+    ``certificates``: refuse a run that has none to recompute (a standard VAE); ``config_dirs``:
+    config folders of the user's own (``--config-dir``)."""
     from lipvae.stored import FROZEN, load_model, locate
     from lipvae.config import validate
     from lipvae.runfolder import RunFolderError, claim
 
-    _, weights = locate(Path(path))
-    vae, cfg, run_dir = load_model(Path(path))
-    cfg = apply_overrides(cfg, overrides)
-    validate(cfg)
+    run_dir, weights = locate(Path(path))
+    cfg = reevaluation_config(run_dir, overrides, changeable, config_dirs)
+    validate(cfg)  # before the model is loaded: a bad value costs nothing
+    if certificates and (cfg.model.kind != "lipschitz" or not cfg.certify.enabled):
+        raise UserError(f"run: {run_dir} has no certificates to recompute (model.kind={cfg.model.kind}, "
+                        f"certify.enabled={cfg.certify.enabled}); only Lipschitz VAEs have them")
+    vae, cfg, run_dir = load_model(Path(path), cfg)
     stored = _stored_record(run_dir)
     if replace and weights.name != FROZEN:
         raise UserError(f"--replace: {weights} is a checkpoint, not the run's evaluated model; drop --replace")
@@ -555,7 +551,30 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-USAGE = "python -m lipvae.evaluate <run folder> [certify.*=... attack.*=... seed=...] [--replace] [--fresh]"
+USAGE = ("python -m lipvae.evaluate <run folder> [certify.*=... attack=... attack.*=... seed=...] [--replace] [--fresh]"
+         " [--config-dir DIR]")
+
+
+def _flags(argv: list[str]) -> tuple[list[str], set[str], tuple[str, ...]]:
+    """The arguments, the on/off flags and the ``--config-dir`` folders of the command line."""
+    args, flags, dirs = [], set(), []
+    words = iter(argv)
+    for word in words:
+        if word in ("--config-dir", "-cd") or word.startswith("--config-dir="):
+            folder = word.split("=", 1)[1] if "=" in word else next(words, "")
+            if not Path(folder).is_dir():
+                raise UserError(f"--config-dir: got {folder!r}; accepted: an existing folder of config groups")
+            check_yaml_files(["--config-dir", folder])
+            dirs.append(folder)
+        elif word.startswith("-"):
+            if word not in ("--replace", "--fresh"):
+                raise UserError(f"unknown flag {word}; accepted: --replace, --fresh, --config-dir DIR\nusage: {USAGE}")
+            flags.add(word)
+        else:
+            args.append(word)
+    if not args:
+        raise UserError(f"give a run folder\nusage: {USAGE}")
+    return args, flags, tuple(dirs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -573,16 +592,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    flags = {a for a in argv if a.startswith("--")}
-    args = [a for a in argv if not a.startswith("--")]
-    unknown = flags - {"--replace", "--fresh"}
-    if not args or unknown:
-        what = f"unknown flag {sorted(unknown)[0]}; accepted: --replace, --fresh" if unknown else "give a run folder"
-        print(f"error: {what}\nusage: {USAGE}", file=sys.stderr)
-        return 2
     try:
+        args, flags, dirs = _flags(argv)
         out, part = reevaluate(Path(args[0]), args[1:], replace="--replace" in flags, fresh="--fresh" in flags,
-                               progress=interactive())
+                               progress=interactive(), config_dirs=dirs)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

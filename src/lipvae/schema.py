@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, Dict, List, Optional, get_args
 
 from hydra.core.config_store import ConfigStore
@@ -147,6 +148,11 @@ class TrainerConfig:
     enable_progress_bar: bool = MISSING
 
 
+#: an explicit data.root is an existing folder: never a silent fallback elsewhere
+ROOT = (lambda v: v is None or Path(str(v)).expanduser().is_dir(),
+        "an existing folder holding the IDX files, or null to search")
+
+
 @dataclass
 class ImageDataConfig:
     """The schema of ``lipvae.data.ImageDataModule``'s arguments (another ``_target_`` brings
@@ -154,7 +160,7 @@ class ImageDataConfig:
 
     _target_: str = "lipvae.data.ImageDataModule"
     name: str = spec((lambda v: v in DATASETS, ", ".join(DATASETS)))
-    root: Optional[str] = None
+    root: Optional[str] = spec(ROOT, None)
     batch_size: int = spec(POSITIVE_INT)
     eval_batch_size: int = spec(POSITIVE_INT)
     val_fraction: float = spec(UNIT)
@@ -219,6 +225,9 @@ class LatentAttackConfig:
 
 @dataclass
 class AttackConfig:
+    """What every margin attack takes (``attack/<option>.yaml``); the evaluation reads ``enabled``,
+    ``num_inputs`` and ``latent``, the attack's class the rest."""
+
     _target_: str = MISSING  # a lipvae.attack.MarginAttack subclass, given the fields it names
     enabled: bool = MISSING
     r: float = spec(POSITIVE, when=_attacking)
@@ -226,16 +235,29 @@ class AttackConfig:
     num_inputs: int = spec(POSITIVE_INT, when=_attacking)
     samples: int = spec(POSITIVE_INT, when=_attacking)
     starts: int = spec(POSITIVE_INT, when=_attacking)
-    steps: int = spec(POSITIVE_INT, when=_attacking)
     max_radius: float = spec(POSITIVE, when=_attacking)
-    tol: float = spec(POSITIVE, when=_attacking)
-    search: Search = MISSING
     grid_step: float = spec(POSITIVE, when=_attacking)
     pixel_range: bool = MISSING
+    latent: LatentAttackConfig = MISSING
+
+
+@dataclass
+class PgdAttackConfig(AttackConfig):
+    """``attack=pgd`` (and options built on it): lipvae's batched attack."""
+
+    steps: int = spec(POSITIVE_INT, when=_attacking)
+    tol: float = spec(POSITIVE, when=_attacking)
+    search: Search = MISSING
     compile: bool = False
     warm_steps: int = spec(NONNEG_INT, 0, when=_attacking)
-    lbfgs: Optional[LbfgsConfig] = None
-    latent: LatentAttackConfig = MISSING
+
+
+@dataclass
+class LbfgsAttackConfig(AttackConfig):
+    """``attack=lbfgs``: the reference procedure, a grid search with SciPy's L-BFGS-B; it has no
+    projected-gradient steps, bisection tolerance or warm starts, so it has none of those fields."""
+
+    lbfgs: LbfgsConfig = field(default_factory=LbfgsConfig)
 
 
 @dataclass
@@ -283,9 +305,16 @@ GROUPS: dict[str, type] = {
     "trainer": TrainerConfig,
     "data": ImageDataConfig,
     "certify": CertifyConfig,
-    "attack": AttackConfig,
+    "attack": PgdAttackConfig,
     "logger": LoggerConfig,
 }
+
+#: the schema of an ``attack`` node by its ``_target_`` (any other class: pgd's, whose YAML it extends)
+ATTACK_SCHEMAS = {"lipvae.attack.LBFGSAttack": LbfgsAttackConfig}
+
+
+def attack_schema(attack) -> type:
+    return ATTACK_SCHEMAS.get(attack.get("_target_") if attack is not None else None, PgdAttackConfig)
 
 
 def register() -> None:
@@ -296,6 +325,7 @@ def register() -> None:
     for group, node in GROUPS.items():
         cs.store(group="schema", name=group, node=node)
     cs.store(group="schema", name="latent", node=LatentAttackConfig)
+    cs.store(group="schema", name="attack_lbfgs", node=LbfgsAttackConfig)
 
 
 register()
@@ -304,11 +334,12 @@ register()
 # ---- checking -------------------------------------------------------------------------------
 
 
-def schema_field(path: str) -> dataclasses.Field | None:
-    """The schema field of a dotted path (``model.encoder_std.gamma``), or None."""
+def schema_field(path: str, root: type | None = None) -> dataclasses.Field | None:
+    """The schema field of a dotted path (``model.encoder_std.gamma``) in ``root`` (the run
+    config's schema unless given), or None."""
     parts = path.split(".")
-    node: Any = RootConfig
-    if parts[0] in GROUPS:
+    node: Any = root or RootConfig
+    if root is None and parts[0] in GROUPS:
         node, parts = GROUPS[parts[0]], parts[1:]
     found = None
     for part in parts:
@@ -328,9 +359,9 @@ def _dataclass_of(annotation) -> type | None:
     return None
 
 
-def accepted_words(path: str, enum_values=None) -> str:
+def accepted_words(path: str, enum_values=None, root: type | None = None) -> str:
     """What a field accepts, in words: its constraint's, else its Enum's members, else its type."""
-    f = schema_field(path)
+    f = schema_field(path, None if root is RootConfig else root)
     if f is not None and f.metadata.get("accepted"):
         return f.metadata["accepted"]
     if enum_values:

@@ -86,27 +86,31 @@ BEFORE = {"attack.warm_steps": 0}
 _GROUPS = ("data", "model", "trainer", "logger", "certify", "attack", "callbacks", "model/layer", "attack/latent")
 
 
-def complete_config(run_dir: Path, cfg: DictConfig) -> DictConfig:
+def complete_config(run_dir: Path, cfg: DictConfig, defaults: DictConfig | dict | None = None) -> DictConfig:
     """A recorded run's config with the fields added to lipvae since it was recorded: today's
     defaults for the same group choices (a choice that no longer exists: the group's default),
     then ``BEFORE``, under every value the run recorded. Re-evaluating an older run thus checks
-    and uses a whole config, and does what the run did."""
+    and uses a whole config, and does what the run did. ``defaults``: that composition when the
+    caller has made it already (``run_choices`` plus its own overrides)."""
     from hydra.core.global_hydra import GlobalHydra
 
-    overrides = []
-    hydra_file = run_dir / ".hydra" / "hydra.yaml"
-    if hydra_file.is_file():
-        choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
-        for group in _GROUPS:
-            option = choices.get(group)
-            if option and (_CONF / group / f"{option}.yaml").is_file():
-                overrides.append(f"{group}={option}")
-    # inside another Hydra app its context stays, and nothing is composed
-    defaults = {} if GlobalHydra.instance().is_initialized() else _defaults(tuple(overrides))
-    base = OmegaConf.create(defaults)  # a plain copy: the recorded values' types rule
+    if defaults is None:  # inside another Hydra app its context stays, and nothing is composed
+        defaults = {} if GlobalHydra.instance().is_initialized() else _defaults(tuple(run_choices(run_dir)))
+    base = OmegaConf.create(OmegaConf.to_container(defaults) if isinstance(defaults, DictConfig) else defaults)
     for key, value in BEFORE.items():  # under the recorded config: a recorded value wins
         OmegaConf.update(base, key, value, force_add=True)
     return OmegaConf.merge(base, cfg)
+
+
+def run_choices(run_dir: Path) -> list[str]:
+    """The run's config-group choices (``attack=pgd`` …) that today's configs still have, from
+    its ``.hydra/hydra.yaml`` (none for a run made without Hydra: the groups' defaults)."""
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return []
+    choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
+    return [f"{group}={choices[group]}" for group in _GROUPS
+            if choices.get(group) and (_CONF / group / f"{choices[group]}.yaml").is_file()]
 
 
 _CONF = Path(str(resources.files("lipvae.conf")))  # conf/ of the repository, or of the installed wheel
@@ -149,11 +153,13 @@ def load_config(path: Path) -> DictConfig:
     return cfg
 
 
-def load_model(path: Path):
+def load_model(path: Path, cfg: DictConfig | None = None):
     """The frozen VAE of a run (or of one of its checkpoints) and the run's config (completed by
-    ``complete_config`` where it was recorded by an older lipvae)."""
+    ``complete_config`` where it was recorded by an older lipvae; ``cfg``: that config, when the
+    caller has it already)."""
     run_dir, weights = locate(path)
-    cfg = complete_config(run_dir, load_config(run_dir / ".hydra" / "config.yaml"))
+    if cfg is None:
+        cfg = complete_config(run_dir, load_config(run_dir / ".hydra" / "config.yaml"))
     vae = build_vae(cfg.model)
     state = load_state(weights)
     frozen = weights.name == FROZEN

@@ -109,6 +109,7 @@ class LBFGSAttack(MarginAttack):
     ``LBFGS_DEFAULTS``."""
 
     name = "lbfgs"
+    search = "grid"  # the procedure is a descending grid of radii (recorded as estimated.search)
 
     def __init__(self, r: float = 8.0, p: float = 0.5, samples: int = 40, starts: int = 5,
                  max_radius: float = 10.0, grid_step: float = 0.5, pixel_range: bool = True,

@@ -1,16 +1,19 @@
 """``python -m lipvae.certify design|model|tightness ...``: certificates before and after training.
 
+Arguments are Hydra overrides, read as training reads its command line (``key=value``, a list
+as ``[a,b]``), with the same one-line errors.
+
 design: choose Lipschitz constants and a fixed encoder std γ before training so that every
 input gets at least a target certified margin (Theorem 3 and its inverse):
 
-    python -m lipvae.certify design r=8 p=0.5 m=10 target=1.0 [gamma=0.1] [L=5] [form=tight]
+    python -m lipvae.certify design target=1.0 [r=8] [p=0.5] [m=10] [gamma=[0.1]] [L=[5,7]] [form=tight]
 
 model: recompute the certificates of an existing run (a run folder or a checkpoint in it) with
 the evaluation pipeline of ``python -m lipvae.evaluate``: the result goes to a new folder under
 ``<run>/evaluations/`` (``--replace``: into the run itself, the old files kept), and the soundness
 check is redone against the stored estimated margins:
 
-    python -m lipvae.certify model outputs/runs/<date>/<time>_<name> [r=8] [p=0.5] [forms=tight,paper] [--replace]
+    python -m lipvae.certify model outputs/runs/<date>/<time>_<name> [certify.r=[8]] [certify.forms=[tight,paper]] [--replace]
 
 tightness: how far Theorem 1's Markov and χ² terms sit above the Monte Carlo tail they bound,
 for every form, at the paper's setting and two others (paper Fig. 2):
@@ -26,66 +29,75 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List
 
 import numpy as np
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 from lipvae.certify.bounds import FORMS, global_margin, max_gamma, max_lipschitz
 from lipvae.errors import UserError
+from lipvae.schema import POSITIVE, UNIT, _int, _list_of, check_fields, spec
 
 DEFAULT_GAMMAS = (0.01, 0.05, 0.1, 0.2)
 DEFAULT_LS = (2.0, 5.0, 7.0, 10.0)
 USAGE = "\n    ".join(line.strip() for line in __doc__.splitlines() if line.startswith("    python -m lipvae.certify"))
+FINITE = (POSITIVE[0], "a positive finite number")
 
 
-def _parse(args: list[str], allowed: dict[str, type]) -> dict:
-    out = {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in allowed:
-            raise UserError(f"{arg}: expected key=value with key one of {', '.join(allowed)}")
-        kind = allowed[key]
-        try:
-            if kind is list:
-                out[key] = [float(v) for v in value.split(",")]
-            elif kind is str:
-                out[key] = value
-            else:
-                out[key] = kind(value)
-        except ValueError:
-            raise UserError(f"{key}: got {value!r}; accepted: a number (or comma-separated numbers)") from None
-    return out
+@dataclass
+class DesignArgs:
+    """``certify design``: the wanted global margin and the certificate's setting."""
+
+    target: float = spec(FINITE)
+    r: float = spec(FINITE, 8.0)
+    p: float = spec(UNIT, 0.5)
+    m: int = spec((lambda v: _int(v) and v >= 2, "an integer >= 2 (the χ² bound)"), 10)
+    gamma: List[float] = spec(_list_of(POSITIVE[0], "a list of positive finite numbers, e.g. [0.05,0.1]"),
+                              factory=lambda: list(DEFAULT_GAMMAS))
+    L: List[float] = spec(_list_of(POSITIVE[0], "a list of positive finite numbers, e.g. [5,7]"),
+                          factory=lambda: list(DEFAULT_LS))
+    form: str = spec((lambda v: v in FORMS, ", ".join(FORMS)), "tight")
+
+
+@dataclass
+class TightnessArgs:
+    """``certify tightness``: where the figure goes and the Monte Carlo samples per point."""
+
+    out: str = spec((lambda v: Path(v).parent.is_dir(), "a .png path in an existing folder"), "tightness.png")
+    samples: int = spec((lambda v: _int(v) and v >= 100, "an integer >= 100"), 100_000)
+
+
+ConfigStore.instance().store(name="certify_design", node=DesignArgs)
+ConfigStore.instance().store(name="certify_tightness", node=TightnessArgs)
+
+
+def _args(args: list[str], schema: type):
+    """The command's ``key=value`` arguments composed by Hydra onto ``schema`` (the types and the
+    one-line errors of training's command line), then each field's constraint."""
+    from lipvae.config import compose_config, parse_overrides
+
+    name = {DesignArgs: "certify_design", TightnessArgs: "certify_tightness"}[schema]
+    cfg = compose_config([text for text, _ in parse_overrides(args, sweeps="refuse")], config_name=name, schema=schema)
+    check_fields(cfg, "", schema)
+    return cfg
 
 
 def design(args: list[str]) -> str:
-    opts = _parse(
-        args, {"r": float, "p": float, "m": int, "target": float, "gamma": list, "L": list, "form": str}
-    )
-    if "target" not in opts:
+    if not any(a.startswith("target=") for a in args):
         raise UserError("target: missing; give the wanted global margin, e.g. target=1.0")
-    r, p, m = opts.get("r", 8.0), opts.get("p", 0.5), opts.get("m", 10)
-    target, form = opts["target"], opts.get("form", "tight")
-    if form not in FORMS:
-        raise UserError(f"form: got {form!r}; accepted: {', '.join(FORMS)}")
-    positive = {"target": [target], "r": [r], "gamma": opts.get("gamma", []), "L": opts.get("L", [])}
-    for key, values in positive.items():
-        for v in values:
-            if not (np.isfinite(v) and v > 0):
-                raise UserError(f"{key}: got {v:g}; accepted: a positive finite number")
-    if not 0 < p < 1:
-        raise UserError(f"p: got {p:g}; accepted: a number in (0, 1)")
-    if m < 2:
-        raise UserError(f"m: got {m}; accepted: an integer >= 2 (the χ² bound)")
+    opts = _args(args, DesignArgs)
+    r, p, m, target, form = opts.r, opts.p, opts.m, opts.target, opts.form
     from lipvae.networks import SIGMOID_LIPSCHITZ as SIGMOID  # g's head: a = dec_L · its slope
 
     try:
-        gammas = opts.get("gamma", list(DEFAULT_GAMMAS))
-        ls = opts.get("L", list(DEFAULT_LS))
         rows = []
-        for gamma in gammas:
+        for gamma in opts.gamma:
             L = max_lipschitz(target, gamma, m=m, r=r, p=p, form=form, decoder_ratio=SIGMOID)
             rows.append(("largest L for γ", L, L, gamma))
-        for L in ls:
+        for L in opts.L:
             gamma = max_gamma(target, SIGMOID * L, L, m=m, r=r, p=p, form=form)
             rows.append(("largest γ for L", L, L, gamma))
     except ValueError as e:
@@ -109,35 +121,22 @@ def design(args: list[str]) -> str:
     return "\n".join(lines)
 
 
-def recertify(path: Path, r=None, p=None, forms=None, num_inputs=None, replace: bool = False) -> dict:
+def recertify(path: Path, overrides: list[str] = (), replace: bool = False) -> dict:
     """``lipvae.certify model``: the evaluation pipeline (``lipvae.evaluate``) with other
-    certificate settings. The stored estimated margins are reused when the attack is unchanged,
-    so the soundness check is redone against the new certificates. Written to a new folder
-    under ``<run>/evaluations/`` (``replace``: into the run, keeping the old files)."""
+    certificate settings (``certify.*`` overrides). The stored estimated margins are reused when
+    the attack is unchanged, so the soundness check is redone against the new certificates.
+    Written to a new folder under ``<run>/evaluations/`` (``replace``: into the run, keeping the
+    old files)."""
     from lipvae.evaluate import reevaluate
-    from lipvae.stored import load_model
 
-    overrides = []
-    for key, value in (("r", r), ("p", p), ("forms", forms)):
-        if value:
-            overrides.append(f"certify.{key}=[{','.join(map(str, value))}]")
-    if num_inputs is not None:  # 0 too: the schema refuses it in one line rather than certifying all
-        overrides.append(f"certify.num_inputs={num_inputs}")
-    vae, _, run_dir = load_model(path)
-    if vae.kind != "lipschitz":
-        raise UserError(f"run: {run_dir} is a standard VAE; only Lipschitz VAEs have certificates")
-    out, part = reevaluate(Path(path), overrides, replace=replace)
+    out, part = reevaluate(Path(path), list(overrides), replace=replace, changeable=("certify.",), certificates=True)
     return {**part["certified"], "written_to": str(out), "soundness_violations": part["soundness_violations"]}
 
 
 def model(args: list[str]) -> str:
     if not args:
         raise UserError("model: give a run folder or a checkpoint, e.g. outputs/runs/<date>/<time>_<name>")
-    replace = "--replace" in args
-    opts = _parse([a for a in args[1:] if a != "--replace"], {"r": list, "p": list, "forms": str, "num_inputs": int})
-    if "forms" in opts:
-        opts["forms"] = opts["forms"].split(",")
-    summary = recertify(Path(args[0]), **opts, replace=replace)
+    summary = recertify(Path(args[0]), [a for a in args[1:] if a != "--replace"], replace="--replace" in args)
     compact = {k: v for k, v in summary.items() if k != "by_r_p_form"}
     return json.dumps(compact, indent=2, default=lambda v: float(v) if isinstance(v, np.floating) else str(v))
 
@@ -145,14 +144,8 @@ def model(args: list[str]) -> str:
 def tightness(args: list[str]) -> str:
     from lipvae.certify.tightness import save_tightness_figure
 
-    opts = _parse(args, {"out": str, "samples": int})
-    samples = opts.get("samples", 100_000)
-    if samples < 100:
-        raise UserError(f"samples: got {samples}; accepted: an integer >= 100")
-    out = Path(opts.get("out", "tightness.png"))
-    if not out.parent.is_dir():
-        raise UserError(f"out: got {str(out)!r}, whose folder does not exist; accepted: a .png path in an existing folder")
-    return f"figure written: {save_tightness_figure(out, samples=samples)}"
+    opts = _args(args, TightnessArgs)
+    return f"figure written: {save_tightness_figure(Path(opts.out), samples=opts.samples)}"
 
 
 def main(argv: list[str] | None = None) -> int:
