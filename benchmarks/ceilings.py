@@ -34,7 +34,7 @@ import torch
 from torch.func import jacfwd, jacrev, vmap
 
 from bench_certify import attacked_run
-from lipvae.certify.bounds import margin, margin_cantelli
+from lipvae.certify.bounds import Constants, SigmaNorms, margin, margin_cantelli
 from lipvae.certify.certificates import COUPLED_DEFAULTS
 from lipvae.certify.coupled import coupled_margin, self_damage
 from timing import machine
@@ -124,23 +124,24 @@ def ceilings(path: str, eps: float, pairs: int) -> dict:
         q = vae.encode(x)
     sigma = q.std.numpy()
     s, s_inf = np.linalg.norm(sigma, axis=1), sigma.max(axis=1)
-    tight = margin(r, a, b, c, s, s_inf, m, p).margin
+    norms = SigmaNorms(s, s_inf, m, "learned", (sigma**4).sum(axis=1) ** 0.25)
+    tight = margin(r, Constants(a, b, c), norms, p).margin
     damages = self_damage(vae, x, int(COUPLED_DEFAULTS["samples"]),
                           torch.Generator().manual_seed(int(COUPLED_DEFAULTS["seed"])))
     alpha = float(COUPLED_DEFAULTS["alpha"])
     coupled = coupled_margin(damages, a, b, c, m, r, p, alpha)[0]
-    cantelli = margin_cantelli(r, a, b, c, s, s_inf, (sigma**4).sum(axis=1) ** 0.25, m, p).margin
+    cantelli = margin_cantelli(r, Constants(a, b, c), norms, p).margin
 
     # (a) μ is an exact scaled isometry; σ's local constant is at least ‖J_σ(x)‖.
     mu_sv = torch.linalg.svdvals(vmap(jacrev(vae.encoder_mean))(x)).detach() / b
     sigma_slope = torch.linalg.matrix_norm(vmap(jacrev(vae.encoder_std))(x), 2).detach().numpy()
-    ceil_a = margin(r, a, b, sigma_slope, s, s_inf, m, p).margin
+    ceil_a = margin(r, Constants(a, b, sigma_slope), norms, p).margin
 
     # (b) the decoder's slope on the ball the form would need, to certify at least `tight`.
     xi = torch.randn(20000, m, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     r_eps = torch.quantile((q.std[:, None] * xi).norm(dim=-1), 1 - eps, dim=1)
     K = largest_slope_in_balls(vae.decoder, q.mean, r_eps + b * torch.from_numpy(tight)).numpy()
-    ceil_b = np.maximum(tight, margin(r, K, b, c, s, s_inf, m, p + eps).margin)
+    ceil_b = np.maximum(tight, margin(r, Constants(K, b, c), norms, p + eps).margin)
     ceil_b_coupled = np.maximum(tight, np.array([coupled_margin(damages[i:i + 1], K[i], b, c, m, r, p + eps, alpha)[0][0]
                                                  for i in range(n)]))
     # (c) the exact law of z' − z, and (b)+(c)

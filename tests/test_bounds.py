@@ -7,6 +7,8 @@ from conftest import every_kth_fast
 from lipvae.certify import bounds
 from lipvae.certify.bounds import (
     FORMS,
+    Constants,
+    SigmaNorms,
     chi2_term,
     global_margin,
     inglot_chi2_tail,
@@ -18,6 +20,12 @@ from lipvae.certify.bounds import (
     max_lipschitz,
     prob_bound,
 )
+
+
+def _args(case: dict, mode: str):
+    """A case's numbers as the bounds take them: (t, r, Constants, SigmaNorms)."""
+    k = Constants(case["a"], case["b"], case["c"])
+    return case["t"], case["r"], k, SigmaNorms(case["s"], case["s_inf"], case["m"], mode, case.get("s4"))
 
 
 def _orthonormal_columns(rng, rows, cols):
@@ -68,7 +76,7 @@ def test_theorem1_holds_by_monte_carlo(mode, form):
     informative = 0
     for _ in range(60):
         case, p_hat, n = _monte_carlo_case(rng, mode)
-        bound = prob_bound(**case, std_mode=mode, form=form).prob
+        bound = prob_bound(*_args(case, mode), form=form).prob
         err = 4.5 * np.sqrt(max(p_hat * (1 - p_hat), 1e-4) / n)
         assert p_hat >= bound - err, (case, p_hat, bound)
         informative += bound > 0.05
@@ -84,7 +92,7 @@ def test_tight_fixed_bound_is_exact_for_aligned_linear_model():
     shift[0] = b * t
     diff = shift + np.sqrt(2) * gamma * rng.standard_normal((200000, m))
     p_hat = np.mean(a * np.linalg.norm(diff, axis=1) <= r)
-    p_chi = chi2_term(t, r, a, b, 0.0, gamma, m, std_mode="fixed", form="tight")
+    p_chi = chi2_term(t, r, Constants(a, b), SigmaNorms(np.sqrt(m) * gamma, gamma, m, "fixed"), form="tight")
     assert abs((1 - p_chi) - p_hat) < 4 * np.sqrt(p_hat * (1 - p_hat) / 200000)
 
 
@@ -93,13 +101,14 @@ def test_markov_margin_matches_brute_force(form):
     rng = np.random.default_rng(2)
     for _ in range(20):
         r, a, b, c, s, p = rng.uniform(1, 10), *rng.uniform(0.5, 5, 3), rng.uniform(0, 1), rng.uniform(0.05, 0.95)
+        k, sigma = Constants(a, b, c), SigmaNorms(s, s, 10)  # s_inf and m: unused by the Markov term
         grid = np.linspace(0, 5 * r / (a * b), 400001)
-        ok = markov_term(grid, r, a, b, c, s, form) < 1 - p
+        ok = markov_term(grid, r, k, sigma, form) < 1 - p
         brute = grid[ok].max() if ok[0] else 0.0
-        got = float(margin_markov(r, a, b, c, s, p, form=form))
+        got = float(margin_markov(r, k, sigma, p, form=form))
         assert got == pytest.approx(brute, abs=grid[1] - grid[0])
         if got > 0:  # p_M(R) = 1 − p at the root
-            assert markov_term(got, r, a, b, c, s, form) == pytest.approx(1 - p, rel=1e-9)
+            assert markov_term(got, r, k, sigma, form) == pytest.approx(1 - p, rel=1e-9)
 
 
 @pytest.mark.parametrize("mode,form", [("learned", "paper"), ("learned", "exact"), ("fixed", "tight"), ("fixed", "paper")])
@@ -110,16 +119,17 @@ def test_chi2_margin_matches_brute_force_and_root(mode, form):
         r, a, b = rng.uniform(2, 10), *rng.uniform(0.5, 3, 2)
         c = 0.0 if mode == "fixed" else rng.uniform(0, 3)
         s_inf, m, p = rng.uniform(0.02, 0.3), int(rng.integers(2, 12)), rng.uniform(0.1, 0.9)
-        R = float(margin_chi2(r, a, b, c, s_inf, m, p, mode, form))
+        k, sigma = Constants(a, b, c), SigmaNorms(s_inf * np.sqrt(m), s_inf, m, mode)
+        R = float(margin_chi2(r, k, sigma, p, form))
         hi = 3 * r / (a * b)
         grid = np.linspace(0, hi, 20001)
-        ok = chi2_term(grid, r, a, b, c, s_inf, m, mode, form) < 1 - p
+        ok = chi2_term(grid, r, k, sigma, form) < 1 - p
         brute = grid[: np.argmin(ok)].max() if ok[0] and not ok.all() else (0.0 if not ok[0] else hi)
         assert R == pytest.approx(brute, abs=grid[1] - grid[0])
         if R > 0:
             found += 1
-            assert chi2_term(R, r, a, b, c, s_inf, m, mode, form) < 1 - p
-            assert chi2_term(R * (1 + 1e-8), r, a, b, c, s_inf, m, mode, form) >= (1 - p) - 1e-6
+            assert chi2_term(R, r, k, sigma, form) < 1 - p
+            assert chi2_term(R * (1 + 1e-8), r, k, sigma, form) >= (1 - p) - 1e-6
     assert found >= 5
 
 
@@ -143,7 +153,7 @@ def test_form_ordering_tight_exact_paper(mode):
     c = np.zeros(n) if mode == "fixed" else rng.uniform(0, 10, n)
     s_inf, m, p = rng.uniform(0.01, 1, n), rng.integers(2, 20, n), rng.uniform(0.05, 0.95, n)
     s = s_inf * np.sqrt(m) if mode == "fixed" else s_inf * rng.uniform(1, np.sqrt(m), n)
-    got = {f: margin(r, a, b, c, s, s_inf, m, p, mode, f).margin for f in FORMS}
+    got = {f: margin(r, Constants(a, b, c), SigmaNorms(s, s_inf, m, mode), p, f).margin for f in FORMS}
     tol = 1e-8 * (1 + got["tight"])
     assert np.all(got["tight"] >= got["exact"] - tol)
     assert np.all(got["exact"] >= got["paper"] - tol)
@@ -167,10 +177,11 @@ def test_paper_reference_value_against_200_point_grid():
 
 def test_global_margin_is_the_per_input_margin_at_the_worst_sigma():
     g = global_margin(5.0, 7.0, gamma=0.1, m=10, r=8.0, p=0.5)
-    per_input = margin(8.0, 5.0, 7.0, 0.0, np.sqrt(10) * 0.1, 0.1, 10, 0.5, "fixed", "tight")
+    per_input = margin(8.0, Constants(5.0, 7.0), SigmaNorms.fixed(0.1, 10), 0.5, "tight")
     assert float(g.margin) == float(per_input.margin) > 0
     bounded = global_margin(2.0, 2.0, m=10, r=8.0, c=2.0, max_norm=0.3)
-    inner = margin(8.0, 2.0, 2.0, 2.0, np.linspace(0.01, 0.3, 30), np.linspace(0.005, 0.3, 30), 10, 0.5, "bounded")
+    inner = margin(8.0, Constants(2.0, 2.0, 2.0),
+                   SigmaNorms(np.linspace(0.01, 0.3, 30), np.linspace(0.005, 0.3, 30), 10, "bounded"), 0.5)
     assert np.all(inner.margin >= float(bounded.margin) - 1e-12)
 
 
@@ -186,8 +197,8 @@ def test_design_inverse_reaches_target(form):
 
 
 def test_constant_encoder_has_infinite_markov_margin():
-    assert np.isinf(margin_markov(8.0, 1.0, 0.0, 0.0, 0.1, 0.5))
-    assert float(margin_markov(8.0, 1.0, 0.0, 0.0, 10.0, 0.5)) == 0.0
+    assert np.isinf(margin_markov(8.0, Constants(1.0, 0.0, 0.0), SigmaNorms(0.1, 0.1, 10), 0.5))
+    assert float(margin_markov(8.0, Constants(1.0, 0.0, 0.0), SigmaNorms(10.0, 10.0, 10), 0.5)) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -205,10 +216,10 @@ def test_constant_encoder_has_infinite_markov_margin():
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, field):
-    args = dict(t=0.1, r=8.0, a=1.0, b=1.0, c=1.0, s=0.1, s_inf=0.05, m=10, p=0.5)
+    args = dict(t=0.1, r=8.0, a=1.0, b=1.0, c=1.0, s=0.1, s_inf=0.05, m=10, p=0.5, form="tight", std_mode="learned")
     args.update(kwargs)
     with pytest.raises(ValueError, match=rf"^{field}:"):
-        prob_bound(**args)
+        prob_bound(*_args(args, args["std_mode"]), p=args["p"], form=args["form"])
     with pytest.raises(ValueError, match="gamma"):
         global_margin(1.0, 1.0, gamma=-0.1)
     assert bounds.RTOL == 1e-9
@@ -281,12 +292,12 @@ def test_cantelli_term_holds_by_monte_carlo(mode):
     informative = better = 0
     for _ in range(80):
         case, p_hat, n = _cantelli_case(rng, mode)
-        p_c = bounds.cantelli_term(**case, std_mode=mode)
+        t, r, k, sigma = _args(case, mode)
+        p_c = bounds.cantelli_term(t, r, k, sigma)
         err = 4.5 * np.sqrt(max(p_hat * (1 - p_hat), 1e-4) / n)
         assert p_hat >= 1 - p_c - err, (case, p_hat, p_c)
         informative += p_c < 0.95
-        tight = {k: v for k, v in case.items() if k != "s4"}
-        better += p_c < 1 - prob_bound(**tight, std_mode=mode, form="tight").prob
+        better += p_c < 1 - prob_bound(t, r, k, sigma, form="tight").prob
     assert informative >= 15
     # with learned σ it beats the tight form on some cases; with fixed σ the tight form's χ² term
     # is the exact law already, which no moment bound beats
@@ -301,25 +312,26 @@ def test_cantelli_margin_matches_brute_force_and_covers_the_tight_form():
             r, a, b, c, p = rng.uniform(1, 10), *rng.uniform(0.3, 4, 3), rng.uniform(0.05, 0.95)
             sig = rng.uniform(0.02, 1.0, m) if mode != "fixed" else np.full(m, rng.uniform(0.02, 1.0))
             s, s_inf, s4 = np.linalg.norm(sig), sig.max(), np.sum(sig**4) ** 0.25
-            got = bounds.margin_cantelli(r, a, b, c, s, s_inf, s4, m, p, mode)
+            k, sigma = Constants(a, b, c), SigmaNorms(s, s_inf, m, mode, s4)
+            got = bounds.margin_cantelli(r, k, sigma, p)
             grid = np.linspace(0, r / (a * b), 200001)
-            ok = bounds.cantelli_term(grid, r, a, b, c, s, s_inf, s4, m, mode) < 1 - p
+            ok = bounds.cantelli_term(grid, r, k, sigma) < 1 - p
             brute = grid[ok].max() if ok[0] else 0.0
             assert float(got.cantelli) == pytest.approx(brute, abs=2 * (grid[1] - grid[0]))
-            tight = margin(r, a, b, c, s, s_inf, m, p, mode, "tight").margin
+            tight = margin(r, k, sigma, p, "tight").margin
             assert float(got.tight) == float(tight) and float(got.margin) == max(float(tight), float(got.cantelli))
 
 
 def test_cantelli_global_margin_is_the_per_input_margin_at_the_worst_sigma():
     g = bounds.global_margin_cantelli(1.25, 5.0, gamma=0.3, m=10)
-    per_input = bounds.margin_cantelli(8.0, 1.25, 5.0, 0.0, np.sqrt(10) * 0.3, 0.3, 10**0.25 * 0.3, 10, 0.5, "fixed")
+    per_input = bounds.margin_cantelli(8.0, Constants(1.25, 5.0), SigmaNorms.fixed(0.3, 10), 0.5)
     assert float(g.margin) == float(per_input.margin) == float(global_margin(1.25, 5.0, gamma=0.3, m=10).margin)
     bounded = bounds.global_margin_cantelli(1.25, 5.0, m=10, c=1.25, max_norm=2.0)
     rng = np.random.default_rng(6)
     sig = rng.uniform(0, 1, (200, 10))
     sig *= np.minimum(1.0, 2.0 / np.linalg.norm(sig, axis=1))[:, None]  # inside the ball ‖σ‖ ≤ 2
-    inner = bounds.margin_cantelli(8.0, 1.25, 5.0, 1.25, np.linalg.norm(sig, axis=1), sig.max(1),
-                                   (sig**4).sum(1) ** 0.25, 10, 0.5, "bounded")
+    inner = bounds.margin_cantelli(8.0, Constants(1.25, 5.0, 1.25), SigmaNorms(
+        np.linalg.norm(sig, axis=1), sig.max(1), 10, "bounded", (sig**4).sum(1) ** 0.25), 0.5)
     assert np.all(inner.margin >= float(bounded.margin) - 1e-12)
     assert float(bounded.margin) > float(global_margin(1.25, 5.0, m=10, c=1.25, max_norm=2.0).margin)
 
@@ -339,7 +351,26 @@ def test_cantelli_moments_bound_those_of_the_worst_delta_and_meet_them_when_alig
         theta[np.argmax(sigma)] = b * t
         n = 400_000
         y = ((theta + grown * rng.standard_normal((n, m)) - sigma * rng.standard_normal((n, m))) ** 2).sum(1)
-        mean, var = bounds.cantelli_moments(t, b, c, np.linalg.norm(sigma), sigma.max(), np.sum(sigma**4) ** 0.25, m)
+        mean, var = bounds.cantelli_moments(t, Constants(1.0, b, c), SigmaNorms(
+            np.linalg.norm(sigma), sigma.max(), m, "learned", np.sum(sigma**4) ** 0.25))
         se_mean, se_var = y.std() / np.sqrt(n), y.var() * np.sqrt(2 / n) * 3
         assert y.mean() - 4 * se_mean <= mean <= y.mean() + 4 * se_mean  # exact when aligned
         assert y.var() - 4 * se_var <= var <= 1.6 * y.var()
+
+
+def test_every_form_is_dispatched_from_one_registry():
+    """FORMS are FORM_REGISTRY's keys, and certify.forms' every entry has one certifier; a new
+    closed form is one registry entry (here: the tight Markov term with Inglot's χ² bound, which
+    must sit between the paper and the tight forms' margins)."""
+    from lipvae.certify.certificates import CERTIFIERS
+
+    assert bounds.FORMS == tuple(bounds.FORM_REGISTRY) and set(CERTIFIERS) == set(bounds.CERTIFY_FORMS)
+    k, sigma = Constants(1.25, 5.0, 2.0), SigmaNorms(np.linspace(0.05, 1.0, 50), np.linspace(0.02, 0.5, 50), 10)
+    bounds.FORM_REGISTRY["mixed"] = bounds.Form(markov="tight", chi2="inglot")
+    try:
+        mixed = margin(8.0, k, sigma, 0.5, "mixed")
+    finally:
+        del bounds.FORM_REGISTRY["mixed"]
+    paper, tight = margin(8.0, k, sigma, 0.5, "paper"), margin(8.0, k, sigma, 0.5, "tight")
+    assert np.array_equal(mixed.markov, tight.markov) and np.array_equal(mixed.chi2, paper.chi2)
+    assert np.all(paper.margin <= mixed.margin) and np.all(mixed.margin <= tight.margin)

@@ -12,7 +12,7 @@ from conftest import PROJECT, every_kth_fast
 import torch
 
 from lipvae.certify.__main__ import main as certify_main
-from lipvae.certify.bounds import global_margin, margin
+from lipvae.certify.bounds import Constants, SigmaNorms, global_margin, margin
 from lipvae.stored import load_model, load_state
 from lipvae.errors import UserError
 
@@ -34,7 +34,7 @@ def test_callback_table_matches_bounds(runs):
     assert {"index", "label", "s", "s_inf", "certified_tight", "certified_exact", "certified_paper"} <= set(table)
     a, b, c = (r["lipschitz"]["measured"][k] for k in ("decoder", "encoder_mean", "encoder_std"))
     assert (cert["constants"]["a"], cert["constants"]["b"], cert["constants"]["c"]) == (a, b, c)
-    expected = margin(8.0, a, b, c, table.s, table.s_inf, 10, 0.5, "learned", "tight").margin
+    expected = margin(8.0, Constants(a, b, c), SigmaNorms(table.s, table.s_inf, 10, "learned"), 0.5, "tight").margin
     assert np.allclose(table.certified_tight, expected, rtol=1e-12)
     # a = 5/4, b = 5: the tight Markov term alone certifies any s ≤ √m (σ < 1) at r = 8
     assert cert["fraction_certified"] == 1.0 and cert["min"] > 0

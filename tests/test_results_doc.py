@@ -55,3 +55,27 @@ def test_the_contract_parser_reads_the_tables():
     assert {"status", "metrics", "certified", "timings"} <= set(tables["Top level"])
     assert {"r", "p", "form", "mean", "global_margin", "table"} <= set(tables["certified"])
     assert {"method", "censored", "search", "table"} <= set(tables["estimated"])
+
+
+def test_the_typed_record_has_exactly_the_documented_top_level_keys(tmp_path):
+    """lipvae.results.Results, the one writer and reader of results.json, has one field per
+    documented top-level key; a record of another version keeps its unknown keys through it."""
+    from dataclasses import fields
+
+    from lipvae.results import Results, ResultsError
+
+    assert {f.name for f in fields(Results)} - {"extra"} == set(_tables()["Top level"])
+    (tmp_path / "results.json").write_text(json.dumps({"status": "completed", "future_part": {"x": 1},
+                                                       "certified": {"mean": 0.5}}))
+    record = Results.read(tmp_path)
+    assert record.get("certified", "mean") == 0.5 and record.get("estimated", "mean") is None
+    record.write(tmp_path)
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["future_part"] == {"x": 1} and again["schema_version"] == 1 and "error" not in again
+    failed = Results(status="failed", error="boom")
+    assert set(failed.as_dict()) == {"schema_version", "status", "error"}
+    for text, why in (("[1, 2]", "a JSON list, not an object"), ("{", "JSONDecodeError")):
+        (tmp_path / "results.json").write_text(text)
+        with pytest.raises(ResultsError, match=re.escape(why)):
+            Results.read(tmp_path)
+    assert Results.status_of(tmp_path) is None and Results.status_of(tmp_path / "nowhere") is None

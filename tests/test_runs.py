@@ -177,8 +177,7 @@ def test_resume_auto_continues_only_what_exists(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     check_run_folder(auto, tmp_path)  # a checkpoint: resumed (same config: nothing stored to differ)
-    with pytest.raises(RunFolderError, match="resume: got 'maybe'; accepted: true, false, auto"):
-        check_run_folder(composed(*SMOKE, "resume=maybe"), tmp_path)
+    # resume=maybe: refused by the schema before the folder is looked at (test_reliability's list)
 
 
 def test_slurm_launcher_requeues_on_preemption():
@@ -274,3 +273,4 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "open", denied)
     with pytest.raises(RunFolderError, match=r"^run: cannot write to .* \(Permission denied\); make it writable"):
         claim(tmp_path)
+

@@ -312,5 +312,5 @@ def test_train_runs_in_process_without_hydra(tmp_path, monkeypatch, synthetic_ro
     stored = json.loads((tmp_path / "run" / "results.json").read_text())
     assert stored["status"] == "completed" and stored["soundness_violations"] == 0
     assert stored["run"]["command"] == "my notebook" and stored["run"]["overrides"] == ["attack.num_inputs=3"]
-    assert stored["metrics"]["test_elbo"] == pytest.approx(results["metrics"]["test_elbo"])
+    assert stored["metrics"]["test_elbo"] == pytest.approx(results.metrics["test_elbo"])  # a typed Results
     assert stored["estimated"]["num_inputs"] == 3 and (tmp_path / "run" / "frozen_model.pt").is_file()

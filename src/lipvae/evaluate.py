@@ -40,14 +40,7 @@ from lipvae.certify.bounds import SAMPLED_FORMS
 from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
 from lipvae.errors import UserError
 from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
-from lipvae.results import (
-    RESULTS_FILE,
-    atomic_write_text,
-    code_version,
-    read_results,
-    write_results,
-    write_table,
-)
+from lipvae.results import RESULTS_FILE, Results, ResultsError, atomic_write_text, code_version, write_table
 
 log = logging.getLogger("lipvae")
 CERTIFIED_TABLE = "certified_margins.csv"
@@ -74,13 +67,7 @@ class Evaluation:
 
     def results(self) -> dict:
         """The parts of results.json an evaluation owns, always written together."""
-        return {
-            "certified": self.certified,
-            "estimated": self.estimated,
-            "latent_attack": self.latent_attack,
-            "soundness_violations": self.soundness_violations,
-            "coupled_exceedances": self.coupled_exceedances,
-        }
+        return {part: getattr(self, part) for part in Results.EVALUATION_PARTS}
 
 
 def soundness_violations(table: pd.DataFrame, columns: list[str], slack: float = 1e-9) -> list[int]:
@@ -358,16 +345,16 @@ def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[s
     return cfg
 
 
-def _reusable(stored: dict | None, cfg: DictConfig, run_dir: Path) -> tuple[pd.DataFrame | None, dict | None]:
+def _reusable(stored: Results | None, cfg: DictConfig, run_dir: Path) -> tuple[pd.DataFrame | None, dict | None]:
     """The stored margins table (and latent-attack summary), when they were made with the attack
     settings and seed asked for now; (None, None) otherwise."""
-    if not stored or not stored.get("estimated") or not (run_dir / MARGINS_TABLE).is_file():
+    if not stored or not stored.estimated or not (run_dir / MARGINS_TABLE).is_file():
         return None, None
     from lipvae.stored import complete_config
 
     # completed the way the run's config is, so that fields added since it ran compare equal
     try:
-        old = OmegaConf.to_container(complete_config(run_dir, OmegaConf.create(stored.get("config") or {})), resolve=True)
+        old = OmegaConf.to_container(complete_config(run_dir, OmegaConf.create(stored.config or {})), resolve=True)
     except Exception as e:  # a hand-edited or foreign record: evaluate afresh rather than fail
         log.warning("%s: the recorded config cannot be completed (%s); attacking again", run_dir, type(e).__name__)
         return None, None
@@ -386,22 +373,22 @@ def _reusable(stored: dict | None, cfg: DictConfig, run_dir: Path) -> tuple[pd.D
     if not {"index", "label", "estimated", "censored"} <= set(table.columns):
         log.warning("%s: %s lacks the columns of an estimated-margin table; attacking again", run_dir, MARGINS_TABLE)
         return None, None
-    latent = stored.get("latent_attack") if old_attack.get("latent") == new_attack.get("latent") else None
+    latent = stored.latent_attack if old_attack.get("latent") == new_attack.get("latent") else None
     return table, latent
 
 
-def _stored_record(run_dir: Path) -> dict | None:
+def _stored_record(run_dir: Path) -> Results | None:
     """The run's results.json, or None (with one log line) when it is missing, unreadable or not
     a record this lipvae can reuse: the evaluation then attacks afresh."""
     if not (run_dir / RESULTS_FILE).is_file():
         return None
     try:
-        stored = read_results(run_dir)
-    except (OSError, ValueError) as e:
-        log.warning("%s: results.json cannot be read (%s); nothing of it is reused", run_dir, type(e).__name__)
+        stored = Results.read(run_dir)
+    except ResultsError as e:
+        log.warning("%s: %s; nothing of it is reused", run_dir, e)
         return None
     parts = ("config", "estimated", "certified", "latent_attack")
-    if not isinstance(stored, dict) or any(stored.get(k) is not None and not isinstance(stored[k], dict) for k in parts):
+    if any(stored.get(k) is not None and not isinstance(stored.get(k), dict) for k in parts):
         log.warning("%s: results.json is not a record of this lipvae's schema; nothing of it is reused", run_dir)
         return None
     return stored
@@ -428,7 +415,7 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
     stored = _stored_record(run_dir)
     if replace and weights.name != FROZEN:
         raise UserError(f"--replace: {weights} is a checkpoint, not the run's evaluated model; drop --replace")
-    if replace and (stored is None or stored.get("status") != "completed"):
+    if replace and (stored is None or stored.status != "completed"):
         raise UserError(f"--replace: {run_dir} holds no completed run to replace the evaluation of; drop --replace")
     if weights.name != FROZEN:
         stored = None  # the stored margins belong to the frozen model, not to this checkpoint
@@ -492,13 +479,13 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
     write_evaluation(out_dir, body)
     if not replace:
         return out_dir, part
-    stored.pop("schema_version", None)
-    stored.update(part)
-    stored["config"]["certify"] = OmegaConf.to_container(cfg.certify)
-    stored["config"]["attack"] = OmegaConf.to_container(cfg.attack)
+    for name, value in part.items():  # the evaluation's parts, all together (Results.EVALUATION_PARTS)
+        setattr(stored, name, value)
+    stored.config = {**(stored.config or {}), "certify": OmegaConf.to_container(cfg.certify),
+                     "attack": OmegaConf.to_container(cfg.attack)}
     kept = _new_folder(run_dir / "evaluations" / f"{stamp}-replaced")
     made.append(kept)
-    stored["evaluation"] = {**record, "made_in": f"evaluations/{out_dir.name}", "replaced": f"evaluations/{kept.name}"}
+    stored.evaluation = {**record, "made_in": f"evaluations/{out_dir.name}", "replaced": f"evaluations/{kept.name}"}
     _switch_in(run_dir, out_dir, kept, stored, made)
     return run_dir, part
 
@@ -510,7 +497,7 @@ def write_evaluation(out_dir: Path, record: dict) -> Path:
     return path
 
 
-def _switch_in(run_dir: Path, new: Path, kept: Path, record: dict, made: list[Path]) -> None:
+def _switch_in(run_dir: Path, new: Path, kept: Path, record: Results, made: list[Path]) -> None:
     """Make the evaluation in ``new`` the run's own, all or nothing: the files it replaces are
     copied to ``kept``, the new files and results.json are staged whole in a hidden folder beside
     them, and only then moved in by renames, which write no data (a full disk cannot stop them
@@ -523,7 +510,7 @@ def _switch_in(run_dir: Path, new: Path, kept: Path, record: dict, made: list[Pa
     for name in OUTPUTS:
         if (new / name).is_file():
             shutil.copy2(new / name, staging / name)
-    write_results(staging, record)
+    record.write(staging)
     log.info("the evaluation being replaced is kept in %s", kept)
     for name in OUTPUTS:  # the new files in, the old ones this evaluation did not make out
         if (staging / name).is_file():

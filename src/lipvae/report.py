@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import pandas as pd
 
 from lipvae.errors import UserError
 from lipvae.plots import plt, save_figure
-from lipvae.results import RESULTS_FILE, atomic_write_text, write_table
+from lipvae.results import RESULTS_FILE, Results, ResultsError, atomic_write_text, write_table
 
 log = logging.getLogger("lipvae")
 
@@ -51,68 +50,55 @@ def find_runs(dirs: list[Path]) -> list[Path]:
     return sorted(runs)
 
 
-def _get(d: dict | None, *keys):
-    for k in keys:
-        if not isinstance(d, dict):
-            return None
-        d = d.get(k)
-    return d
-
-
-def load_row(run: Path, root: Path) -> tuple[dict, dict | None]:
-    """One table row for a run and its parsed results (None when unusable)."""
+def load_row(run: Path, root: Path) -> tuple[dict, Results | None]:
+    """One table row for a run and its record (None when unusable)."""
     name = str(run.relative_to(root)) if run != root and root in run.parents else run.name
     try:
-        r = json.loads((run / RESULTS_FILE).read_text())
-    except FileNotFoundError:
-        return {"run": name, "status": "missing results.json (killed or still running?)"}, None
-    except (OSError, ValueError) as e:
-        return {"run": name, "status": f"unreadable results.json ({type(e).__name__})"}, None
-    if not isinstance(r, dict):
-        return {"run": name, "status": f"unreadable results.json (a JSON {type(r).__name__}, not an object)"}, None
-    if r.get("status") != "completed":
-        return {"run": name, "status": f"failed: {r.get('error', 'unknown error')}"}, None
+        r = Results.read(run)
+    except ResultsError as e:
+        why = f"{e} (killed or still running?)" if str(e).startswith("missing") else str(e)
+        return {"run": name, "status": why}, None
+    if r.status != "completed":
+        return {"run": name, "status": f"failed: {r.error or 'unknown error'}"}, None
     why = invalid(r)
     if why is not None:
         return {"run": name, "status": f"skipped: {why}"}, None
-    cfg = r.get("config") or {}
-    lip = r.get("lipschitz") or {}
     row = {
         "run": name,
         "status": "completed",
-        "data": _get(r, "data", "name"),
-        "split": _get(r, "data", "split"),
-        "model": _get(r, "model", "kind"),
-        "enc_L": _get(lip, "nominal", "encoder_mean") if lip else None,
-        "dec_L": _get(lip, "nominal", "decoder") if lip else None,
-        "std_mode": _get(r, "model", "encoder_std", "mode"),
-        "gamma": _get(r, "model", "encoder_std", "gamma"),
-        "beta": _get(r, "model", "beta"),
-        "latent_dim": _get(r, "model", "latent_dim"),
-        "lr": _get(cfg, "model", "lr"),
-        "epochs": _get(r, "metrics", "epochs"),
-        "stopped_by": _get(r, "metrics", "stop_reason"),
-        "test_log_likelihood": _get(r, "metrics", "test_log_likelihood"),
-        "test_elbo": _get(r, "metrics", "test_elbo"),
-        "certified_mean": _get(r, "certified", "mean"),
-        "certified_median": _get(r, "certified", "median"),
-        "certified_min": _get(r, "certified", "min"),
-        "fraction_certified": _get(r, "certified", "fraction_certified"),
-        "global_margin": _get(r, "certified", "global_margin"),
-        "estimated_mean": _get(r, "estimated", "mean"),
-        "estimated_median": _get(r, "estimated", "median"),
-        "estimated_min": _get(r, "estimated", "min"),
-        "estimated_censored": _get(r, "estimated", "censored"),
+        "data": r.get("data", "name"),
+        "split": r.get("data", "split"),
+        "model": r.get("model", "kind"),
+        "enc_L": r.get("lipschitz", "nominal", "encoder_mean"),
+        "dec_L": r.get("lipschitz", "nominal", "decoder"),
+        "std_mode": r.get("model", "encoder_std", "mode"),
+        "gamma": r.get("model", "encoder_std", "gamma"),
+        "beta": r.get("model", "beta"),
+        "latent_dim": r.get("model", "latent_dim"),
+        "lr": r.get("config", "model", "lr"),
+        "epochs": r.get("metrics", "epochs"),
+        "stopped_by": r.get("metrics", "stop_reason"),
+        "test_log_likelihood": r.get("metrics", "test_log_likelihood"),
+        "test_elbo": r.get("metrics", "test_elbo"),
+        "certified_mean": r.get("certified", "mean"),
+        "certified_median": r.get("certified", "median"),
+        "certified_min": r.get("certified", "min"),
+        "fraction_certified": r.get("certified", "fraction_certified"),
+        "global_margin": r.get("certified", "global_margin"),
+        "estimated_mean": r.get("estimated", "mean"),
+        "estimated_median": r.get("estimated", "median"),
+        "estimated_min": r.get("estimated", "min"),
+        "estimated_censored": r.get("estimated", "censored"),
         "soundness_violations": r.get("soundness_violations"),
         # the primary certificate's guarantee: 1 for a proof, 1 - alpha for the coupled form
         "certified_holds_with_probability": _holds(r),
-        "coupled_exceedances": _get(r, "coupled_exceedances", "observed"),
-        "coupled_expected": _get(r, "coupled_exceedances", "expected"),
-        "total_s": _get(r, "timings", "total_s"),
-        "code": _get(r, "run", "code"),
-        "wandb_run_id": _get(r, "run", "wandb_run_id"),
+        "coupled_exceedances": r.get("coupled_exceedances", "observed"),
+        "coupled_expected": r.get("coupled_exceedances", "expected"),
+        "total_s": r.get("timings", "total_s"),
+        "code": r.get("run", "code"),
+        "wandb_run_id": r.get("run", "wandb_run_id"),
     }
-    row["seed"] = cfg.get("seed")
+    row["seed"] = r.get("config", "seed")
     return row, r
 
 
@@ -133,17 +119,17 @@ _NUMBERS = [
 ]
 
 
-def invalid(r: dict) -> str | None:
+def invalid(r: Results) -> str | None:
     """Why a completed record cannot be reported (a foreign schema version, a hand-edited or
     corrupt file), in a few words; None when every field the report reads has its type."""
     for part in ("config", "model", "metrics", "lipschitz", "certified", "estimated", "data", "run", "timings"):
-        if r.get(part) is not None and not isinstance(r[part], dict):
-            return f"{part} is a {type(r[part]).__name__}, not an object"
+        if r.get(part) is not None and not isinstance(r.get(part), dict):
+            return f"{part} is a {type(r.get(part)).__name__}, not an object"
     for part in ("certified", "estimated"):
-        if isinstance(r.get(part), dict) and not all(_number(r[part].get(k)) for k in ("r", "p")):
+        if isinstance(r.get(part), dict) and not all(_number(r.get(part, k)) for k in ("r", "p")):
             return f"{part}.r or {part}.p is missing or not a number (results.json of another schema version?)"
     for path, nullable, finite in _NUMBERS:
-        value = _get(r, *path)
+        value = r.get(*path)
         if value is None and nullable:
             continue
         if not _number(value, finite):
@@ -151,13 +137,13 @@ def invalid(r: dict) -> str | None:
     return None
 
 
-def _holds(r: dict) -> float | None:
+def _holds(r: Results) -> float | None:
     """With what probability the run's primary certificates hold (None: no certificates)."""
     if not isinstance(r.get("certified"), dict):
         return None
-    held = _get(r, "certified", "holds_with_probability")
-    if held is None and _get(r, "certified", "form") == "coupled":  # recorded before the field existed
-        held = 1.0 - float(_get(r, "certified", "coupled", "alpha") or 0.0)
+    held = r.get("certified", "holds_with_probability")
+    if held is None and r.get("certified", "form") == "coupled":  # recorded before the field existed
+        held = 1.0 - float(r.get("certified", "coupled", "alpha") or 0.0)
     return 1.0 if held is None else float(held)
 
 
@@ -180,8 +166,8 @@ def label(row: dict) -> str:
     return text
 
 
-def _margins(run: Path, r: dict) -> pd.DataFrame | None:
-    table = _get(r, "estimated", "table")
+def _margins(run: Path, r: Results) -> pd.DataFrame | None:
+    table = r.get("estimated", "table")
     if not table or not (run / table).is_file():
         return None
     try:
@@ -199,10 +185,10 @@ def _order(rows: list[dict]) -> list[int]:
     return sorted(range(len(rows)), key=lambda i: (rows[i]["model"] != "lipschitz", rows[i]["enc_L"] or 0, label(rows[i])))
 
 
-def _attack_setting(results: list[dict]) -> str:
+def _attack_setting(results: list[Results]) -> str:
     """``r=8, p=0.5, 25 inputs`` when every run shares it, else a note that they differ."""
     settings = {
-        (_get(r, "estimated", "r"), _get(r, "estimated", "p"), _get(r, "estimated", "num_inputs"))
+        (r.get("estimated", "r"), r.get("estimated", "p"), r.get("estimated", "num_inputs"))
         for r in results
         if r.get("estimated")
     }
@@ -353,14 +339,14 @@ def _context(results: list[dict], rows: list[dict], dirs: list[Path]) -> list[tu
         return ", ".join(dict.fromkeys(str(v) for v in values if v not in (None, ""))) or "–"
 
     splits = distinct(
-        f"{_get(r, 'data', 'name')} {_get(r, 'data', 'split')} "
-        f"({_get(r, 'data', 'num_train')}/{_get(r, 'data', 'num_val')}/{_get(r, 'data', 'num_test')} train/val/test)"
+        f"{r.get('data', 'name')} {r.get('data', 'split')} "
+        f"({r.get('data', 'num_train')}/{r.get('data', 'num_val')}/{r.get('data', 'num_test')} train/val/test)"
         for r in results
     )
     epochs = [row["epochs"] for row in rows if row.get("epochs") is not None]
     certified = distinct(
-        f"r={_get(r, 'certified', 'r'):g}, p={_get(r, 'certified', 'p'):g}, {_get(r, 'certified', 'form')} form, "
-        f"{_get(r, 'certified', 'num_inputs')} inputs"
+        f"r={r.get('certified', 'r'):g}, p={r.get('certified', 'p'):g}, {r.get('certified', 'form')} form, "
+        f"{r.get('certified', 'num_inputs')} inputs"
         + ("" if _holds(r) == 1.0 else f", each holding with probability >= {_holds(r):g} over the certifier's samples"
            " (not a proof)")
         for r in results
@@ -374,14 +360,14 @@ def _context(results: list[dict], rows: list[dict], dirs: list[Path]) -> list[tu
     )
     return [
         ("folders", ", ".join(map(str, dirs))),
-        ("preset", distinct(_get(r, "run", "experiment") for r in results)),
-        ("commands", distinct(_get(r, "run", "command") for r in results)),
+        ("preset", distinct(r.get("run", "experiment") for r in results)),
+        ("commands", distinct(r.get("run", "command") for r in results)),
         ("data", splits),
         ("epochs trained", f"{min(epochs)}–{max(epochs)} (per run in the table)" if epochs else "–"),
         ("certified margins", certified),
         ("estimated margins", attack),
-        ("code", distinct(_get(r, "run", "code") for r in results)),
-        ("W&B runs", distinct(_get(r, "run", "wandb_run_id") for r in results)),
+        ("code", distinct(r.get("run", "code") for r in results)),
+        ("W&B runs", distinct(r.get("run", "wandb_run_id") for r in results)),
     ]
 
 

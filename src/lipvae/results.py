@@ -6,6 +6,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,22 +64,102 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def write_results(run_dir: Path, results: dict) -> Path:
-    results = {"schema_version": SCHEMA_VERSION, **results}
-    path = Path(run_dir) / RESULTS_FILE
-    atomic_write_text(path, json.dumps(_plain(results), indent=2, allow_nan=False) + "\n")
-    return path
+class ResultsError(ValueError):
+    """A results.json that is missing, unreadable or not a record (the reason in words)."""
+
+
+@dataclass
+class Results:
+    """``results.json`` (docs/results.md), one field per top-level key: the one writer and the
+    one reader of the file. The parts are plain dicts (their keys are documented there); a
+    record of another lipvae version keeps what it has, and unknown top-level keys go to
+    ``extra`` and back unchanged."""
+
+    status: str
+    error: str | None = None
+    run: dict | None = None
+    config: dict | None = None
+    model: dict | None = None
+    lipschitz: dict | None = None
+    data: dict | None = None
+    metrics: dict | None = None
+    certified: dict | None = None
+    estimated: dict | None = None
+    latent_attack: dict | None = None
+    soundness_violations: int | None = None
+    coupled_exceedances: dict | None = None
+    timings: dict | None = None
+    evaluation: dict | None = None
+    schema_version: int = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    #: the parts an evaluation owns and rewrites together (``lipvae.evaluate --replace``)
+    EVALUATION_PARTS = ("certified", "estimated", "latent_attack", "soundness_violations", "coupled_exceedances")
+
+    @classmethod
+    def from_dict(cls, record) -> "Results":
+        if not isinstance(record, dict):
+            raise ResultsError(f"a JSON {type(record).__name__}, not an object")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        parts = {k: v for k, v in record.items() if k in known}
+        return cls(**{"status": "unknown", **parts}, extra={k: v for k, v in record.items() if k not in known})
+
+    @classmethod
+    def read(cls, run_dir: Path) -> "Results":
+        """The run's record; ``ResultsError`` (missing, unreadable, not an object) otherwise."""
+        path = Path(run_dir) / RESULTS_FILE
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ResultsError(f"missing {RESULTS_FILE}") from None
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8
+            raise ResultsError(f"unreadable {RESULTS_FILE} ({type(e).__name__})") from None
+        try:
+            return cls.from_dict(json.loads(text))
+        except ResultsError as e:
+            raise ResultsError(f"unreadable {RESULTS_FILE} ({e})") from None
+        except ValueError as e:
+            raise ResultsError(f"unreadable {RESULTS_FILE} ({type(e).__name__})") from None
+
+    @classmethod
+    def status_of(cls, run_dir: Path) -> str | None:
+        """The recorded status, or None where there is no readable record."""
+        try:
+            return cls.read(run_dir).status
+        except ResultsError:
+            return None
+
+    def get(self, part: str, *keys):
+        """A nested value (``get("certified", "mean")``), None where any step is missing."""
+        value = getattr(self, part, None) if part in {f.name for f in fields(self)} else self.extra.get(part)
+        for k in keys:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(k)
+        return value
+
+    def as_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        out = {"schema_version": out.pop("schema_version"), **out, **self.extra}
+        if self.status == "completed":  # a finished run's record has every part, null where none
+            return {k: v for k, v in out.items() if v is not None or k not in ("error", "evaluation")}
+        return {k: v for k, v in out.items() if v is not None or k in ("status", "error")}
+
+    def write(self, run_dir: Path) -> Path:
+        """The record as ``<run_dir>/results.json``, atomically (NaN and inf as null)."""
+        path = Path(run_dir) / RESULTS_FILE
+        atomic_write_text(path, json.dumps(_plain(self.as_dict()), indent=2, allow_nan=False) + "\n")
+        return path
+
+
+def write_results(run_dir: Path, results: "Results | dict") -> Path:
+    return (results if isinstance(results, Results) else Results.from_dict(results)).write(run_dir)
 
 
 def write_table(path: Path, frame) -> Path:
     """A pandas DataFrame as CSV, atomically."""
     atomic_write_text(Path(path), frame.to_csv(index=False))
     return Path(path)
-
-
-def read_results(run_dir: Path) -> dict:
-    with open(Path(run_dir) / RESULTS_FILE) as f:
-        return json.load(f)
 
 
 def code_version() -> str:

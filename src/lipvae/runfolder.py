@@ -16,7 +16,6 @@ once these checks pass, so a refused command leaves a folder exactly as it found
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.errors import UserError
-from lipvae.results import RESULTS_FILE
+from lipvae.results import Results
 
 # keys a resumed run may change: bookkeeping, the time budget, and the learning rate (to
 # recover from a diverged run from its last finite state)
@@ -45,10 +44,8 @@ class AlreadyCompleted(Exception):
 
 
 def read_status(run_dir: Path) -> str | None:
-    try:
-        return (json.loads((run_dir / RESULTS_FILE).read_text()) or {}).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    """The status results.json records, or None where there is no readable record."""
+    return Results.status_of(run_dir)
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -73,10 +70,9 @@ def config_differences(stored: DictConfig, given: DictConfig) -> list[str]:
 
 
 def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
-    """Raise ``RunFolderError`` (or ``AlreadyCompleted``) before anything is written."""
+    """Raise ``RunFolderError`` (or ``AlreadyCompleted``) before anything is written. ``cfg`` is
+    validated (``resume`` is true, false or auto: the schema checks it)."""
     resume = cfg.resume
-    if resume not in (True, False, "auto"):
-        raise RunFolderError(f"resume: got {resume!r}; accepted: true, false, auto (resume if a checkpoint exists)")
     status = read_status(run_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume == "auto":  # what a requeued cluster job uses: continue if there is anything to continue

@@ -2,10 +2,11 @@
 
 Each group's YAML files (``conf/<group>/*.yaml``) extend their schema, registered below in
 Hydra's ConfigStore as ``schema/<group>``; the YAML holds the defaults and their comments.
-Composition checks the types (``seed=abc`` fails there); :func:`check` then checks each
-field's constraint (``metadata["ok"]``) and the few rules that tie fields together. Both
-become the one-line ``<field>: got <value>; accepted: <...>`` of :class:`~lipvae.errors.UserError`.
-Constructors (``VAE``, ``ImageDataModule``, …) trust their arguments.
+Composition checks the types (``seed=abc`` fails there); :func:`check_fields` then checks each
+field's constraint (``metadata["ok"]``), and ``lipvae.config.validate`` the few rules that tie
+fields together. All become the one-line ``<field>: got <value>; accepted: <...>`` of
+:class:`~lipvae.errors.UserError`. The ``attack`` node's schema follows its ``_target_``
+(``attack_schema``): L-BFGS-B's has none of pgd's fields.
 """
 
 import dataclasses

@@ -178,11 +178,11 @@ def load_model(path: Path, cfg: DictConfig | None = None):
 
 def recorded_data(run_dir: Path) -> dict:
     """The ``data`` record of a run's results.json ({} where there is none or it cannot be read)."""
-    import json
+    from lipvae.results import Results, ResultsError
 
     try:
-        record = json.loads((Path(run_dir) / "results.json").read_text()).get("data")
-    except (OSError, ValueError, AttributeError):
+        record = Results.read(run_dir).data
+    except ResultsError:
         return {}
     return record if isinstance(record, dict) else {}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -11,6 +10,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from lipvae.results import Results, ResultsError
 
 log = logging.getLogger("lipvae")
 
@@ -40,12 +41,11 @@ def job_statuses(sweep_dir: Path) -> dict[str, str]:
     out = {}
     for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
         try:
-            results = json.loads((job / "results.json").read_text())
-            out[job.name] = results.get("status", "unknown")
-            if out[job.name] == "failed":
-                out[job.name] += f": {results.get('error', '')}"
-        except (OSError, ValueError):
+            results = Results.read(job)
+        except ResultsError:
             out[job.name] = "missing (no readable results.json)"
+            continue
+        out[job.name] = results.status + (f": {results.error or ''}" if results.status == "failed" else "")
     return out
 
 

@@ -47,9 +47,9 @@ from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_
 from lipvae.module import FineTune, NonFiniteLossError, RunCheckpoint, SaveOnException, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
-from lipvae.results import atomic_write_text, code_version, replace_atomically, write_results
+from lipvae.results import Results, atomic_write_text, code_version, replace_atomically
 from lipvae.sweep import note_refusal
-from lipvae.runfolder import AlreadyCompleted, RunFolderError, check_run_folder, claim, read_status, save_hydra_files
+from lipvae.runfolder import AlreadyCompleted, RunFolderError, check_run_folder, claim, save_hydra_files
 
 log = logging.getLogger("lipvae")
 
@@ -297,7 +297,7 @@ class Trained:
     constants: dict | None
 
 
-def train(cfg: DictConfig, ctx: RunContext) -> dict | None:
+def train(cfg: DictConfig, ctx: RunContext) -> Results | None:
     """One complete run in ``ctx.run_dir``: compose (done: ``cfg``) → build → fit → freeze →
     evaluate → record. Returns the results it writes (None on a device other than the first,
     which only trains). Needs no Hydra: ``train(cfg, RunContext(folder))`` from Python."""
@@ -317,8 +317,8 @@ def train(cfg: DictConfig, ctx: RunContext) -> dict | None:
                   step=built.trainer.global_step, progress=built.progress)
     draw(built, ctx.run_dir, cfg.seed)
     results = record(cfg, ctx, built, trained, test, ev)
-    results["timings"] = {"fit_s": trained.fit_s, "test_s": test_s, **ev.timings(time.perf_counter() - t0)}
-    write_results(ctx.run_dir, results)
+    results.timings = {"fit_s": trained.fit_s, "test_s": test_s, **ev.timings(time.perf_counter() - t0)}
+    results.write(ctx.run_dir)
     log.info("results written to %s", ctx.run_dir / "results.json")
     summarise_to_wandb(built.loggers, results, ev)
     return results
@@ -427,7 +427,7 @@ def draw(built: Built, run_dir: Path, seed: int) -> None:
         log_image(loggers, "aggregate_posterior", figure)
 
 
-def record(cfg: DictConfig, ctx: RunContext, built: Built, trained: Trained, test: dict, ev: Evaluation) -> dict:
+def record(cfg: DictConfig, ctx: RunContext, built: Built, trained: Trained, test: dict, ev: Evaluation) -> Results:
     """results.json's contents (docs/results.md), once every value is finite."""
     vae = built.vae
     metrics = {
@@ -443,25 +443,20 @@ def record(cfg: DictConfig, ctx: RunContext, built: Built, trained: Trained, tes
                                                         "orthonormality_error_before_freeze")}, cfg)
     std = {"mode": vae.std_mode, "gamma": vae.gamma if vae.std_mode == "fixed" else None,
            "max_norm": vae.max_norm if vae.std_mode == "bounded" else None}
-    return {
-        "status": "completed",
-        "run": ctx.record(built.loggers),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "model": {"kind": vae.kind, "latent_dim": vae.latent_dim, "encoder_std": std, "beta": vae.beta,
-                  "likelihood": vae.likelihood},
-        "lipschitz": trained.constants,
-        "data": built.datamodule.info.as_dict(),
-        "metrics": metrics,
-        **ev.results(),
-    }
+    return Results(
+        status="completed", run=ctx.record(built.loggers), config=OmegaConf.to_container(cfg, resolve=True),
+        model={"kind": vae.kind, "latent_dim": vae.latent_dim, "encoder_std": std, "beta": vae.beta,
+               "likelihood": vae.likelihood},
+        lipschitz=trained.constants, data=built.datamodule.info.as_dict(), metrics=metrics, **ev.results(),
+    )
 
 
-def summarise_to_wandb(loggers: list, results: dict, ev: Evaluation) -> None:
+def summarise_to_wandb(loggers: list, results: Results, ev: Evaluation) -> None:
     """The run's headline numbers as the W&B run's summary; the W&B run is then finished."""
     for lg in loggers:
         if not is_wandb(lg):
             continue
-        summary = {f"results/{k}": v for k, v in results["metrics"].items()}
+        summary = {f"results/{k}": v for k, v in results.metrics.items()}
         for name, part in (("certified", ev.certified), ("estimated", ev.estimated)):
             for k in ("mean", "median", "min", "fraction_certified", "global_margin", "holds_with_probability"):
                 if part and part.get(k) is not None:
@@ -474,12 +469,13 @@ def summarise_to_wandb(loggers: list, results: dict, ev: Evaluation) -> None:
 
 def _record(cfg: DictConfig, run_dir: Path, status: str, error: str) -> None:
     """Record a failed or interrupted attempt; never over a completed record (beside it instead)."""
-    record = {"status": status, "error": error, "config": OmegaConf.to_container(cfg, resolve=False)}
-    if read_status(run_dir) == "completed":
+    record = Results(status=status, error=error, config=OmegaConf.to_container(cfg, resolve=False))
+    if Results.status_of(run_dir) == "completed":
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        atomic_write_text(run_dir / f"attempt-{stamp}-{status}.json", json.dumps(record, indent=2) + "\n")
+        attempt = {"status": status, "error": error, "config": record.config}
+        atomic_write_text(run_dir / f"attempt-{stamp}-{status}.json", json.dumps(attempt, indent=2) + "\n")
     else:
-        write_results(run_dir, record)
+        record.write(run_dir)
 
 
 _signal: dict = {"received": None}
@@ -567,13 +563,14 @@ def prepare_folder(cfg: DictConfig, ctx: RunContext, rank_zero: bool) -> bool:
     if not rank_zero:  # other ranks share rank zero's folder and leave it to rank zero
         return True
     try:
+        validate(cfg)  # every field (resume included) before the folder is read: a sweep's later job too
         check_run_folder(cfg, ctx.run_dir)
         _claimed.append(claim(ctx.run_dir))  # held until the process ends
     except AlreadyCompleted as e:
         log.info("%s", e)
         print(str(e), file=sys.stderr)
         return False
-    except RunFolderError as e:
+    except UserError as e:  # RunFolderError included
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         if ctx.multirun:  # the sweep goes on; its summary lists this job as refused and exits non-zero
@@ -597,7 +594,7 @@ def main(cfg: DictConfig) -> float | None:
     results = None
     with recorded(cfg, ctx, rank_zero):
         results = train(cfg, ctx)
-    return None if results is None else results["metrics"]["test_elbo"]
+    return None if results is None else results.metrics["test_elbo"]
 
 
 def cli() -> None:

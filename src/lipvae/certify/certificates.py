@@ -7,6 +7,7 @@ heads included); ``s = ‖σ(x)‖₂`` and ``s_inf = ‖σ(x)‖_∞`` come fro
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
@@ -15,8 +16,11 @@ import pandas as pd
 import torch
 
 from lipvae.certify.bounds import (
+    FORMS,
     MOMENT_FORMS,
     SAMPLED_FORMS,
+    Constants,
+    SigmaNorms,
     global_margin,
     global_margin_cantelli,
     margin,
@@ -133,26 +137,19 @@ def certify(
         device = next(vae.parameters()).device
         gen = torch.Generator(device=device).manual_seed(int(coupled["seed"]))
         damages = self_damage(vae, x, int(coupled["samples"]), gen)
+    given = _Given(Constants(a, b, c), SigmaNorms(s, s_inf, m, vae.std_mode, s4), damages,
+                   float(coupled["alpha"]) if damages is not None else None)
     by = {}
     for rr, pp in product(r, p):
         sfx = column_suffix(r, p, rr, pp)
         key = f"r{rr:g}_p{pp:g}"
         by[key] = {}
         for form in forms:
-            if form in SAMPLED_FORMS:  # no Theorem 3 analogue
-                certified, tau = coupled_margin(damages, a, b, c, m, rr, pp, float(coupled["alpha"]))
-                table[f"tau_{form}{sfx}"] = tau
-                global_ = None
-            elif form in MOMENT_FORMS:
-                res = margin_cantelli(rr, a, b, c, s, s_inf, s4, m, pp, vae.std_mode)
-                table[f"R_C_{form}{sfx}"] = res.cantelli
-                certified, global_ = res.margin, _global(vae, a, b, c, rr, pp, form)
-            else:
-                res = margin(rr, a, b, c, s, s_inf, m, pp, vae.std_mode, form)
-                table[f"R_M_{form}{sfx}"] = res.markov
-                table[f"R_chi2_{form}{sfx}"] = res.chi2
-                certified, global_ = res.margin, _global(vae, a, b, c, rr, pp, form)
+            certified, columns = CERTIFIERS[form](given, rr, pp, form)
+            for name, values in columns.items():
+                table[f"{name}_{form}{sfx}"] = values
             table[f"certified_{form}{sfx}"] = certified
+            global_ = None if form in SAMPLED_FORMS else _global(vae, a, b, c, rr, pp, form)  # no Theorem 3 analogue
             by[key][form] = {**_stats(certified), "global_margin": global_}
     primary = by[f"r{r[0]:g}_p{p[0]:g}"][forms[0]]
     summary = {
@@ -171,6 +168,39 @@ def certify(
         summary["coupled"] = {**coupled, "dkw_width": dkw_width(int(coupled["samples"]), float(coupled["alpha"]))}
         table["coupled_holds_with_probability"] = 1.0 - float(coupled["alpha"])
     return table, summary
+
+
+@dataclass
+class _Given:
+    """What every form's certificate is computed from: the measured constants, the σ norms per
+    input, and (coupled form) the sorted self-damages and the failure probability α."""
+
+    k: Constants
+    sigma: SigmaNorms
+    damages: np.ndarray | None
+    alpha: float | None
+
+
+def _closed_form(given: _Given, r: float, p: float, form: str):
+    res = margin(r, given.k, given.sigma, p, form)
+    return res.margin, {"R_M": res.markov, "R_chi2": res.chi2}
+
+
+def _cantelli_form(given: _Given, r: float, p: float, form: str):
+    res = margin_cantelli(r, given.k, given.sigma, p)
+    return res.margin, {"R_C": res.cantelli}
+
+
+def _coupled_form(given: _Given, r: float, p: float, form: str):
+    k = given.k
+    certified, tau = coupled_margin(given.damages, k.a, k.b, k.c, given.sigma.m, r, p, given.alpha)
+    return certified, {"tau": tau}
+
+
+#: Every form of ``certify.forms`` and the function that certifies with it: ``(given, r, p, form)``
+#: → (certified margins, the form's other columns by name).
+CERTIFIERS = {**{form: _closed_form for form in FORMS}, "cantelli": _cantelli_form, "coupled": _coupled_form}
+assert set(CERTIFIERS) == set(FORMS + MOMENT_FORMS + SAMPLED_FORMS)
 
 
 def certify_test_split(vae, test, num_inputs, constants, r, p, forms, batch_size=1000, coupled=None):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lipvae.certify.bounds import FORMS, chi2_term, markov_term
+from lipvae.certify.bounds import FORMS, Constants, SigmaNorms, chi2_term, markov_term
 
 
 @dataclass
@@ -81,8 +81,9 @@ def curves(
     Carlo tail, each an array over ``ts``. The tail does not depend on the form: pass it as
     ``tail`` when it is already known."""
     c, s_inf = setting.c_used, float(np.max(setting.sigma))
-    p_m = markov_term(ts, setting.r, setting.a, setting.b, c, setting.s, form)
-    p_c = chi2_term(ts, setting.r, setting.a, setting.b, c, s_inf, setting.m, setting.std_mode, form)
+    k, sigma = Constants(setting.a, setting.b, c), SigmaNorms(setting.s, s_inf, setting.m, setting.std_mode)
+    p_m = markov_term(ts, setting.r, k, sigma, form)
+    p_c = chi2_term(ts, setting.r, k, sigma, form)
     return {
         "t": ts,
         "markov": np.minimum(p_m, 1.0),
