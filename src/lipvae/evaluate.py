@@ -111,6 +111,17 @@ def other_class_targets(labels: torch.Tensor) -> torch.Tensor:
     return targets
 
 
+@dataclass
+class Output:
+    """Where an evaluation's files and metrics go: its folder, the loggers (at ``step``), and
+    whether progress bars are drawn."""
+
+    dir: Path
+    loggers: tuple | list = ()
+    step: int = 0
+    progress: bool = True
+
+
 def evaluate(
     vae,
     test,
@@ -127,12 +138,12 @@ def evaluate(
     ``cfg.attack.num_inputs``, check that no certificate exceeds its estimated margin, and write
     the tables and figures to ``out_dir``. ``reuse``: an earlier evaluation's margins table
     (same attack settings) whose estimated margins are taken instead of attacking again."""
-    out_dir = Path(out_dir)
+    out = Output(Path(out_dir), loggers, step, progress)
     ev = Evaluation()
     cert_table = None
     if cfg.certify.enabled and vae.kind == "lipschitz":
         start = time.perf_counter()
-        cert_table, ev.certified = _certify(vae, test, cfg.certify, cfg.data.eval_batch_size, out_dir, loggers, step)
+        cert_table, ev.certified = _certify(vae, test, cfg.certify, cfg.data.eval_batch_size, out)
         ev.certify_s = time.perf_counter() - start
     elif cfg.certify.enabled:
         log.info("standard VAE: its Lipschitz constants are unknown, so no certificate (certified: null)")
@@ -140,17 +151,17 @@ def evaluate(
         start = time.perf_counter()
         # Lightning tests under inference mode; attacks need gradients with respect to inputs
         with torch.inference_mode(False), torch.enable_grad():
-            _attack(ev, vae, test, cfg, cert_table, out_dir, seed, loggers, step, progress, reuse, reuse_latent)
+            _attack(ev, vae, test, cfg, cert_table, seed, out, reuse, reuse_latent)
         ev.attack_s = time.perf_counter() - start
     return ev
 
 
-def _certify(vae, test, cc: DictConfig, batch_size: int, out_dir: Path, loggers, step: int):
+def _certify(vae, test, cc: DictConfig, batch_size: int, out: Output):
     table, summary = certify_test_split(
         vae, test, cc.num_inputs, vae.lipschitz_constants(), list(cc.r), list(cc.p), list(cc.forms), batch_size,
         OmegaConf.to_container(cc.coupled) if "coupled" in cc else None,
     )
-    write_table(out_dir / CERTIFIED_TABLE, table)
+    write_table(out.dir / CERTIFIED_TABLE, table)
     summary["table"] = CERTIFIED_TABLE
     held = summary.get("holds_with_probability", 1.0)
     log.info(
@@ -167,67 +178,31 @@ def _certify(vae, test, cc: DictConfig, batch_size: int, out_dir: Path, loggers,
     }
     figure = save_margin_histogram(
         {f: table[f"certified_{f}"].to_numpy() for f in cc.forms},
-        out_dir / "certified_margins.png",
+        out.dir / "certified_margins.png",
         title=f"certified margins, r={summary['r']:g}, p={summary['p']:g}",
     )
-    for lg in loggers:
-        lg.log_metrics(metrics, step=step)
+    for lg in out.loggers:
+        lg.log_metrics(metrics, step=out.step)
         if is_wandb(lg):
             lg.log_table(key="certified_margins", dataframe=table.head(10000))
-    log_image(loggers, "certified_margins_hist", figure)
+    log_image(out.loggers, "certified_margins_hist", figure)
     return table, summary
 
 
-def _attack(ev, vae, test, cfg, cert_table, out_dir, seed, loggers, step, progress, reuse, reuse_latent):
+def _attack(ev: Evaluation, vae, test, cfg: DictConfig, cert_table, seed: int, out: Output, reuse, reuse_latent):
+    """Estimate the margins (or take ``reuse``'s), join the certificates at the attack's (r, p),
+    check soundness, run the latent-space attack, and write, log and draw the results."""
     ac = cfg.attack
     device = next(vae.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     n = min(ac.num_inputs, len(test))
     attack = build_attack(ac)
-    if reuse is not None:
-        table = reuse[["index", "label", "estimated", "censored"]].copy()
-        log.info("estimated margins reused from the stored evaluation (same attack settings)")
-    else:
-        est = attack.estimate(
-            vae, test.images[:n].to(device), generator=gen, seed=seed, progress=progress,
-            state_path=out_dir / STATE,  # an interrupted attack continues from here on resume
-        )
-        table = pd.DataFrame({
-            "index": test.index[:n].numpy(),
-            "label": test.labels[:n].numpy(),
-            "estimated": est.margin.cpu().numpy(),
-            "censored": est.censored.cpu().numpy(),
-        })
+    table = _estimate(attack, vae, test, n, gen, seed, out) if reuse is None else _reused(reuse)
     cert_cols = _join_certified(table, cert_table, cfg.certify, float(ac.r), float(ac.p))
-    write_table(out_dir / MARGINS_TABLE, table)
-    values = table["estimated"].to_numpy()
-    ev.estimated = {
-        "r": float(ac.r), "p": float(ac.p), "num_inputs": int(n),
-        "mean": float(np.mean(values)), "median": float(np.median(values)),
-        "min": float(np.min(values)), "max": float(np.max(values)),
-        "censored": int(table["censored"].sum()),
-        # the search's settings as the attack has them (None where it has no such setting: L-BFGS-B's
-        # grid has no projected-gradient steps or bisection tolerance)
-        "method": attack.name or type(attack).__name__, "search": getattr(attack, "search", None),
-        "samples": ac.samples, "starts": ac.starts, "steps": getattr(attack, "steps", None),
-        "tol": getattr(attack, "tol", None), "max_radius": float(ac.max_radius), "pixel_range": bool(ac.pixel_range),
-        "table": MARGINS_TABLE,
-    }
+    write_table(out.dir / MARGINS_TABLE, table)
+    ev.estimated = _estimated_summary(table, attack, ac, n)
     if vae.kind == "lipschitz" and cert_cols:
-        alpha = float(cfg.certify.coupled.alpha) if "coupled" in cfg.certify else 0.0
-        ev.coupled_exceedances = coupled_exceedances(table, cert_cols, alpha)
-        if ev.coupled_exceedances is not None:
-            log.info("coupled certificates above the estimated margin: %d of %d inputs (expected at most about"
-                     " α·N = %.3g; the coupled form holds with probability >= %g per input)",
-                     ev.coupled_exceedances["observed"], n, alpha * n, 1 - alpha)
-        bad = soundness_violations(table, [c for c in cert_cols if not probabilistic(c)])
-        ev.soundness_violations = len(bad)
-        for i in bad:
-            row = table[table["index"] == i].iloc[0]
-            log.error(
-                "soundness violation at test input %d: certified %.4g > estimated %.4g "
-                "(a bug, or a Lipschitz constant that does not hold)", i, row[cert_cols].max(), row["estimated"],
-            )
+        _check_soundness(ev, table, cert_cols, cfg, n)
     log.info(
         "estimated margins (r=%g, p=%g) on %d inputs: mean %.4g, median %.4g, min %.4g; %d censored at %g%s",
         ac.r, ac.p, n, ev.estimated["mean"], ev.estimated["median"], ev.estimated["min"],
@@ -237,22 +212,78 @@ def _attack(ev, vae, test, cfg, cert_table, out_dir, seed, loggers, step, progre
     figures = []
     if cert_cols:
         figures.append(save_margin_scatter(
-            table, cert_cols, out_dir / "certified_vs_estimated.png", title=f"r={ac.r:g}, p={ac.p:g}, {n} test inputs"
+            table, cert_cols, out.dir / "certified_vs_estimated.png", title=f"r={ac.r:g}, p={ac.p:g}, {n} test inputs"
         ))
     if reuse_latent is not None:
         ev.latent_attack = reuse_latent
     else:
-        ev.latent_attack, figure = _latent_attack(vae, test, ac, device, gen, out_dir)
+        ev.latent_attack, figure = _latent_attack(vae, test, ac, device, gen, out.dir)
         figures.append(figure)
     metrics = {f"estimated/{k}": ev.estimated[k] for k in ("mean", "median", "min", "censored")}
     if ev.soundness_violations is not None:
         metrics["soundness_violations"] = ev.soundness_violations
-    for lg in loggers:
-        lg.log_metrics(metrics, step=step)
+    for lg in out.loggers:
+        lg.log_metrics(metrics, step=out.step)
         if is_wandb(lg):
             lg.log_table(key="margins", dataframe=table)
     for fig in figures:
-        log_image(loggers, fig.stem, fig)
+        log_image(out.loggers, fig.stem, fig)
+
+
+def _estimate(attack, vae, test, n: int, gen, seed: int, out: Output) -> pd.DataFrame:
+    """The attack's estimated margins of the first ``n`` test inputs, as the margins table."""
+    device = next(vae.parameters()).device
+    est = attack.estimate(
+        vae, test.images[:n].to(device), generator=gen, seed=seed, progress=out.progress,
+        state_path=out.dir / STATE,  # an interrupted attack continues from here on resume
+    )
+    return pd.DataFrame({
+        "index": test.index[:n].numpy(),
+        "label": test.labels[:n].numpy(),
+        "estimated": est.margin.cpu().numpy(),
+        "censored": est.censored.cpu().numpy(),
+    })
+
+
+def _reused(stored: pd.DataFrame) -> pd.DataFrame:
+    log.info("estimated margins reused from the stored evaluation (same attack settings)")
+    return stored[["index", "label", "estimated", "censored"]].copy()
+
+
+def _estimated_summary(table: pd.DataFrame, attack, ac: DictConfig, n: int) -> dict:
+    """results.json's ``estimated``: the margins' statistics and the search's settings as the
+    attack has them (None where it has no such setting: L-BFGS-B's grid has no projected-gradient
+    steps or bisection tolerance)."""
+    values = table["estimated"].to_numpy()
+    return {
+        "r": float(ac.r), "p": float(ac.p), "num_inputs": int(n),
+        "mean": float(np.mean(values)), "median": float(np.median(values)),
+        "min": float(np.min(values)), "max": float(np.max(values)),
+        "censored": int(table["censored"].sum()),
+        "method": attack.name or type(attack).__name__, "search": getattr(attack, "search", None),
+        "samples": ac.samples, "starts": ac.starts, "steps": getattr(attack, "steps", None),
+        "tol": getattr(attack, "tol", None), "max_radius": float(ac.max_radius), "pixel_range": bool(ac.pixel_range),
+        "table": MARGINS_TABLE,
+    }
+
+
+def _check_soundness(ev: Evaluation, table: pd.DataFrame, cert_cols: list[str], cfg: DictConfig, n: int) -> None:
+    """No deterministic certificate may exceed the estimated margin (``soundness_violations``;
+    each one is logged); the coupled form's exceedances are counted against what α allows."""
+    alpha = float(cfg.certify.coupled.alpha) if "coupled" in cfg.certify else 0.0
+    ev.coupled_exceedances = coupled_exceedances(table, cert_cols, alpha)
+    if ev.coupled_exceedances is not None:
+        log.info("coupled certificates above the estimated margin: %d of %d inputs (expected at most about"
+                 " α·N = %.3g; the coupled form holds with probability >= %g per input)",
+                 ev.coupled_exceedances["observed"], n, alpha * n, 1 - alpha)
+    bad = soundness_violations(table, [c for c in cert_cols if not probabilistic(c)])
+    ev.soundness_violations = len(bad)
+    for i in bad:
+        row = table[table["index"] == i].iloc[0]
+        log.error(
+            "soundness violation at test input %d: certified %.4g > estimated %.4g "
+            "(a bug, or a Lipschitz constant that does not hold)", i, row[cert_cols].max(), row["estimated"],
+        )
 
 
 def _join_certified(table, cert_table, cc, r: float, p: float) -> list[str]:
