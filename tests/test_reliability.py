@@ -75,7 +75,8 @@ BAD_INPUTS = [
      "attack._target_: got 'collections.OrderedDict'; accepted: a subclass of lipvae.attack.MarginAttack"),
     (["attack._target_=no.such.Attack"], "attack: cannot build no.such.Attack ("),
     (["attack=lbfgs", "attack.lbfgs.maxcor=0"], "attack.lbfgs.maxcor: got 0; accepted: a positive integer"),
-    (["attack=lbfgs", "attack.steps=5"], "attack.steps: no such field"),  # L-BFGS-B takes no steps
+    (["attack=lbfgs", "attack.steps=5"],  # L-BFGS-B takes no steps
+     "attack.steps: no such field of LBFGSAttack, which takes none of pgd's compile, search, steps, tol, warm_steps"),
     (["attack=lbfgs", "attack.lbfgs.pgtol=-1"], "attack.lbfgs.pgtol: got -1.0; accepted: a positive number"),
     (["attack.latent.kind=medium"], "attack.latent.kind: got 'medium'; accepted: hard, soft"),
     (["attack/latent=soft", "attack.latent.penalty=-1"], "attack.latent.penalty: got -1.0; accepted: a number >= 0"),

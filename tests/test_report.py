@@ -372,3 +372,18 @@ def test_compare_evaluations_pairs_a_run_with_its_re_evaluations(tmp_path):
     row = table.iloc[0]
     assert row.overrides == "attack.warm_steps=40" and row.run_mean == 3.0 and row.evaluation_mean == 3.0
     assert row.difference == 0.0 and row.smaller_on == 1 and row.inputs == 2
+
+
+def test_report_names_the_reference_attack_without_steps(tmp_path):
+    """An attack=lbfgs run records steps and tol as null (it has neither): the report's attack line
+    names the method instead of 'None steps'."""
+    estimated = {"r": 8.0, "p": 0.5, "num_inputs": 2, "mean": 1.0, "median": 1.0, "min": 0.5, "max": 1.5,
+                 "censored": 0, "method": "lbfgs", "search": "grid", "samples": 40, "starts": 5, "steps": None,
+                 "tol": None, "max_radius": 10.0, "pixel_range": True, "table": "margins.csv"}
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "results.json").write_text(json.dumps(
+        {"status": "completed", "model": {"kind": "standard"}, "metrics": {"epochs": 1}, "certified": None,
+         "estimated": estimated, "soundness_violations": None}))
+    assert report_main([str(tmp_path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    assert "r=8, p=0.5, 2 inputs, 40 samples × 5 starts, lbfgs, grid" in md and "None steps" not in md

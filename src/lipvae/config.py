@@ -299,10 +299,26 @@ def compose_config(overrides: list[str], config_module: str = "lipvae.conf", con
         key = found.group(1)
         rest = [o for o in overrides if o.split("=", 1)[0] != key]
         try:
-            keys = field_paths(composed(rest))
+            others = composed(rest)
+            keys = field_paths(others)
         except Exception:
-            keys = []
+            others, keys = None, []
+        if others is not None and key.startswith("attack.") and key.count(".") == 1:
+            _not_this_attacks(key, others.attack)
         raise UserError(f"{no_such_field(key, keys)} (to add a new field, write +{key}=...)") from None
+
+
+def _not_this_attacks(key: str, attack: DictConfig) -> None:
+    """One line for another attack's field (``attack=lbfgs attack.steps=5``): L-BFGS-B's schema
+    has none of pgd's settings, and adding one would not be used."""
+    from dataclasses import fields
+
+    from lipvae.schema import PgdAttackConfig
+
+    theirs = {f.name for f in fields(PgdAttackConfig)} - {f.name for f in fields(attack_schema(attack))}
+    if key.split(".")[1] in theirs:
+        name = str(attack.get("_target_", "")).rsplit(".", 1)[-1]
+        raise UserError(f"{key}: no such field of {name}, which takes none of pgd's {', '.join(sorted(theirs))}")
 
 
 def _validation_error(error: Exception, schema: type = RootConfig) -> UserError | None:

@@ -354,7 +354,8 @@ def _context(results: list[dict], rows: list[dict], dirs: list[Path]) -> list[tu
     )
     attack = distinct(
         f"r={e['r']:g}, p={e['p']:g}, {e['num_inputs']} inputs, {e.get('samples')} samples × {e.get('starts')} starts, "
-        f"{e.get('steps')} steps, {e.get('search')}"
+        + (f"{e.get('steps')} steps, " if e.get("steps") is not None else f"{e.get('method')}, ")  # lbfgs: no steps
+        + f"{e.get('search')}"
         for e in (r.get("estimated") for r in results)
         if e
     )

@@ -108,6 +108,13 @@ class SearchState:
         self.path.with_suffix(".csv").unlink(missing_ok=True)
 
 
+def descending_grid(max_radius: float, grid_step: float) -> list[float]:
+    """The reference procedure's radii, largest first: ``max_radius, max_radius − grid_step, …,
+    grid_step`` (the grid search of both pgd's ``search=grid`` and L-BFGS-B)."""
+    k = int(round(max_radius / grid_step))
+    return [grid_step * i for i in range(k, 0, -1)]
+
+
 class MarginAttack:
     """An estimator of each input's (r, p)-robustness margin: the smallest radius at which the
     attack finds a δ with ``P̂(‖g(z') − g(z)‖ ≤ r) ≤ p`` (an upper bound on the true margin).

@@ -11,7 +11,7 @@ import torch
 from scipy import optimize
 from tqdm.auto import tqdm
 
-from lipvae.attack.base import EstimatedMargins, MarginAttack, SearchState, robust_probability
+from lipvae.attack.base import EstimatedMargins, MarginAttack, SearchState, descending_grid, robust_probability
 from lipvae.vae import VAE
 
 #: The reference procedure's L-BFGS-B settings (the authors': SciPy's m, factr, pgtol).
@@ -69,8 +69,7 @@ def lbfgs_margins(vae: VAE, x: torch.Tensor, r: float = 8.0, p: float = 0.5, sam
     vae.eval()
     device = x.device
     n = len(x)
-    k = int(round(max_radius / grid_step))
-    radii = [grid_step * i for i in range(k, 0, -1)]
+    radii = descending_grid(max_radius, grid_step)
     margin = torch.full((n,), float(max_radius), dtype=x.dtype)
     censored = torch.ones(n, dtype=torch.bool)
     done = 0

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lipvae.attack.base import (
-    EstimatedMargins, MarginAttack, SearchState, damage, input_gradients_only, reconstruction_distance,
+    EstimatedMargins, MarginAttack, SearchState, damage, descending_grid, input_gradients_only, reconstruction_distance,
     robust_probability,
 )
 from lipvae.vae import VAE
@@ -280,8 +280,7 @@ def _grid_margins(verdict: Verdict, max_radius: float, grid_step: float, state, 
     """The reference's descending grid: margin = the smallest radius found non-robust."""
     x = verdict.x
     n = len(x)
-    k = int(round(max_radius / grid_step))
-    radii = [grid_step * i for i in range(k, 0, -1)]
+    radii = descending_grid(max_radius, grid_step)
     margin = torch.full((n,), float(max_radius), dtype=x.dtype, device=x.device)
     censored = torch.ones(n, dtype=torch.bool, device=x.device)
     done = 0
