@@ -90,6 +90,19 @@ def test_margins_from_a_datamodule_with_loaders_only(tmp_path, synthetic_root):
     assert record["soundness_violations"] == 0 and record["weights"] == "last"
 
 
+def test_too_few_certified_inputs_are_refused_before_training(tmp_path):
+    """The settings of both callbacks are checked together when fitting starts (the rule of
+    lipvae.config.validate): certifying 2 inputs cannot check the certificates of 4 attacked ones."""
+    x = torch.rand(120, 784, generator=torch.Generator().manual_seed(0))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+                        callbacks=[CertifiedMargins(num_inputs=2), EstimatedMargins(attack=ATTACK)])
+    module = NoValModule(tiny_vae(), lr=1e-3)
+    with pytest.raises(UserError, match=r"^certify.num_inputs: got 2; accepted: null, or at least attack.num_inputs=4"):
+        trainer.fit(module, datamodule=PlainData(x))
+    assert trainer.global_step == 0 and not (tmp_path / "evaluation.json").exists()
+
+
 def test_a_bad_weights_choice_is_one_line():
     with pytest.raises(UserError, match="^weights: got 'worst'; accepted: best, last$"):
         CertifiedMargins(weights="worst")

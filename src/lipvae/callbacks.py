@@ -24,9 +24,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import COUPLED_DEFAULTS, check_lipschitz
+from lipvae.config import check_certified_inputs
 from lipvae.errors import UserError
 from lipvae.evaluate import evaluate, write_evaluation
 from lipvae.results import code_version
@@ -51,6 +52,13 @@ class MarginCallback(Callback):
 
     def settings(self) -> dict:
         raise NotImplementedError
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The callbacks' settings together, checked before training rather than after it."""
+        margin_callbacks = [cb for cb in trainer.callbacks if isinstance(cb, MarginCallback)]
+        if margin_callbacks[0] is self:
+            cfg = evaluation_settings(margin_callbacks)
+            check_certified_inputs(cfg.certify, cfg.attack, pl_module.vae.kind == "lipschitz")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         margin_callbacks = [cb for cb in trainer.callbacks if isinstance(cb, MarginCallback)]
@@ -127,18 +135,23 @@ def held_out_split(trainer: L.Trainer):
     return TensorBatches(images, labels, torch.arange(len(images)))
 
 
+def evaluation_settings(callbacks: list[MarginCallback]) -> DictConfig:
+    """The evaluation's settings of the margin callbacks (each holds its section), as ``evaluate`` reads them."""
+    sections = {cb.section: cb.settings() for cb in callbacks}
+    return OmegaConf.create({
+        "certify": sections.get("certify", {"enabled": False}),
+        "attack": sections.get("attack", {"enabled": False}),
+        "data": {"eval_batch_size": callbacks[0].eval_batch_size},
+    })
+
+
 def evaluate_at_fit_end(trainer: L.Trainer, pl_module: L.LightningModule, callbacks: list[MarginCallback]) -> dict:
     """Freeze the module's VAE (best weights unless asked otherwise), run the evaluation pipeline with
     the callbacks' settings and write ``evaluation.json`` to the run folder; its contents."""
     first = callbacks[0]
     out_dir = Path(first.dirpath or trainer.default_root_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sections = {cb.section: cb.settings() for cb in callbacks}
-    cfg = OmegaConf.create({
-        "certify": sections.get("certify", {"enabled": False}),
-        "attack": sections.get("attack", {"enabled": False}),
-        "data": {"eval_batch_size": first.eval_batch_size},
-    })
+    cfg = evaluation_settings(callbacks)
     ckpt = trainer.checkpoint_callback
     best = getattr(ckpt, "best_model_path", "") if first.weights == "best" and ckpt is not None else ""
     epoch = load_best_weights(pl_module, best, trainer.current_epoch)

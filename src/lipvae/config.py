@@ -46,12 +46,19 @@ def validate(cfg: DictConfig) -> None:
         step, top = cfg.attack.grid_step, cfg.attack.max_radius
         _check(top / step <= MAX_GRID, "attack.grid_step", step,
                f"at least attack.max_radius/{MAX_GRID} = {top / MAX_GRID:g} (at most {MAX_GRID} radii per input)")
+    check_certified_inputs(cfg.certify, cfg.attack, lipschitz)
     if cfg.attack.enabled:
-        certified, attacked = cfg.certify.num_inputs, cfg.attack.num_inputs
-        if cfg.certify.enabled and lipschitz and certified is not None:
-            _check(certified >= attacked, "certify.num_inputs", certified,
-                   f"null, or at least attack.num_inputs={attacked} (each attacked input's certificate is checked)")
         build_attack(cfg.attack)  # its class and arguments, before any data is read
+
+
+def check_certified_inputs(certify: DictConfig, attack: DictConfig, lipschitz: bool) -> None:
+    """Each attacked input's certificate is checked against its estimated margin, so the certified
+    inputs (the first ``certify.num_inputs``; null: all) include the attacked ones. The one place
+    of this rule: ``validate``, ``evaluate`` and the margin callbacks call it."""
+    if attack.enabled and certify.enabled and lipschitz and certify.num_inputs is not None:
+        certified, attacked = certify.num_inputs, attack.num_inputs
+        _check(certified >= attacked, "certify.num_inputs", certified,
+               f"null, or at least attack.num_inputs={attacked} (each attacked input's certificate is checked)")
 
 
 #: The most radii the grid search may try per input (the reference's grid has 20: step 0.5 up to 10).

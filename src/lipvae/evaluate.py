@@ -34,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.attack import latent_space_attack
-from lipvae.config import build_attack, check_yaml_files
+from lipvae.config import build_attack, check_certified_inputs, check_yaml_files
 from lipvae.logs import interactive, quiet_third_party
 from lipvae.certify.bounds import SAMPLED_FORMS
 from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
@@ -138,6 +138,7 @@ def evaluate(
     ``cfg.attack.num_inputs``, check that no certificate exceeds its estimated margin, and write
     the tables and figures to ``out_dir``. ``reuse``: an earlier evaluation's margins table
     (same attack settings) whose estimated margins are taken instead of attacking again."""
+    check_certified_inputs(cfg.certify, cfg.attack, vae.kind == "lipschitz")
     out = Output(Path(out_dir), loggers, step, progress)
     ev = Evaluation()
     cert_table = None
@@ -295,11 +296,7 @@ def _join_certified(table, cert_table, cc, r: float, p: float) -> list[str]:
         log.warning("attack (r=%g, p=%g) matches no certified (r, p) of %s × %s: no soundness check",
                     r, p, list(cc.r), list(cc.p))
         return []
-    by_index = cert_table.set_index("index")
-    missing = sorted(set(table["index"]) - set(by_index.index))
-    if missing:  # config.validate refuses this; kept so that a direct caller gets a clear error
-        raise UserError(f"certify.num_inputs: the attacked inputs {missing[:5]} have no certificate; "
-                        f"certify at least attack.num_inputs inputs")
+    by_index = cert_table.set_index("index")  # every attacked input is certified (check_certified_inputs)
     cols = [f"certified_{form}{suffix}" for form in cc.forms]
     for col in cols:
         table[col.removesuffix(suffix)] = by_index.loc[table["index"], col].to_numpy()
