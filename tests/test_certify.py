@@ -413,6 +413,7 @@ def test_coupled_and_cantelli_forms_in_a_recertified_run(runs, capsys, tmp_path,
     assert (margins.certified_cantelli <= margins.estimated).all()
 
 
+@pytest.mark.slow
 def test_the_documented_certify_and_evaluate_lines_compose(capsys):
     """Every `python -m lipvae.certify|evaluate` line of README and docs/ reads in Hydra's syntax:
     design's run as written; the run commands' overrides compose (their run folder is a placeholder)."""

@@ -34,6 +34,7 @@ def stiefel_layers(net):
     return [m for m in net.modules() if isinstance(m, StiefelLinear)]
 
 
+@pytest.mark.slow  # 1,000 optimiser steps
 def test_stiefel_weights_stay_orthonormal_after_many_steps_at_lr_1e3():
     net = lipschitz_mlp(SIZES, 4.0, layer=StiefelLinear)
     start = [m.effective_weight().detach().clone() for m in stiefel_layers(net)]

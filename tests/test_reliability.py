@@ -113,15 +113,21 @@ def test_defaults_and_presets_are_valid():
     assert (lbfgs.attack._target_, lbfgs.attack.lbfgs.maxcor) == ("lipvae.attack.LBFGSAttack", 100)
     pgd_only = {"steps", "tol", "search", "warm_steps", "compile"}  # LBFGSAttack takes none of them
     assert not pgd_only & set(lbfgs.attack) and pgd_only <= set(composed().attack)
-    # the presets' pgd settings are pgd options, which attack=lbfgs replaces; their sizes stay
+    assert lbfgs.attack.latent.kind == "soft" and lbfgs.attack.latent.penalty == 1.0
+    assert composed().attack._target_ == "lipvae.attack.PGDAttack" and composed().attack.latent.kind == "hard"
+
+
+@pytest.mark.slow
+def test_presets_combine_with_the_reference_attack():
+    """The presets' pgd settings are pgd options (attack/pgd_smoke, pgd_quick, pgd_cold), which
+    attack=lbfgs replaces; the sizes they set for any attack stay."""
+    pgd_only = {"steps", "tol", "search", "warm_steps", "compile"}
     for preset in ("smoke", "quick", "fig5_official"):
         both = composed(f"experiment={preset}", "attack=lbfgs")
         validate(both)
         assert not pgd_only & set(both.attack)
         assert both.attack.num_inputs == composed(f"experiment={preset}").attack.num_inputs
     assert (composed("experiment=smoke").attack.steps, composed("experiment=fig5_official").attack.warm_steps) == (20, 0)
-    assert lbfgs.attack.latent.kind == "soft" and lbfgs.attack.latent.penalty == 1.0
-    assert composed().attack._target_ == "lipvae.attack.PGDAttack" and composed().attack.latent.kind == "hard"
 
 
 @pytest.mark.parametrize(
@@ -245,6 +251,7 @@ def test_cli_missing_and_corrupt_dataset(tmp_path):
     assert "is corrupt" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # runs the CLI in-process
 def test_cli_unreadable_checkpoint_on_resume(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")

@@ -44,6 +44,7 @@ def test_a_completed_run_is_never_overwritten(tmp_path):
     assert json.loads((run / "results.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow  # runs the CLI in-process twice
 def test_resume_checks_before_anything_is_written(tmp_path):
     cfg = composed(*SMOKE, "resume=true")
     with pytest.raises(RunFolderError, match="last.ckpt does not exist, so there is nothing to resume"):
