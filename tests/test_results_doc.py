@@ -79,3 +79,21 @@ def test_the_typed_record_has_exactly_the_documented_top_level_keys(tmp_path):
         with pytest.raises(ResultsError, match=re.escape(why)):
             Results.read(tmp_path)
     assert Results.status_of(tmp_path) is None and Results.status_of(tmp_path / "nowhere") is None
+    # the run folder's files, named in one place; a training run writes them there
+    from lipvae.results import RunFolder
+
+    folder = RunFolder(str(tmp_path))
+    assert (folder.results_file, folder.last_checkpoint, folder.config_file) == (
+        tmp_path / "results.json", tmp_path / "checkpoints" / "last.ckpt", tmp_path / ".hydra" / "config.yaml")
+    failed.write(tmp_path)
+    assert folder.status() == "failed" and folder.results().error == "boom"
+
+
+@pytest.mark.slow
+def test_a_finished_run_has_the_files_its_run_folder_names(smoke_runs):
+    from lipvae.results import RunFolder
+
+    folder = RunFolder(smoke_runs[("lipschitz", "learned")])
+    for path in (folder.results_file, folder.last_checkpoint, folder.frozen_model, folder.config_file, folder.hydra_file):
+        assert path.is_file(), path
+    assert folder.status() == "completed" and folder.results().get("metrics", "epochs") >= 1

@@ -40,7 +40,8 @@ from lipvae.certify.bounds import SAMPLED_FORMS
 from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
 from lipvae.errors import UserError
 from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
-from lipvae.results import RESULTS_FILE, Results, ResultsError, atomic_write_text, code_version, write_table
+from lipvae.results import (RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, code_version,
+                            write_table)
 
 log = logging.getLogger("lipvae")
 CERTIFIED_TABLE = "certified_margins.csv"
@@ -361,7 +362,7 @@ def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[s
     groups = {o.key_or_group for _, o in parsed if o.key_or_group in ("attack", "attack/latent")}
     base = [c for c in run_choices(run_dir) if c.split("=", 1)[0] not in groups]
     composed = compose_config(base + [text for text, _ in parsed], config_dirs=config_dirs)
-    cfg = complete_config(run_dir, load_config(run_dir / ".hydra" / "config.yaml"), defaults=composed)
+    cfg = complete_config(run_dir, load_config(RunFolder(run_dir).config_file), defaults=composed)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     order = {"attack": 0, "attack/latent": 1}  # a group's node first, then the fields set in it
     for _, o in sorted(parsed, key=lambda p: order.get(p[1].key_or_group, 2)):
@@ -408,10 +409,10 @@ def _reusable(stored: Results | None, cfg: DictConfig, run_dir: Path) -> tuple[p
 def _stored_record(run_dir: Path) -> Results | None:
     """The run's results.json, or None (with one log line) when it is missing, unreadable or not
     a record this lipvae can reuse: the evaluation then attacks afresh."""
-    if not (run_dir / RESULTS_FILE).is_file():
+    if not RunFolder(run_dir).results_file.is_file():
         return None
     try:
-        stored = Results.read(run_dir)
+        stored = RunFolder(run_dir).results()
     except ResultsError as e:
         log.warning("%s: %s; nothing of it is reused", run_dir, e)
         return None
@@ -447,7 +448,8 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
         raise UserError(f"--replace: {run_dir} holds no completed run to replace the evaluation of; drop --replace")
     if weights.name != FROZEN:
         stored = None  # the stored margins belong to the frozen model, not to this checkpoint
-    evaluations_existed = (run_dir / "evaluations").exists()
+    evaluations = RunFolder(run_dir).evaluations
+    evaluations_existed = evaluations.exists()
     made: list[Path] = []  # folders this evaluation created: removed again if the disk fills up
     lock = None
     try:
@@ -461,7 +463,7 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
         for folder in made:
             shutil.rmtree(folder, ignore_errors=True)
         if not evaluations_existed:
-            shutil.rmtree(run_dir / "evaluations", ignore_errors=True)
+            shutil.rmtree(evaluations, ignore_errors=True)
         raise UserError(f"no space left on the device while evaluating {run_dir} ({e.strerror}); the run is as it"
                         " was: free some space and run the command again") from None
     finally:
@@ -477,7 +479,7 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     # always evaluated into a folder of its own first: a stop midway leaves the run as it was
-    out_dir = _new_folder(run_dir / "evaluations" / stamp)
+    out_dir = _new_folder(RunFolder(run_dir).evaluations / stamp)
     made.append(out_dir)
     reuse, reuse_latent = (None, None) if fresh else _reusable(stored, cfg, run_dir)
     if reuse is None:
@@ -511,7 +513,7 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
         setattr(stored, name, value)
     stored.config = {**(stored.config or {}), "certify": OmegaConf.to_container(cfg.certify),
                      "attack": OmegaConf.to_container(cfg.attack)}
-    kept = _new_folder(run_dir / "evaluations" / f"{stamp}-replaced")
+    kept = _new_folder(RunFolder(run_dir).evaluations / f"{stamp}-replaced")
     made.append(kept)
     stored.evaluation = {**record, "made_in": f"evaluations/{out_dir.name}", "replaced": f"evaluations/{kept.name}"}
     _switch_in(run_dir, out_dir, kept, stored, made)

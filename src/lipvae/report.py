@@ -21,7 +21,7 @@ import pandas as pd
 
 from lipvae.errors import UserError
 from lipvae.plots import plt, save_figure
-from lipvae.results import RESULTS_FILE, Results, ResultsError, atomic_write_text, write_table
+from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, write_table
 
 log = logging.getLogger("lipvae")
 
@@ -54,7 +54,7 @@ def load_row(run: Path, root: Path) -> tuple[dict, Results | None]:
     """One table row for a run and its record (None when unusable)."""
     name = str(run.relative_to(root)) if run != root and root in run.parents else run.name
     try:
-        r = Results.read(run)
+        r = RunFolder(run).results()
     except ResultsError as e:
         why = f"{e} (killed or still running?)" if str(e).startswith("missing") else str(e)
         return {"run": name, "status": why}, None

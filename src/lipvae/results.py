@@ -152,6 +152,60 @@ class Results:
         return path
 
 
+FROZEN_MODEL = "frozen_model.pt"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run's folder and the files lipvae keeps in it: the one place for their names."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+
+    @property
+    def results_file(self) -> Path:
+        return self.path / RESULTS_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """What a resume continues from (written every epoch and on a stop)."""
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def frozen_model(self) -> Path:
+        """The evaluated weights, frozen (what re-evaluations load)."""
+        return self.path / FROZEN_MODEL
+
+    @property
+    def hydra(self) -> Path:
+        return self.path / ".hydra"
+
+    @property
+    def config_file(self) -> Path:
+        return self.hydra / "config.yaml"
+
+    @property
+    def hydra_file(self) -> Path:
+        return self.hydra / "hydra.yaml"
+
+    @property
+    def evaluations(self) -> Path:
+        """Re-evaluations, one folder each (``lipvae.evaluate``)."""
+        return self.path / "evaluations"
+
+    def results(self) -> Results:
+        return Results.read(self.path)
+
+    def status(self) -> str | None:
+        return Results.status_of(self.path)
+
+
 def write_results(run_dir: Path, results: "Results | dict") -> Path:
     return (results if isinstance(results, Results) else Results.from_dict(results)).write(run_dir)
 

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.errors import UserError
-from lipvae.results import Results
+from lipvae.results import RunFolder
 
 # keys a resumed run may change: bookkeeping, the time budget, and the learning rate (to
 # recover from a diverged run from its last finite state)
@@ -41,11 +41,6 @@ class RunFolderError(UserError):
 
 class AlreadyCompleted(Exception):
     """``resume=true`` on a completed run: nothing to do."""
-
-
-def read_status(run_dir: Path) -> str | None:
-    """The status results.json records, or None where there is no readable record."""
-    return Results.status_of(run_dir)
 
 
 def _flat(node, prefix: str = "") -> dict:
@@ -73,8 +68,8 @@ def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     """Raise ``RunFolderError`` (or ``AlreadyCompleted``) before anything is written. ``cfg`` is
     validated (``resume`` is true, false or auto: the schema checks it)."""
     resume = cfg.resume
-    status = read_status(run_dir)
-    last = run_dir / "checkpoints" / "last.ckpt"
+    folder = RunFolder(run_dir)
+    status, last = folder.status(), folder.last_checkpoint
     if resume == "auto":  # what a requeued cluster job uses: continue if there is anything to continue
         if status != "completed" and not last.is_file():
             return
@@ -85,13 +80,13 @@ def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
                 f"run: {run_dir} already holds a completed run; its record is kept. Leave hydra.run.dir"
                 " unset for a new folder, or add resume=true to check it"
             )
-        if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        if last.is_file():
             raise RunFolderError(
                 f"run: {run_dir} holds an unfinished run ({status or 'no results yet'}) with a checkpoint;"
                 " add resume=true to continue it, or leave hydra.run.dir unset for a new folder"
             )
         return
-    stored = run_dir / ".hydra" / "config.yaml"
+    stored = folder.config_file
     if stored.is_file():
         diff = config_differences(OmegaConf.load(stored), cfg)
         if diff:
@@ -102,9 +97,9 @@ def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
             )
     if status == "completed":
         raise AlreadyCompleted(f"run {run_dir} is already completed; nothing to resume (its record is kept)")
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if not last.is_file():
         raise RunFolderError(
-            f"resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist, so there is nothing to resume;"
+            f"resume: {last} does not exist, so there is nothing to resume;"
             " drop resume=true to start a new run"
         )
 
@@ -135,7 +130,7 @@ def claim(run_dir: Path, hint: str = TRAINING_HINT):
 def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:
     """What Hydra writes to ``.hydra/`` (config, hydra, overrides), once the checks have passed."""
     hc = HydraConfig.get()
-    out = run_dir / ".hydra"
+    out = RunFolder(run_dir).hydra
     out.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, out / "config.yaml")
     OmegaConf.save(OmegaConf.create({"hydra": OmegaConf.to_container(hc, resolve=False)}), out / "hydra.yaml")

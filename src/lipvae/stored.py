@@ -12,10 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.config import build_vae
 from lipvae.errors import UserError
+from lipvae.results import FROZEN_MODEL, RunFolder
 
 log = logging.getLogger("lipvae")
 
-FROZEN = "frozen_model.pt"
+FROZEN = FROZEN_MODEL  # the name of a run's frozen weights (lipvae.results.RunFolder)
 
 
 def _load(path: Path):
@@ -64,13 +65,13 @@ def locate(path: Path) -> tuple[Path, Path]:
     """The run folder and the weights file of a run folder or a checkpoint inside one."""
     path = Path(path)
     if path.is_dir():
-        run_dir, weights = path, path / FROZEN
+        run_dir, weights = path, RunFolder(path).frozen_model
     elif path.is_file():
         weights = path
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     else:
         raise UserError(f"run: {path} does not exist; give a run folder or a checkpoint file")
-    if not (run_dir / ".hydra" / "config.yaml").is_file():
+    if not RunFolder(run_dir).config_file.is_file():
         raise UserError(f"run: {run_dir} has no .hydra/config.yaml; is it a lipvae run folder?")
     if not weights.is_file():
         raise UserError(f"run: {weights} is missing; the run did not finish, certify one of its checkpoints/")
@@ -105,7 +106,7 @@ def complete_config(run_dir: Path, cfg: DictConfig, defaults: DictConfig | dict 
 def run_choices(run_dir: Path) -> list[str]:
     """The run's config-group choices (``attack=pgd`` …) that today's configs still have, from
     its ``.hydra/hydra.yaml`` (none for a run made without Hydra: the groups' defaults)."""
-    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    hydra_file = RunFolder(run_dir).hydra_file
     if not hydra_file.is_file():
         return []
     choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
@@ -159,7 +160,7 @@ def load_model(path: Path, cfg: DictConfig | None = None):
     caller has it already)."""
     run_dir, weights = locate(path)
     if cfg is None:
-        cfg = complete_config(run_dir, load_config(run_dir / ".hydra" / "config.yaml"))
+        cfg = complete_config(run_dir, load_config(RunFolder(run_dir).config_file))
     vae = build_vae(cfg.model)
     state = load_state(weights)
     frozen = weights.name == FROZEN
@@ -199,7 +200,7 @@ def rebuild_data(run_dir: Path, cfg: DictConfig):
     record = recorded_data(run_dir)
     seed = record.get("seed")
     if seed is None:  # recorded before the field existed: the seed the run was trained with
-        trained = OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml")
+        trained = OmegaConf.load(RunFolder(run_dir).config_file)
         seed = trained.get("seed", cfg.seed)
     data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
     if record.get("split") in ("official", "resplit-test"):

@@ -11,7 +11,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from lipvae.results import Results, ResultsError
+from lipvae.results import ResultsError, RunFolder
 
 log = logging.getLogger("lipvae")
 
@@ -39,9 +39,9 @@ def refusals(sweep_dir: Path) -> dict[str, str]:
 def job_statuses(sweep_dir: Path) -> dict[str, str]:
     """``{job folder: status}`` for every job folder of a sweep (``missing`` without results)."""
     out = {}
-    for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
+    for job in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and RunFolder(p).hydra.is_dir()):
         try:
-            results = Results.read(job)
+            results = RunFolder(job).results()
         except ResultsError:
             out[job.name] = "missing (no readable results.json)"
             continue

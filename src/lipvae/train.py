@@ -47,7 +47,7 @@ from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_
 from lipvae.module import FineTune, NonFiniteLossError, RunCheckpoint, SaveOnException, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
-from lipvae.results import Results, atomic_write_text, code_version, replace_atomically
+from lipvae.results import Results, RunFolder, atomic_write_text, code_version, replace_atomically
 from lipvae.sweep import note_refusal
 from lipvae.runfolder import AlreadyCompleted, RunFolderError, check_run_folder, claim, save_hydra_files
 
@@ -262,13 +262,13 @@ class Schedule:
         tr = cfg.trainer
         finetune_epochs = tr.finetune.max_epochs if cfg.model.kind == "lipschitz" else 0
         early_stopping, finetune = schedule_callbacks(tr.patience, tr.max_epochs, tr.finetune if finetune_epochs else None)
-        checkpoint = RunCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="best", monitor="val/loss",
+        checkpoint = RunCheckpoint(dirpath=str(RunFolder(run_dir).checkpoints), filename="best", monitor="val/loss",
                                    save_last=True, save_top_k=1)
         return cls(early_stopping, finetune, checkpoint, EpochHistory(echo=echo), tr.max_epochs + finetune_epochs)
 
     def callbacks(self, run_dir: Path) -> list:
         return [self.early_stopping, *([self.finetune] if self.finetune else []), self.checkpoint, self.history,
-                SaveOnException(dirpath=str(run_dir / "checkpoints"), filename="last")]
+                SaveOnException(dirpath=str(RunFolder(run_dir).checkpoints), filename="last")]
 
 
 @dataclass
@@ -333,7 +333,7 @@ def timed(fn):
 def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     """The checkpoint this run continues from (``resume``), checked against the config's model;
     the metrics logged after it are dropped (they are logged again)."""
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = RunFolder(run_dir).last_checkpoint
     if not (cfg.resume is True or (cfg.resume == "auto" and last.is_file())):
         return None
     if not last.is_file():  # check_run_folder refuses this first; kept for train() called alone
@@ -409,7 +409,7 @@ def freeze(built: Built, cfg: DictConfig, run_dir: Path, fit_s: float, epochs: i
     if lipschitz:
         check_lipschitz(constants)
         log.info("Lipschitz constants after freezing: %s", constants)
-    replace_atomically(run_dir / "frozen_model.pt", lambda partial: torch.save(built.vae.state_dict(), partial))
+    replace_atomically(RunFolder(run_dir).frozen_model, lambda partial: torch.save(built.vae.state_dict(), partial))
     return Trained(fit_s, epochs, evaluated_epoch, stopped_by, converged, orthonormality,
                    constants if lipschitz else None)
 
@@ -470,7 +470,7 @@ def summarise_to_wandb(loggers: list, results: Results, ev: Evaluation) -> None:
 def _record(cfg: DictConfig, run_dir: Path, status: str, error: str) -> None:
     """Record a failed or interrupted attempt; never over a completed record (beside it instead)."""
     record = Results(status=status, error=error, config=OmegaConf.to_container(cfg, resolve=False))
-    if Results.status_of(run_dir) == "completed":
+    if RunFolder(run_dir).status() == "completed":
         stamp = time.strftime("%Y%m%d-%H%M%S")
         attempt = {"status": status, "error": error, "config": record.config}
         atomic_write_text(run_dir / f"attempt-{stamp}-{status}.json", json.dumps(attempt, indent=2) + "\n")
@@ -509,7 +509,7 @@ def _as_stop(e: BaseException, ctx: RunContext) -> Stop | None:
     """What a run's exception means for the user: a Stop, or None for a bug (shown with its trace)."""
     if isinstance(e, (UserError, NonFiniteLossError)):
         message = str(e).splitlines()[0]
-        if isinstance(e, NonFiniteLossError) and (ctx.run_dir / "checkpoints" / "last.ckpt").is_file():
+        if isinstance(e, NonFiniteLossError) and RunFolder(ctx.run_dir).last_checkpoint.is_file():
             message += f"; last finite state saved: {ctx.resume_hint()}"
         return Stop(2, message)
     if isinstance(e, OSError) and e.errno in NO_SPACE:
