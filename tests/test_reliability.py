@@ -1,6 +1,7 @@
 """Bad input, faults and security (issue: reliability)."""
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -176,6 +177,23 @@ def test_mistyped_override_is_one_line_naming_the_closest_field(argv, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+def test_only_an_open_node_is_offered_a_new_field():
+    """`+key=` is suggested where the schema leaves the node open (logger.extra, a layer's own
+    arguments), never for a schema class's field, where `+` would fail too."""
+    with pytest.raises(UserError) as closed:
+        check_overrides(["model.lattent_dim=3"])
+    assert "+model" not in str(closed.value)
+    with pytest.raises(UserError) as open_:
+        check_overrides(["logger.extra.tb=1"])
+    assert str(open_.value).endswith("(to add a new field, write +logger.extra.tb=...)")
+    check_overrides(["+logger.extra.tb._target_=lightning.pytorch.loggers.CSVLogger"])  # and it works
+    # a schema class's node takes no field of the user's (the VAE would ignore it)
+    for argv, message in ((["+model.lattent_dim=3"], "model.lattent_dim: no such field; did you mean model.latent_dim?"),
+                          (["+attack.stepz=3"], "attack.stepz: no such field; did you mean attack.steps?"),
+                          (["attack=lbfgs", "+attack.steps=3"], "attack.steps: no such field")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            check_overrides(argv)
+
 def test_callbacks_group_builds_lightning_callbacks():
     from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
 
@@ -224,7 +242,7 @@ def test_valid_overrides_and_sweeps_pass_the_check():
 def test_cli_mistyped_key_exits_2_with_one_line(tmp_path):
     proc = run_cli("model.lattent_dim=3", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: model.lattent_dim: no such field; did you mean model.latent_dim? (to add a new field, write +model.lattent_dim=...)"
+        "error: model.lattent_dim: no such field; did you mean model.latent_dim?"
     ]
     assert not any(tmp_path.iterdir())  # refused before any run folder was written
 

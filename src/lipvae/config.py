@@ -6,6 +6,7 @@ what is accepted, before any data is read or any model is built.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.data import ImageDataModule
 from lipvae.errors import UserError
-from lipvae.schema import GROUPS, RootConfig, accepted_words, attack_schema, check_fields, fail, read
+from lipvae.schema import (GROUPS, RootConfig, _dataclass_of, accepted_words, attack_schema, check_fields, fail, read,
+                           schema_field)
 from lipvae.vae import VAE
 
 
@@ -287,7 +289,7 @@ def compose_config(overrides: list[str], config_module: str = "lipvae.conf", con
             return compose(config_name=config_name, overrides=(search if config_dirs else []) + items)
 
     try:
-        return composed(overrides)
+        cfg = composed(overrides)
     except MissingConfigException as e:
         message = str(e)
         found = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
@@ -312,7 +314,44 @@ def compose_config(overrides: list[str], config_module: str = "lipvae.conf", con
             others, keys = None, []
         if others is not None and key.startswith("attack.") and key.count(".") == 1:
             _not_this_attacks(key, others.attack)
-        raise UserError(f"{no_such_field(key, keys)} (to add a new field, write +{key}=...)") from None
+        hint = f" (to add a new field, write +{key}=...)" if _open_node(key.rpartition(".")[0]) else ""
+        raise UserError(f"{no_such_field(key, keys)}{hint}") from None
+    if schema is RootConfig:
+        _no_unused_fields(cfg)
+    return cfg
+
+
+def _no_unused_fields(cfg: DictConfig) -> None:
+    """A field that ``+key=value`` added to a node of a schema class would be ignored by the object
+    built from it: refused in one line, as a mistyped key is (an open node takes any)."""
+    def walk(node, schema: type, prefix: str) -> None:
+        known = {f.name: f for f in dataclasses.fields(schema)}
+        for key in node:
+            path = f"{prefix}{key}"
+            if key not in known:
+                others = [k for k in field_paths(cfg) if k != path and not k.startswith(path + ".")]
+                raise UserError(no_such_field(path, others))
+            inner = _dataclass_of(known[key].type)
+            if inner is not None and isinstance(node[key], DictConfig):
+                walk(node[key], inner, path + ".")
+
+    walk(cfg, RootConfig, "")
+    for group, schema in GROUPS.items():
+        if group == "data" and cfg.data.get("_target_", IMAGE_DATA) != IMAGE_DATA:
+            continue  # another data class takes its own arguments
+        walk(cfg[group], attack_schema(cfg.attack) if group == "attack" else schema, group + ".")
+
+
+def _open_node(path: str) -> bool:
+    """Whether a node takes fields of the user's (``+key=value``): one the schema leaves untyped
+    (``logger.extra``, ``callbacks``, a layer's or data class's own arguments), not a schema class."""
+    if not path:
+        return False
+    parts = path.split(".")
+    if parts[0] in GROUPS and len(parts) == 1:
+        return False
+    f = schema_field(path)
+    return f is not None and _dataclass_of(f.type) is None
 
 
 def _not_this_attacks(key: str, attack: DictConfig) -> None:
