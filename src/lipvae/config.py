@@ -335,8 +335,7 @@ def _no_unused_fields(cfg: DictConfig) -> None:
             if inner is not None and isinstance(node[key], DictConfig):
                 walk(node[key], inner, path + ".")
 
-    walk(cfg, RootConfig, "")
-    for group, schema in GROUPS.items():
+    for group, schema in GROUPS.items():  # the top level takes keys of the user's (for interpolations)
         if group == "data" and cfg.data.get("_target_", IMAGE_DATA) != IMAGE_DATA:
             continue  # another data class takes its own arguments
         walk(cfg[group], attack_schema(cfg.attack) if group == "attack" else schema, group + ".")
