@@ -177,6 +177,7 @@ def test_mistyped_override_is_one_line_naming_the_closest_field(argv, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # composes six configs
 def test_only_an_open_node_is_offered_a_new_field():
     """`+key=` is suggested where the schema leaves the node open (logger.extra, a layer's own
     arguments), never for a schema class's field, where `+` would fail too."""
@@ -220,6 +221,7 @@ def test_bad_callback_entry_is_one_line(overrides, message):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+@pytest.mark.slow  # builds Lightning loggers
 def test_extra_loggers_are_built_in_the_run_folder(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 

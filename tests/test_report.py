@@ -135,6 +135,7 @@ def test_cpu_tier_presets_share_one_set_of_changes(experiment, override, expect)
     assert values(grid.sweeper.params) == values(plain.sweeper.params)
 
 
+@pytest.mark.slow  # composes every grid
 def test_sweep_grids_and_launchers_compose():
     cfg = composed("experiment=fig5", hydra=True)
     assert cfg.hydra.sweeper.params.variant.split(",")[-1] == "standard"

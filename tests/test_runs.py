@@ -181,6 +181,7 @@ def test_resume_auto_continues_only_what_exists(tmp_path):
     # resume=maybe: refused by the schema before the folder is looked at (test_reliability's list)
 
 
+@pytest.mark.slow  # composes with Hydra's launcher plugins
 def test_slurm_launcher_requeues_on_preemption():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     cfg = composed("hydra/launcher=slurm", hydra=True)
