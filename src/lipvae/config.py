@@ -6,7 +6,9 @@ what is accepted, before any data is read or any model is built.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -279,14 +281,12 @@ def compose_config(overrides: list[str], config_module: str = "lipvae.conf", con
     Hydra would report in several lines is one ``UserError`` (the field, what was given and what
     is accepted, read from ``schema``). ``config_dirs``: more config folders, searched after the
     packaged ones (as training's ``--config-dir``)."""
-    from hydra import compose, initialize_config_module
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
     search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in config_dirs)}]"]
 
     def composed(items: list[str]) -> DictConfig:
-        with initialize_config_module(version_base="1.3", config_module=config_module):
-            return compose(config_name=config_name, overrides=(search if config_dirs else []) + items)
+        return copy.deepcopy(_compose(config_module, config_name, tuple((search if config_dirs else []) + items)))
 
     try:
         cfg = composed(overrides)
@@ -319,6 +319,16 @@ def compose_config(overrides: list[str], config_module: str = "lipvae.conf", con
     if schema is RootConfig:
         _no_unused_fields(cfg)
     return cfg
+
+
+@functools.lru_cache(maxsize=32)
+def _compose(config_module: str, config_name: str, overrides: tuple[str, ...]) -> DictConfig:
+    """Hydra's composition, once per process for the same overrides (a process that evaluates
+    several runs composes once); a failure is not cached, so each call reports it."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(version_base="1.3", config_module=config_module):
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def _no_unused_fields(cfg: DictConfig) -> None:
