@@ -23,7 +23,7 @@ from lipvae.certify.certificates import encoder_std_norms
 from lipvae.data import ImageDataModule, check_root
 from lipvae.errors import UserError
 from lipvae.networks import polar_factor, spectral_norm_exact
-from lipvae.results import write_results, write_table
+from lipvae.results import Results, write_table
 from lipvae.vae import Posterior
 
 
@@ -157,7 +157,7 @@ def test_output_files_respect_the_umask(tmp_path, umask, mode):
 
     old = os.umask(umask)
     try:
-        write_results(tmp_path, {"status": "completed"})
+        Results.from_dict({"status": "completed"}).write(tmp_path)
         write_table(tmp_path / "t.csv", pd.DataFrame({"a": [1]}))
     finally:
         os.umask(old)

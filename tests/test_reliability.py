@@ -18,7 +18,7 @@ from lipvae.config import build_callbacks, check_overrides, validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnException, VAEModule
-from lipvae.results import write_results
+from lipvae.results import Results
 from lipvae.vae import VAE
 
 BAD_INPUTS = [
@@ -281,7 +281,7 @@ def test_cli_unreadable_checkpoint_on_resume(tmp_path):
 
 
 def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
-    write_results(tmp_path, {"status": "completed", "n": 1})
+    Results.from_dict({"status": "completed", "n": 1}).write(tmp_path)
     before = (tmp_path / "results.json").read_text()
 
     def crash(fd):
@@ -289,7 +289,7 @@ def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(OSError):
-        write_results(tmp_path, {"status": "completed", "n": 2})
+        Results.from_dict({"status": "completed", "n": 2}).write(tmp_path)
     assert (tmp_path / "results.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
 

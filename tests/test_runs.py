@@ -190,10 +190,10 @@ def test_slurm_launcher_requeues_on_preemption():
 
 
 def test_a_failure_is_recorded_beside_a_completed_record(tmp_path):
-    from lipvae.results import write_results
+    from lipvae.results import Results
     from lipvae.train import _record
 
-    write_results(tmp_path, {"status": "completed", "n": 1})
+    Results.from_dict({"status": "completed", "n": 1}).write(tmp_path)
     before = (tmp_path / "results.json").read_text()
     _record(composed(*SMOKE), tmp_path, "failed", "something broke")
     assert (tmp_path / "results.json").read_text() == before

@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.data import ImageDataModule
 from lipvae.errors import UserError
-from lipvae.schema import (GROUPS, RootConfig, _dataclass_of, accepted_words, attack_schema, check_fields, fail, read,
-                           schema_field)
+from lipvae.schema import (GROUPS, PgdAttackConfig, RootConfig, _dataclass_of, accepted_words, attack_schema,
+                           check_fields, fail, read, schema_field)
 from lipvae.vae import VAE
 
 
@@ -286,7 +286,7 @@ def compose_config(overrides: list[str], config_module: str = "lipvae.conf", con
     search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in config_dirs)}]"]
 
     def composed(items: list[str]) -> DictConfig:
-        return copy.deepcopy(_compose(config_module, config_name, tuple((search if config_dirs else []) + items)))
+        return copy.deepcopy(hydra_compose(config_module, config_name, tuple((search if config_dirs else []) + items)))
 
     try:
         cfg = composed(overrides)
@@ -322,9 +322,10 @@ def compose_config(overrides: list[str], config_module: str = "lipvae.conf", con
 
 
 @functools.lru_cache(maxsize=32)
-def _compose(config_module: str, config_name: str, overrides: tuple[str, ...]) -> DictConfig:
+def hydra_compose(config_module: str, config_name: str, overrides: tuple[str, ...]) -> DictConfig:
     """Hydra's composition, once per process for the same overrides (a process that evaluates
-    several runs composes once); a failure is not cached, so each call reports it."""
+    several runs composes once); a failure is not cached, so each call reports it. Shared: do
+    not modify what it returns (``compose_config`` hands out copies)."""
     from hydra import compose, initialize_config_module
 
     with initialize_config_module(version_base="1.3", config_module=config_module):
@@ -354,23 +355,15 @@ def _no_unused_fields(cfg: DictConfig) -> None:
 def _open_node(path: str) -> bool:
     """Whether a node takes fields of the user's (``+key=value``): one the schema leaves untyped
     (``logger.extra``, ``callbacks``, a layer's or data class's own arguments), not a schema class."""
-    if not path:
-        return False
-    parts = path.split(".")
-    if parts[0] in GROUPS and len(parts) == 1:
-        return False
-    f = schema_field(path)
+    f = schema_field(path) if path else None  # a group's own node has no field: closed
     return f is not None and _dataclass_of(f.type) is None
 
 
 def _not_this_attacks(key: str, attack: DictConfig) -> None:
     """One line for another attack's field (``attack=lbfgs attack.steps=5``): L-BFGS-B's schema
     has none of pgd's settings, and adding one would not be used."""
-    from dataclasses import fields
-
-    from lipvae.schema import PgdAttackConfig
-
-    theirs = {f.name for f in fields(PgdAttackConfig)} - {f.name for f in fields(attack_schema(attack))}
+    theirs = {f.name for f in dataclasses.fields(PgdAttackConfig)} - {
+        f.name for f in dataclasses.fields(attack_schema(attack))}
     if key.split(".")[1] in theirs:
         name = str(attack.get("_target_", "")).rsplit(".", 1)[-1]
         raise UserError(f"{key}: no such field of {name}, which takes none of pgd's {', '.join(sorted(theirs))}")

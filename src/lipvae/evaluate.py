@@ -409,10 +409,11 @@ def _reusable(stored: Results | None, cfg: DictConfig, run_dir: Path) -> tuple[p
 def _stored_record(run_dir: Path) -> Results | None:
     """The run's results.json, or None (with one log line) when it is missing, unreadable or not
     a record this lipvae can reuse: the evaluation then attacks afresh."""
-    if not RunFolder(run_dir).results_file.is_file():
+    folder = RunFolder(run_dir)
+    if not folder.results_file.is_file():
         return None
     try:
-        stored = RunFolder(run_dir).results()
+        stored = folder.results()
     except ResultsError as e:
         log.warning("%s: %s; nothing of it is reused", run_dir, e)
         return None

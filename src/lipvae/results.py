@@ -131,7 +131,7 @@ class Results:
 
     def get(self, part: str, *keys):
         """A nested value (``get("certified", "mean")``), None where any step is missing."""
-        value = getattr(self, part, None) if part in {f.name for f in fields(self)} else self.extra.get(part)
+        value = getattr(self, part) if part in self.__dataclass_fields__ else self.extra.get(part)
         for k in keys:
             if not isinstance(value, dict):
                 return None
@@ -204,10 +204,6 @@ class RunFolder:
 
     def status(self) -> str | None:
         return Results.status_of(self.path)
-
-
-def write_results(run_dir: Path, results: "Results | dict") -> Path:
-    return (results if isinstance(results, Results) else Results.from_dict(results)).write(run_dir)
 
 
 def write_table(path: Path, frame) -> Path:

@@ -340,7 +340,7 @@ def schema_field(path: str, root: type | None = None) -> dataclasses.Field | Non
     config's schema unless given), or None."""
     parts = path.split(".")
     node: Any = root or RootConfig
-    if root is None and parts[0] in GROUPS:
+    if node is RootConfig and parts[0] in GROUPS:
         node, parts = GROUPS[parts[0]], parts[1:]
     found = None
     for part in parts:
@@ -362,7 +362,7 @@ def _dataclass_of(annotation) -> type | None:
 
 def accepted_words(path: str, enum_values=None, root: type | None = None) -> str:
     """What a field accepts, in words: its constraint's, else its Enum's members, else its type."""
-    f = schema_field(path, None if root is RootConfig else root)
+    f = schema_field(path, root)
     if f is not None and f.metadata.get("accepted"):
         return f.metadata["accepted"]
     if enum_values:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from importlib import resources
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lipvae.config import build_vae
+from lipvae.config import build_vae, hydra_compose
 from lipvae.errors import UserError
 from lipvae.results import FROZEN_MODEL, RunFolder
 
@@ -117,24 +116,15 @@ def run_choices(run_dir: Path) -> list[str]:
 _CONF = Path(str(resources.files("lipvae.conf")))  # conf/ of the repository, or of the installed wheel
 
 
-@functools.lru_cache(maxsize=16)
 def _defaults(overrides: tuple[str, ...]) -> dict:
     """Today's composed default config for these group choices, as a plain container (composed
-    once per process: a re-evaluation completes both the run's config and its stored one); {}
-    where today's configs cannot combine them (the recorded config is then used as it is)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from lipvae.schema import register
-
-    register()
+    once per process by ``hydra_compose``: a re-evaluation completes both the run's config and its
+    stored one); {} where today's configs cannot combine them (the recorded config is then used
+    as it is)."""
     try:
-        with initialize_config_dir(config_dir=str(_CONF), version_base="1.3"):
-            return OmegaConf.to_container(compose("config", overrides=list(overrides)))
+        return OmegaConf.to_container(hydra_compose("lipvae.conf", "config", overrides))
     except Exception:
         return {}
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def load_config(path: Path) -> DictConfig:

@@ -70,8 +70,10 @@ class TightnessArgs:
     samples: int = spec((lambda v: _int(v) and v >= 100, "an integer >= 100"), 100_000)
 
 
-ConfigStore.instance().store(name="certify_design", node=DesignArgs)
-ConfigStore.instance().store(name="certify_tightness", node=TightnessArgs)
+#: each command's arguments, by the name its schema has in Hydra's ConfigStore
+ARGUMENTS = {DesignArgs: "certify_design", TightnessArgs: "certify_tightness"}
+for _schema, _name in ARGUMENTS.items():
+    ConfigStore.instance().store(name=_name, node=_schema)
 
 
 def _args(args: list[str], schema: type):
@@ -79,8 +81,8 @@ def _args(args: list[str], schema: type):
     one-line errors of training's command line), then each field's constraint."""
     from lipvae.config import compose_config, parse_overrides
 
-    name = {DesignArgs: "certify_design", TightnessArgs: "certify_tightness"}[schema]
-    cfg = compose_config([text for text, _ in parse_overrides(args, sweeps="refuse")], config_name=name, schema=schema)
+    cfg = compose_config([text for text, _ in parse_overrides(args, sweeps="refuse")], config_name=ARGUMENTS[schema],
+                         schema=schema)
     check_fields(cfg, "", schema)
     return cfg
 
