@@ -64,7 +64,7 @@ def evaluation_config(attack_inputs: int):
 
     with initialize_config_module(config_module="lipvae.conf", version_base="1.3"):
         return compose("config", overrides=[f"attack.num_inputs={attack_inputs}", "attack.warm_steps=0",
-                                            "logger.wandb.enabled=false"])
+                                            "logger=csv"])
 
 
 def measure(name: str, args: argparse.Namespace, threads: int) -> dict:

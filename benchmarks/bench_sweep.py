@@ -28,7 +28,7 @@ def run_sweep(jobs: int, threads: int, models: int, limit: int, folder: Path) ->
     grid = ",".join(str(5 + k) for k in range(models))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-m", "lipvae.train", f"enc_L={grid}", "trainer.max_epochs=1", "trainer.max_time=null",
-           f"data.limit={limit}", "logger.wandb.enabled=false", "trainer.enable_progress_bar=false",
+           f"data.limit={limit}", "logger=csv", "trainer.enable_progress_bar=false",
            "hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", f"hydra.sweep.dir={folder}", "-m"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -8,8 +8,8 @@ architecture (μ, σ, g: 3 layers, hidden 512, 512, latent 10).
 
 lipvae: the library's layers (smaller Gram side, pairwise min/max GroupSort, eval-mode
 cache), and after every optimiser step the raw weights are projected back onto the
-orthonormal matrices (``model.bjorck.project_iters``, 2 steps), so the in-graph iteration
-starts converged: one iteration (``model.bjorck.iters``, lipvae's defaults) gives the same
+orthonormal matrices (``model.layer.project_iters``, 2 steps), so the in-graph iteration
+starts converged: one iteration (``model.layer.iters``, lipvae's defaults) gives the same
 loss and gradient as three, and no 50-iteration fine-tune is needed. Training continues until
 the baseline's validation ELBO is reached, once at the baseline's learning rate (1e-4: the
 engineering alone) and once at 1e-3 (the CPU tier's, ``conf/tier/cpu.yaml``: the recipe too).

@@ -144,7 +144,7 @@ def test_the_layer_trains_freezes_certifies_and_passes_the_soundness_check(layer
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_data_dir()))
     cfg = composed("experiment=smoke", "data.resplit=true", f"model/layer={layer}", "trainer.enable_progress_bar=false",
-                   "trainer.finetune.max_epochs=0", "trainer.max_epochs=2")
+                   "callbacks.finetune.max_epochs=0", "trainer.max_epochs=2")
     train(cfg, RunContext(tmp_path))
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "completed" and r["config"]["model"]["layer"]["_target_"].endswith(

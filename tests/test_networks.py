@@ -177,7 +177,7 @@ def test_aol_layer_is_one_lipschitz_without_iterations():
 
 
 def test_with_projection_one_in_graph_iteration_trains_like_three():
-    """The default (model.bjorck.iters=1, project_iters=2) rests on this: once the projection
+    """The default (model.layer.iters=1, model.layer.project_iters=2) rests on this: once the projection
     keeps the weights orthonormal, further in-graph iterations change neither loss nor gradient.
     Without the projection the counts differ, so the comparison can tell them apart."""
     from lipvae.networks import project_bjorck_

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import lightning as L
 import pandas as pd
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from conftest import PROJECT, SMOKE, composed, every_kth_fast, run_cli, synthetic_data_dir
-from lipvae.config import build_callbacks, check_overrides, validate
+from lipvae.config import build_entries, check_overrides, validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnException, VAEModule
@@ -57,12 +58,18 @@ BAD_INPUTS = [
     (["data.val_fraction=abc"], "data.val_fraction: got 'abc'; accepted: a number in (0, 1)"),
     (["data.resplit_test_fraction=1.5"], "data.resplit_test_fraction: got 1.5; accepted: a number in (0, 1)"),
     (["data.eval_batch_size=0"], "data.eval_batch_size: got 0; accepted: a positive integer"),
-    (["trainer.num_importance=-1"], "trainer.num_importance: got -1; accepted: an integer >= 0"),
+    (["module.num_importance=-1"], "module.num_importance: got -1; accepted: an integer >= 0"),
+    (["module.lr=0"], "module.lr: got 0.0; accepted: a positive number"),
+    (["callbacks.early_stopping.patience=0"], "callbacks.early_stopping.patience: got 0; accepted: a positive integer"),
+    (["callbacks.finetune.max_epochs=-1"], "callbacks.finetune.max_epochs: got -1; accepted: an integer >= 0"),
+    (["+callbacks.finetune.colour=red"], "callbacks.finetune.colour: no such field"),
+    (["trainer.max_epochs=0"], "trainer.max_epochs: got 0; accepted: a positive integer"),
+    (["model.lr=1e-3"], "model.lr: no such field"),
     (["attack.max_radius=inf"], "attack.max_radius: got inf; accepted: a positive number"),
     (["trainer.precision=foo"], "trainer.precision: got 'foo'; accepted: 32-true, 32, 64-true, 64"),
     (["trainer.precision=bf16-mixed"], "trainer.precision: got 'bf16-mixed'; accepted: 32-true"),
     (["trainer.accelerator=tpu"], "trainer.accelerator: got 'tpu'; accepted: auto, cpu, gpu, cuda, mps"),
-    (["logger.wandb.enabled=true", "logger.wandb.mode=foo"], "logger.wandb.mode: got 'foo'; accepted: offline, online"),
+    (["logger.wandb.mode=foo"], "logger.wandb.mode: got 'foo'; accepted: offline, online"),
     (["model.hidden=[true,true]"], "model.hidden: got True; accepted: a non-empty list of positive integers"),
     (["trainer.max_time=0"], "trainer.max_time: got 0.0; accepted: minutes > 0, or null"),
     (["trainer.max_time=inf"], "trainer.max_time: got inf; accepted: minutes > 0, or null"),
@@ -70,7 +77,7 @@ BAD_INPUTS = [
     (["trainer.accelerator=cpu", "trainer.devices=2"], "trainer.devices: got 2 on CPU; accepted: 1, or several with a strategy"),
     (["trainer.strategy=dpp"], "trainer.strategy: got 'dpp'; accepted: auto or a Lightning strategy name"),
     (["trainer.devices=0"], "trainer.devices: got 0; accepted: a positive integer, -1 or auto"),
-    (["trainer.evaluate=first"], "trainer.evaluate: got 'first'; accepted: best, last"),
+    (["evaluate=first"], "evaluate: got 'first'; accepted: best, last"),
     (["attack=cw"], "attack: got 'cw'; accepted: lbfgs, pgd, pgd_cold, pgd_quick, pgd_smoke"),
     (["attack._target_=collections.OrderedDict"],
      "attack._target_: got 'collections.OrderedDict'; accepted: a subclass of lipvae.attack.MarginAttack"),
@@ -82,7 +89,7 @@ BAD_INPUTS = [
     (["attack.latent.kind=medium"], "attack.latent.kind: got 'medium'; accepted: hard, soft"),
     (["attack/latent=soft", "attack.latent.penalty=-1"], "attack.latent.penalty: got -1.0; accepted: a number >= 0"),
     (["attack/latent=soft", "attack.latent.lr=0"], "attack.latent.lr: got 0.0; accepted: a positive number"),
-    (["model.layer=cayley"], "model.layer: got 'cayley'; accepted: bjorck, aol"),
+    (["model.layer=cayley"], "model.layer: got 'cayley'; accepted: a mapping with _target_"),
     (["model/layer=cayley"], "model/layer: got 'cayley'; accepted: aol, bjorck, stiefel, torchlip"),
     (["model.layer._target_=torch.nn.Linear"],
      "model.layer._target_: got 'torch.nn.Linear'; accepted: a subclass of lipvae.networks.LipschitzLinear"),
@@ -179,15 +186,15 @@ def test_mistyped_override_is_one_line_naming_the_closest_field(argv, message):
 
 @pytest.mark.slow  # composes six configs
 def test_only_an_open_node_is_offered_a_new_field():
-    """`+key=` is suggested where the schema leaves the node open (logger.extra, a layer's own
+    """`+key=` is suggested where the schema leaves the node open (logger, callbacks, a layer's own
     arguments), never for a schema class's field, where `+` would fail too."""
     with pytest.raises(UserError) as closed:
         check_overrides(["model.lattent_dim=3"])
     assert "+model" not in str(closed.value)
     with pytest.raises(UserError) as open_:
-        check_overrides(["logger.extra.tb=1"])
-    assert str(open_.value).endswith("(to add a new field, write +logger.extra.tb=...)")
-    check_overrides(["+logger.extra.tb._target_=lightning.pytorch.loggers.CSVLogger"])  # and it works
+        check_overrides(["logger.tb=1"])
+    assert str(open_.value).endswith("(to add a new field, write +logger.tb=...)")
+    check_overrides(["+logger.tb._target_=lightning.pytorch.loggers.CSVLogger"])  # and it works
     # a schema class's node takes no field of the user's (the VAE would ignore it)
     for argv, message in ((["+model.lattent_dim=3"], "model.lattent_dim: no such field; did you mean model.latent_dim?"),
                           (["+attack.stepz=3"], "attack.stepz: no such field; did you mean attack.steps?"),
@@ -196,12 +203,20 @@ def test_only_an_open_node_is_offered_a_new_field():
             check_overrides(argv)
 
 def test_callbacks_group_builds_lightning_callbacks():
-    from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor
+    """Each entry of the callbacks group is its object, with the entry's fields as arguments."""
+    from lightning.pytorch.callbacks import DeviceStatsMonitor, EarlyStopping, LearningRateMonitor
 
-    assert build_callbacks(composed()) == []
-    built = build_callbacks(composed("callbacks=monitors"))
-    assert [type(c) for c in built] == [LearningRateMonitor, DeviceStatsMonitor]
-    assert built[0].logging_interval == "epoch"
+    from lipvae.module import FineTune, RunCheckpoint
+
+    es, ckpt, finetune = build_entries(composed("callbacks.early_stopping.patience=7",
+                                                "callbacks.finetune.max_epochs=3"), "callbacks")
+    assert (type(es), type(ckpt), type(finetune)) == (EarlyStopping, RunCheckpoint, FineTune)
+    assert (es.patience, es.monitor, es._check_on_train_epoch_end) == (7, "val/loss", False)
+    assert (ckpt.monitor, ckpt.save_last, ckpt.save_top_k, ckpt.filename) == ("val/loss", True, 1, "best")
+    assert (finetune.max_epochs, finetune.bjorck_iters, finetune.lr) == (3, 50, 1e-5)
+    built = build_entries(composed("callbacks=monitors", "~callbacks.finetune"), "callbacks")
+    assert [type(c) for c in built] == [EarlyStopping, RunCheckpoint, LearningRateMonitor, DeviceStatsMonitor]
+    assert built[2].logging_interval == "epoch"
 
 
 @pytest.mark.parametrize(
@@ -212,28 +227,34 @@ def test_callbacks_group_builds_lightning_callbacks():
         (["+callbacks.x._target_=lightning.pytorch.callbacks.EarlyStopping"],
          "callbacks.x: cannot build lightning.pytorch.callbacks.EarlyStopping (TypeError: "),
         (["+callbacks.x._target_=collections.OrderedDict"],
-         "callbacks.x: got 'collections.OrderedDict'; accepted: a lightning.pytorch Callback class"),
+         "callbacks.x._target_: got 'collections.OrderedDict'; accepted: a lightning.pytorch Callback class"),
     ], 2),
 )
 def test_bad_callback_entry_is_one_line(overrides, message):
     with pytest.raises(UserError) as err:
-        build_callbacks(composed(*overrides))
+        build_entries(composed(*overrides), "callbacks")
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 @pytest.mark.slow  # builds Lightning loggers
-def test_extra_loggers_are_built_in_the_run_folder(tmp_path):
-    from lightning.pytorch.loggers import CSVLogger
+def test_loggers_are_built_in_the_run_folder(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-    from lipvae.config import build_extra_loggers
+    from lipvae.logs import AppendingCSVLogger
+    from lipvae.train import RunContext, build_loggers
 
-    assert build_extra_loggers(composed(), tmp_path) == []
-    (built,) = build_extra_loggers(composed("+logger.extra.a._target_=lightning.pytorch.loggers.CSVLogger"), tmp_path)
-    assert isinstance(built, CSVLogger) and built.save_dir == str(tmp_path)
-    with pytest.raises(UserError, match=r"^logger.extra.a: cannot build lightning.pytorch.callbacks.EarlyStopping \(TypeError"):
-        build_extra_loggers(composed("+logger.extra.a._target_=lightning.pytorch.callbacks.EarlyStopping"), tmp_path)
-    with pytest.raises(UserError, match=r"^logger.extra.a: got 'collections.OrderedDict'; accepted: a lightning"):
-        build_extra_loggers(composed("+logger.extra.a._target_=collections.OrderedDict"), tmp_path)
+    ctx = RunContext(tmp_path, group="sweep_1")
+    csv, wandb = build_loggers(composed("logger.wandb.project=p"), ctx)
+    assert isinstance(csv, AppendingCSVLogger) and Path(csv.log_dir) == tmp_path / "csv"
+    assert isinstance(wandb, WandbLogger) and wandb.save_dir == str(tmp_path)
+    assert (wandb._wandb_init["project"], wandb._wandb_init["group"], wandb._wandb_init["mode"]) == ("p", "sweep_1", "offline")
+    assert [type(lg) for lg in build_loggers(composed("logger=csv"), ctx)] == [AppendingCSVLogger]
+    _, extra = build_loggers(composed("logger=csv", "+logger.a._target_=lightning.pytorch.loggers.CSVLogger"), ctx)
+    assert type(extra) is CSVLogger and extra.save_dir == str(tmp_path)
+    with pytest.raises(UserError, match=r"^logger.a._target_: got 'lightning.pytorch.callbacks.EarlyStopping'; accepted: a lightning"):
+        build_loggers(composed("+logger.a._target_=lightning.pytorch.callbacks.EarlyStopping"), ctx)
+    with pytest.raises(UserError, match=r"^logger.a._target_: got 'collections.OrderedDict'; accepted: a lightning"):
+        build_loggers(composed("+logger.a._target_=collections.OrderedDict"), ctx)
 
 
 def test_valid_overrides_and_sweeps_pass_the_check():
@@ -329,7 +350,7 @@ def test_multirun_with_a_failing_job(tmp_path):
 def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     args = [
         *SMOKE, "attack.enabled=false", "model.hidden=[256,256]",
-        "trainer.max_epochs=4", "trainer.patience=100", f"hydra.run.dir={tmp_path}",
+        "trainer.max_epochs=4", "callbacks.early_stopping.patience=100", f"hydra.run.dir={tmp_path}",
     ]
     env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
     proc = subprocess.Popen([sys.executable, "-m", "lipvae.train", *args], cwd=PROJECT, env=env,
@@ -366,27 +387,70 @@ def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
     assert before <= set(val["epoch"].astype(int)) and set(range(5)) <= set(val["epoch"].astype(int))
 
 
-def test_runs_recorded_before_the_target_fields_still_build():
-    """A stored config from before model/attack/layer had a _target_ builds the same objects."""
+#: a run's config as lipvae recorded it before each group was one object (trimmed to what moved)
+OLD_CONFIG = """
+enc_L: 5.0
+dec_L: ${enc_L}
+model:
+  kind: lipschitz
+  run_name: lipschitz_encL${enc_L}_decL${dec_L}
+  latent_dim: 10
+  hidden: [8, 8]
+  beta: 1.0
+  likelihood: continuous_bernoulli
+  obs_std: 1.0
+  encoder_std: {mode: learned, gamma: 0.1, max_norm: null}
+  lipschitz: {encoder_mean: '${enc_L}', encoder_std: '${enc_L}', decoder: '${dec_L}'}
+  layer: bjorck
+  bjorck: {beta: 0.5, iters: 7, project_iters: 3}
+  lr: 0.001
+trainer:
+  max_epochs: 10
+  patience: 3
+  evaluate: last
+  num_importance: 20
+  finetune: {max_epochs: 2, bjorck_iters: 50, lr: 1.0e-05, tol: 1.0, patience: 1}
+logger:
+  csv: true
+  wandb: {enabled: false, mode: offline, project: lipvae}
+  extra: {tb: {_target_: lightning.pytorch.loggers.TensorBoardLogger}}
+"""
+
+
+def test_runs_recorded_before_the_groups_were_objects_migrate_and_build():
+    """A stored config from before the groups were one object each (and before model/attack/layer
+    had a _target_) reads with today's fields and builds the same objects."""
     from omegaconf import OmegaConf
 
     from lipvae.attack import LBFGSAttack, PGDAttack
     from lipvae.config import build_attack, build_vae
+    from lipvae.migrate import migrate_config
     from lipvae.networks import AOLLinear, BjorckLinear
+    from lipvae.stored import complete_config
 
-    cfg = OmegaConf.to_container(composed("model.hidden=[8,8]", "model.bjorck.iters=7"), resolve=True)
-    old = OmegaConf.create(cfg)
-    del old.model["_target_"], old.attack["_target_"]
-    old.model.layer = "bjorck"
-    layers = [m for m in build_vae(old.model).modules() if isinstance(m, BjorckLinear)]
-    assert len(layers) == 9 and all(m.iters == 7 for m in layers)  # the run's own Björck settings
+    old = OmegaConf.create(OLD_CONFIG)
+    new = migrate_config(old)
+    assert (new.module.lr, new.module.num_importance, new.evaluate) == (1e-3, 20, "last")
+    assert new.callbacks.early_stopping.patience == 3 and new.callbacks.finetune.max_epochs == 2
+    assert "run_name" not in new.model and "bjorck" not in new.model and new.logger.wandb is None
+    assert "csv" not in new.logger and new.logger.tb._target_ == "lightning.pytorch.loggers.TensorBoardLogger"
+    assert dict(new.model.layer) == {"_target_": "lipvae.networks.BjorckLinear", "_partial_": True, "iters": 7,
+                                     "beta": 0.5, "project_iters": 3}
+    assert migrate_config(new) is new  # today's config: as it is
+    done = complete_config(Path("/nonexistent"), old)  # today's defaults under the run's values
+    assert (done.module.lr, done.callbacks.early_stopping.patience, done.model._target_) == (1e-3, 3, "lipvae.vae.VAE.from_config")
+    assert done.logger.wandb is None and done.callbacks.early_stopping.monitor == "val/loss"  # null: no W&B logger
+    layers = [m for m in build_vae(done.model).modules() if isinstance(m, BjorckLinear)]
+    assert len(layers) == 9 and all((m.iters, m.project_iters) == (7, 3) for m in layers)  # the run's own settings
     old.model.layer = "aol"
-    assert any(isinstance(m, AOLLinear) for m in build_vae(old.model).modules())
+    assert any(isinstance(m, AOLLinear) for m in build_vae(complete_config(Path("/nonexistent"), old).model).modules())
+    old = OmegaConf.create(OmegaConf.to_container(composed("model.hidden=[8,8]"), resolve=True))
+    del old.attack["_target_"]
     old.attack.method = "pgd"
-    assert type(build_attack(old.attack)) is PGDAttack
-    old.attack.method, old.attack.lbfgs = "lbfgs", {"maxiter": 9}
-    attack = build_attack(old.attack)
+    assert type(build_attack(migrate_config(old).attack)) is PGDAttack
+    old.attack.method, old.attack.lbfgs = "lbfgs", {"maxiter": 9}  # with pgd's steps, tol, ... beside
+    attack = build_attack(migrate_config(old).attack)
     assert type(attack) is LBFGSAttack and attack.lbfgs["maxiter"] == 9 and attack.lbfgs["maxcor"] == 100
     old.attack.method = "cw"
-    with pytest.raises(UserError, match=r"^attack.method: got 'cw'; accepted: pgd, lbfgs$"):
-        build_attack(old.attack)
+    with pytest.raises(UserError, match=r"^attack: cannot build cw \("):
+        build_attack(migrate_config(old).attack)

@@ -25,7 +25,7 @@ def sweep(tmp_path_factory):
     shared by the session's workers)."""
 
     def build(root):
-        proc = run_cli(*TINY, "model=lipschitz", "enc_L=5,7", "logger.wandb.enabled=true", f"hydra.sweep.dir={root}",
+        proc = run_cli(*TINY, "model=lipschitz", "enc_L=5,7", "logger=default", f"hydra.sweep.dir={root}",
                        "-m", env={"WANDB_MODE": ""})
         assert proc.returncode == 0, proc.stderr[-3000:]
         # a killed job (no results.json) and a half-written one, as a crash would leave them
@@ -101,7 +101,7 @@ def test_experiment_presets_compose(experiment, variant, expect):
 
     cfg = composed(f"experiment={experiment}", f"variant={variant}")
     validate(cfg)
-    got = {"kind": cfg.model.kind, "enc_L": cfg.enc_L, "hidden": list(cfg.model.hidden), "lr": cfg.model.lr,
+    got = {"kind": cfg.model.kind, "enc_L": cfg.enc_L, "hidden": list(cfg.model.hidden), "lr": cfg.module.lr,
            "beta": cfg.model.beta, "latent_dim": cfg.model.latent_dim}
     assert {k: got[k] for k in expect} == expect
 
@@ -122,8 +122,8 @@ def test_cpu_tier_presets_share_one_set_of_changes(experiment, override, expect)
 
     cfg = composed(f"experiment={experiment}", override)
     validate(cfg)
-    assert (list(cfg.model.hidden), cfg.model.lr, cfg.model.kind) == ([256, 256], 1e-3, "lipschitz")
-    assert (cfg.trainer.patience, cfg.trainer.evaluate, cfg.logger.wandb.enabled) == (5, "best", False)
+    assert (list(cfg.model.hidden), cfg.module.lr, cfg.model.kind) == ([256, 256], 1e-3, "lipschitz")
+    assert (cfg.callbacks.early_stopping.patience, cfg.evaluate, list(cfg.logger)) == (5, "best", ["csv"])
     got = dict(mode=cfg.model.encoder_std.mode, gamma=cfg.model.encoder_std.gamma, max_time=cfg.trainer.max_time,
                data=cfg.data.name)
     assert got == expect

@@ -55,7 +55,7 @@ def test_resume_checks_before_anything_is_written(tmp_path):
         check_run_folder(composed(*SMOKE), tmp_path)  # a fresh start would overwrite the checkpoint
     check_run_folder(cfg, tmp_path)  # resume with a checkpoint: allowed
     # keys a resume may change, and those it may not
-    same = composed(*SMOKE, "resume=true", "model.lr=1e-5", "attack.steps=7", "certify.forms=[paper]")
+    same = composed(*SMOKE, "resume=true", "module.lr=1e-5", "attack.steps=7", "certify.forms=[paper]")
     assert config_differences(composed(*SMOKE), same) == []
     assert config_differences(composed(*SMOKE), composed(*SMOKE, "model.hidden=[16,16]", "seed=3")) == [
         "model.hidden", "seed"
@@ -85,7 +85,7 @@ def test_one_process_per_run_folder(tmp_path):
 def test_non_finite_results_fail_the_run():
     cfg = composed(*SMOKE)
     check_finite({"metrics.test_elbo": -3.0, "metrics.test_log_likelihood": None}, cfg)  # None: not computed
-    with pytest.raises(UserError, match=r"results: metrics.test_log_likelihood is nan; the model diverged.*model.lr="):
+    with pytest.raises(UserError, match=r"results: metrics.test_log_likelihood is nan; the model diverged.*module.lr="):
         check_finite({"metrics.test_elbo": -3.0, "metrics.test_log_likelihood": float("nan")}, cfg)
     with pytest.raises(UserError, match="orthonormality_error_before_freeze is inf"):
         check_finite({"metrics.orthonormality_error_before_freeze": float("inf")}, cfg)
@@ -93,10 +93,10 @@ def test_non_finite_results_fail_the_run():
 
 @pytest.mark.slow
 def test_diverged_run_ends_failed_not_completed(tmp_path):
-    proc = run_cli(*SMOKE, "model.lr=1e30", "attack.enabled=false", f"hydra.run.dir={tmp_path}")
+    proc = run_cli(*SMOKE, "module.lr=1e30", "attack.enabled=false", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     r = json.loads((tmp_path / "results.json").read_text())
-    assert r["status"] == "failed" and "model.lr=1e+30 too high" in r["error"] and "model.optim" not in r["error"]
+    assert r["status"] == "failed" and "module.lr=1e+30 too high" in r["error"] and "model.optim" not in r["error"]
 
 
 @pytest.mark.slow
@@ -149,7 +149,7 @@ def test_disk_full_is_one_line_and_leaves_no_partial_file(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_jobs_resume_hint_resumes_that_job(tmp_path):
     args = [*SMOKE, "attack.enabled=false", "model.hidden=[256,256]", "trainer.max_epochs=6",
-            "trainer.patience=100", "enc_L=5,7", f"hydra.sweep.dir={tmp_path}", "-m"]
+            "callbacks.early_stopping.patience=100", "enc_L=5,7", f"hydra.sweep.dir={tmp_path}", "-m"]
     env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
     proc = subprocess.Popen([sys.executable, "-m", "lipvae.train", *args], cwd=PROJECT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

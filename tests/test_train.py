@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SMOKE, run_cli
+from conftest import SMOKE, composed, run_cli
 from lipvae.module import FineTune
 
 def load(run_dir: Path) -> dict:
@@ -32,8 +32,8 @@ def test_single_lipschitz_run(tmp_path):
     proc = run_cli(*SMOKE, "enc_L=4", "dec_L=6", f"hydra.run.dir={tmp_path}", "callbacks=monitors",
                    "+callbacks.copy._target_=lightning.pytorch.callbacks.ModelCheckpoint",
                    f"+callbacks.copy.dirpath={extra}", "+callbacks.copy.filename=copy",
-                   "+logger.extra.second._target_=lightning.pytorch.loggers.CSVLogger",
-                   "+logger.extra.second.name=second", "+logger.extra.second.version=0")
+                   "+logger.second._target_=lightning.pytorch.loggers.CSVLogger",
+                   "+logger.second.name=second", "+logger.second.version=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = load(tmp_path)
     check_schema(r)
@@ -117,9 +117,9 @@ def test_wandb_offline_by_default_records_run(tmp_path):
     from conftest import composed
 
     default = composed()
-    assert default.logger.wandb.enabled and default.logger.wandb.mode == "offline"
-    proc = run_cli(  # the smoke preset turns W&B off; switch it back on
-        "experiment=smoke", "data.resplit=true", "logger.wandb.enabled=true", f"hydra.run.dir={tmp_path}",
+    assert default.logger.wandb.mode == "offline"
+    proc = run_cli(  # the smoke preset turns W&B off (logger=csv); switch it back on
+        "experiment=smoke", "data.resplit=true", "logger=default", f"hydra.run.dir={tmp_path}",
         env={"WANDB_MODE": "", "WANDB_API_KEY": ""},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_wandb_offline_by_default_records_run(tmp_path):
 @pytest.mark.slow
 def test_time_budget_ends_training_and_the_run_completes(tmp_path):
     proc = run_cli(
-        *SMOKE, "trainer.max_epochs=500", "trainer.finetune.max_epochs=0", "trainer.max_time=0.001",
+        *SMOKE, "trainer.max_epochs=500", "callbacks.finetune.max_epochs=0", "trainer.max_time=0.001",
         "attack.enabled=false", f"hydra.run.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -170,18 +170,20 @@ class _Scripted(L.LightningModule):
 
 
 def _epochs(val, max_epochs, patience, finetune=None, train=None):
-    """Trains the scripted module with train.py's phase-1 and phase-2 callbacks; returns the
+    """Trains the scripted module with the phase-1 and phase-2 callbacks as conf/callbacks/ builds
+    them (the Trainer given phase 1's epochs: the fine-tune callback adds its own); returns the
     epochs trained, the recorded stop reason and the fine-tune callback."""
-    from lipvae.train import schedule_callbacks, stop_reason
+    from lipvae.config import build_entries
+    from lipvae.train import stop_reason
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
-    es, finetune = schedule_callbacks(patience, max_epochs, finetune)
-    callbacks = [es, *([finetune] if finetune else [])]
-    total = max_epochs + (finetune.max_epochs if finetune else 0)
-    trainer = L.Trainer(max_epochs=total, callbacks=callbacks, logger=False, enable_checkpointing=False,
+    overrides = [f"callbacks.early_stopping.patience={patience}", "~callbacks.model_checkpoint"]
+    overrides += [f"callbacks.finetune.{k}={v}" for k, v in (finetune or {"max_epochs": 0}).items()]
+    es, finetune = build_entries(composed(*overrides), "callbacks")
+    trainer = L.Trainer(max_epochs=max_epochs, callbacks=[es, finetune], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(_Scripted(val, train), loader, loader)
-    return trainer.current_epoch, stop_reason(es, finetune, trainer.current_epoch, total), finetune
+    return trainer.current_epoch, stop_reason(es, finetune, trainer.current_epoch, trainer.max_epochs), finetune
 
 
 def _ft(max_epochs, tol, patience):
@@ -199,16 +201,21 @@ def test_schedule_records_why_it_stopped():
     # early stopping ends phase 1 early, and has no say in phase 2 (val/loss never improves there)
     assert _epochs([5, 4, 4, 4, 4, 4, 4, 4, 4], 50, 2, _ft(4, 0.0, 9))[:2] == (8, "finetune_max_epochs")
     assert FineTune(1, 1).stop_reason is None  # still running: none
+    # off (max_epochs 0): phase 1 alone, no "phase" metric
+    epochs, why, ft = _epochs([5, 4, 3, 3.5, 3.2, 3.1, 1], max_epochs=100, patience=3)
+    assert (epochs, why, ft.active, ft.phase) == (6, "patience", False, "train")
 
 
 def test_a_time_budget_that_ends_the_last_epoch_is_still_the_stop_reason():
     """trainer.max_time stopping training within the only epoch was recorded as max_epochs (issue 27)."""
     from lipvae.logs import EpochHistory, time_is_up
-    from lipvae.train import schedule_callbacks, stop_reason
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from lipvae.train import stop_reason
 
     module = _Scripted([3.0, 2.0])
     history = EpochHistory(echo=False)
-    es, _ = schedule_callbacks(5, 1, None)
+    es = EarlyStopping(monitor="val/loss", patience=5, check_on_train_epoch_end=False)
     data = torch.utils.data.DataLoader(torch.zeros(64, 1), batch_size=1)
     trainer = L.Trainer(max_epochs=1, max_time={"seconds": 0}, callbacks=[es, history], logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)

@@ -101,8 +101,9 @@ class EstimatedMargins(MarginCallback):
 
 
 def default_attack() -> dict:
-    """The attack's default settings: the packaged conf/attack/pgd.yaml with its latent attack
-    (conf/attack/latent/hard.yaml), read as files (no Hydra composition, which an app may hold)."""
+    """The attack's default settings: the packaged conf/attack/pgd.yaml on the settings every
+    attack takes (conf/attack/base/common.yaml), with its latent attack (conf/attack/latent/hard.yaml),
+    read as files (no Hydra composition, which an app may hold)."""
     from importlib import resources
 
     conf = resources.files("lipvae.conf") / "attack"
@@ -112,7 +113,7 @@ def default_attack() -> dict:
         node.pop("defaults", None)
         return node
 
-    return {**read(conf / "pgd.yaml"), "latent": read(conf / "latent" / "hard.yaml")}
+    return {**read(conf / "base" / "common.yaml"), **read(conf / "pgd.yaml"), "latent": read(conf / "latent" / "hard.yaml")}
 
 
 def held_out_split(trainer: L.Trainer):

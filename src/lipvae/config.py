@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.data import ImageDataModule
 from lipvae.errors import UserError
-from lipvae.schema import (GROUPS, PgdAttackConfig, RootConfig, _dataclass_of, accepted_words, attack_schema,
-                           check_fields, fail, read, schema_field)
+from lipvae.schema import (ATTACK_SCHEMAS, ENTRIES, GROUPS, PgdAttackConfig, RootConfig, _dataclass_of, accepted_words,
+                           attack_schema, check_fields, fail, read, schema_field)
 from lipvae.vae import VAE
 
 
@@ -31,6 +31,10 @@ def validate(cfg: DictConfig) -> None:
         if group == "data" and cfg.data.get("_target_", IMAGE_DATA) != IMAGE_DATA:
             continue  # another data class checks its own arguments
         check_fields(cfg, group, attack_schema(cfg.attack) if group == "attack" else node)
+    for path, node in ENTRIES.items():
+        if OmegaConf.select(cfg, path) is not None:
+            check_fields(cfg, path, node)
+    _check_entry_classes(cfg)  # each callback's and logger's class, before any data is read
     lipschitz = cfg.model.kind == "lipschitz"
     if lipschitz:
         hidden = list(cfg.model.hidden)
@@ -42,10 +46,6 @@ def validate(cfg: DictConfig) -> None:
                    "an integer >= 2 when certifying (the χ² bound; or certify.enabled=false)")
     _validate_devices(cfg)
     _validate_accelerator(cfg)
-    if cfg.logger.wandb.enabled and "_target_" in cfg.logger.wandb:
-        from lightning.pytorch.loggers import Logger
-
-        target_class("logger.wandb", cfg.logger.wandb._target_, Logger, "a lightning.pytorch Logger class")
     if cfg.attack.enabled and cfg.attack.get("search") == "grid":
         step, top = cfg.attack.grid_step, cfg.attack.max_radius
         _check(top / step <= MAX_GRID, "attack.grid_step", step,
@@ -99,30 +99,43 @@ def _validate_devices(cfg: DictConfig) -> None:
 
 
 def build_vae(model: DictConfig) -> VAE:
-    """The model of the ``model`` group, built from its ``_target_`` (``VAE.from_config``; runs
-    recorded before the field existed get it too) with the fields its signature names; the
-    others (``lr``, ``run_name``, ``bjorck``) are training settings. The layer comes from
-    ``build_layer``."""
-    from hydra.utils import get_method, instantiate
+    """The VAE of the ``model`` group: its ``_target_`` called with every field of the node (a
+    run recorded by an older lipvae is migrated first: ``lipvae.stored.migrate_config``), the
+    layer being ``build_layer``'s partial (a standard VAE has none)."""
+    from hydra.utils import instantiate
 
-    target = model.get("_target_", VAE_TARGET)
-    try:
-        build = get_method(target)
-    except Exception as e:
-        raise _cannot_build("model", target, e) from None
     layer = build_layer(model) if model.kind == "lipschitz" else None
-    fields = named_fields(model, build, skip=("layer",))
     try:
-        return instantiate({"_target_": target, **fields}, layer=layer, _convert_="all")
+        return instantiate(model, layer=layer, _convert_="all")
     except Exception as e:
-        raise _cannot_build("model", target, e) from None
+        raise _cannot_build("model", model.get("_target_"), e) from None
 
 
-VAE_TARGET = "lipvae.vae.VAE.from_config"
+def build_module(module: DictConfig, vae: VAE):
+    """The LightningModule of the ``module`` group (``VAEModule``), holding ``vae``."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(module, vae=vae)
+    except Exception as e:
+        raise _cannot_build("module", module.get("_target_"), e) from None
 
 
-#: the attack of a run recorded before the attack group had a ``_target_``, by its ``method``
-ATTACK_TARGETS = {"pgd": "lipvae.attack.PGDAttack", "lbfgs": "lipvae.attack.LBFGSAttack"}
+def build_trainer(trainer: DictConfig, run_dir, **run):
+    """Lightning's Trainer of the ``trainer`` group; ``max_time`` is in minutes; ``run``: what the
+    run adds (loggers, callbacks, plugins, or another ``devices`` after a multi-device fit)."""
+    from datetime import timedelta
+
+    from hydra.utils import instantiate
+
+    minutes = trainer.max_time
+    try:  # through a partial: the config's max_time is a number, the Trainer's a timedelta
+        return instantiate(trainer, _partial_=True)(
+            default_root_dir=str(run_dir), max_time=None if minutes is None else timedelta(minutes=minutes), **run)
+    except Exception as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise _cannot_build("trainer", trainer.get("_target_"), e) from None
 
 
 def target_class(field: str, target: str, base: type, accepted: str) -> type:
@@ -140,22 +153,29 @@ def target_class(field: str, target: str, base: type, accepted: str) -> type:
 
 def build_attack(attack: DictConfig):
     """The margin attack of the ``attack`` group: its ``_target_`` class (a
-    ``lipvae.attack.MarginAttack``) built from the group's fields that its constructor names."""
+    ``lipvae.attack.MarginAttack``) built from the group's fields but ``EVALUATION_FIELDS``."""
     from hydra.utils import instantiate
 
     from lipvae.attack import MarginAttack
 
     target = attack.get("_target_")
-    if target is None:  # a run recorded before: its attack named by `method`
-        method = attack.get("method")
-        _check(method in ATTACK_TARGETS, "attack.method", method, ", ".join(ATTACK_TARGETS))
-        target = ATTACK_TARGETS[method]
-    cls = target_class("attack", target, MarginAttack, "a subclass of lipvae.attack.MarginAttack")
-    fields = named_fields(attack, cls)
+    target_class("attack", target, MarginAttack, "a subclass of lipvae.attack.MarginAttack")
+    resolved = OmegaConf.to_container(attack, resolve=True)
+    # the fields of the attack's schema (a run recorded by an older lipvae may hold another
+    # attack's too; an attack of the user's takes all of its node's), less those the evaluation reads
+    schema = ATTACK_SCHEMAS.get(target)  # lipvae's own attacks: exactly their schema's fields
+    takes = None if schema is None else {f.name for f in dataclasses.fields(schema)}
+    fields = {k: v for k, v in resolved.items()
+              if k not in ("_target_", *EVALUATION_FIELDS) and (takes is None or k in takes)}
     try:
         return instantiate({"_target_": target, **fields}, _convert_="all")
     except Exception as e:
         raise _cannot_build("attack", target, e) from None
+
+
+#: the ``attack`` fields the evaluation reads (whether, on how many inputs, the latent-space
+#: attack); every other field is an argument of the attack's class
+EVALUATION_FIELDS = ("enabled", "num_inputs", "latent")
 
 
 def build_layer(model: DictConfig):
@@ -166,12 +186,8 @@ def build_layer(model: DictConfig):
     from lipvae.networks import LipschitzLinear
 
     spec = model.layer
-    if isinstance(spec, str):  # a run recorded before layers were a config group, or model.layer=<name>
-        _check(spec in LEGACY_LAYERS, "model.layer", spec, f"{', '.join(LEGACY_LAYERS)} (or model/layer=<a file of conf/model/layer/>)")
-        spec = OmegaConf.create({"_target_": LEGACY_LAYERS[spec], "_partial_": True,
-                                 **({"iters": model.bjorck.iters, "beta": model.bjorck.beta} if spec == "bjorck" else {})})
     _check(OmegaConf.is_dict(spec) and "_target_" in spec, "model.layer", spec,
-           "a mapping with _target_ (a LipschitzLinear class) and its arguments (conf/model/layer/)")
+           "a mapping with _target_ (a LipschitzLinear class) and its arguments: model/layer=<a file of conf/model/layer/>")
     target_class("model.layer", spec._target_, LipschitzLinear, "a subclass of lipvae.networks.LipschitzLinear")
     try:
         layer = instantiate(spec, _partial_=True)
@@ -179,9 +195,6 @@ def build_layer(model: DictConfig):
     except Exception as e:
         raise _cannot_build("model.layer", spec._target_, e) from None
     return layer
-
-
-LEGACY_LAYERS = {"bjorck": "lipvae.networks.BjorckLinear", "aol": "lipvae.networks.AOLLinear"}
 
 
 def build_datamodule(data: DictConfig, seed: int) -> ImageDataModule:
@@ -349,12 +362,18 @@ def _no_unused_fields(cfg: DictConfig) -> None:
     for group, schema in GROUPS.items():  # the top level takes keys of the user's (for interpolations)
         if group == "data" and cfg.data.get("_target_", IMAGE_DATA) != IMAGE_DATA:
             continue  # another data class takes its own arguments
+        if group == "attack" and cfg.attack.get("_target_") not in ATTACK_SCHEMAS:
+            continue  # an attack class of the user's takes its own arguments
         walk(cfg[group], attack_schema(cfg.attack) if group == "attack" else schema, group + ".")
+    for path, schema in ENTRIES.items():  # lipvae's own callbacks and loggers, where present
+        node = OmegaConf.select(cfg, path)
+        if isinstance(node, DictConfig):
+            walk(node, schema, path + ".")
 
 
 def _open_node(path: str) -> bool:
     """Whether a node takes fields of the user's (``+key=value``): one the schema leaves untyped
-    (``logger.extra``, ``callbacks``, a layer's or data class's own arguments), not a schema class."""
+    (``logger``, ``callbacks``, a layer's or data class's own arguments), not a schema class."""
     f = schema_field(path) if path else None  # a group's own node has no field: closed
     return f is not None and _dataclass_of(f.type) is None
 
@@ -418,60 +437,50 @@ def _cannot_build(field: str, target: str, error: Exception) -> UserError:
     return UserError(f"{field}: cannot build {target} ({type(cause).__name__}: {first})")
 
 
-def build_callbacks(cfg: DictConfig) -> list:
-    """The extra Lightning callbacks of the ``callbacks`` group, each built from its ``_target_``;
-    one line naming the entry when one cannot be built."""
+def _entry_kinds() -> dict[str, tuple[type, str]]:
     from lightning.pytorch.callbacks import Callback
-
-    return _build_entries(cfg, "callbacks", Callback, "a lightning.pytorch Callback class")
-
-
-def build_extra_loggers(cfg: DictConfig, save_dir) -> list:
-    """The loggers of ``logger.extra`` (beside the CSV and W&B ones), each built from its
-    ``_target_``; ``save_dir`` is the run folder unless the entry names one."""
     from lightning.pytorch.loggers import Logger
 
-    return _build_entries(cfg, "logger.extra", Logger, "a lightning.pytorch Logger class",
-                          defaults={"save_dir": str(save_dir)})
+    return {"callbacks": (Callback, "a lightning.pytorch Callback class"),
+            "logger": (Logger, "a lightning.pytorch Logger class")}
 
 
-def _build_entries(cfg: DictConfig, path: str, base: type, accepted: str, defaults: dict | None = None) -> list:
-    from hydra.utils import get_class, instantiate
-
+def _entries(cfg: DictConfig, path: str) -> dict:
+    """The named entries of ``callbacks`` or ``logger`` (an entry set to null is left out)."""
     entries = read(cfg, path)
     if entries is None:
-        return []
+        return {}
     _check(OmegaConf.is_dict(entries), path, entries, "a mapping of names to {_target_: ..., arguments}")
-    built = []
+    accepted = _entry_kinds()[path][1]
+    out = {}
     for name, spec in entries.items():
-        field = f"{path}.{name}"
-        _check(OmegaConf.is_dict(spec) and "_target_" in spec, field, spec,
+        if spec is None:
+            continue
+        _check(OmegaConf.is_dict(spec) and "_target_" in spec, f"{path}.{name}", spec,
                f"a mapping with _target_ ({accepted}) and its arguments")
+        out[f"{path}.{name}"] = spec
+    return out
+
+
+def _check_entry_classes(cfg: DictConfig) -> None:
+    for path, (base, accepted) in _entry_kinds().items():
+        for field, spec in _entries(cfg, path).items():
+            target_class(field, spec._target_, base, accepted)
+
+
+def build_entries(cfg: DictConfig, path: str, run: dict | None = None) -> list:
+    """The Lightning callbacks (``path="callbacks"``) or loggers (``"logger"``) of a run, each
+    entry built from its ``_target_`` and its fields; ``run(cls, spec)``: what the run adds to an
+    entry of that class (a logger's folder). One line naming the entry when one cannot be built."""
+    from hydra.utils import instantiate
+
+    base, accepted = _entry_kinds()[path]
+    built = []
+    for field, spec in _entries(cfg, path).items():
+        cls = target_class(field, spec._target_, base, accepted)
         try:
-            cls = get_class(spec._target_)
-            extra = {k: v for k, v in (defaults or {}).items() if k not in spec and accepts(cls, k)}
-            obj = instantiate(spec, **extra)
-        except Exception as e:  # a wrong class path or argument
+            obj = instantiate(spec, _partial_=True)(**(run(cls, spec) if run else {}))  # `config` may be an argument
+        except Exception as e:  # a wrong argument
             raise _cannot_build(field, spec._target_, e) from None
-        _check(isinstance(obj, base), field, spec._target_, accepted)
         built.append(obj)
     return built
-
-
-def named_fields(node: DictConfig, cls, skip: tuple[str, ...] = ()) -> dict:
-    """The fields of a config node that ``cls`` takes as arguments, resolved (interpolations such
-    as ``${enc_L}`` refer to the root, which the built object never sees); ``_target_`` and
-    ``skip`` left out."""
-    resolved = OmegaConf.to_container(node, resolve=True)
-    return {k: v for k, v in resolved.items() if k != "_target_" and k not in skip and accepts(cls, k)}
-
-
-def accepts(cls, argument: str) -> bool:
-    """Whether ``cls`` (a class or function) takes ``argument``: named, or through ``**kwargs``."""
-    import inspect
-
-    try:
-        parameters = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return False
-    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())

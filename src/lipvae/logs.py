@@ -8,14 +8,23 @@ returns and cursor-up sequences (``ESC[A``) behind.
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import math
+import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, Timer
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from lipvae.results import atomic_write_text
 
 log = logging.getLogger("lipvae")
 
@@ -122,7 +131,7 @@ def convergence(val_losses: list[float], stop_reason: str, evaluated_epoch: int)
 def describe(conv: dict, stop_reason: str, epochs: int) -> str:
     """One sentence for the log: why training stopped and whether it had converged."""
     why = {
-        "patience": "early stopping (no better validation loss for trainer.patience epochs)",
+        "patience": "early stopping (no better validation loss for callbacks.early_stopping.patience epochs)",
         "max_epochs": f"trainer.max_epochs ({epochs} epochs)",
         "max_time": "trainer.max_time (the wall-clock budget)",
         "finetune_converged": "the fine-tune phase converging",
@@ -138,3 +147,48 @@ def describe(conv: dict, stop_reason: str, epochs: int) -> str:
     hint = ("a longer budget (trainer.max_epochs, trainer.max_time) would train it further"
             if last is None or last > 0 else "it was levelling off")
     return f"training stopped by {why} after {epochs} epochs: NOT converged{moved}; {hint}"
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Keeps an existing metrics.csv (Lightning's writer deletes it) and adds to it. Every save
+    replaces the file atomically: Lightning's writer rewrites it in place when a new column
+    appears, and a signal landing in that rewrite left a truncated file (rows and columns of
+    earlier epochs lost)."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._rows: list[dict] = []
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                self._rows = list(reader)
+                self.metrics_keys = list(reader.fieldnames or [])
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        rows = self._rows + self.metrics
+        write_rows(Path(self.metrics_file_path), self.metrics_keys, rows)
+        self._rows, self.metrics = rows, []
+
+
+def write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    """A metrics CSV replaced atomically (a signal never leaves it cut short)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
+
+
+class AppendingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to csv/metrics.csv: the curves
+    from before a stop are kept."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from lipvae.logs import time_is_up
 from lipvae.networks import project_bjorck_, set_bjorck
+from lipvae.results import RunFolder
 from lipvae.vae import VAE
 
 
@@ -25,14 +26,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 class VAEModule(L.LightningModule):
-    def __init__(self, vae: VAE, lr: float = 1e-4, num_importance: int = 50, project_iters: int = 0) -> None:
+    """Trains ``vae`` on the negative ELBO with Adam at ``lr`` (``StiefelAdam`` when it holds
+    Stiefel weights); tests its ELBO and, with ``num_importance`` samples per image (0: not),
+    its log-likelihood. After each step, Björck layers with ``project_iters`` project their
+    weights (the ``module`` config group)."""
+
+    def __init__(self, vae: VAE, lr: float = 1e-4, num_importance: int = 50) -> None:
         super().__init__()
         self.vae, self.lr, self.num_importance = vae, lr, num_importance
-        self.project_iters = project_iters
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.project_iters:
-            project_bjorck_(self.vae, self.project_iters)
+        project_bjorck_(self.vae)  # each Björck layer with its own project_iters (none: nothing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.reconstruct(x)
@@ -52,8 +56,8 @@ class VAEModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step};"
-                f" likely causes: model.lr={self.lr:g} too high, extreme enc_L, dec_L, model.beta or"
-                " model.encoder_std.gamma, or bad data; lower model.lr (a resume may change it)"
+                f" likely causes: module.lr={self.lr:g} too high, extreme enc_L, dec_L, model.beta or"
+                " model.encoder_std.gamma, or bad data; lower module.lr (a resume may change it)"
             )
         return loss
 
@@ -158,7 +162,13 @@ class RunCheckpoint(ModelCheckpoint):
     stores the absolute paths of ``best.ckpt`` and ``last.ckpt``, so a run folder copied or
     moved elsewhere and resumed would evaluate (and compare against) the *original* folder's
     best weights. On loading, every path that was inside the saving run's checkpoint folder is
-    re-rooted in this run's own, and the scores are kept."""
+    re-rooted in this run's own, and the scores are kept. Without a ``dirpath`` the files go to
+    ``checkpoints/`` in the trainer's ``default_root_dir`` (the run folder), not into a logger's."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(RunFolder(trainer.default_root_dir).checkpoints)
+        super().setup(trainer, pl_module, stage)
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("dirpath")
@@ -181,17 +191,20 @@ class RunCheckpoint(ModelCheckpoint):
 
 class FineTune(Callback):
     """Phase 2 of the paper's schedule, for Lipschitz models (phase 1 is Lightning's
-    EarlyStopping on ``val/loss``). When phase 1 ends (early stopping, or ``train_epochs``
-    epochs) it raises the Björck iterations to ``bjorck_iters`` and sets the learning rate to
-    ``lr``, and training goes on until the epoch's training loss moved by at most ``tol`` nats
-    for ``patience`` epochs in a row, or for ``max_epochs`` epochs. EarlyStopping decides when
-    validation ends; this callback acts later, at the epoch's end, so from phase 2 on its
-    decision replaces early stopping's. Its state is checkpointed, so a run resumes mid-phase."""
+    EarlyStopping on ``val/loss``). When phase 1 ends (early stopping, or the Trainer's
+    ``max_epochs``, or ``train_epochs`` where given) it raises the Björck iterations to
+    ``bjorck_iters`` and sets the learning rate to ``lr``, and training goes on until the epoch's
+    training loss moved by at most ``tol`` nats for ``patience`` epochs in a row, or for
+    ``max_epochs`` epochs: the Trainer's epoch limit is raised by that much when fitting starts.
+    EarlyStopping decides when validation ends; this callback acts later, at the epoch's end, so
+    from phase 2 on its decision replaces early stopping's. Its state is checkpointed, so a run
+    resumes mid-phase. With ``max_epochs=0``, or on a standard VAE, it does nothing (``active``)."""
 
-    def __init__(self, train_epochs: int, max_epochs: int, bjorck_iters: int = 50, lr: float = 1e-5,
-                 tol: float = 1.0, patience: int = 1) -> None:
+    def __init__(self, max_epochs: int = 0, bjorck_iters: int = 50, lr: float = 1e-5, tol: float = 1.0,
+                 patience: int = 1, train_epochs: int | None = None) -> None:
         self.train_epochs, self.max_epochs, self.bjorck_iters = train_epochs, max_epochs, bjorck_iters
         self.lr, self.tol, self.patience = lr, tol, patience
+        self.active = max_epochs > 0
         self.phase = "train"
         self.phase_epochs = 0
         self.stale = 0
@@ -206,6 +219,14 @@ class FineTune(Callback):
         self.__dict__.update(state)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        vae = getattr(pl_module, "vae", None)
+        self.active = self.max_epochs > 0 and getattr(vae, "kind", "lipschitz") == "lipschitz"
+        if not self.active:
+            return
+        if self.train_epochs is None:
+            self.train_epochs = trainer.max_epochs  # phase 1's limit, as the Trainer was given it
+        if self.train_epochs is not None and self.train_epochs >= 0:  # -1: no limit to raise
+            trainer.fit_loop.max_epochs = self.train_epochs + self.max_epochs
         if self.phase == "finetune":
             self._enter(trainer, pl_module)
 
@@ -216,12 +237,15 @@ class FineTune(Callback):
                 group["lr"] = self.lr
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.active:
+            return
         self.phase_epochs += 1
         if time_is_up(trainer):  # trainer.max_time ends training in either phase
             return
         if self.phase == "train":
             early = any(c.stopping_reason != EarlyStoppingReason.NOT_STOPPED for c in trainer.early_stopping_callbacks)
-            if early or self.phase_epochs >= self.train_epochs:
+            limited = self.train_epochs is not None and self.train_epochs >= 0
+            if early or (limited and self.phase_epochs >= self.train_epochs):
                 self.phase, self.phase_epochs = "finetune", 0
                 self._enter(trainer, pl_module)
                 trainer.should_stop = False

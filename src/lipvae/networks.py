@@ -125,10 +125,12 @@ class BjorckLinear(LipschitzLinear):
         beta: float = 0.5,
         tol: float | None = None,
         bias: bool = True,
+        project_iters: int = 0,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.scale, self.iters, self.beta, self.tol = float(scale), int(iters), float(beta), tol
+        self.project_iters = int(project_iters)  # Björck steps on W after each optimiser step (0: none)
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         nn.init.orthogonal_(self.weight)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
@@ -339,11 +341,14 @@ def set_bjorck(module: nn.Module, iters: int | None = None, tol: float | None = 
             m.tol = tol
 
 
-def project_bjorck_(module: nn.Module, iters: int) -> None:
-    """``BjorckLinear.project_`` on every Björck layer below ``module``."""
+def project_bjorck_(module: nn.Module, iters: int | None = None) -> None:
+    """``BjorckLinear.project_`` on every Björck layer below ``module``, with ``iters`` steps
+    (None: each layer's own ``project_iters``; a layer with 0 is left alone)."""
     for m in module.modules():
         if isinstance(m, BjorckLinear):
-            m.project_(iters)
+            steps = m.project_iters if iters is None else iters
+            if steps:
+                m.project_(steps)
 
 
 def orthonormality_error(module: nn.Module) -> float:

@@ -23,15 +23,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.errors import UserError
+from lipvae.migrate import migrate_config
 from lipvae.results import RunFolder
 
 # keys a resumed run may change: bookkeeping, the time budget, and the learning rate (to
 # recover from a diverged run from its last finite state)
-MAY_DIFFER_ON_RESUME = ("resume", "model.lr", "trainer.enable_progress_bar", "trainer.max_time", "logger.wandb.mode",
-                        "trainer.num_importance")
-# ... and the evaluation's settings: the trained state does not depend on them, and the
-# evaluation of a resumed run starts over with the settings given
-MAY_DIFFER_PREFIXES = ("attack.", "certify.")
+MAY_DIFFER_ON_RESUME = ("resume", "module.lr", "trainer.enable_progress_bar", "trainer.max_time",
+                        "module.num_importance")
+# ... the evaluation's settings: the trained state does not depend on them, and the evaluation
+# of a resumed run starts over with the settings given; and the loggers
+MAY_DIFFER_PREFIXES = ("attack.", "certify.", "logger.")
 LOCK_FILE = ".lipvae.lock"
 
 
@@ -53,10 +54,13 @@ def _flat(node, prefix: str = "") -> dict:
 
 
 def config_differences(stored: DictConfig, given: DictConfig) -> list[str]:
-    """Dotted keys whose (unresolved) values differ, less those a resume may change."""
-    a = _flat(OmegaConf.to_container(stored, resolve=False))
+    """Dotted keys whose (unresolved) values differ, less those a resume may change. A run
+    recorded by an older lipvae is compared as today's groups name its fields
+    (``migrate_config``), on the fields it recorded (one added since takes its default)."""
+    migrated = migrate_config(stored)
+    a = _flat(OmegaConf.to_container(migrated, resolve=False))
     b = _flat(OmegaConf.to_container(given, resolve=False))
-    keys = sorted(set(a) | set(b))
+    keys = sorted(set(a) | set(b)) if migrated is stored else sorted(a)
     return [
         k for k in keys
         if a.get(k, "<absent>") != b.get(k, "<absent>")

@@ -91,17 +91,12 @@ class LipschitzConstants:
 
 
 @dataclass
-class BjorckConfig:
-    beta: float = spec((lambda v: _num(v) and 0 < v <= 0.5, "a number in (0, 0.5]"), when=_lipschitz)
-    iters: int = spec(POSITIVE_INT, when=_lipschitz)
-    project_iters: int = spec(NONNEG_INT, when=_lipschitz)
-
-
-@dataclass
 class ModelConfig:
+    """``model``: the VAE, built from exactly these fields (``VAE.from_config``'s arguments); its
+    ``layer`` node is the ``model/layer`` group's partial, checked by building it."""
+
     _target_: str = MISSING  # the class (or factory) that builds the model from these fields
     kind: Kind = MISSING
-    run_name: str = MISSING
     latent_dim: int = spec(POSITIVE_INT)
     hidden: List[int] = spec((lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0
                               and all(_int(h) and h > 0 for h in v), "a non-empty list of positive integers"))
@@ -111,12 +106,33 @@ class ModelConfig:
     encoder_std: EncoderStdConfig = MISSING
     lipschitz: LipschitzConstants = MISSING
     layer: Any = MISSING
-    bjorck: BjorckConfig = MISSING
+
+
+@dataclass
+class ModuleConfig:
+    """``module``: the LightningModule's settings (``lipvae.module.VAEModule``, given the VAE)."""
+
+    _target_: str = MISSING
     lr: float = spec(POSITIVE)
+    num_importance: int = spec((NONNEG_INT[0], "an integer >= 0 (0 skips the log-likelihood)"))
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """``callbacks.early_stopping``: Lightning's EarlyStopping (phase 1)."""
+
+    _target_: str = MISSING
+    monitor: str = MISSING
+    mode: str = spec((lambda v: v in ("min", "max"), "min, max"))
+    patience: int = spec(POSITIVE_INT)
+    check_on_train_epoch_end: bool = False
 
 
 @dataclass
 class FinetuneConfig:
+    """``callbacks.finetune``: ``lipvae.module.FineTune`` (phase 2)."""
+
+    _target_: str = MISSING
     max_epochs: int = spec(NONNEG_INT)
     bjorck_iters: int = spec(POSITIVE_INT)
     lr: float = spec(POSITIVE)
@@ -135,18 +151,19 @@ def _strategies() -> list[str]:
 
 @dataclass
 class TrainerConfig:
+    """``trainer``: Lightning's Trainer, built from these fields (``max_time`` in minutes); the run
+    adds its folder, loggers, callbacks and checkpoint writer."""
+
+    _target_: str = MISSING
     accelerator: Accelerator = MISSING
     devices: Any = spec((lambda v: v == "auto" or (_int(v) and (v >= 1 or v == -1)), "a positive integer, -1 or auto"))
     strategy: str = spec((lambda v: v in _strategies(), "auto or a Lightning strategy name (ddp, ddp_spawn, fsdp, ...)"))
     precision: str = spec((lambda v: v in PRECISIONS, ", ".join(PRECISIONS)))
     max_epochs: int = spec(POSITIVE_INT)
-    patience: int = spec(POSITIVE_INT)
     max_time: Optional[float] = spec((lambda v: v is None or (_num(v) and 0 < v < math.inf), "minutes > 0, or null"), None)
-    evaluate: Weights = MISSING
-    finetune: FinetuneConfig = MISSING
-    num_importance: int = spec((NONNEG_INT[0], "an integer >= 0 (0 skips the log-likelihood)"))
     log_every_n_steps: int = spec(POSITIVE_INT)
     enable_progress_bar: bool = MISSING
+    num_sanity_val_steps: int = spec((lambda v: _int(v) and v >= -1, "an integer >= -1"), 0)
 
 
 #: an explicit data.root is an existing folder: never a silent fallback elsewhere
@@ -263,20 +280,14 @@ class LbfgsAttackConfig(AttackConfig):
 
 @dataclass
 class WandbConfig:
+    """``logger.wandb``: Lightning's WandbLogger (``mode`` goes on to ``wandb.init``)."""
+
     _target_: str = MISSING
-    enabled: bool = MISSING
     mode: WandbMode = MISSING
     project: str = MISSING
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: List[str] = field(default_factory=list)
-
-
-@dataclass
-class LoggerConfig:
-    csv: bool = MISSING
-    wandb: WandbConfig = MISSING
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 NAME = (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+,-]*", v) is not None and ".." not in v,
@@ -292,30 +303,42 @@ class RootConfig:
     seed: int = spec((lambda v: _int(v) and 0 <= v < 2**32, "an integer in [0, 2^32)"))
     resume: Any = spec(TRI_STATE)
     name: str = spec(NAME)
+    evaluate: Weights = MISSING
     data: Any = MISSING
+    module: Any = MISSING
     model: Any = MISSING
     trainer: Any = MISSING
-    logger: Any = MISSING
+    callbacks: Any = None  # named entries, each a Lightning callback (a schema below for lipvae's own)
+    logger: Any = None     # named entries, each a Lightning logger
     certify: Any = MISSING
     attack: Any = MISSING
-    callbacks: Any = None
 
 
 GROUPS: dict[str, type] = {
     "model": ModelConfig,
+    "module": ModuleConfig,
     "trainer": TrainerConfig,
     "data": ImageDataConfig,
     "certify": CertifyConfig,
     "attack": PgdAttackConfig,
-    "logger": LoggerConfig,
 }
 
-#: the schema of an ``attack`` node by its ``_target_`` (any other class: pgd's, whose YAML it extends)
-ATTACK_SCHEMAS = {"lipvae.attack.LBFGSAttack": LbfgsAttackConfig}
+#: the schemas of the named entries lipvae ships (checked where the entry is present; the
+#: ``callbacks`` and ``logger`` nodes stay open to entries of the user's own)
+ENTRIES: dict[str, type] = {
+    "callbacks.early_stopping": EarlyStoppingConfig,
+    "callbacks.finetune": FinetuneConfig,
+    "logger.wandb": WandbConfig,
+}
+
+#: the schema of an ``attack`` node by its ``_target_``; an attack class of the user's has the
+#: common fields' (``AttackConfig``) and its own arguments, which its constructor checks
+ATTACK_SCHEMAS = {"lipvae.attack.PGDAttack": PgdAttackConfig, "lipvae.attack.LBFGSAttack": LbfgsAttackConfig}
 
 
 def attack_schema(attack) -> type:
-    return ATTACK_SCHEMAS.get(attack.get("_target_") if attack is not None else None, PgdAttackConfig)
+    target = attack.get("_target_") if attack is not None else None
+    return PgdAttackConfig if target is None else ATTACK_SCHEMAS.get(target, AttackConfig)
 
 
 def register() -> None:
@@ -325,6 +348,8 @@ def register() -> None:
     cs.store(group="schema", name="root", node=RootConfig)
     for group, node in GROUPS.items():
         cs.store(group="schema", name=group, node=node)
+    for path, node in ENTRIES.items():
+        cs.store(group="schema", name=path.rpartition(".")[2], node=node)
     cs.store(group="schema", name="latent", node=LatentAttackConfig)
     cs.store(group="schema", name="attack_lbfgs", node=LbfgsAttackConfig)
 
@@ -340,7 +365,9 @@ def schema_field(path: str, root: type | None = None) -> dataclasses.Field | Non
     config's schema unless given), or None."""
     parts = path.split(".")
     node: Any = root or RootConfig
-    if node is RootConfig and parts[0] in GROUPS:
+    if node is RootConfig and ".".join(parts[:2]) in ENTRIES:
+        node, parts = ENTRIES[".".join(parts[:2])], parts[2:]
+    elif node is RootConfig and parts[0] in GROUPS:
         node, parts = GROUPS[parts[0]], parts[1:]
     found = None
     for part in parts:

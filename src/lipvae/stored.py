@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.config import build_vae, hydra_compose
 from lipvae.errors import UserError
+from lipvae.migrate import migrate_config
 from lipvae.results import FROZEN_MODEL, RunFolder
 
 log = logging.getLogger("lipvae")
@@ -83,8 +84,8 @@ BEFORE = {"attack.warm_steps": 0}
 
 #: the config groups a recorded run's choices are read for (experiment and variant presets only
 #: set fields of these, which the recorded config holds already)
-_GROUPS = ("data", "model", "trainer", "logger", "certify", "attack", "callbacks", "model/layer", "attack/latent")
-
+_GROUPS = ("data", "module", "model", "trainer", "logger", "certify", "attack", "callbacks", "model/layer",
+           "attack/latent")
 
 def complete_config(run_dir: Path, cfg: DictConfig, defaults: DictConfig | dict | None = None) -> DictConfig:
     """A recorded run's config with the fields added to lipvae since it was recorded: today's
@@ -99,6 +100,9 @@ def complete_config(run_dir: Path, cfg: DictConfig, defaults: DictConfig | dict 
     base = OmegaConf.create(OmegaConf.to_container(defaults) if isinstance(defaults, DictConfig) else defaults)
     for key, value in BEFORE.items():  # under the recorded config: a recorded value wins
         OmegaConf.update(base, key, value, force_add=True)
+    cfg = migrate_config(cfg)
+    if OmegaConf.select(cfg, "logger.wandb", default="") is None:
+        base.get("logger", {}).pop("wandb", None)  # the run had no W&B logger: none is added
     return OmegaConf.merge(base, cfg)
 
 

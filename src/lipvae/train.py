@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import io
+import inspect
 import json
 import logging
 import math
@@ -22,29 +22,25 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.stored import load_best_weights, load_checkpoint, load_state
-from lipvae.config import (build_callbacks, build_datamodule, build_extra_loggers, build_vae, check_overrides,
-                           check_yaml_files,
-                           named_fields, validate)
+from lipvae.config import (build_datamodule, build_entries, build_module, build_trainer, build_vae,
+                           check_overrides, check_yaml_files, validate)
 from lipvae.errors import UserError
 from lipvae.evaluate import Evaluation, evaluate
-from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up
-from lipvae.module import FineTune, NonFiniteLossError, RunCheckpoint, SaveOnException, VAEModule
+from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up, write_rows
+from lipvae.module import FineTune, NonFiniteLossError, SaveOnException, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import Results, RunFolder, atomic_write_text, code_version, replace_atomically
@@ -97,38 +93,6 @@ class RunContext:
                 "code": code_version(), "wandb_run_id": wandb_ids[0] if wandb_ids else None}
 
 
-class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv (Lightning's writer deletes it) and adds to it. Every save
-    replaces the file atomically: Lightning's writer rewrites it in place when a new column
-    appears, and a signal landing in that rewrite left a truncated file (rows and columns of
-    earlier epochs lost)."""
-
-    def _check_log_dir_exists(self) -> None:
-        self._rows: list[dict] = []
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                reader = csv.DictReader(f)
-                self._rows = list(reader)
-                self.metrics_keys = list(reader.fieldnames or [])
-
-    def save(self) -> None:
-        if not self.metrics:
-            return
-        self._record_new_keys()
-        rows = self._rows + self.metrics
-        write_rows(Path(self.metrics_file_path), self.metrics_keys, rows)
-        self._rows, self.metrics = rows, []
-
-
-def write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
-    """A metrics CSV replaced atomically (a signal never leaves it cut short)."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, text.getvalue())
-
-
 def trim_metrics(path: Path, resumed_step: int) -> None:
     """Drop the rows a killed run logged after its last checkpoint (step >= ``resumed_step``):
     the resumed run logs those steps again, and they would appear twice."""
@@ -143,46 +107,6 @@ def trim_metrics(path: Path, resumed_step: int) -> None:
     write_rows(path, fields, kept)
     log.info("dropped %d metric rows logged after the checkpoint (step >= %d) from %s", len(rows) - len(kept),
              resumed_step, path)
-
-
-class AppendingCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, except that a resumed run appends to csv/metrics.csv: the curves
-    from before a stop are kept."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
-
-
-def make_loggers(cfg: DictConfig, ctx: RunContext) -> list:
-    loggers: list = []
-    if cfg.logger.csv:
-        loggers.append(AppendingCSVLogger(save_dir=str(ctx.run_dir), name="csv", version=""))
-    wb = cfg.logger.wandb
-    if wb.enabled:
-        if not os.environ.get("WANDB_MODE"):
-            os.environ["WANDB_MODE"] = wb.mode
-        os.environ.setdefault("WANDB_SILENT", "true")
-        loggers.append(build_wandb_logger(wb, ctx.group, name=cfg.name, save_dir=str(ctx.run_dir),
-                                          config=OmegaConf.to_container(cfg, resolve=True)))
-    return loggers
-
-
-def build_wandb_logger(wb: DictConfig, group: str | None = None, **run) -> Logger:
-    """The W&B logger of ``logger.wandb``, from its ``_target_`` (WandbLogger for runs recorded
-    before the field existed) and the fields the class takes; ``run``: the run's name, folder
-    and config. A sweep's runs share ``group`` unless the config names one."""
-    from hydra.utils import get_class
-
-    target = wb.get("_target_", "lightning.pytorch.loggers.WandbLogger")
-    cls = get_class(target)
-    fields = named_fields(wb, cls, skip=("enabled", "mode"))
-    fields["group"] = fields.get("group") or group
-    return cls(**fields, **run)  # not instantiate(): the run's config must not be read as one
 
 
 def _program() -> str:
@@ -216,59 +140,56 @@ def check_finite(values: dict, cfg: DictConfig) -> None:
     for key, value in values.items():
         if value is not None and not math.isfinite(float(value)):
             raise UserError(
-                f"results: {key} is {value}; the model diverged. Likely causes: model.lr={cfg.model.lr:g} too"
+                f"results: {key} is {value}; the model diverged. Likely causes: module.lr={cfg.module.lr:g} too"
                 f" high, or extreme enc_L={cfg.enc_L}, dec_L={cfg.dec_L}, model.beta={cfg.model.beta}"
             )
 
 
-def schedule_callbacks(patience: int, max_epochs: int, finetune: DictConfig | dict | None):
-    """Phase 1: Lightning's EarlyStopping on the validation loss, checked when validation ends so
-    that phase 2, the fine-tune callback (``finetune``: trainer.finetune's settings, or None for
-    none), has the last word at the epoch's end."""
-    early_stopping = EarlyStopping(monitor="val/loss", mode="min", patience=patience, check_on_train_epoch_end=False)
-    if not finetune:
-        return early_stopping, None
-    return early_stopping, FineTune(max_epochs, finetune["max_epochs"], finetune["bjorck_iters"], finetune["lr"],
-                                    finetune["tol"], finetune["patience"])
-
-
-def stop_reason(early_stopping: EarlyStopping, finetune: FineTune | None, epochs: int, max_epochs: int,
+def stop_reason(early_stopping: EarlyStopping | None, finetune: FineTune | None, epochs: int, max_epochs: int,
                 timed_out: bool = False) -> str:
     """Why training ended: finetune_converged or finetune_max_epochs (phase 2), patience (early
     stopping), max_time (``timed_out``: Lightning's Timer ran out, which may happen within the
     last epoch) or max_epochs."""
-    if finetune is not None and finetune.stop_reason:
+    phase2 = finetune is not None and finetune.active
+    if phase2 and finetune.stop_reason:
         return finetune.stop_reason
-    if finetune is None and early_stopping.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+    if not phase2 and early_stopping is not None and early_stopping.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
         return "patience"
     if timed_out:
         return "max_time"
     return "max_epochs" if epochs >= max_epochs else "max_time"
 
 
+def _first(callbacks: list, kind: type):
+    return next((cb for cb in callbacks if isinstance(cb, kind)), None)
+
+
 @dataclass
 class Schedule:
-    """Training's callbacks: early stopping (phase 1), the fine-tune phase (2, Lipschitz models),
-    the best/last checkpoints, the epoch log and the checkpoint saved on a stop."""
+    """Training's callbacks: those of the ``callbacks`` group (early stopping, phase 1; the
+    fine-tune phase, 2; the best/last checkpoints; any of the user's), then lipvae's epoch log and
+    the checkpoint saved on a stop."""
 
-    early_stopping: EarlyStopping
-    finetune: FineTune | None
-    checkpoint: RunCheckpoint
+    callbacks: list
     history: EpochHistory
-    max_epochs: int  # both phases
 
     @classmethod
     def build(cls, cfg: DictConfig, run_dir: Path, echo: bool) -> Schedule:
-        tr = cfg.trainer
-        finetune_epochs = tr.finetune.max_epochs if cfg.model.kind == "lipschitz" else 0
-        early_stopping, finetune = schedule_callbacks(tr.patience, tr.max_epochs, tr.finetune if finetune_epochs else None)
-        checkpoint = RunCheckpoint(dirpath=str(RunFolder(run_dir).checkpoints), filename="best", monitor="val/loss",
-                                   save_last=True, save_top_k=1)
-        return cls(early_stopping, finetune, checkpoint, EpochHistory(echo=echo), tr.max_epochs + finetune_epochs)
+        history = EpochHistory(echo=echo)
+        saver = SaveOnException(dirpath=str(RunFolder(run_dir).checkpoints), filename="last")
+        return cls([*build_entries(cfg, "callbacks"), history, saver], history)
 
-    def callbacks(self, run_dir: Path) -> list:
-        return [self.early_stopping, *([self.finetune] if self.finetune else []), self.checkpoint, self.history,
-                SaveOnException(dirpath=str(RunFolder(run_dir).checkpoints), filename="last")]
+    @property
+    def early_stopping(self) -> EarlyStopping | None:
+        return _first(self.callbacks, EarlyStopping)
+
+    @property
+    def finetune(self) -> FineTune | None:
+        return _first(self.callbacks, FineTune)
+
+    @property
+    def checkpoint(self) -> ModelCheckpoint | None:
+        return _first(self.callbacks, ModelCheckpoint)
 
 
 @dataclass
@@ -303,10 +224,11 @@ def train(cfg: DictConfig, ctx: RunContext) -> Results | None:
     which only trains). Needs no Hydra: ``train(cfg, RunContext(folder))`` from Python."""
     t0 = time.perf_counter()
     validate(cfg)
-    extra_callbacks = build_callbacks(cfg)  # before any data is read: a bad entry fails first
-    extra_loggers = build_extra_loggers(cfg, ctx.run_dir)
+    progress = bool(cfg.trainer.enable_progress_bar) and interactive()  # a bar redrawn into a file is debris
+    schedule = Schedule.build(cfg, ctx.run_dir, echo=not progress)  # before any data is read: a bad entry fails first
+    loggers = build_loggers(cfg, ctx)
     ckpt_path = checkpoint_to_resume(cfg, ctx.run_dir)  # also before any data is read
-    built = build(cfg, ctx, extra_callbacks, extra_loggers)
+    built = build(cfg, ctx, schedule, loggers, progress)
     fitted = fit(built, cfg.trainer, ckpt_path)
     if fitted is None:
         return None
@@ -345,37 +267,37 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(last)
 
 
-def build(cfg: DictConfig, ctx: RunContext, extra_callbacks: list, extra_loggers: list) -> Built:
-    """Data, VAE, Lightning module, schedule, loggers and Trainer of a run."""
+def build_loggers(cfg: DictConfig, ctx: RunContext) -> list:
+    """The loggers of the ``logger`` group. Each writes into the run folder (its ``save_dir``,
+    unless the entry names one); a W&B logger also gets the run's name, config and (in a sweep)
+    group, runs quietly, and takes its mode from WANDB_MODE where that is set."""
+    def run(cls, spec) -> dict:
+        extra = {}
+        if "save_dir" not in spec and "save_dir" in inspect.signature(cls).parameters:
+            extra["save_dir"] = str(ctx.run_dir)
+        if issubclass(cls, WandbLogger):
+            os.environ.setdefault("WANDB_SILENT", "true")
+            extra.update(name=cfg.name, group=spec.get("group") or ctx.group,
+                         config=OmegaConf.to_container(cfg, resolve=True))
+            if not os.environ.get("WANDB_MODE"):  # the environment decides where it says (W&B reads it too)
+                os.environ["WANDB_MODE"] = str(spec.get("mode") or "offline")
+            extra["mode"] = os.environ["WANDB_MODE"]
+        return extra
+
+    return build_entries(cfg, "logger", run)
+
+
+def build(cfg: DictConfig, ctx: RunContext, schedule: Schedule, loggers: list, progress: bool) -> Built:
+    """Data, VAE, Lightning module and Trainer of a run, each from its config group."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data, cfg.seed)
     datamodule.setup()
     log.info("data: %s", datamodule.info.as_dict())
     vae = build_vae(cfg.model)
-    project = cfg.model.bjorck.project_iters if cfg.model.kind == "lipschitz" else 0
-    module = VAEModule(vae, lr=cfg.model.lr, num_importance=cfg.trainer.num_importance, project_iters=project)
-    progress = bool(cfg.trainer.enable_progress_bar) and interactive()  # a bar redrawn into a file is debris
-    schedule = Schedule.build(cfg, ctx.run_dir, echo=not progress)
-    loggers = make_loggers(cfg, ctx) + extra_loggers
-    trainer = build_trainer(cfg.trainer, ctx.run_dir, loggers, progress,
-                            callbacks=[*schedule.callbacks(ctx.run_dir), *extra_callbacks],
-                            max_epochs=schedule.max_epochs)
+    module = build_module(cfg.module, vae)
+    trainer = build_trainer(cfg.trainer, ctx.run_dir, logger=loggers or False, callbacks=schedule.callbacks,
+                            plugins=[AtomicCheckpointIO()], enable_progress_bar=progress)
     return Built(datamodule, vae, module, schedule, loggers, trainer, progress)
-
-
-def build_trainer(tr: DictConfig, run_dir: Path, loggers: list, progress: bool, callbacks=(), max_epochs=None,
-                  devices=None) -> L.Trainer:
-    """The Lightning Trainer of ``trainer``'s settings (``devices``: instead of the config's)."""
-    fitting = max_epochs is not None
-    return L.Trainer(
-        accelerator=tr.accelerator, devices=tr.devices if devices is None else devices, precision=tr.precision,
-        plugins=[AtomicCheckpointIO()], logger=loggers or False, enable_progress_bar=progress,
-        default_root_dir=str(run_dir),
-        **({} if not fitting else dict(
-            strategy=tr.strategy, max_epochs=max_epochs, callbacks=list(callbacks), num_sanity_val_steps=0,
-            max_time=None if tr.max_time is None else timedelta(minutes=tr.max_time),
-            log_every_n_steps=tr.log_every_n_steps)),
-    )
 
 
 def fit(built: Built, tr: DictConfig, ckpt_path: str | None) -> tuple[float, int, bool] | None:
@@ -387,19 +309,20 @@ def fit(built: Built, tr: DictConfig, ckpt_path: str | None) -> tuple[float, int
     if built.trainer.world_size > 1:
         if not built.trainer.is_global_zero:
             return None
-        built.trainer = build_trainer(tr, Path(built.trainer.default_root_dir), built.loggers, built.progress,
-                                      devices=1)
+        built.trainer = build_trainer(tr, built.trainer.default_root_dir, devices=1, strategy="auto",
+                                      logger=built.loggers or False, plugins=[AtomicCheckpointIO()],
+                                      enable_progress_bar=built.progress, enable_checkpointing=False)
     return fit_s, epochs, timed_out
 
 
 def freeze(built: Built, cfg: DictConfig, run_dir: Path, fit_s: float, epochs: int, timed_out: bool) -> Trained:
-    """Take the evaluated weights (``trainer.evaluate``: best or last), say why training stopped
+    """Take the evaluated weights (``evaluate``: best or last), say why training stopped
     and how far it converged, freeze the Lipschitz layers and save the frozen model."""
-    evaluated_epoch = epochs
-    if cfg.trainer.evaluate == "best":  # the epoch with the lowest validation loss, not `patience` epochs on
-        evaluated_epoch = load_best_weights(built.module, built.schedule.checkpoint.best_model_path, epochs)
-    sched = built.schedule
-    stopped_by = stop_reason(sched.early_stopping, sched.finetune, epochs, sched.max_epochs, timed_out)
+    evaluated_epoch, sched = epochs, built.schedule
+    if cfg.evaluate == "best":  # the epoch with the lowest validation loss, not `patience` epochs on
+        best = sched.checkpoint.best_model_path if sched.checkpoint is not None else ""
+        evaluated_epoch = load_best_weights(built.module, best, epochs)
+    stopped_by = stop_reason(sched.early_stopping, sched.finetune, epochs, built.trainer.max_epochs, timed_out)
     converged = convergence(sched.history.val_losses, stopped_by, evaluated_epoch)
     log.info("%s", describe(converged, stopped_by, epochs))
     lipschitz = built.vae.kind == "lipschitz"
@@ -433,8 +356,7 @@ def record(cfg: DictConfig, ctx: RunContext, built: Built, trained: Trained, tes
     metrics = {
         "test_elbo": test.get("test/elbo"), "test_log_likelihood": test.get("test/log_likelihood"),
         "test_kl": test.get("test/kl"), "epochs": trained.epochs, "evaluated_epoch": trained.evaluated_epoch,
-        "best_val_loss": (None if built.schedule.checkpoint.best_model_score is None
-                          else float(built.schedule.checkpoint.best_model_score)),
+        "best_val_loss": _best_score(built.schedule.checkpoint),
         "final_phase": built.schedule.finetune.phase if built.schedule.finetune else "train",
         "stop_reason": trained.stop_reason, "convergence": trained.convergence,
         "orthonormality_error_before_freeze": trained.orthonormality,
@@ -449,6 +371,11 @@ def record(cfg: DictConfig, ctx: RunContext, built: Built, trained: Trained, tes
                "likelihood": vae.likelihood},
         lipschitz=trained.constants, data=built.datamodule.info.as_dict(), metrics=metrics, **ev.results(),
     )
+
+
+def _best_score(checkpoint: ModelCheckpoint | None) -> float | None:
+    score = None if checkpoint is None else checkpoint.best_model_score
+    return None if score is None else float(score)
 
 
 def summarise_to_wandb(loggers: list, results: Results, ev: Evaluation) -> None:
