@@ -391,6 +391,7 @@ def test_kill_then_resume_finishes_the_run(tmp_path, sig, code):
 OLD_CONFIG = """
 enc_L: 5.0
 dec_L: ${enc_L}
+name: ${model.run_name}
 model:
   kind: lipschitz
   run_name: lipschitz_encL${enc_L}_decL${dec_L}
@@ -436,7 +437,7 @@ def test_runs_recorded_before_the_groups_were_objects_migrate_and_build():
     assert "csv" not in new.logger and new.logger.tb._target_ == "lightning.pytorch.loggers.TensorBoardLogger"
     assert dict(new.model.layer) == {"_target_": "lipvae.networks.BjorckLinear", "_partial_": True, "iters": 7,
                                      "beta": 0.5, "project_iters": 3}
-    assert migrate_config(new) is new  # today's config: as it is
+    assert new.name == "lipschitz_encL5.0_decL5.0" and migrate_config(new) is new  # today's config: as it is
     done = complete_config(Path("/nonexistent"), old)  # today's defaults under the run's values
     assert (done.module.lr, done.callbacks.early_stopping.patience, done.model._target_) == (1e-3, 3, "lipvae.vae.VAE.from_config")
     assert done.logger.wandb is None and done.callbacks.early_stopping.monitor == "val/loss"  # null: no W&B logger

@@ -39,6 +39,8 @@ def migrate_config(cfg: DictConfig) -> DictConfig:
         attack["_target_"] = ATTACK_TARGETS.get(attack["method"], attack["method"])
     attack.pop("method", None)
     bjorck = OmegaConf.to_container(cfg.model.bjorck, resolve=True) if _has(old, "model.bjorck") else {}
+    if "run_name" in model and "model.run_name" in str(old.get("name", "")):  # name: ${model.run_name}
+        old["name"] = str(old["name"]).replace("${model.run_name}", str(model["run_name"]))
     model.pop("bjorck", None)
     layer = model.get("layer")
     if isinstance(layer, str):
