@@ -177,7 +177,8 @@ def _epochs(val, max_epochs, patience, finetune=None, train=None):
     from lipvae.train import stop_reason
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
-    overrides = [f"callbacks.early_stopping.patience={patience}", "~callbacks.model_checkpoint"]
+    overrides = [f"callbacks.early_stopping.patience={patience}", "~callbacks.model_checkpoint", "~callbacks.certify",
+                 "~callbacks.attack"]
     overrides += [f"callbacks.finetune.{k}={v}" for k, v in (finetune or {"max_epochs": 0}).items()]
     es, finetune = build_entries(composed(*overrides), "callbacks")
     trainer = L.Trainer(max_epochs=max_epochs, callbacks=[es, finetune], logger=False, enable_checkpointing=False,
@@ -321,3 +322,22 @@ def test_train_runs_in_process_without_hydra(tmp_path, monkeypatch, synthetic_ro
     assert stored["run"]["command"] == "my notebook" and stored["run"]["overrides"] == ["attack.num_inputs=3"]
     assert stored["metrics"]["test_elbo"] == pytest.approx(results.metrics["test_elbo"])  # a typed Results
     assert stored["estimated"]["num_inputs"] == 3 and (tmp_path / "run" / "frozen_model.pt").is_file()
+    # the margins came from the margin callbacks (callbacks.certify, callbacks.attack) when fitting ended
+    record = json.loads((tmp_path / "run" / "evaluation.json").read_text())
+    for part in ("certified", "estimated", "latent_attack", "soundness_violations"):
+        assert stored[part] == record[part]
+    assert record["evaluated_epoch"] == stored["metrics"]["evaluated_epoch"]
+
+
+@pytest.mark.slow
+def test_a_run_without_the_attack_callback_is_certified_only(tmp_path, synthetic_root, monkeypatch):
+    """~callbacks.attack: the certificates alone (no attack, so no soundness check); a stale
+    evaluation.json of an earlier attempt in the folder is not taken for this run's."""
+    from lipvae.train import RunContext, train
+
+    monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
+    (tmp_path / "evaluation.json").write_text('{"estimated": {"mean": 99.0}}')
+    results = train(composed("experiment=smoke", "data.resplit=true", "~callbacks.attack"), RunContext(tmp_path))
+    assert results.estimated is None and results.soundness_violations is None
+    assert results.certified["num_inputs"] == 120 and results.certified["mean"] > 0
+    assert json.loads((tmp_path / "evaluation.json").read_text())["estimated"] is None

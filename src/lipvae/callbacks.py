@@ -10,13 +10,17 @@
 
 When fitting ends, the first of them in the trainer's list runs the one evaluation pipeline
 (``lipvae.evaluate.evaluate``: certify, attack, soundness check, tables and figures) once, with
-the settings of all of them, on the best checkpoint's weights (or the last ones), frozen. The
-callbacks hold settings only; what the pipeline finds is written to the run folder
-(``evaluation.json`` beside the tables) and logged to the trainer's loggers.
+the settings of all of them, on a frozen copy of the best checkpoint's weights (or of the last
+ones): the trained module is left as fitting left it, and the global random state as it was.
+The callbacks hold settings only; what the pipeline finds is written to the run folder
+(``evaluation.json`` beside the tables) and logged to the trainer's loggers. ``lipvae.train``
+runs its evaluation this way too: they are the ``callbacks.certify`` and ``callbacks.attack``
+entries of its config (conf/callbacks/certify.yaml, attack.yaml), on by default.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -29,9 +33,9 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.certify.certificates import COUPLED_DEFAULTS, check_lipschitz
 from lipvae.config import check_certified_inputs
 from lipvae.errors import UserError
-from lipvae.evaluate import evaluate, write_evaluation
+from lipvae.evaluate import EVALUATION_FILE, evaluate, write_evaluation
 from lipvae.results import code_version
-from lipvae.stored import load_best_weights
+from lipvae.stored import load_checkpoint
 
 log = logging.getLogger("lipvae")
 
@@ -40,15 +44,16 @@ class MarginCallback(Callback):
     """What the margin callbacks share: the trigger at the end of fitting. ``dirpath``: where the
     evaluation is written (default: the trainer's ``default_root_dir``); ``weights``: best (the
     checkpoint of the trainer's ModelCheckpoint with the lowest monitored value, where there is
-    one) or last (the weights as fitting left them)."""
+    one) or last (the weights as fitting left them); ``enabled=False``: this part is not computed."""
 
     section = ""  # certify | attack: the part of the evaluation's settings this callback holds
 
     def __init__(self, dirpath: str | Path | None = None, weights: str = "best", seed: int = 0,
-                 eval_batch_size: int = 1000) -> None:
+                 eval_batch_size: int = 1000, enabled: bool = True) -> None:
         if weights not in ("best", "last"):
             raise UserError(f"weights: got {weights!r}; accepted: best, last")
         self.dirpath, self.weights, self.seed, self.eval_batch_size = dirpath, weights, seed, eval_batch_size
+        self.enabled = bool(enabled)
 
     def settings(self) -> dict:
         raise NotImplementedError
@@ -80,24 +85,34 @@ class CertifiedMargins(MarginCallback):
         self.coupled = dict(coupled or COUPLED_DEFAULTS)
 
     def settings(self) -> dict:
-        return {"enabled": True, "r": self.r, "p": self.p, "forms": self.forms, "num_inputs": self.num_inputs,
+        return {"enabled": self.enabled, "r": self.r, "p": self.p, "forms": self.forms, "num_inputs": self.num_inputs,
                 "coupled": self.coupled}
 
 
 class EstimatedMargins(MarginCallback):
     """Estimated margins by the maximum-damage attack (conf/attack/pgd.yaml names every setting;
-    ``attack``: their values, or keyword arguments one by one), with the soundness check against
-    the certified margins when a CertifiedMargins callback certifies the same (r, p)."""
+    ``attack``: their values, an ``attack`` config node with another ``_target_`` included, or
+    keyword arguments one by one), with the soundness check against the certified margins when a
+    CertifiedMargins callback certifies the same (r, p)."""
 
     section = "attack"
 
-    def __init__(self, attack: dict | None = None, dirpath=None, weights: str = "best", seed: int = 0,
+    def __init__(self, attack=None, dirpath=None, weights: str = "best", seed: int = 0,
                  eval_batch_size: int = 1000, **settings) -> None:
-        super().__init__(dirpath=dirpath, weights=weights, seed=seed, eval_batch_size=eval_batch_size)
-        self.attack = {**default_attack(), **(attack or {}), **settings}
+        if OmegaConf.is_config(attack):
+            attack = OmegaConf.to_container(attack, resolve=True)
+        given = {**(attack or {}), **settings}
+        if given.get("_target_", default_attack()["_target_"]) != default_attack()["_target_"]:
+            base = {k: v for k, v in default_attack().items() if k in COMMON_FIELDS}  # not pgd's own fields
+        else:
+            base = default_attack()
+        merged = {**base, **given}
+        super().__init__(dirpath=dirpath, weights=weights, seed=seed, eval_batch_size=eval_batch_size,
+                         enabled=merged.pop("enabled", True))
+        self.attack = merged
 
     def settings(self) -> dict:
-        return {**self.attack, "enabled": True}
+        return {**self.attack, "enabled": self.enabled}
 
 
 def default_attack() -> dict:
@@ -114,6 +129,11 @@ def default_attack() -> dict:
         return node
 
     return {**read(conf / "base" / "common.yaml"), **read(conf / "pgd.yaml"), "latent": read(conf / "latent" / "hard.yaml")}
+
+
+#: the settings every attack takes (conf/attack/base/common.yaml), and its latent attack
+COMMON_FIELDS = ("enabled", "r", "p", "num_inputs", "samples", "starts", "max_radius", "grid_step", "pixel_range",
+                 "latent")
 
 
 def held_out_split(trainer: L.Trainer):
@@ -146,27 +166,56 @@ def evaluation_settings(callbacks: list[MarginCallback]) -> DictConfig:
     })
 
 
-def evaluate_at_fit_end(trainer: L.Trainer, pl_module: L.LightningModule, callbacks: list[MarginCallback]) -> dict:
-    """Freeze the module's VAE (best weights unless asked otherwise), run the evaluation pipeline with
-    the callbacks' settings and write ``evaluation.json`` to the run folder; its contents."""
+def evaluate_at_fit_end(trainer: L.Trainer, pl_module: L.LightningModule, callbacks: list[MarginCallback]) -> Path:
+    """Run the evaluation pipeline with the callbacks' settings on a frozen copy of the module's
+    VAE (best weights unless asked otherwise) and write ``evaluation.json`` to the run folder;
+    its path. The module, and the global random state, stay as fitting left them."""
     first = callbacks[0]
     out_dir = Path(first.dirpath or trainer.default_root_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = evaluation_settings(callbacks)
-    ckpt = trainer.checkpoint_callback
-    best = getattr(ckpt, "best_model_path", "") if first.weights == "best" and ckpt is not None else ""
-    epoch = load_best_weights(pl_module, best, trainer.current_epoch)
-    vae = pl_module.vae
-    vae.freeze()
-    if vae.kind == "lipschitz":
-        check_lipschitz(vae.lipschitz_constants())
+    progress = trainer.progress_bar_callback is not None
     start = time.perf_counter()
-    ev = evaluate(vae, held_out_split(trainer), cfg, out_dir, first.seed, loggers=trainer.loggers,
-                  step=trainer.global_step, progress=False)
+    pl_module._evaluating_margins = True  # a stop now keeps training's last checkpoint (SaveOnException)
+    try:
+        with torch.random.fork_rng(devices=[]):  # what runs after fitting draws as it would without them
+            vae, epoch = frozen_copy(trainer, pl_module, first.weights)
+            ev = evaluate(vae, held_out_split(trainer), cfg, out_dir, first.seed, loggers=trainer.loggers,
+                          step=trainer.global_step, progress=progress)
+    finally:
+        pl_module._evaluating_margins = False
     record = {
         "evaluated_epoch": epoch, "weights": first.weights, "code": code_version(), **ev.results(),
         "timings": ev.timings(time.perf_counter() - start),
         "config": {**OmegaConf.to_container(cfg, resolve=True), "seed": first.seed},
     }
-    log.info("margins written to %s", write_evaluation(out_dir, record))
-    return record
+    path = write_evaluation(out_dir, record)
+    log.info("margins written to %s", path)
+    return path
+
+
+def frozen_copy(trainer: L.Trainer, pl_module: L.LightningModule, weights: str):
+    """A frozen copy of the module's VAE holding the best checkpoint's weights (``weights="best"``,
+    where the trainer's ModelCheckpoint has one) or the module's own; and the (1-based) epoch
+    whose weights it holds."""
+    vae = copy.deepcopy(pl_module.vae)
+    epoch = trainer.current_epoch
+    ckpt = trainer.checkpoint_callback
+    best = getattr(ckpt, "best_model_path", "") if weights == "best" and ckpt is not None else ""
+    if best and Path(best).is_file():
+        state = load_checkpoint(Path(best))
+        vae.load_state_dict({k.removeprefix("vae."): v for k, v in state["state_dict"].items() if k.startswith("vae.")})
+        epoch = int(state["epoch"]) + 1
+        log.info("evaluating the best epoch (%d of %d): %s", epoch, trainer.current_epoch, best)
+    vae.freeze()
+    if vae.kind == "lipschitz":
+        check_lipschitz(vae.lipschitz_constants())
+    return vae, epoch
+
+
+def read_evaluation(out_dir: Path) -> dict | None:
+    """The record ``evaluate_at_fit_end`` wrote to ``out_dir`` (None: none was written)."""
+    import json
+
+    path = Path(out_dir) / EVALUATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -144,11 +144,13 @@ class SaveOnException(OnExceptionCheckpoint):
     """Lightning's OnExceptionCheckpoint (``last.ckpt`` on SIGINT/SIGTERM, a non-finite loss or
     any other exception, so that ``resume=true`` continues from there), limited to training
     and to finite weights: a non-finite loss is caught before its backward pass, so the state
-    saved is the last finite one, and a stop during testing or evaluation keeps the last
-    checkpoint of training (the module may hold the best epoch's weights by then)."""
+    saved is the last finite one, and a stop during testing or evaluation (the margin callbacks',
+    at the end of fitting, included) keeps the last checkpoint of training."""
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or not all(torch.isfinite(p).all() for p in pl_module.parameters()):
+            return
+        if getattr(pl_module, "_evaluating_margins", False):  # training is over: its last checkpoint stays
             return
         super().on_exception(trainer, pl_module, exception)
 
