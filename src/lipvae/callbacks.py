@@ -206,7 +206,7 @@ def frozen_copy(trainer: L.Trainer, pl_module: L.LightningModule, weights: str):
         state = load_checkpoint(Path(best))
         vae.load_state_dict({k.removeprefix("vae."): v for k, v in state["state_dict"].items() if k.startswith("vae.")})
         epoch = int(state["epoch"]) + 1
-        log.info("evaluating the best epoch (%d of %d): %s", epoch, trainer.current_epoch, best)
+        log.info("margins of the best epoch (%d of %d), frozen: %s", epoch, trainer.current_epoch, best)
     vae.freeze()
     if vae.kind == "lipschitz":
         check_lipschitz(vae.lipschitz_constants())
