@@ -278,7 +278,7 @@ def test_reference_lbfgs_and_batched_pgd_agree(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         lbfgs_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw, **lb)
     done = torch.load(state, weights_only=True)["done"]
-    assert 0 < done < 3
+    assert 0 < done < 1 + 8  # radii finished of radius 0 and the 8 of the grid
     monkeypatch.setattr(attacks, "lbfgs_max_damage", real)
     resumed = lbfgs_margins(vae, x, generator=torch.Generator().manual_seed(5), state_path=state, **kw, **lb)
     assert torch.equal(resumed.margin, ref.margin) and not state.exists()
@@ -361,3 +361,44 @@ def test_compiled_attack_finds_the_eager_margins(monkeypatch):
         warnings.filterwarnings("error", message="attack.compile")  # compiled, not the fallback
         compiled = estimate_margins(vae, x, generator=torch.Generator().manual_seed(5), compile=True, **kw)
     assert torch.allclose(compiled.margin, eager.margin, atol=kw["tol"])  # same search, float rounding aside
+
+
+@pytest.mark.parametrize("zero_first", [False, True])
+def test_the_shared_grid_search_finds_the_smallest_non_robust_radius_and_resumes(tmp_path, zero_first):
+    """grid_search (pgd's search=grid and L-BFGS-B) against brute force on a scripted verdict:
+    input i is non-robust exactly on the radii of ``broken[i]``; radius 0 breaking means margin 0
+    and no further attack; an interrupted search resumes to the same answer."""
+    from lipvae.attack.base import SearchSettings, SearchState, grid_search
+
+    settings = SearchSettings(max_radius=2.0, grid_step=0.5)  # radii 2, 1.5, 1, 0.5
+    broken = [{2.0, 1.5}, {1.0, 2.0}, set(), {0.0}, {0.5, 1.5}]
+    calls = []
+
+    def robust_at(idx, t):
+        calls.append((t, idx.tolist()))
+        return torch.tensor([t not in broken[i] for i in idx.tolist()])
+
+    found = grid_search(robust_at, 5, settings, progress=False, zero_first=zero_first, dtype=torch.float64)
+    expect = [min(b - {0.0}) if b and 0.0 not in b else (0.0 if 0.0 in b else 2.0) for b in broken]
+    assert found.margin.tolist() == expect and found.censored.tolist() == [False, False, True, False, False]
+    assert found.radii_evaluated == 5
+    attacked_after_zero = [i for t, idx in calls if t != 0.0 and zero_first for i in idx]
+    assert 3 not in attacked_after_zero  # failed at radius 0: not attacked again
+    # stopped after two radii, continued from the saved state: the same answer, the state gone
+    x, gen = torch.zeros(5, 2), torch.Generator().manual_seed(0)
+    state = SearchState(tmp_path / "s.pt", x, ("grid", zero_first), gen)
+    budget = {"left": 2}
+
+    def stops(idx, t):
+        if budget["left"] == 0:
+            raise KeyboardInterrupt
+        budget["left"] -= 1
+        return robust_at(idx, t)
+
+    with pytest.raises(KeyboardInterrupt):
+        grid_search(stops, 5, settings, state, progress=False, zero_first=zero_first, dtype=torch.float64)
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["done"] == 2
+    budget["left"] = 99
+    again = grid_search(stops, 5, settings, SearchState(tmp_path / "s.pt", x, ("grid", zero_first), gen),
+                        progress=False, zero_first=zero_first, dtype=torch.float64)
+    assert torch.equal(again.margin, found.margin) and not (tmp_path / "s.pt").exists()

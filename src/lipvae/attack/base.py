@@ -5,11 +5,13 @@ the ``attack`` config group subclasses. Torch only, no Hydra."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lipvae.results import atomic_write_text, replace_atomically
 from lipvae.vae import VAE
@@ -113,6 +115,63 @@ def descending_grid(max_radius: float, grid_step: float) -> list[float]:
     grid_step`` (the grid search of both pgd's ``search=grid`` and L-BFGS-B)."""
     k = int(round(max_radius / grid_step))
     return [grid_step * i for i in range(k, 0, -1)]
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How a margin search walks the radii (the attack group's ``max_radius``, ``search``,
+    ``tol``, ``grid_step``): ``bisection`` halves every input's bracket until it is narrower
+    than ``tol``; ``grid`` is the reference's descending grid (``radii``)."""
+
+    max_radius: float = 10.0
+    search: str = "grid"
+    tol: float = 0.05
+    grid_step: float = 0.5
+
+    @property
+    def radii(self) -> list[float]:
+        return descending_grid(self.max_radius, self.grid_step)
+
+
+def grid_search(robust_at: Callable[[torch.Tensor, float], torch.Tensor], n: int, settings: SearchSettings,
+                state: SearchState | None = None, progress: bool = True, desc: str = "margins (grid)",
+                zero_first: bool = False, device=None, dtype=torch.float32, hold: tuple | None = None) -> EstimatedMargins:
+    """The reference's descending grid, one for every attack (pgd's ``search=grid`` and L-BFGS-B):
+    each input is attacked at radius 0 (the input itself: one that fails there has margin 0 and
+    is attacked no further) and at every radius of ``settings.radii``; its margin is the smallest
+    radius found non-robust, ``max_radius`` (censored) where none was. ``robust_at(idx, t)``: the
+    verdict of inputs ``idx`` at radius ``t``. ``zero_first``: radius 0 before the grid (L-BFGS-B's
+    order, which spares the inputs that fail there) or after it (the batched attack's). After
+    each radius the search saves its state (``hold = (get, set)``: the attack's own, e.g. its
+    random streams), so an interrupted search continues to the answer an uninterrupted one gives."""
+    radii = settings.radii
+    order = [0.0, *radii] if zero_first else [*radii, 0.0]
+    margin = torch.full((n,), float(settings.max_radius), dtype=dtype, device=device)
+    censored = torch.ones(n, dtype=torch.bool, device=device)
+    fails_at_zero = torch.zeros(n, dtype=torch.bool, device=device)
+    done = 0
+    if state is not None and (saved := state.load(device)) is not None:
+        done, margin, censored, fails_at_zero = saved["done"], saved["margin"], saved["censored"], saved["fails_at_zero"]
+        if hold is not None:
+            hold[1](saved["hold"])
+    for k, t in enumerate(tqdm(order, desc=desc, disable=not progress, leave=False)):
+        if k < done:
+            continue
+        idx = (~fails_at_zero).nonzero().flatten()
+        if len(idx):
+            robust = robust_at(idx, t)
+            if t == 0.0:
+                fails_at_zero[idx] = ~robust
+            else:
+                margin[idx] = torch.where(robust, margin[idx], torch.full_like(margin[idx], t))
+                censored[idx] &= robust
+        if state is not None:
+            state.save(done=k + 1, margin=margin, censored=censored, fails_at_zero=fails_at_zero,
+                       **({"hold": hold[0]()} if hold is not None else {}))
+    if state is not None:
+        state.remove()  # finished: nothing left to continue
+    margin = torch.where(fails_at_zero, torch.zeros_like(margin), margin)
+    return EstimatedMargins(margin, censored & ~fails_at_zero, len(radii) + 1)
 
 
 class MarginAttack:

@@ -4,14 +4,13 @@ at a time, a descending grid of radii, SciPy L-BFGS-B from random restarts at ea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import optimize
-from tqdm.auto import tqdm
-
-from lipvae.attack.base import EstimatedMargins, MarginAttack, SearchState, descending_grid, robust_probability
+from lipvae.attack.base import EstimatedMargins, MarginAttack, SearchSettings, SearchState, grid_search, robust_probability
 from lipvae.vae import VAE
 
 #: The reference procedure's L-BFGS-B settings (the authors': SciPy's m, factr, pgtol).
@@ -55,52 +54,66 @@ def lbfgs_margins(vae: VAE, x: torch.Tensor, r: float = 8.0, p: float = 0.5, sam
                   max_radius: float = 10.0, grid_step: float = 0.5, pixel_range: bool = True, progress: bool = True,
                   state_path: Path | None = None, generator: torch.Generator | None = None,
                   lbfgs: dict | None = None, seed: int = 0) -> EstimatedMargins:
-    """The reference procedure, one input at a time: on the descending grid ``max_radius,
-    max_radius − grid_step, …, grid_step`` each radius is attacked from ``starts`` L-BFGS-B
-    restarts (stopping at the first that breaks it: the verdict is the same) and the margin is
-    the smallest radius found non-robust. Input i draws from generators seeded by (seed, i), so
+    """The reference procedure on the descending grid ``max_radius, max_radius − grid_step, …,
+    grid_step`` (``grid_search``, radius 0 first): at each radius every input still in play is
+    attacked from ``starts`` L-BFGS-B restarts (stopping at the first that breaks it: the verdict
+    is the same), and the margin is the smallest radius found non-robust. Input i draws from its
+    own generators, seeded by (seed, i), so each input's answer does not depend on the others;
     a resumed search gives the answer an uninterrupted one would (``state_path``, with a
-    ``generator`` whose state keys the saved one; the draws themselves come from ``seed``)."""
+    ``generator`` whose state keys the saved one: the inputs' generators are saved with it)."""
     state = None
     if state_path is not None and generator is not None:
-        settings = ("lbfgs", r, p, samples, starts, max_radius, grid_step, sorted((lbfgs or {}).items()), seed)
+        settings = ("lbfgs", r, p, samples, starts, max_radius, grid_step, sorted((lbfgs or {}).items()), seed, "v2")
         state = SearchState(state_path, x, settings, generator)
+    streams = _InputStreams(seed, len(x))
     was_training = vae.training
     vae.eval()
     device = x.device
-    n = len(x)
-    radii = descending_grid(max_radius, grid_step)
-    margin = torch.full((n,), float(max_radius), dtype=x.dtype)
-    censored = torch.ones(n, dtype=torch.bool)
-    done = 0
-    if state is not None and (saved := state.load("cpu")) is not None:
-        done, margin, censored = saved["done"], saved["margin"], saved["censored"]
+    xs = x.detach().cpu()
+
+    def robust_at(idx: torch.Tensor, t: float) -> torch.Tensor:
+        robust = torch.ones(len(idx), dtype=torch.bool)
+        for j, i in enumerate(idx.tolist()):
+            rng, gen = streams.numpy[i], streams.torch[i]
+            if t == 0.0:
+                zero = torch.zeros(1, 1, xs.shape[1], dtype=xs.dtype)
+                robust[j] = robust_probability(vae, xs[i][None], zero, r, samples, gen).item() > p
+                continue
+            for _ in range(starts):
+                delta, _ = lbfgs_max_damage(vae, xs[i], t, rng, lbfgs, pixel_range)
+                if robust_probability(vae, xs[i][None], delta[None, None], r, samples, gen).item() <= p:
+                    robust[j] = False
+                    break
+        return robust
+
     vae.to("cpu")  # SciPy works on the CPU: the model goes there once, and back at the end
     try:
-        for i in tqdm(range(n), desc="margins (L-BFGS-B)", disable=not progress, leave=False):
-            if i < done:
-                continue
-            rng = np.random.default_rng([seed, i])
-            cpu_gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            xi = x[i].detach().cpu()
-            zero = torch.zeros(1, 1, len(xi), dtype=xi.dtype)
-            if robust_probability(vae, xi[None], zero, r, samples, cpu_gen).item() <= p:
-                margin[i], censored[i] = 0.0, False
-            else:
-                for t in radii:
-                    for _ in range(starts):
-                        delta, _ = lbfgs_max_damage(vae, xi, t, rng, lbfgs, pixel_range)
-                        if robust_probability(vae, xi[None], delta[None, None], r, samples, cpu_gen).item() <= p:
-                            margin[i], censored[i] = t, False
-                            break
-            if state is not None:
-                state.save(done=i + 1, margin=margin, censored=censored)
+        found = grid_search(robust_at, len(x), SearchSettings(max_radius, "grid", grid_step=grid_step), state,
+                            progress, desc="margins (L-BFGS-B)", zero_first=True, dtype=x.dtype,
+                            hold=(streams.state, streams.restore))
     finally:
         vae.to(device)
         vae.train(was_training)
-    if state is not None:
-        state.remove()
-    return EstimatedMargins(margin.to(device), censored.to(device), n * (len(radii) + 1))
+    return EstimatedMargins(found.margin.to(device), found.censored.to(device), len(x) * found.radii_evaluated)
+
+
+class _InputStreams:
+    """Input i's random streams: NumPy's for the restarts' starting points, torch's (seeded from
+    it) for the robustness test; their states are what a saved search holds (``state``)."""
+
+    def __init__(self, seed: int, n: int) -> None:
+        self.numpy = [np.random.default_rng([seed, i]) for i in range(n)]
+        self.torch = [torch.Generator().manual_seed(int(rng.integers(2**62))) for rng in self.numpy]
+
+    def state(self) -> dict:
+        return {"numpy": json.dumps([rng.bit_generator.state for rng in self.numpy]),
+                "torch": [g.get_state() for g in self.torch]}
+
+    def restore(self, saved: dict) -> None:
+        for rng, s in zip(self.numpy, json.loads(saved["numpy"])):
+            rng.bit_generator.state = s
+        for g, s in zip(self.torch, saved["torch"]):
+            g.set_state(s.cpu().clone())  # a tensor of its own (set_state reads the storage)
 
 
 class LBFGSAttack(MarginAttack):

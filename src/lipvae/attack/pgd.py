@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lipvae.attack.base import (
-    EstimatedMargins, MarginAttack, SearchState, damage, descending_grid, input_gradients_only, reconstruction_distance,
-    robust_probability,
+    EstimatedMargins, MarginAttack, SearchSettings, SearchState, damage, grid_search, input_gradients_only,
+    reconstruction_distance, robust_probability,
 )
 from lipvae.vae import VAE
 
@@ -186,7 +186,8 @@ def _robust_at(vae, x, radius, *args) -> torch.Tensor:
 
 
 #: the version of the saved search state's layout: a state saved by another layout is not resumed
-STATE_LAYOUT = "v3"
+#: (v4: the grid search's state is grid_search's, shared with L-BFGS-B)
+STATE_LAYOUT = "v4"
 
 
 def estimate_margins(
@@ -233,10 +234,15 @@ def estimate_margins(
         settings = (r, p, samples, starts, steps, max_radius, tol, search, grid_step, pixel_range, warm_steps,
                     STATE_LAYOUT)
         state = SearchState(state_path, x, settings, generator)
+    settings = SearchSettings(max_radius, search, tol, grid_step)
     try:
         if search == "grid":
-            return _grid_margins(verdict, max_radius, grid_step, state, progress)
-        return _bisection_margins(verdict, max_radius, tol, state, progress)
+            def robust_at(idx: torch.Tensor, t: float) -> torch.Tensor:
+                return verdict.at(idx, torch.full((len(idx),), t, dtype=x.dtype, device=x.device))
+
+            return grid_search(robust_at, len(x), settings, state, progress, zero_first=False, device=x.device,
+                               dtype=x.dtype)
+        return _bisection_margins(verdict, settings, state, progress)
     finally:
         vae.train(was_training)
 
@@ -276,36 +282,11 @@ class Verdict:
                           *self.args)
 
 
-def _grid_margins(verdict: Verdict, max_radius: float, grid_step: float, state, progress: bool) -> EstimatedMargins:
-    """The reference's descending grid: margin = the smallest radius found non-robust."""
-    x = verdict.x
-    n = len(x)
-    radii = descending_grid(max_radius, grid_step)
-    margin = torch.full((n,), float(max_radius), dtype=x.dtype, device=x.device)
-    censored = torch.ones(n, dtype=torch.bool, device=x.device)
-    done = 0
-    if state is not None and (saved := state.load(x.device)) is not None:
-        done, margin, censored = saved["done"], saved["margin"], saved["censored"]
-    for i, t in enumerate(tqdm(radii, desc="margins (grid)", disable=not progress, leave=False)):
-        if i < done:
-            continue
-        robust = verdict.all_at(t)
-        margin = torch.where(~robust, torch.full_like(margin, t), margin)
-        censored &= robust
-        if state is not None:
-            state.save(done=i + 1, margin=margin, censored=censored)
-    zero_fail = ~verdict.all_at(0.0)
-    margin = torch.where(zero_fail, torch.zeros_like(margin), margin)
-    if state is not None:
-        state.remove()  # finished: nothing left to continue
-    return EstimatedMargins(margin, censored & ~zero_fail, len(radii) + 1)
-
-
-def _bisection_margins(verdict: Verdict, max_radius: float, tol: float, state, progress: bool) -> EstimatedMargins:
+def _bisection_margins(verdict: Verdict, settings: SearchSettings, state, progress: bool) -> EstimatedMargins:
     """Every input's bracket [robust, non-robust] halves at once until narrower than ``tol``;
     margin = the bracket's upper end. ``max_radius`` is attacked only for inputs that a midpoint
     found robust (or whose bracket is done): robust there means censored."""
-    x = verdict.x
+    x, max_radius, tol = verdict.x, settings.max_radius, settings.tol
     full = torch.full((len(x),), float(max_radius), dtype=x.dtype, device=x.device)
     saved = state.load(x.device) if state is not None else None
     if saved is not None:
