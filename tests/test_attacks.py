@@ -267,7 +267,7 @@ def test_reference_lbfgs_and_batched_pgd_agree(tmp_path, monkeypatch):
     x = torch.rand(3, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     kw = dict(r=1.0, p=0.5, samples=200, starts=2, max_radius=2.0, grid_step=0.25, progress=False)
     pgd = estimate_margins(vae, x, steps=20, search="grid", generator=torch.Generator().manual_seed(5), **kw)
-    lb = dict(lbfgs={"maxiter": 30}, seed=7)
+    lb = dict(lbfgs={"maxiter": 15}, seed=7)  # enough for these margins (30 gives the same), half the time
     ref = lbfgs_margins(vae, x, generator=torch.Generator().manual_seed(5), **kw, **lb)
     assert (0 < ref.margin).all() and (ref.margin < 2.0).all()
     assert torch.all((ref.margin - pgd.margin).abs() <= 0.25 + 1e-9), (ref.margin, pgd.margin)
