@@ -173,14 +173,17 @@ def _epochs(val, max_epochs, patience, finetune=None, train=None):
     """Trains the scripted module with the phase-1 and phase-2 callbacks as conf/callbacks/ builds
     them (the Trainer given phase 1's epochs: the fine-tune callback adds its own); returns the
     epochs trained, the recorded stop reason and the fine-tune callback."""
+    from omegaconf import OmegaConf
+
     from lipvae.config import build_entries
     from lipvae.train import stop_reason
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
-    overrides = [f"callbacks.early_stopping.patience={patience}", "~callbacks.model_checkpoint", "~callbacks.certify",
-                 "~callbacks.attack"]
-    overrides += [f"callbacks.finetune.{k}={v}" for k, v in (finetune or {"max_epochs": 0}).items()]
-    es, finetune = build_entries(composed(*overrides), "callbacks")
+    cfg = composed("~callbacks.model_checkpoint", "~callbacks.certify", "~callbacks.attack")  # composed once
+    OmegaConf.update(cfg, "callbacks.early_stopping.patience", patience)
+    for k, v in (finetune or {"max_epochs": 0}).items():
+        OmegaConf.update(cfg, f"callbacks.finetune.{k}", v)
+    es, finetune = build_entries(cfg, "callbacks")
     trainer = L.Trainer(max_epochs=max_epochs, callbacks=[es, finetune], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(_Scripted(val, train), loader, loader)
