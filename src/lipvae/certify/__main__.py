@@ -35,7 +35,6 @@ from typing import List
 
 import numpy as np
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
 
 from lipvae.certify.bounds import FORMS, global_margin, max_gamma, max_lipschitz
 from lipvae.errors import UserError
