@@ -15,7 +15,8 @@ ones): the trained module is left as fitting left it, and the global random stat
 The callbacks hold settings only; what the pipeline finds is written to the run folder
 (``evaluation.json`` beside the tables) and logged to the trainer's loggers. ``lipvae.train``
 runs its evaluation this way too: they are the ``callbacks.certify`` and ``callbacks.attack``
-entries of its config (conf/callbacks/certify.yaml, attack.yaml), on by default.
+entries of its config (conf/callbacks/certify.yaml, attack.yaml), on by default, and it reads
+their record back (``lipvae.evaluate.read_evaluation``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.certify.certificates import COUPLED_DEFAULTS, check_lipschitz
 from lipvae.config import check_certified_inputs
 from lipvae.errors import UserError
-from lipvae.evaluate import EVALUATION_FILE, evaluate, write_evaluation
+from lipvae.evaluate import evaluate, write_evaluation
 from lipvae.results import code_version
-from lipvae.stored import load_checkpoint
+from lipvae.stored import load_best_weights
 
 log = logging.getLogger("lipvae")
 
@@ -101,12 +102,10 @@ class EstimatedMargins(MarginCallback):
                  eval_batch_size: int = 1000, **settings) -> None:
         if OmegaConf.is_config(attack):
             attack = OmegaConf.to_container(attack, resolve=True)
-        given = {**(attack or {}), **settings}
-        if given.get("_target_", default_attack()["_target_"]) != default_attack()["_target_"]:
-            base = {k: v for k, v in default_attack().items() if k in COMMON_FIELDS}  # not pgd's own fields
-        else:
-            base = default_attack()
-        merged = {**base, **given}
+        given, defaults = {**(attack or {}), **settings}, default_attack()
+        if given.get("_target_", defaults["_target_"]) != defaults["_target_"]:
+            defaults = {k: v for k, v in defaults.items() if k in COMMON_FIELDS}  # not pgd's own fields
+        merged = {**defaults, **given}
         super().__init__(dirpath=dirpath, weights=weights, seed=seed, eval_batch_size=eval_batch_size,
                          enabled=merged.pop("enabled", True))
         self.attack = merged
@@ -199,23 +198,11 @@ def frozen_copy(trainer: L.Trainer, pl_module: L.LightningModule, weights: str):
     where the trainer's ModelCheckpoint has one) or the module's own; and the (1-based) epoch
     whose weights it holds."""
     vae = copy.deepcopy(pl_module.vae)
-    epoch = trainer.current_epoch
     ckpt = trainer.checkpoint_callback
     best = getattr(ckpt, "best_model_path", "") if weights == "best" and ckpt is not None else ""
-    if best and Path(best).is_file():
-        state = load_checkpoint(Path(best))
-        vae.load_state_dict({k.removeprefix("vae."): v for k, v in state["state_dict"].items() if k.startswith("vae.")})
-        epoch = int(state["epoch"]) + 1
-        log.info("margins of the best epoch (%d of %d), frozen: %s", epoch, trainer.current_epoch, best)
+    epoch = load_best_weights(vae, best, trainer.current_epoch, what="margins of")
     vae.freeze()
     if vae.kind == "lipschitz":
         check_lipschitz(vae.lipschitz_constants())
     return vae, epoch
 
-
-def read_evaluation(out_dir: Path) -> dict | None:
-    """The record ``evaluate_at_fit_end`` wrote to ``out_dir`` (None: none was written)."""
-    import json
-
-    path = Path(out_dir) / EVALUATION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -70,6 +70,13 @@ class Evaluation:
         """The parts of results.json an evaluation owns, always written together."""
         return {part: getattr(self, part) for part in Results.EVALUATION_PARTS}
 
+    @classmethod
+    def from_record(cls, record: dict) -> Evaluation:
+        """The evaluation an ``evaluation.json`` record holds (``write_evaluation``)."""
+        timings = record.get("timings") or {}
+        return cls(**{part: record.get(part) for part in Results.EVALUATION_PARTS},
+                   certify_s=timings.get("certify_s", 0.0), attack_s=timings.get("attack_s", 0.0))
+
 
 def soundness_violations(table: pd.DataFrame, columns: list[str], slack: float = 1e-9) -> list[int]:
     """Indices of inputs whose certified margin (any form) exceeds the estimated one."""
@@ -526,6 +533,12 @@ def write_evaluation(out_dir: Path, record: dict) -> Path:
     path = Path(out_dir) / EVALUATION_FILE
     atomic_write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     return path
+
+
+def read_evaluation(out_dir: Path) -> dict | None:
+    """The record ``write_evaluation`` left in ``out_dir`` (None: none there)."""
+    path = Path(out_dir) / EVALUATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _switch_in(run_dir: Path, new: Path, kept: Path, record: Results, made: list[Path]) -> None:

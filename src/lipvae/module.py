@@ -227,10 +227,14 @@ class FineTune(Callback):
             return
         if self.train_epochs is None:
             self.train_epochs = trainer.max_epochs  # phase 1's limit, as the Trainer was given it
-        if self.train_epochs is not None and self.train_epochs >= 0:  # -1: no limit to raise
+        if self._phase1_limit() is not None:
             trainer.fit_loop.max_epochs = self.train_epochs + self.max_epochs
         if self.phase == "finetune":
             self._enter(trainer, pl_module)
+
+    def _phase1_limit(self) -> int | None:
+        """Phase 1's epochs (None: no limit, a Trainer's max_epochs of -1 or None)."""
+        return self.train_epochs if self.train_epochs is not None and self.train_epochs >= 0 else None
 
     def _enter(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         set_bjorck(pl_module, iters=self.bjorck_iters)
@@ -246,8 +250,8 @@ class FineTune(Callback):
             return
         if self.phase == "train":
             early = any(c.stopping_reason != EarlyStoppingReason.NOT_STOPPED for c in trainer.early_stopping_callbacks)
-            limited = self.train_epochs is not None and self.train_epochs >= 0
-            if early or (limited and self.phase_epochs >= self.train_epochs):
+            limit = self._phase1_limit()
+            if early or (limit is not None and self.phase_epochs >= limit):
                 self.phase, self.phase_epochs = "finetune", 0
                 self._enter(trainer, pl_module)
                 trainer.should_stop = False

@@ -38,16 +38,17 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def load_best_weights(module, best: str | Path | None, epochs: int) -> int:
-    """Load the weights of the best checkpoint ``best`` (a ModelCheckpoint's ``best_model_path``;
-    nothing when empty or missing) into the Lightning ``module``; the 1-based epoch whose weights
-    it now holds (``epochs``, the epochs trained, when nothing was loaded)."""
+def load_best_weights(vae, best: str | Path | None, epochs: int, what: str = "evaluating") -> int:
+    """Load the VAE weights of the best checkpoint ``best`` (a ModelCheckpoint's
+    ``best_model_path``, saved from a module holding the VAE as ``module.vae``; nothing when empty
+    or missing) into ``vae``; the 1-based epoch whose weights it now holds (``epochs``, the epochs
+    trained, when nothing was loaded). ``what``: the log line's verb."""
     if not best or not Path(best).is_file():
         return epochs
     state = load_checkpoint(Path(best))
-    module.load_state_dict(state["state_dict"])
+    vae.load_state_dict({k.removeprefix("vae."): v for k, v in state["state_dict"].items() if k.startswith("vae.")})
     epoch = int(state["epoch"]) + 1
-    log.info("evaluating the best epoch (%d of %d): %s", epoch, epochs, best)
+    log.info("%s the best epoch (%d of %d): %s", what, epoch, epochs, best)
     return epoch
 
 
@@ -100,10 +101,7 @@ def complete_config(run_dir: Path, cfg: DictConfig, defaults: DictConfig | dict 
     base = OmegaConf.create(OmegaConf.to_container(defaults) if isinstance(defaults, DictConfig) else defaults)
     for key, value in BEFORE.items():  # under the recorded config: a recorded value wins
         OmegaConf.update(base, key, value, force_add=True)
-    cfg = migrate_config(cfg)
-    if OmegaConf.select(cfg, "logger.wandb", default="") is None:
-        base.get("logger", {}).pop("wandb", None)  # the run had no W&B logger: none is added
-    return OmegaConf.merge(base, cfg)
+    return OmegaConf.merge(base, migrate_config(cfg))  # an entry the run set to null stays null
 
 
 def run_choices(run_dir: Path) -> list[str]:

@@ -38,8 +38,7 @@ from lipvae.stored import load_best_weights, load_checkpoint, load_state
 from lipvae.config import (build_datamodule, build_entries, build_module, build_trainer, build_vae,
                            check_overrides, check_yaml_files, validate)
 from lipvae.errors import UserError
-from lipvae.callbacks import read_evaluation
-from lipvae.evaluate import EVALUATION_FILE, Evaluation
+from lipvae.evaluate import EVALUATION_FILE, Evaluation, read_evaluation
 from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up, write_rows
 from lipvae.module import FineTune, NonFiniteLossError, SaveOnException, VAEModule
 from lipvae.networks import orthonormality_error
@@ -254,10 +253,7 @@ def evaluation_of(run_dir: Path) -> tuple[Evaluation, float]:
     record = read_evaluation(run_dir)
     if record is None:
         return Evaluation(), 0.0
-    timings = record.get("timings") or {}
-    ev = Evaluation(**{part: record.get(part) for part in Results.EVALUATION_PARTS},
-                    certify_s=timings.get("certify_s", 0.0), attack_s=timings.get("attack_s", 0.0))
-    return ev, float(timings.get("total_s", 0.0))
+    return Evaluation.from_record(record), float((record.get("timings") or {}).get("total_s", 0.0))
 
 
 def timed(fn):
@@ -335,7 +331,7 @@ def freeze(built: Built, cfg: DictConfig, run_dir: Path, fit_s: float, epochs: i
     evaluated_epoch, sched = epochs, built.schedule
     if cfg.evaluate == "best":  # the epoch with the lowest validation loss, not `patience` epochs on
         best = sched.checkpoint.best_model_path if sched.checkpoint is not None else ""
-        evaluated_epoch = load_best_weights(built.module, best, epochs)
+        evaluated_epoch = load_best_weights(built.vae, best, epochs)
     stopped_by = stop_reason(sched.early_stopping, sched.finetune, epochs, built.trainer.max_epochs, timed_out)
     converged = convergence(sched.history.val_losses, stopped_by, evaluated_epoch)
     log.info("%s", describe(converged, stopped_by, epochs))
