@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import forked
+
 PROJECT = Path(__file__).resolve().parents[1]
 CONF = PROJECT / "conf"
 # torch, Lightning and lipvae are imported where tests run (in pytest-xdist's workers), not here:
@@ -165,25 +167,23 @@ def synthetic_root() -> Path:
 
 
 def run_cli(*args: str, module: str = "lipvae.train", env: dict | None = None, cwd=None, process: bool = False,
-            timeout=300):
+            timeout=300, file_size: int | None = None):
     """Run an entry point as a user would, on the synthetic data; returns the CompletedProcess.
-    In this process (``run_main``) unless ``process``: where a process is the thing under test."""
+    In this process (``run_main``) unless ``process``: where a process is the thing under test
+    (a process forked from a server that has the imports done: tests/forked.py). ``file_size``:
+    the process's limit on the size of a file it writes (bytes)."""
     if not process:
         return run_main(*args, module=module, env=env, cwd=cwd)
-    full_env = {
-        **os.environ,
-        "LIPVAE_DATA_DIR": str(synthetic_data_dir()),
-        "WANDB_MODE": "offline",
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd or PROJECT,
-        timeout=timeout,
-    )
+    return forked.run(module, args, _process_env(env), cwd or PROJECT, timeout=timeout, file_size=file_size)
+
+
+def start_cli(*args: str, module: str = "lipvae.train", env: dict | None = None) -> forked.Process:
+    """``run_cli(..., process=True)`` without waiting: the process, to signal and wait for."""
+    return forked.Process(module, args, _process_env(env), PROJECT)
+
+
+def _process_env(env: dict | None) -> dict:
+    return {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir()), "WANDB_MODE": "offline", **(env or {})}
 
 
 def run_main(*args: str, module: str = "lipvae.train", env: dict | None = None, cwd=None):
@@ -248,7 +248,15 @@ SMOKE = ["experiment=smoke", "data.resplit=true", "trainer.enable_progress_bar=f
 
 def composed(*overrides: str, hydra: bool = False, conf: Path = CONF):
     """The config the command line would compose from ``overrides`` (``conf``: the config folder;
-    ``hydra``: with Hydra's own node)."""
+    ``hydra``: with Hydra's own node). A copy of this process's one composition of them: a
+    composition costs ~0.4 s, and many tests start from the same few."""
+    import copy
+
+    return copy.deepcopy(_composed(tuple(overrides), hydra, Path(conf)))
+
+
+@cache
+def _composed(overrides: tuple, hydra: bool, conf: Path):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
@@ -270,6 +278,25 @@ def shared_folder(tmp_path_factory, name: str, build) -> Path:
             build(folder)
             (shared / f"{name}.complete").touch()
     return folder
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory) -> Path:
+    """A Lipschitz sweep ``enc_L=5,-1,7`` with W&B (offline): two runs, and a job that the
+    validation refused (-1); beside them a killed and a half-written job, as a crash leaves them.
+    ``command.json``: the command's exit status and output. Read only: shared by the session's workers."""
+
+    def build(root: Path) -> None:
+        proc = run_main(*SMOKE, "attack.num_inputs=6", "attack.starts=2", "attack.steps=10", "model=lipschitz",
+                        "enc_L=5,-1,7", "logger=default", f"hydra.sweep.dir={root}", "-m", env={"WANDB_MODE": ""})
+        assert proc.returncode in (0, 1), proc.stderr[-3000:]
+        (root / "command.json").write_text(json.dumps(
+            {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}))
+        (root / "9_killed" / ".hydra").mkdir(parents=True)
+        (root / "8_torn" / ".hydra").mkdir(parents=True)
+        (root / "8_torn" / "results.json").write_text('{"schema_version": 1, "status": "compl')
+
+    return shared_folder(tmp_path_factory, "sweep", build)
 
 
 @pytest.fixture(scope="session")

@@ -55,7 +55,7 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     assert {"lipvae/conf/config.yaml", "lipvae/conf/__init__.py", "lipvae/conf/model/layer/stiefel.yaml"} <= names
     assert not any(n.startswith("conf/") for n in names)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)  # this pip installs
     child = venv / "bin" / "python"
     child_site = subprocess.run(
         [str(child), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -63,7 +63,8 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
     ).stdout.strip()
     # torch & co. come from this environment, appended after the venv's own site-packages
     Path(child_site, "_borrowed_deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    subprocess.run([str(child), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(child), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True)
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

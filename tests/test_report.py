@@ -6,35 +6,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import composed, every_kth_fast, run_cli, shared_folder
+from conftest import composed, every_kth_fast
 from lipvae.report import main as report_main
-
-TINY = [
-    "experiment=smoke",
-    "data.resplit=true",
-    "trainer.enable_progress_bar=false",
-    "attack.num_inputs=6",
-    "attack.starts=2",
-    "attack.steps=10",
-]
-
-
-@pytest.fixture(scope="session")
-def sweep(tmp_path_factory):
-    """A two-run multirun with W&B, plus a killed and a half-written job beside them (read only:
-    shared by the session's workers)."""
-
-    def build(root):
-        proc = run_cli(*TINY, "model=lipschitz", "enc_L=5,7", "logger=default", f"hydra.sweep.dir={root}",
-                       "-m", env={"WANDB_MODE": ""})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        # a killed job (no results.json) and a half-written one, as a crash would leave them
-        (root / "9_killed" / ".hydra").mkdir(parents=True)
-        (root / "8_torn" / ".hydra").mkdir(parents=True)
-        (root / "8_torn" / "results.json").write_text('{"schema_version": 1, "status": "compl')
-
-    return shared_folder(tmp_path_factory, "report_sweep", build)
-
 
 @pytest.mark.slow
 def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):

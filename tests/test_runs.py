@@ -2,18 +2,16 @@
 
 import json
 import os
-import resource
 import shlex
+import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import CONF, PROJECT, SMOKE, composed, run_cli, synthetic_data_dir
+from conftest import CONF, SMOKE, composed, run_cli, start_cli
 from lipvae.errors import UserError
 from lipvae.runfolder import RunFolderError, check_run_folder, claim, config_differences
 from lipvae.train import check_finite, check_shapes
@@ -23,22 +21,23 @@ def snapshot(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_completed_run_is_never_overwritten(tmp_path):
+def test_a_completed_run_is_never_overwritten(tmp_path, smoke_runs):
     run = tmp_path / "run"
-    assert run_cli(*SMOKE, "attack.enabled=false", f"hydra.run.dir={run}").returncode == 0
+    shutil.copytree(smoke_runs[("lipschitz", "learned")], run)  # a job of conftest's smoke sweep
+    ran = [*SMOKE, "model=lipschitz", "model.encoder_std.mode=learned"]  # its overrides
     before = snapshot(run)
     # 1. the same folder again, without resume: refused, nothing written
-    proc = run_cli(*SMOKE, "attack.enabled=false", f"hydra.run.dir={run}")
+    proc = run_cli(*ran, f"hydra.run.dir={run}")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: run: {run} already holds a completed run")
     # 2. resume with a typo'd constant, or without the original preset: refused, keys named
-    proc = run_cli(*SMOKE, "attack.enabled=false", "enc_L=6", "resume=true", f"hydra.run.dir={run}")
+    proc = run_cli(*ran, "enc_L=6", "resume=true", f"hydra.run.dir={run}")
     assert proc.returncode == 2 and "differs from the one stored" in proc.stderr and " at enc_L;" in proc.stderr
     proc = run_cli("data.resplit=true", "resume=true", f"hydra.run.dir={run}")
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "data.limit" in last and "resume with the run's original overrides" in last
     # 3. resume of the same config: nothing to do, exit 0
-    proc = run_cli(*SMOKE, "attack.enabled=false", "resume=true", f"hydra.run.dir={run}")
+    proc = run_cli(*ran, "resume=true", f"hydra.run.dir={run}")
     assert proc.returncode == 0 and "already completed; nothing to resume" in proc.stderr
     assert snapshot(run) == before
     assert json.loads((run / "results.json").read_text())["status"] == "completed"
@@ -102,9 +101,7 @@ def test_diverged_run_ends_failed_not_completed(tmp_path):
 @pytest.mark.slow
 def test_sigterm_during_the_attack_stops_within_5_s_and_resumes(tmp_path):
     args = [*SMOKE, "attack.num_inputs=25", "attack.steps=3000", "attack.starts=5", f"hydra.run.dir={tmp_path}"]
-    env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
-    proc = subprocess.Popen([sys.executable, "-m", "lipvae.train", *args], cwd=PROJECT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_cli(*args)
     log = tmp_path / "train.log"
     deadline = time.time() + 150
     while time.time() < deadline and proc.poll() is None:
@@ -131,14 +128,8 @@ def test_sigterm_during_the_attack_stops_within_5_s_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_disk_full_is_one_line_and_leaves_no_partial_file(tmp_path):
-    def small_files():  # writes beyond 60 kB fail with EFBIG, as a full disk fails with ENOSPC
-        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
-
-    env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lipvae.train", *SMOKE, "model.hidden=[64,64]", f"hydra.run.dir={tmp_path}"],
-        cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=small_files,
-    )
+    # writes beyond 60 kB fail with EFBIG, as a full disk fails with ENOSPC
+    proc = run_cli(*SMOKE, "model.hidden=[64,64]", f"hydra.run.dir={tmp_path}", process=True, file_size=60_000)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: no space left while writing to the run folder {tmp_path} (") and "resume=true" in last
@@ -150,16 +141,14 @@ def test_disk_full_is_one_line_and_leaves_no_partial_file(tmp_path):
 def test_a_sweep_jobs_resume_hint_resumes_that_job(tmp_path):
     args = [*SMOKE, "attack.enabled=false", "model.hidden=[256,256]", "trainer.max_epochs=6",
             "callbacks.early_stopping.patience=100", "enc_L=5,7", f"hydra.sweep.dir={tmp_path}", "-m"]
-    env = {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir())}
-    proc = subprocess.Popen([sys.executable, "-m", "lipvae.train", *args], cwd=PROJECT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = start_cli(*args)
     deadline = time.time() + 120
     while not list(tmp_path.glob("0_*/checkpoints/last.ckpt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert proc.poll() is None, "the sweep ended before it could be interrupted"
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 143
+    proc.send_signal(signal.SIGINT)  # Ctrl-C (the other tests send SIGTERM: one handler serves both)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
     (job,) = tmp_path.glob("0_*")
     assert "seed0" in job.name
     r = json.loads((job / "results.json").read_text())

@@ -29,11 +29,15 @@ def check_schema(r: dict) -> None:
 def test_single_lipschitz_run(tmp_path):
     # with extra Lightning callbacks from the callbacks group and from the command line
     extra = tmp_path.parent / f"{tmp_path.name}_extra"
+    # and the default loggers (the smoke preset's logger=csv switched back to CSV + W&B, which is
+    # offline unless the user logs in) plus one more from the command line
+    assert composed().logger.wandb.mode == "offline"
     proc = run_cli(*SMOKE, "enc_L=4", "dec_L=6", f"hydra.run.dir={tmp_path}", "callbacks=monitors",
                    "+callbacks.copy._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-                   f"+callbacks.copy.dirpath={extra}", "+callbacks.copy.filename=copy",
+                   f"+callbacks.copy.dirpath={extra}", "+callbacks.copy.filename=copy", "logger=default",
                    "+logger.second._target_=lightning.pytorch.loggers.CSVLogger",
-                   "+logger.second.name=second", "+logger.second.version=0")
+                   "+logger.second.name=second", "+logger.second.version=0",
+                   env={"WANDB_MODE": "", "WANDB_API_KEY": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = load(tmp_path)
     check_schema(r)
@@ -64,6 +68,11 @@ def test_single_lipschitz_run(tmp_path):
     assert (extra / "copy.ckpt").is_file()  # the command line's ModelCheckpoint
     second = pd.read_csv(tmp_path / "second" / "version_0" / "metrics.csv")  # the extra logger, in the run
     assert "val/loss" in second.columns and second["val/loss"].notna().sum() == 2
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # W&B's offline record
+    assert len(runs) == 1
+    blob = runs[0].read_bytes()
+    assert b"results/test_elbo" in blob and b"val/loss" in blob
+    assert b"results/certified_mean" in blob and b"certified_margins" in blob
 
 
 @pytest.mark.slow
@@ -89,15 +98,22 @@ def test_standard_beta_vae_with_fixed_std(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_over_lipschitz_grid(tmp_path):
-    proc = run_cli(*SMOKE, "model=lipschitz", "enc_L=5,7", f"hydra.sweep.dir={tmp_path}", "-m")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
-    assert len(runs) == 2
+def test_multirun_over_lipschitz_grid(sweep):
+    """Each job of a sweep (conftest's ``enc_L=5,-1,7``) measures its own constants; the command
+    line is checked at each sweep's first value, and a later job's bad value (enc_L=-1) is refused
+    by the same validation before its folder is read or written: the other jobs run, and the
+    sweep's summary names the refused one and exits non-zero."""
+    proc = json.loads((sweep / "command.json").read_text())
+    assert proc["returncode"] == 1
+    assert "error: 1 of 3 jobs failed" in proc["stderr"]
+    assert "error: enc_L: got -1.0; accepted: a positive number" in proc["stdout"] + proc["stderr"]
+    runs = sorted(p.parent for p in sweep.glob("*/results.json") if p.parent.name != "8_torn")
+    assert len(runs) == 2  # nothing written for the refused job
     got = {}
     for run in runs:
         r = load(run)
         check_schema(r)
+        assert r["status"] == "completed"
         got[r["config"]["enc_L"]] = r["lipschitz"]["measured"]["encoder_mean"]
     assert got == {5.0: pytest.approx(5.0, rel=1e-3), 7.0: pytest.approx(7.0, rel=1e-3)}
 
@@ -110,24 +126,6 @@ def test_bad_input_is_one_line(tmp_path):
     )
     assert "Traceback" not in proc.stderr
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before the run folder was written
-
-
-@pytest.mark.slow
-def test_wandb_offline_by_default_records_run(tmp_path):
-    from conftest import composed
-
-    default = composed()
-    assert default.logger.wandb.mode == "offline"
-    proc = run_cli(  # the smoke preset turns W&B off (logger=csv); switch it back on
-        "experiment=smoke", "data.resplit=true", "logger=default", f"hydra.run.dir={tmp_path}",
-        env={"WANDB_MODE": "", "WANDB_API_KEY": ""},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1
-    blob = runs[0].read_bytes()
-    assert b"results/test_elbo" in blob and b"val/loss" in blob
-    assert b"results/certified_mean" in blob and b"certified_margins" in blob
 
 
 @pytest.mark.slow

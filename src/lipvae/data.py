@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from lipvae.catalog import DATASETS
 from lipvae.errors import UserError
 
 
@@ -34,10 +35,6 @@ def _beside_project() -> list[Path]:
     roots = [here] if (here / "pyproject.toml").is_file() else []
     return [*roots, Path.cwd()]
 
-DATASETS = {
-    "mnist": {"class": "MNIST", "debian": ("mnist",)},
-    "fashion_mnist": {"class": "FashionMNIST", "debian": ("fashion-mnist", "fashion_mnist")},
-}
 SPLIT_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),

@@ -63,7 +63,7 @@ def save_margin_histogram(margins: dict, path: Path, title: str = "", xlabel: st
     top = max((float(v.max()) for v in finite if len(v)), default=1.0) or 1.0
     bins = np.linspace(0, top * 1.02, 40)
     for (name, values), v in zip(margins.items(), finite):
-        ax.hist(v, bins=bins, alpha=0.5, label=f"{name} (mean {np.mean(v):.3g})")
+        ax.hist(v, bins=bins, alpha=0.5, histtype="stepfilled", label=f"{name} (mean {np.mean(v):.3g})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("inputs")
     ax.set_title(title, fontsize=9)

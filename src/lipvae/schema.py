@@ -23,7 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from lipvae.certify.bounds import CERTIFY_FORMS, STD_MODES
-from lipvae.data import DATASETS
+from lipvae.catalog import DATASETS
 from lipvae.errors import UserError
 
 

@@ -45,7 +45,7 @@ from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import Results, RunFolder, atomic_write_text, code_version, replace_atomically
 from lipvae.sweep import note_refusal
-from lipvae.runfolder import AlreadyCompleted, RunFolderError, check_run_folder, claim, save_hydra_files
+from lipvae.runfolder import AlreadyCompleted, check_run_folder, claim, save_hydra_files
 
 log = logging.getLogger("lipvae")
 
