@@ -100,7 +100,9 @@ def test_diverged_run_ends_failed_not_completed(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_during_the_attack_stops_within_5_s_and_resumes(tmp_path):
-    args = [*SMOKE, "attack.num_inputs=25", "attack.steps=3000", "attack.starts=5", f"hydra.run.dir={tmp_path}"]
+    # the fine-tune phase converges (every loss change is within tol) 2 epochs in, 8 before its limit
+    args = [*SMOKE, "attack.num_inputs=25", "attack.steps=3000", "attack.starts=5", "callbacks.finetune.max_epochs=10",
+            "callbacks.finetune.tol=1e9", "callbacks.finetune.patience=1", f"hydra.run.dir={tmp_path}"]
     proc = start_cli(*args)
     log = tmp_path / "train.log"
     deadline = time.time() + 150
@@ -117,12 +119,13 @@ def test_sigterm_during_the_attack_stops_within_5_s_and_resumes(tmp_path):
     assert proc.returncode == 143, err[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "interrupted" and "resume=true" in r["error"]
-    # the trained state is kept: resuming goes straight to the evaluation
+    # the trained state is kept: resuming goes straight to the evaluation, with no epoch more
     # (the evaluation's settings may change on resume: the evaluation starts over)
-    done = run_cli(*SMOKE, "attack.num_inputs=3", "attack.steps=20", "resume=true", f"hydra.run.dir={tmp_path}")
+    done = run_cli(*args[:-1], "attack.num_inputs=3", "attack.steps=20", "resume=true", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
-    assert r["status"] == "completed" and r["metrics"]["epochs"] == 2 and r["estimated"]["num_inputs"] == 3
+    assert r["status"] == "completed" and r["estimated"]["num_inputs"] == 3
+    assert r["metrics"]["epochs"] == 3 and r["metrics"]["stop_reason"] == "finetune_converged"
     assert not (tmp_path / "attack_state.pt").exists() and not (tmp_path / "attack_state.csv").exists()
 
 

@@ -208,6 +208,41 @@ def test_schedule_records_why_it_stopped():
     assert (epochs, why, ft.active, ft.phase) == (6, "patience", False, "train")
 
 
+@pytest.mark.parametrize("val,max_epochs,patience,finetune,expect", [
+    ([5, 4, 4.5, 4.6, 4.7, 4.8, 4.9, 5.0], 8, 2, None, (4, "patience")),  # early stopping
+    ([9] * 11, 1, 3, _ft(10, 1e9, 1), (3, "finetune_converged")),  # the fine-tune phase, 8 epochs early
+])
+def test_a_resume_after_training_ended_trains_no_more(tmp_path, val, max_epochs, patience, finetune, expect):
+    """A run that stopped before its epoch limit, interrupted after its last checkpoint (as when
+    stopped while the margins of its best model were evaluated): resumed from that checkpoint, it
+    trained on (one epoch after early stopping; to the limit after the fine-tune phase)."""
+    from omegaconf import OmegaConf
+
+    from lipvae.config import build_entries
+    from lipvae.module import KeepStop, RunCheckpoint
+    from lipvae.train import stop_reason
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
+    cfg = composed("~callbacks.model_checkpoint", "~callbacks.certify", "~callbacks.attack")
+    OmegaConf.update(cfg, "callbacks.early_stopping.patience", patience)
+    for k, v in (finetune or {"max_epochs": 0}).items():
+        OmegaConf.update(cfg, f"callbacks.finetune.{k}", v)
+
+    def fit(ckpt_path=None):
+        es, ft = build_entries(cfg, "callbacks")
+        ckpt = RunCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val/loss", save_last=True)
+        trainer = L.Trainer(max_epochs=max_epochs, callbacks=[es, ckpt, ft, KeepStop()], logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(_Scripted(val), loader, loader, ckpt_path=ckpt_path, weights_only=True)
+        return trainer.current_epoch, stop_reason(es, ft, trainer.current_epoch, trainer.max_epochs)
+
+    assert fit() == expect
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert fit(str(tmp_path / "last.ckpt")) == expect  # no epoch more, and the same reason
+    assert last["epoch"] == expect[0] - 1  # last.ckpt: the end of training, not the best epoch
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == last["global_step"]
+
+
 def test_a_time_budget_that_ends_the_last_epoch_is_still_the_stop_reason():
     """trainer.max_time stopping training within the only epoch was recorded as max_epochs (issue 27)."""
     from lipvae.logs import EpochHistory, time_is_up

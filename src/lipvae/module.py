@@ -140,6 +140,34 @@ def qr_retract(w: torch.Tensor) -> torch.Tensor:
     return geoopt.EuclideanStiefel().retr(point, torch.zeros_like(point)).to(w.device)
 
 
+class KeepStop(Callback):
+    """Keeps a decision to stop training across a resume. Lightning checkpoints each callback's
+    state but not ``trainer.should_stop``, so a run that early stopping, the fine-tune phase or
+    the time budget had ended, interrupted after its last checkpoint (while the margins of its
+    best model were evaluated), trained on when resumed: one more epoch after early stopping, and
+    on to the epoch limit after the fine-tune phase had converged. Listed after the callbacks
+    that decide, it notes at each epoch's end whether training stops there (its state is saved
+    with the checkpoint written at that end); a resume from there makes that epoch the limit, so
+    that Lightning's loop ends before any epoch, counting the epochs as the stopped run did."""
+
+    def __init__(self) -> None:
+        self.stopped_at: int | None = None  # the epochs trained when training stopped
+
+    def state_dict(self) -> dict:
+        return {"stopped_at": self.stopped_at}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stopped_at = state.get("stopped_at")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        stops = trainer.should_stop or time_is_up(trainer)
+        self.stopped_at = trainer.current_epoch + 1 if stops else None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.stopped_at is not None:  # restored: training had ended, its margins had not been written
+            trainer.fit_loop.max_epochs = self.stopped_at
+
+
 class SaveOnException(OnExceptionCheckpoint):
     """Lightning's OnExceptionCheckpoint (``last.ckpt`` on SIGINT/SIGTERM, a non-finite loss or
     any other exception, so that ``resume=true`` continues from there), limited to training
@@ -171,6 +199,24 @@ class RunCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = str(RunFolder(trainer.default_root_dir).checkpoints)
         super().setup(trainer, pl_module, stage)
+
+    # ``save_last``: the state at the end of every epoch, as Lightning wrote it before 2.6, which
+    # writes last.ckpt only when it writes a top-k checkpoint, i.e. in an epoch that lowered the
+    # monitored loss: a run resumed after early stopping (or interrupted while its margins were
+    # evaluated) went back to its best epoch and trained the epochs after it again.
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_too(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_too(trainer)
+
+    def _save_last_too(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # (not saved at this step)
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("dirpath")

@@ -40,7 +40,7 @@ from lipvae.config import (build_datamodule, build_entries, build_module, build_
 from lipvae.errors import UserError
 from lipvae.evaluate import EVALUATION_FILE, Evaluation, read_evaluation
 from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up, write_rows
-from lipvae.module import FineTune, NonFiniteLossError, SaveOnException, VAEModule
+from lipvae.module import FineTune, KeepStop, NonFiniteLossError, SaveOnException, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import Results, RunFolder, atomic_write_text, code_version, replace_atomically
@@ -167,8 +167,8 @@ def _first(callbacks: list, kind: type):
 @dataclass
 class Schedule:
     """Training's callbacks: those of the ``callbacks`` group (early stopping, phase 1; the
-    fine-tune phase, 2; the best/last checkpoints; any of the user's), then lipvae's epoch log and
-    the checkpoint saved on a stop."""
+    fine-tune phase, 2; the best/last checkpoints; any of the user's), then lipvae's epoch log,
+    the stop decision kept across a resume and the checkpoint saved on a stop."""
 
     callbacks: list
     history: EpochHistory
@@ -177,7 +177,7 @@ class Schedule:
     def build(cls, cfg: DictConfig, run_dir: Path, echo: bool) -> Schedule:
         history = EpochHistory(echo=echo)
         saver = SaveOnException(dirpath=str(RunFolder(run_dir).checkpoints), filename="last")
-        return cls([*build_entries(cfg, "callbacks"), history, saver], history)
+        return cls([*build_entries(cfg, "callbacks"), history, KeepStop(), saver], history)
 
     @property
     def early_stopping(self) -> EarlyStopping | None:
@@ -237,7 +237,7 @@ def train(cfg: DictConfig, ctx: RunContext) -> Results | None:
     # callbacks.attack: the one evaluation pipeline, also `python -m lipvae.evaluate`)
     ev, eval_s = evaluation_of(ctx.run_dir)
     trained = freeze(built, cfg, ctx.run_dir, *fitted)
-    test, test_s = timed(lambda: built.trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0])
+    test, test_s = timed(lambda: test_metrics(built, cfg.seed))
     draw(built, ctx.run_dir, cfg.seed)
     results = record(cfg, ctx, built, trained, test, ev)
     results.timings = {"fit_s": trained.fit_s - eval_s, "test_s": test_s, **ev.timings(time.perf_counter() - t0)}
@@ -254,6 +254,14 @@ def evaluation_of(run_dir: Path) -> tuple[Evaluation, float]:
     if record is None:
         return Evaluation(), 0.0
     return Evaluation.from_record(record), float((record.get("timings") or {}).get("total_s", 0.0))
+
+
+def test_metrics(built: Built, seed: int) -> dict:
+    """The test split's metrics of the frozen model, their Monte Carlo draws seeded by the run's
+    seed alone: the same weights give the same numbers, whether the run was resumed or not."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return built.trainer.test(built.module, datamodule=built.datamodule, verbose=False)[0]
 
 
 def timed(fn):
