@@ -14,10 +14,12 @@ import multiprocessing
 import os
 import resource
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
 import traceback
+import weakref
 from pathlib import Path
 
 _CONTEXT = None
@@ -80,6 +82,7 @@ class Process:
 
     def __init__(self, module: str, args, env: dict, cwd, file_size: int | None = None):
         folder = Path(tempfile.mkdtemp(prefix="lipvae-process-"))
+        weakref.finalize(self, shutil.rmtree, folder, True)  # the output files go with this object
         self._out, self._err = folder / "stdout", folder / "stderr"
         self.args = [module, *args]
         self._proc = _context(module).Process(
