@@ -183,7 +183,12 @@ def start_cli(*args: str, module: str = "lipvae.train", env: dict | None = None)
 
 
 def _process_env(env: dict | None) -> dict:
-    return {**os.environ, "LIPVAE_DATA_DIR": str(synthetic_data_dir()), "WANDB_MODE": "offline", **(env or {})}
+    return {**os.environ, **_cli_env(env)}
+
+
+def _cli_env(env: dict | None) -> dict:
+    """What a test's command runs with beside the environment: the synthetic data, W&B offline."""
+    return {"LIPVAE_DATA_DIR": str(synthetic_data_dir()), "WANDB_MODE": "offline", **(env or {})}
 
 
 def run_main(*args: str, module: str = "lipvae.train", env: dict | None = None, cwd=None):
@@ -204,7 +209,7 @@ def run_main(*args: str, module: str = "lipvae.train", env: dict | None = None, 
 
     entry = importlib.import_module(module)
     entry = getattr(entry, "cli", None) or entry.main
-    full_env = {"LIPVAE_DATA_DIR": str(synthetic_data_dir()), "WANDB_MODE": "offline", **(env or {})}
+    full_env = _cli_env(env)
     saved_env = {k: os.environ.get(k) for k in full_env}
     saved_argv, saved_cwd = sys.argv, os.getcwd()
     saved_signals = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -167,21 +167,28 @@ class _Scripted(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _epochs(val, max_epochs, patience, finetune=None, train=None):
-    """Trains the scripted module with the phase-1 and phase-2 callbacks as conf/callbacks/ builds
-    them (the Trainer given phase 1's epochs: the fine-tune callback adds its own); returns the
-    epochs trained, the recorded stop reason and the fine-tune callback."""
+def _phases(patience, finetune=None):
+    """The phase-1 and phase-2 callbacks (early stopping, fine-tune) as conf/callbacks/ builds them,
+    and a one-batch loader for the scripted module."""
     from omegaconf import OmegaConf
 
     from lipvae.config import build_entries
-    from lipvae.train import stop_reason
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
-    cfg = composed("~callbacks.model_checkpoint", "~callbacks.certify", "~callbacks.attack")  # composed once
+    cfg = composed("~callbacks.model_checkpoint", "~callbacks.certify", "~callbacks.attack")
     OmegaConf.update(cfg, "callbacks.early_stopping.patience", patience)
     for k, v in (finetune or {"max_epochs": 0}).items():
         OmegaConf.update(cfg, f"callbacks.finetune.{k}", v)
-    es, finetune = build_entries(cfg, "callbacks")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
+    return *build_entries(cfg, "callbacks"), loader
+
+
+def _epochs(val, max_epochs, patience, finetune=None, train=None):
+    """Trains the scripted module with the phase callbacks (the Trainer given phase 1's epochs:
+    the fine-tune callback adds its own); returns the epochs trained, the recorded stop reason
+    and the fine-tune callback."""
+    from lipvae.train import stop_reason
+
+    es, finetune, loader = _phases(patience, finetune)
     trainer = L.Trainer(max_epochs=max_epochs, callbacks=[es, finetune], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(_Scripted(val, train), loader, loader)
@@ -216,20 +223,11 @@ def test_a_resume_after_training_ended_trains_no_more(tmp_path, val, max_epochs,
     """A run that stopped before its epoch limit, interrupted after its last checkpoint (as when
     stopped while the margins of its best model were evaluated): resumed from that checkpoint, it
     trained on (one epoch after early stopping; to the limit after the fine-tune phase)."""
-    from omegaconf import OmegaConf
-
-    from lipvae.config import build_entries
     from lipvae.module import KeepStop, RunCheckpoint
     from lipvae.train import stop_reason
 
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
-    cfg = composed("~callbacks.model_checkpoint", "~callbacks.certify", "~callbacks.attack")
-    OmegaConf.update(cfg, "callbacks.early_stopping.patience", patience)
-    for k, v in (finetune or {"max_epochs": 0}).items():
-        OmegaConf.update(cfg, f"callbacks.finetune.{k}", v)
-
     def fit(ckpt_path=None):
-        es, ft = build_entries(cfg, "callbacks")
+        es, ft, loader = _phases(patience, finetune)
         ckpt = RunCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val/loss", save_last=True)
         trainer = L.Trainer(max_epochs=max_epochs, callbacks=[es, ckpt, ft, KeepStop()], logger=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
