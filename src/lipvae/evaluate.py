@@ -355,7 +355,7 @@ def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[s
     fields may change: the model and the data are the run's. ``config_dirs``: the user's config
     folders (``--config-dir``), for options of their own (``attack=random``)."""
     from lipvae.config import compose_config, parse_overrides
-    from lipvae.stored import complete_config, load_config, run_choices
+    from lipvae.stored import check_stored_targets, complete_config, load_config, resolved, run_choices
 
     parsed = parse_overrides(overrides, sweeps="refuse")
     accepted = ", ".join(f"{c}*" if c.endswith(".") else f"{c}, {c}.*" if c == "attack" else c for c in changeable)
@@ -369,8 +369,8 @@ def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[s
     groups = {o.key_or_group for _, o in parsed if o.key_or_group in ("attack", "attack/latent")}
     base = [c for c in run_choices(run_dir) if c.split("=", 1)[0] not in groups]
     composed = compose_config(base + [text for text, _ in parsed], config_dirs=config_dirs)
-    cfg = complete_config(run_dir, load_config(RunFolder(run_dir).config_file), defaults=composed)
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    source = RunFolder(run_dir).config_file
+    cfg = resolved(complete_config(run_dir, load_config(source), defaults=composed), source)
     order = {"attack": 0, "attack/latent": 1}  # a group's node first, then the fields set in it
     for _, o in sorted(parsed, key=lambda p: order.get(p[1].key_or_group, 2)):
         key = o.key_or_group.replace("/", ".")
@@ -378,7 +378,8 @@ def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[s
         if isinstance(value, DictConfig):
             value = OmegaConf.create(OmegaConf.to_container(value, resolve=True))
         OmegaConf.update(cfg, key, value, merge=False)
-    return cfg
+    # the run's files are data: no target beyond lipvae's own and the user's is ever built
+    return check_stored_targets(cfg, source, given=composed, config_dirs=config_dirs)
 
 
 def _reusable(stored: Results | None, cfg: DictConfig, run_dir: Path) -> tuple[pd.DataFrame | None, dict | None]:

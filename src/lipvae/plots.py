@@ -14,9 +14,17 @@ import torch  # noqa: E402
 
 def save_figure(fig, path: Path) -> Path:
     """Lay out, write as PNG and close a figure."""
+    import os
+
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    partial = path.with_name(f".{path.name}.partial.png")
+    try:  # written beside and renamed over: a symlink planted at `path` is replaced, never followed
+        fig.savefig(partial, dpi=100)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from lipvae.errors import UserError
 from lipvae.plots import plt, save_figure
+from lipvae.safety import REPORT_ENTRIES, check_entries
 from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, write_table
 
 log = logging.getLogger("lipvae")
@@ -412,6 +413,7 @@ def build_report(dirs: list[Path], out: Path | None = None) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: got {str(out)!r}, which is a file; accepted: a folder (made if missing)")
     out.mkdir(parents=True, exist_ok=True)
+    check_entries(out, REPORT_ENTRIES, subfolders=())  # a planted symlink is refused, its target untouched
     root = dirs[0] if len(dirs) == 1 else Path("/")
     loaded = [load_row(run, root) for run in runs]
     good = [(row, r, run) for (row, r), run in zip(loaded, runs) if r is not None]

@@ -107,11 +107,15 @@ class Results:
     @classmethod
     def read(cls, run_dir: Path) -> "Results":
         """The run's record; ``ResultsError`` (missing, unreadable, not an object) otherwise."""
+        from lipvae.safety import UnsafeFile, read_regular
+
         path = Path(run_dir) / RESULTS_FILE
         try:
-            text = path.read_text()
+            text = read_regular(path)  # no symlink, FIFO or device: a shared run folder is data
         except FileNotFoundError:
             raise ResultsError(f"missing {RESULTS_FILE}") from None
+        except UnsafeFile as e:
+            raise ResultsError(f"refused {RESULTS_FILE} ({str(e).rsplit(': ', 1)[-1].split(';')[0]})") from None
         except (OSError, ValueError) as e:  # ValueError: not UTF-8
             raise ResultsError(f"unreadable {RESULTS_FILE} ({type(e).__name__})") from None
         try:

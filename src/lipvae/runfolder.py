@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.errors import UserError
 from lipvae.migrate import migrate_config
 from lipvae.results import RunFolder
+from lipvae.safety import UnsafeFile, check_entries, read_regular
 
 # keys a resumed run may change: bookkeeping, the time budget, and the learning rate (to
 # recover from a diverged run from its last finite state)
@@ -73,6 +74,11 @@ def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     validated (``resume`` is true, false or auto: the schema checks it)."""
     resume = cfg.resume
     folder = RunFolder(run_dir)
+    if run_dir.exists():
+        try:
+            check_entries(run_dir)  # nothing below reads a planted link or special file
+        except UnsafeFile as e:
+            raise RunFolderError(str(e)) from None
     status, last = folder.status(), folder.last_checkpoint
     if resume == "auto":  # what a requeued cluster job uses: continue if there is anything to continue
         if status != "completed" and not last.is_file():
@@ -92,7 +98,11 @@ def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
         return
     stored = folder.config_file
     if stored.is_file():
-        diff = config_differences(OmegaConf.load(stored), cfg)
+        try:
+            recorded = OmegaConf.create(read_regular(stored))
+        except UnsafeFile as e:
+            raise RunFolderError(str(e)) from None
+        diff = config_differences(recorded, cfg)
         if diff:
             shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
             raise RunFolderError(
@@ -117,8 +127,11 @@ def claim(run_dir: Path, hint: str = TRAINING_HINT):
     (``hint``: what the refused command should do)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError as e:
+        check_entries(run_dir)  # no planted symlink or special file among lipvae's own names
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except UnsafeFile as e:
+        raise RunFolderError(str(e)) from None
+    except OSError as e:
         raise RunFolderError(f"run: cannot write to {run_dir} ({e.strerror}); make it writable or choose another"
                              " folder (hydra.run.dir)") from None
     try:

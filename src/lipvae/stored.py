@@ -13,6 +13,7 @@ from lipvae.config import build_vae, hydra_compose
 from lipvae.errors import UserError
 from lipvae.migrate import migrate_config
 from lipvae.results import FROZEN_MODEL, RunFolder
+from lipvae.safety import check_entries, check_targets, read_regular
 
 log = logging.getLogger("lipvae")
 
@@ -72,6 +73,7 @@ def locate(path: Path) -> tuple[Path, Path]:
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     else:
         raise UserError(f"run: {path} does not exist; give a run folder or a checkpoint file")
+    check_entries(run_dir)  # a symlink or special file among its entries: refused before anything is read
     if not RunFolder(run_dir).config_file.is_file():
         raise UserError(f"run: {run_dir} has no .hydra/config.yaml; is it a lipvae run folder?")
     if not weights.is_file():
@@ -108,9 +110,11 @@ def run_choices(run_dir: Path) -> list[str]:
     """The run's config-group choices (``attack=pgd`` …) that today's configs still have, from
     its ``.hydra/hydra.yaml`` (none for a run made without Hydra: the groups' defaults)."""
     hydra_file = RunFolder(run_dir).hydra_file
-    if not hydra_file.is_file():
+    if not hydra_file.is_file() and not hydra_file.is_symlink():
         return []
-    choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
+    choices = OmegaConf.select(load_config(hydra_file), "hydra.runtime.choices") or {}
+    if not isinstance(choices, DictConfig):
+        raise UserError(f"config: {hydra_file} has hydra.runtime.choices of another kind than a mapping")
     return [f"{group}={choices[group]}" for group in _GROUPS
             if choices.get(group) and (_CONF / group / f"{choices[group]}.yaml").is_file()]
 
@@ -130,20 +134,65 @@ def _defaults(overrides: tuple[str, ...]) -> dict:
 
 
 def load_config(path: Path) -> DictConfig:
-    """A run's stored config; one line when it is missing or not valid YAML."""
+    """A run's stored config (or ``.hydra/hydra.yaml``), read as data: a regular file only (no
+    symlink, FIFO or device; ``lipvae.safety.read_regular``), parsed by OmegaConf's safe YAML
+    loader (a ``!!python`` tag is an error, never an object); one line when it is missing, not
+    a plain file or not valid YAML."""
     import yaml
 
     try:
-        cfg = OmegaConf.load(path)
+        cfg = OmegaConf.create(read_regular(path))
     except FileNotFoundError:
         raise UserError(f"config: {path} does not exist; is this a lipvae run folder?") from None
+    except PermissionError as e:
+        raise UserError(f"config: cannot read {path} ({e.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         from lipvae.config import yaml_problem
 
         raise UserError(f"config: {path} is not valid YAML ({yaml_problem(e)})") from None
+    except Exception as e:  # OmegaConf's own parse errors (a key it cannot hold, ...)
+        raise UserError(f"config: {path} cannot be read as a config ({type(e).__name__})") from None
     if not isinstance(cfg, DictConfig):
-        raise UserError(f"config: {path} holds a list, not a config")
+        raise UserError(f"config: {path} holds a {type(cfg).__name__}, not a config mapping")
     return cfg
+
+
+def check_stored_targets(cfg: DictConfig, source: Path, given: DictConfig | None = None,
+                         config_dirs: tuple = ()) -> DictConfig:
+    """``cfg`` resolved into plain values, once no ``_target_`` in it falls outside what lipvae
+    builds from a stored run (``lipvae.safety.check_targets``): its own classes, and those of
+    ``given`` (the config this process composed from the user's command line) and of every YAML
+    file in the user's ``config_dirs``. One line naming the field otherwise; nothing runs."""
+    plain = OmegaConf.to_container(resolved(cfg, source))
+    trusted = [OmegaConf.to_container(given, resolve=False) if given is not None else {}]
+    trusted += [targets_in_folder(Path(d)) for d in config_dirs]
+    check_targets(plain, source, given=trusted)
+    return OmegaConf.create(plain)
+
+
+def resolved(cfg: DictConfig, source: Path) -> DictConfig:
+    """``cfg`` with its interpolations resolved into plain values; one line when they cannot be."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as e:
+        raise UserError(f"config: {source} cannot be resolved ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]})") from None
+
+
+def targets_in_folder(folder: Path) -> list[dict]:
+    """The ``_target_`` values of the YAML files of a config folder of the user's (``--config-dir``),
+    as ``{"_target_": name}`` entries; files that do not parse are skipped (composition reports them)."""
+    import yaml
+
+    from lipvae.safety import targets_in
+
+    found: set[str] = set()
+    for path in sorted(folder.rglob("*.yaml")) if folder.is_dir() else []:
+        try:
+            found |= targets_in(yaml.safe_load(path.read_text()))
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            continue
+    return [{"_target_": t} for t in sorted(found)]
 
 
 def load_model(path: Path, cfg: DictConfig | None = None):
@@ -152,7 +201,8 @@ def load_model(path: Path, cfg: DictConfig | None = None):
     caller has it already)."""
     run_dir, weights = locate(path)
     if cfg is None:
-        cfg = complete_config(run_dir, load_config(RunFolder(run_dir).config_file))
+        source = RunFolder(run_dir).config_file
+        cfg = check_stored_targets(complete_config(run_dir, load_config(source)), source)
     vae = build_vae(cfg.model)
     state = load_state(weights)
     frozen = weights.name == FROZEN
@@ -192,7 +242,7 @@ def rebuild_data(run_dir: Path, cfg: DictConfig):
     record = recorded_data(run_dir)
     seed = record.get("seed")
     if seed is None:  # recorded before the field existed: the seed the run was trained with
-        trained = OmegaConf.load(RunFolder(run_dir).config_file)
+        trained = load_config(RunFolder(run_dir).config_file)
         seed = trained.get("seed", cfg.seed)
     data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
     if record.get("split") in ("official", "resplit-test"):
