@@ -35,7 +35,7 @@ import torch
 
 from lipvae.attack import estimate_margins, lbfgs_margins
 from lipvae.data import ImageDataModule
-from timing import cores, machine, timed
+from timing import MNIST_SHAPE, cores, machine, timed
 
 R, P, SAMPLES, STARTS, MAX_RADIUS, GRID_STEP = 8.0, 0.5, 40, 5, 10.0, 0.5
 
@@ -52,7 +52,7 @@ def trained_model(run: str | None, epochs: int):
 
     L.seed_everything(0, verbose=False)
     dm = ImageDataModule(resplit=True)
-    vae = VAE()
+    vae = VAE(input_shape=MNIST_SHAPE)
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(VAEModule(vae, lr=1e-3), train_dataloaders=dm.train_dataloader())

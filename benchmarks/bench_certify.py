@@ -23,7 +23,7 @@ import torch
 from lipvae.certify.bounds import CERTIFY_FORMS, FORMS, global_margin
 from lipvae.certify.certificates import certify
 from lipvae.vae import VAE
-from timing import machine, timed
+from timing import MNIST_SHAPE, machine, timed
 
 
 def attacked_run(path: str):
@@ -82,7 +82,7 @@ def main() -> None:
         print(f"  {form:6s} {float(g.margin):.6f}  (R_M {float(g.markov):.6f}, R_chi2 {float(g.chi2):.6f})")
     x = torch.rand(args.inputs, 784)
     for mode in ("learned", "fixed"):
-        vae = VAE(std_mode=mode, gamma=0.1).freeze().eval()
+        vae = VAE(input_shape=MNIST_SHAPE, std_mode=mode, gamma=0.1).freeze().eval()
         constants = vae.lipschitz_constants()
 
         def certifying(inputs, forms):

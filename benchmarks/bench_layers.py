@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from bench_train import batches, frozen_val_elbo, step_time, train_steps
-from timing import cores, machine
+from timing import MNIST_SHAPE, cores, machine
 
 LAYERS = ("bjorck", "aol", "stiefel", "torchlip")
 
@@ -54,7 +54,7 @@ def make_vae(name: str, hidden: tuple[int, ...], lip: float):
     from lipvae.vae import VAE
 
     layer, project = make_layer(name)
-    return VAE(hidden=hidden, encoder_mean_L=lip, encoder_std_L=lip, decoder_L=lip, layer=layer), project
+    return VAE(input_shape=MNIST_SHAPE, hidden=hidden, encoder_mean_L=lip, encoder_std_L=lip, decoder_L=lip, layer=layer), project
 
 
 def evaluation_config(attack_inputs: int):

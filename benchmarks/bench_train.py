@@ -43,7 +43,7 @@ from lipvae.data import ImageDataModule
 from lipvae.module import make_optimizer
 from lipvae.networks import AOLLinear, BjorckLinear, StiefelLinear, orthonormality_error, project_bjorck_, set_bjorck
 from lipvae.vae import VAE
-from timing import Timing, machine
+from timing import MNIST_SHAPE, Timing, machine
 
 
 class RefBjorckLinear(BjorckLinear):
@@ -67,7 +67,7 @@ class RefGroupSort(nn.Module):
 
 
 def reference_vae() -> VAE:
-    vae = VAE()
+    vae = VAE(input_shape=MNIST_SHAPE)
     for net in (vae.encoder_mean, vae.encoder_std, vae.decoder):
         for i, m in enumerate(net):
             if isinstance(m, BjorckLinear):
@@ -127,7 +127,7 @@ def _peak_rss_child(kind: str, steps: int, queue) -> None:
 
     x = ImageDataModule(resplit=True).split("train").images
     torch.manual_seed(0)
-    vae = reference_vae() if kind == "reference" else VAE()
+    vae = reference_vae() if kind == "reference" else VAE(input_shape=MNIST_SHAPE)
     if kind != "reference":
         set_bjorck(vae, iters=1)  # lipvae's default (conf/model/lipschitz.yaml)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
@@ -172,18 +172,18 @@ def main() -> None:
     print(f"data: {len(x_train)} train / {len(x_val)} val images ({dm.info.split} split)")
 
     def ours_vae() -> VAE:
-        vae = VAE()
+        vae = VAE(input_shape=MNIST_SHAPE)
         set_bjorck(vae, iters=args.iters)
         return vae
 
     torch.manual_seed(0)
     t_ref_step = step_time(reference_vae(), x_train)
     torch.manual_seed(0)
-    t_ours_plain = step_time(VAE(), x_train)
+    t_ours_plain = step_time(VAE(input_shape=MNIST_SHAPE), x_train)
     torch.manual_seed(0)
     t_ours_step = step_time(ours_vae(), x_train, project_iters=args.project_iters)
     torch.manual_seed(0)
-    t_stiefel_step = step_time(VAE(layer=StiefelLinear), x_train)
+    t_stiefel_step = step_time(VAE(input_shape=MNIST_SHAPE, layer=StiefelLinear), x_train)
     print(f"step (batch 128): reference at 3 iterations {t_ref_step:.3f} s, lipvae at 3 {t_ours_plain:.3f} s "
           f"({t_ref_step / t_ours_plain:.2f}x), lipvae at {args.iters} + projection ({args.project_iters} it) "
           f"{t_ours_step:.3f} s ({t_ref_step / t_ours_step:.2f}x), Stiefel layer {t_stiefel_step:.3f} s "
@@ -204,7 +204,7 @@ def main() -> None:
 
     def lipvae(target, lr, layer="bjorck"):  # until the target ELBO: Björck (args.iters + projection) or Stiefel
         torch.manual_seed(0)
-        ours = ours_vae() if layer == "bjorck" else VAE(layer=StiefelLinear)
+        ours = ours_vae() if layer == "bjorck" else VAE(input_shape=MNIST_SHAPE, layer=StiefelLinear)
         project = args.project_iters if layer == "bjorck" else 0
         opt = make_optimizer(ours.parameters(), lr)  # Adam, or StiefelAdam for the Stiefel layer
         data = batches(x_train, 128, torch.Generator().manual_seed(1))
@@ -250,8 +250,8 @@ def main() -> None:
 
     # --- beyond the paper: the iteration-free AOL layer on the same step budget
     torch.manual_seed(0)
-    aol = VAE(layer=AOLLinear)
-    t_aol_step = step_time(VAE(layer=AOLLinear), x_train)
+    aol = VAE(input_shape=MNIST_SHAPE, layer=AOLLinear)
+    t_aol_step = step_time(VAE(input_shape=MNIST_SHAPE, layer=AOLLinear), x_train)
     opt = torch.optim.Adam(aol.parameters(), lr=1e-4)
     data = batches(x_train, 128, torch.Generator().manual_seed(1))
     start = time.perf_counter()
@@ -272,7 +272,7 @@ def main() -> None:
         ("step time, batch 128, 3 it (s)", t_ref_step, t_ours_plain),
         (f"lipvae at {args.iters} it + projection", t_ref_step, t_ours_step),
         ("Stiefel layer (StiefelAdam)", t_ref_step, t_stiefel_step),
-        ("eval forwards/s (Björck model)", forwards_per_second(reference_vae(), x_val), forwards_per_second(VAE(), x_val)),
+        ("eval forwards/s (Björck model)", forwards_per_second(reference_vae(), x_val), forwards_per_second(VAE(input_shape=MNIST_SHAPE), x_val)),
         ("eval forwards/s (frozen)", forwards_per_second(copy.deepcopy(ref).freeze(), x_val), forwards_per_second(frozen, x_val)),
         ("peak RSS, fresh process (MiB)", mem_ref, mem_ours),
     ]

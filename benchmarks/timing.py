@@ -21,6 +21,10 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+#: the benchmarks' data: MNIST's 28 × 28 grey-scale images
+MNIST_SHAPE = (1, 28, 28)
+
+
 def machine() -> str:
     """Cores this process may use, torch's threads, the CPU model, torch and Python versions."""
     model = platform.processor() or platform.machine()

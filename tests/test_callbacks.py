@@ -21,7 +21,7 @@ ATTACK = {"num_inputs": 4, "samples": 10, "starts": 1, "steps": 10, "tol": 0.2,
 
 
 def tiny_vae() -> VAE:
-    return VAE(kind="lipschitz", hidden=(16, 16), latent_dim=4, encoder_mean_L=3.0, encoder_std_L=3.0, decoder_L=3.0)
+    return VAE(kind="lipschitz", input_shape=(1, 28, 28), hidden=(16, 16), latent_dim=4, encoder_mean_L=3.0, encoder_std_L=3.0, decoder_L=3.0)
 
 
 @pytest.mark.slow
@@ -81,7 +81,7 @@ def test_margins_from_a_datamodule_with_loaders_only(tmp_path, synthetic_root):
     images = ImageDataModule(root=str(synthetic_root / "mnist"), limit=300, resplit=True)
     images.setup()
     x = torch.cat([images.split(s).images for s in ("train", "val", "test")])[:260]
-    vae = VAE(kind="lipschitz", hidden=(16, 16), latent_dim=4, layer=AOLLinear)
+    vae = VAE(kind="lipschitz", input_shape=(1, 28, 28), hidden=(16, 16), latent_dim=4, layer=AOLLinear)
     trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0, callbacks=[EstimatedMargins(attack=ATTACK, dirpath=tmp_path / "m",
                                                                          weights="last"),

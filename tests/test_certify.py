@@ -226,7 +226,7 @@ def test_fixed_sigma_certificate_uses_the_float32_gamma():
     from lipvae.vae import VAE
 
     torch.manual_seed(0)
-    vae = VAE(kind="lipschitz", latent_dim=10, hidden=(32, 32), std_mode="fixed", gamma=0.1,
+    vae = VAE(kind="lipschitz", input_shape=(1, 28, 28), latent_dim=10, hidden=(32, 32), std_mode="fixed", gamma=0.1,
               encoder_mean_L=5.0, encoder_std_L=5.0, decoder_L=5.0)
     assert computed_gamma(vae) == float(np.float32(0.1)) > 0.1  # what the model runs with
     table, summary = _certify_random(vae)
@@ -242,7 +242,7 @@ def test_bounded_sigma_global_margin_covers_the_float32_projection():
     from lipvae.vae import VAE
 
     torch.manual_seed(0)
-    vae = VAE(kind="lipschitz", latent_dim=10, hidden=(32, 32), std_mode="bounded", max_norm=1.0,
+    vae = VAE(kind="lipschitz", input_shape=(1, 28, 28), latent_dim=10, hidden=(32, 32), std_mode="bounded", max_norm=1.0,
               encoder_mean_L=5.0, encoder_std_L=5.0, decoder_L=5.0)
     table, summary = _certify_random(vae)
     s = table["s"].to_numpy()

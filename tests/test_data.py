@@ -166,17 +166,21 @@ def test_a_failed_download_leaves_no_empty_folders(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
 
 
-def test_images_of_another_size_are_one_line_before_training(tmp_path):
-    """10x10 images in IDX files failed with a 128-line traceback once the Trainer had started."""
+def test_images_of_another_size_give_their_shape_to_the_model(tmp_path):
+    """10x10 images in IDX files: the data module says so (input_shape), and the VAE is built for it."""
     from conftest import write_idx
 
-    from lipvae.data import ImageDataModule
-    from lipvae.errors import UserError
+    from lipvae.data import ImageDataModule, check_datamodule
+    from lipvae.vae import VAE
 
     folder = tmp_path / "small"
     folder.mkdir()
-    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.zeros((20, 10, 10), dtype=np.uint8))
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", np.full((20, 10, 10), 7, dtype=np.uint8))
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(20, dtype=np.uint8))
     dm = ImageDataModule(root=str(folder), resplit=True, download=False)
-    with pytest.raises(UserError, match=r"^data: .*t10k-images-idx3-ubyte.gz holds 10×10 images; accepted: 28×28"):
-        dm.setup()
+    dm.setup()
+    check_datamodule(dm)
+    assert dm.input_shape == (1, 10, 10) and dm.split("test").images.shape[1] == 100
+    assert dm.info.input_shape == [1, 10, 10]
+    vae = VAE(input_shape=dm.input_shape, latent_dim=2, hidden=(8, 8), arch="conv", channels=(4,))
+    assert vae.elbo(dm.split("train").images[:3])["elbo"].shape == (3,)

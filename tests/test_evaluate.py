@@ -148,7 +148,7 @@ def test_latent_attack_summary_says_how_far_toward_the_target(tmp_path):
     from lipvae.vae import VAE
 
     torch.manual_seed(0)
-    vae = VAE(latent_dim=2, hidden=(16, 16), std_mode="fixed", gamma=0.1).freeze().eval()
+    vae = VAE(input_shape=(1, 28, 28), latent_dim=2, hidden=(16, 16), std_mode="fixed", gamma=0.1).freeze().eval()
     gen = torch.Generator().manual_seed(0)
     test = TensorBatches(torch.rand(6, 784, generator=gen), torch.tensor([0, 1, 0, 1, 0, 1]), torch.arange(6))
     ac = OmegaConf.create({"pixel_range": True, "latent": {"kind": "hard", "budget": 0.0, "num_inputs": 6,

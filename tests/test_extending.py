@@ -69,7 +69,7 @@ def test_a_new_layer_is_one_class_and_one_yaml_file(my_conf):
     cfg = composed("model/layer=spectral", "model.hidden=[16,16]", "model.latent_dim=4", "enc_L=3", "dec_L=2",
                    conf=my_conf)
     validate(cfg)
-    vae = build_vae(cfg.model)
+    vae = build_vae(cfg.model, (1, 28, 28))
     layers = [m for m in vae.modules() if isinstance(m, LipschitzLinear)]
     assert len(layers) == 9 and all(type(m) is SpectralLinear for m in layers)
     # the initial weights have spectral norms near 3 (init_gain): the layer's own rescaling holds
@@ -99,7 +99,7 @@ def test_a_new_attack_is_one_class_and_one_yaml_file(my_conf, tmp_path):
     assert type(attack) is RandomDirectionAttack
     assert (attack.starts, attack.grid_step, attack.max_radius, attack.samples) == (3, 0.25, 3.0, 20)
     torch.manual_seed(0)
-    vae = build_vae(cfg.model).freeze().eval()
+    vae = build_vae(cfg.model, (1, 28, 28)).freeze().eval()
     g = torch.Generator().manual_seed(1)
     test = TensorBatches(torch.rand(8, 784, generator=g), torch.arange(8) % 10, torch.arange(8))
     ev = evaluate(vae, test, cfg, tmp_path, seed=0, progress=False)

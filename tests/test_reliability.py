@@ -424,10 +424,10 @@ def test_runs_recorded_before_the_groups_were_objects_migrate_and_build():
     done = complete_config(Path("/nonexistent"), old)  # today's defaults under the run's values
     assert (done.module.lr, done.callbacks.early_stopping.patience, done.model._target_) == (1e-3, 3, "lipvae.vae.VAE.from_config")
     assert done.logger.wandb is None and done.callbacks.early_stopping.monitor == "val/loss"  # null: no W&B logger
-    layers = [m for m in build_vae(done.model).modules() if isinstance(m, BjorckLinear)]
+    layers = [m for m in build_vae(done.model, (1, 28, 28)).modules() if isinstance(m, BjorckLinear)]
     assert len(layers) == 9 and all((m.iters, m.project_iters) == (7, 3) for m in layers)  # the run's own settings
     old.model.layer = "aol"
-    assert any(isinstance(m, AOLLinear) for m in build_vae(complete_config(Path("/nonexistent"), old).model).modules())
+    assert any(isinstance(m, AOLLinear) for m in build_vae(complete_config(Path("/nonexistent"), old).model, (784,)).modules())
     old = OmegaConf.create(OmegaConf.to_container(composed("model.hidden=[8,8]"), resolve=True))
     del old.attack["_target_"]
     old.attack.method = "pgd"

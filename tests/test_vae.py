@@ -61,7 +61,8 @@ def test_model_schema_covers_every_argument_of_the_vae():
     # VAE's argument -> the model field it is built from (lipvae.config.build_vae)
     source = {"encoder_mean_L": "lipschitz", "encoder_std_L": "lipschitz", "decoder_L": "lipschitz",
               "std_mode": "encoder_std", "gamma": "encoder_std", "max_norm": "encoder_std",
-              "input_dim": None}
+              "input_dim": None, "input_shape": None,  # the data's, given by the run
+              "channels": "arch", "kernel_size": "arch"}
     for name in inspect.signature(VAE).parameters:
         assert source.get(name, name) in fields | {None}, name
 
@@ -117,7 +118,7 @@ def test_std_network_counts_its_sigmoid_head_once():
 def test_elbo_improves_on_real_images(kind):
     dm = ImageDataModule(resplit=True, limit=512, batch_size=64)
     x = dm.split("train").images[:256]
-    vae = VAE(kind=kind, hidden=(64, 64), latent_dim=8)
+    vae = VAE(kind=kind, input_shape=dm.input_shape, hidden=(64, 64), latent_dim=8)
     opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
     losses = []
     for _ in range(40):

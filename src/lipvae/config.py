@@ -98,16 +98,19 @@ def _validate_devices(cfg: DictConfig) -> None:
         )
 
 
-def build_vae(model: DictConfig) -> VAE:
-    """The VAE of the ``model`` group: its ``_target_`` called with every field of the node (a
-    run recorded by an older lipvae is migrated first: ``lipvae.stored.migrate_config``), the
-    layer being ``build_layer``'s partial (a standard VAE has none)."""
+def build_vae(model: DictConfig, input_shape) -> VAE:
+    """The VAE of the ``model`` group for inputs of ``input_shape`` (the data's ``(C, H, W)``,
+    or a stored model's): its ``_target_`` called with every field of the node (a run recorded
+    by an older lipvae is migrated first: ``lipvae.stored.migrate_config``), the layer being
+    ``build_layer``'s partial (a standard VAE has none)."""
     from hydra.utils import instantiate
 
     layer = build_layer(model) if model.kind == "lipschitz" else None
     try:
-        return instantiate(model, layer=layer, _convert_="all")
+        return instantiate(model, layer=layer, input_shape=tuple(int(s) for s in input_shape), _convert_="all")
     except Exception as e:
+        if isinstance(e.__cause__, UserError):  # the architecture's own one-line check (lipvae.conv)
+            raise e.__cause__ from None
         raise _cannot_build("model", model.get("_target_"), e) from None
 
 
@@ -204,12 +207,40 @@ def build_datamodule(data: DictConfig, seed: int) -> ImageDataModule:
 
     if "_target_" not in data:
         data = OmegaConf.merge({"_target_": IMAGE_DATA}, data)
+    data = _declared_data_fields(data)
     try:
         return instantiate(data, seed=seed, _convert_="all")
     except Exception as e:
         if isinstance(e.__cause__, UserError):  # the class's own one-line check
             raise e.__cause__ from None
         raise _cannot_build("data", data._target_, e) from None
+
+
+def _declared_data_fields(data: DictConfig) -> DictConfig:
+    """``data`` less the fields that presets set on lipvae's own data modules (``limit``,
+    ``eval_batch_size``, ...: ``ImageDataConfig``'s) where the ``_target_`` does not declare them:
+    a preset never hands a data module of the user's an argument it does not take. Any other
+    field the class does not take stays, and its build names it."""
+    import inspect
+
+    from lipvae.schema import ImageDataConfig
+
+    if data._target_ == IMAGE_DATA:
+        return data
+    try:
+        params = inspect.signature(target_class("data", data._target_, object, "a LightningDataModule")).parameters
+    except (TypeError, ValueError):
+        return data
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return data
+    preset = {f.name for f in dataclasses.fields(ImageDataConfig)} - {"_target_"}
+    dropped = [k for k in data if k in preset and k not in params]
+    if not dropped:
+        return data
+    import logging
+
+    logging.getLogger("lipvae").info("data: %s not argument(s) of %s; left out", ", ".join(dropped), data._target_)
+    return OmegaConf.create({k: v for k, v in OmegaConf.to_container(data, resolve=True).items() if k not in dropped})
 
 
 def check_yaml_files(argv: list[str]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ def _remove_new_empty_folders(root: Path, before: set[Path]) -> None:
 def load_split(
     name: str, split: str, root: str | None, download: bool
 ) -> tuple[np.ndarray, np.ndarray, Path]:
-    """Images (N × 28 × 28, uint8), labels and the folder they were read from, of one official split."""
+    """Images (N × H × W, uint8), labels and the folder they were read from, of one official split."""
     if name not in DATASETS:
         raise UserError(f"data.name: unknown dataset {name!r}; accepted: {', '.join(DATASETS)}")
     found = find_split(name, split, root) or (_download(name, split, root) if download else None)
@@ -176,9 +177,6 @@ def load_split(
     images, labels = read_idx(found[0]), read_idx(found[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise UserError(f"data: {found[0]} and {found[1]} do not match (shapes {images.shape}, {labels.shape})")
-    if images.shape[1:] != (28, 28):
-        raise UserError(f"data: {found[0]} holds {images.shape[1]}×{images.shape[2]} images; accepted: 28×28 grey-scale"
-                        " images (MNIST, Fashion-MNIST)")
     return images, labels, found[0].parent.resolve()
 
 
@@ -228,13 +226,14 @@ class SplitInfo:
     seed: int | None = None  # the seed that divided the split
     sources: dict | None = None  # source file -> digest of its images and labels
     indices: str | None = None  # digest of the train, val and test index lists (positions in their files)
+    input_shape: list | None = None  # the shape of one input: [C, H, W] for images, [D] for vectors
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
     def check_same(self, recorded: dict, run_dir) -> None:
         """One line when this split is not the one ``recorded`` (a run's results.json ``data``)."""
-        for key in ("split", "num_train", "num_val", "num_test"):
+        for key in ("split", "num_train", "num_val", "num_test", "input_shape"):
             if recorded.get(key) is not None and recorded[key] != getattr(self, key):
                 raise UserError(
                     f"data: {run_dir} was trained on another split ({key}: recorded {recorded[key]!r}, rebuilt"
@@ -255,8 +254,104 @@ class SplitInfo:
             )
 
 
-class ImageDataModule(L.LightningDataModule):
-    """A 28×28 grey-scale dataset, flattened to vectors in [0, 1].
+class VAEDataModule(L.LightningDataModule):
+    """What lipvae needs of a data module: the contract every ``data`` entry's ``_target_`` meets.
+
+    After ``setup()``:
+
+    - ``split(name)`` for ``"train"``, ``"val"`` and ``"test"``: a ``TensorBatches`` of flat
+      float inputs in [0, 1] (``images``: N × D), integer ``labels`` (N; -1 where there are none)
+      and ``index`` (N: each input's position in its source, which certification, the attack and
+      the tables name it by);
+    - ``input_shape``: the shape of one input before flattening, ``(C, H, W)`` for images (the
+      convolutional networks need it) or ``(D,)``; ``D`` is its product;
+    - ``info``: a ``SplitInfo`` naming the data, its division and digests of what was read, which
+      ``results.json`` records and a re-evaluation checks (``info.check_same``).
+
+    The loaders come from the splits (``batch_size`` for training, shuffled with ``seed``;
+    ``eval_batch_size`` for validation and testing). A subclass implements ``setup()`` and calls
+    ``set_splits``; ``check_datamodule`` checks any data module against this contract, in one line.
+    """
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int = 1000, seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.info: SplitInfo | None = None
+        self._splits: dict[str, TensorBatches] = {}
+        self._shape: tuple[int, ...] | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        self.setup()
+        return self._shape
+
+    def set_splits(self, splits: dict[str, TensorBatches], info: SplitInfo, input_shape) -> None:
+        """Record what ``setup()`` made: the three splits, their identity and the input shape."""
+        self._splits, self._shape = dict(splits), tuple(int(s) for s in input_shape)
+        info.input_shape = list(self._shape)
+        self.info = info
+
+    def split(self, name: str) -> TensorBatches:
+        self.setup()
+        return self._splits[name]
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            self.split(split), batch_size=batch_size, shuffle=shuffle, collate_fn=_as_batch, generator=gen
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+def check_datamodule(dm, target: str = "data") -> None:
+    """One line naming the first part of ``VAEDataModule``'s contract that ``dm`` misses (called
+    once it is built and set up, before any model is built or trained)."""
+    name = f"data: {type(dm).__module__}.{type(dm).__qualname__}"
+    see = "; see README, 'Your own data' (lipvae.data.VAEDataModule)"
+    if not isinstance(dm, L.LightningDataModule):
+        raise UserError(f"{name} is not a LightningDataModule{see}")
+    for attr in ("split", "setup"):
+        if not callable(getattr(dm, attr, None)):
+            raise UserError(f"{name} has no {attr}() method{see}")
+    shape = getattr(dm, "input_shape", None)
+    if not (isinstance(shape, (tuple, list)) and len(shape) in (1, 3) and all(isinstance(s, int) and s > 0 for s in shape)):
+        raise UserError(f"{name}.input_shape: got {shape!r}; accepted: (C, H, W) or (D,), positive integers{see}")
+    info = getattr(dm, "info", None)
+    if not (callable(getattr(info, "as_dict", None)) and callable(getattr(info, "check_same", None))):
+        raise UserError(f"{name}.info: got {type(info).__name__}; accepted: a lipvae.data.SplitInfo (the split's"
+                        f" identity, recorded in results.json){see}")
+    dim = math.prod(shape)
+    for split in ("train", "val", "test"):
+        try:
+            part = dm.split(split)
+        except Exception as e:
+            raise UserError(f"{name}.split({split!r}) failed ({type(e).__name__}: {str(e)[:120]}){see}") from None
+        for attr in ("images", "labels", "index"):
+            if not isinstance(getattr(part, attr, None), torch.Tensor):
+                raise UserError(f"{name}.split({split!r}).{attr}: not a tensor{see}")
+        x = part.images
+        if x.ndim != 2 or x.shape[1] != dim or not x.is_floating_point():
+            raise UserError(f"{name}.split({split!r}).images: got a {x.dtype} tensor of shape {tuple(x.shape)};"
+                            f" accepted: floats of shape (N, {dim}) (input_shape {tuple(shape)} flattened){see}")
+        if len(x) == 0 or len(part.labels) != len(x) or len(part.index) != len(x):
+            raise UserError(f"{name}.split({split!r}): {len(x)} images, {len(part.labels)} labels,"
+                            f" {len(part.index)} indices; accepted: as many of each, at least one{see}")
+        if not bool(torch.isfinite(x).all()) or float(x.min()) < 0 or float(x.max()) > 1:
+            raise UserError(f"{name}.split({split!r}).images: values outside [0, 1]; accepted: inputs scaled to"
+                            f" [0, 1] (the decoder's sigmoid head and the likelihoods assume it){see}")
+
+
+class ImageDataModule(VAEDataModule):
+    """A grey-scale image data set in IDX files (MNIST, Fashion-MNIST: ``lipvae.catalog``),
+    flattened to vectors in [0, 1].
 
     The official training split is divided ``1 − val_fraction`` / ``val_fraction``
     (seeded). With ``resplit`` (``true``; ``auto`` when the training split is
@@ -278,13 +373,10 @@ class ImageDataModule(L.LightningDataModule):
         download: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__()  # the arguments are checked by the data schema (lipvae.schema.ImageDataConfig)
+        super().__init__(batch_size, eval_batch_size, seed)  # checked by the data schema (lipvae.schema.ImageDataConfig)
         self.name, self.root, self.download = name, root, download
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.resplit, self.test_fraction = val_fraction, resplit, resplit_test_fraction
-        self.limit, self.seed = limit, seed
-        self.info: SplitInfo | None = None
-        self._splits: dict[str, TensorBatches] = {}
+        self.limit = limit
         self._folders: dict[str, str] = {}
         self._sources: dict[str, str] = {}
 
@@ -294,6 +386,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.limit:
             images, labels = images[: self.limit], labels[: self.limit]
         self._sources[f"{self.name}/{split}"] = digest(images, labels)
+        self._image_shape = (1, *images.shape[1:])
         x = torch.from_numpy(images.astype(np.float32) / 255.0).flatten(1)
         return x, torch.from_numpy(labels.astype(np.int64))
 
@@ -327,14 +420,14 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.limit: got {self.limit}, which leaves {len(train)} training and {len(test_x)} test images;"
                 f" accepted: at least {need} images per source file, enough for non-empty train, val and test splits"
             )
-        self._splits = {
+        splits = {
             "train": TensorBatches(train_x[train], train_y[train], train_index[train]),
             "val": TensorBatches(train_x[val], train_y[val], train_index[val]),
             "test": TensorBatches(test_x, test_y, test_index),
         }
         folder = self._folders.get("test")
         train_folder = self._folders.get("train")
-        self.info = SplitInfo(
+        info = SplitInfo(
             self.name,
             "resplit-test" if resplit else "official",
             len(train),
@@ -344,24 +437,6 @@ class ImageDataModule(L.LightningDataModule):
             train_folder if train_folder not in (None, folder) else None,
             seed=self.seed,
             sources=dict(self._sources),
-            indices=digest(*(self._splits[k].index for k in ("train", "val", "test"))),
+            indices=digest(*(splits[k].index for k in ("train", "val", "test"))),
         )
-
-    def split(self, name: str) -> TensorBatches:
-        self.setup()
-        return self._splits[name]
-
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.split(split), batch_size=batch_size, shuffle=shuffle, collate_fn=_as_batch, generator=gen
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)
+        self.set_splits(splits, info, self._image_shape)

@@ -336,7 +336,8 @@ def _latent_attack(vae, test, ac, device, gen, out_dir: Path):
         "closer_to_target": float((res.dist_to_target < res.dist_to_original).float().mean()),
         "median_share_moved": float((res.dist_to_original / res.clean_gap.clamp_min(1e-12)).median()),
     }
-    figure = save_latent_attack(x, res, xt, out_dir / "latent_attack.png", budget=None if soft else lat.budget)
+    figure = save_latent_attack(x, res, xt, out_dir / "latent_attack.png", budget=None if soft else lat.budget,
+                                shape=getattr(vae, "input_shape", None))
     return summary, figure
 
 

@@ -20,6 +20,9 @@ ATTACK_TARGETS = {"pgd": "lipvae.attack.PGDAttack", "lbfgs": "lipvae.attack.LBFG
 #: the layers of runs recorded when ``model.layer`` was a name
 LEGACY_LAYERS = {"bjorck": "lipvae.networks.BjorckLinear", "aol": "lipvae.networks.AOLLinear"}
 _BJORCK = "lipvae.networks.BjorckLinear"
+#: the input shape of weights saved before a VAE's state dict held its data's shape: the data
+#: sets lipvae could read then (MNIST, Fashion-MNIST) were all 28 × 28 grey-scale images
+LEGACY_INPUT_SHAPE = (1, 28, 28)
 
 
 def migrate_config(cfg: DictConfig) -> DictConfig:

@@ -67,6 +67,16 @@ class GroupSort2(nn.Module):
         return torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim=-1).flatten(-2)
 
 
+class ChannelGroupSort2(nn.Module):
+    """GroupSort with groups of two channels at every pixel (``N × C × H × W``, even ``C``):
+    each pair becomes (min, max). 1-Lipschitz and gradient-norm preserving."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pairs = x.unflatten(1, (-1, 2))
+        a, b = pairs[:, :, 0], pairs[:, :, 1]
+        return torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim=2).flatten(1, 2)
+
+
 class LipschitzLinear(nn.Module):
     """A linear layer whose weight has spectral norm at most 1 by construction, scaled by
     ``scale``: its Lipschitz constant is ``scale`` (nominal) and ``scale · ‖effective_weight()‖₂``
@@ -278,9 +288,15 @@ class TorchlipLinear(LipschitzLinear):
 #: Lipschitz constant of each activation (Euclidean norm), for ``measured_lipschitz``.
 ACTIVATION_LIPSCHITZ: dict[type[nn.Module], float] = {
     GroupSort2: 1.0,
+    ChannelGroupSort2: 1.0,
     nn.ReLU: 1.0,
     nn.Identity: 1.0,
     nn.Sigmoid: 0.25,
+    # reshapes and the resolution changes of the convolutional networks permute entries
+    nn.Flatten: 1.0,
+    nn.Unflatten: 1.0,
+    nn.PixelShuffle: 1.0,
+    nn.PixelUnshuffle: 1.0,
 }
 
 
@@ -325,7 +341,7 @@ def freeze(module: nn.Module) -> nn.Module:
     """Replace, in place, every ``LipschitzLinear`` below ``module`` by a plain layer holding
     its frozen weight (a Björck layer's polar factor, an AOL layer's rescaled weight)."""
     for name, child in module.named_children():
-        if isinstance(child, LipschitzLinear):
+        if isinstance(child, LipschitzLinear) or callable(getattr(child, "frozen", None)):
             setattr(module, name, child.frozen())
         else:
             freeze(child)
@@ -397,6 +413,8 @@ def measured_lipschitz(net: nn.Module) -> float:
     def layer(m: nn.Module) -> float:
         if isinstance(m, LipschitzLinear):
             return m.scale * spectral_norm_exact(m.effective_weight())
+        if callable(getattr(m, "measured_constant", None)):  # a layer that knows its exact norm (lipvae.conv)
+            return float(m.measured_constant())
         if isinstance(m, nn.Linear):
             return spectral_norm_exact(m.weight)
         raise TypeError(f"measured_lipschitz: no Lipschitz constant known for {type(m).__name__}")
@@ -410,7 +428,7 @@ def nominal_lipschitz(net: nn.Module) -> float:
     activations' constants. ``measured_lipschitz`` should not exceed it."""
 
     def layer(m: nn.Module) -> float:
-        if isinstance(m, LipschitzLinear):
+        if isinstance(m, LipschitzLinear) or (hasattr(m, "scale") and callable(getattr(m, "frozen", None))):
             return m.scale
         raise TypeError(f"nominal_lipschitz: {type(m).__name__} has no constant by construction")
 

@@ -28,6 +28,24 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def as_image(v: torch.Tensor, shape) -> np.ndarray:
+    """A flat input as an image to show: ``shape`` (C, H, W) gives H × W (one channel) or
+    H × W × C (colour); a flat shape (D,) a square when D is one, else a 1 × D strip."""
+    v = v.detach().cpu().to(torch.float32)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 3:
+        img = v.reshape(shape)
+        return (img[0] if shape[0] == 1 else img.permute(1, 2, 0)[..., :3]).numpy()
+    side = int(round(v.numel() ** 0.5))
+    return v.reshape(side, side).numpy() if side * side == v.numel() else v.reshape(1, -1).numpy()
+
+
+def _show(ax, v: torch.Tensor, shape) -> None:
+    ax.imshow(as_image(v, shape), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def is_wandb(logger) -> bool:
     """Whether a Lightning logger is the W&B one (imported lazily: W&B is optional at run time)."""
     from lightning.pytorch.loggers import WandbLogger
@@ -54,10 +72,7 @@ def save_reconstructions(vae, x: torch.Tensor, path: Path, loggers=None) -> Path
     fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
     for r, (title, images) in enumerate(rows.items()):
         for c in range(n):
-            ax = axes[r][c]
-            ax.imshow(images[c].detach().cpu().reshape(28, 28), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _show(axes[r][c], images[c], vae.input_shape)
         axes[r][0].set_ylabel(title, fontsize=8)
     save_figure(fig, path)
     log_image(loggers, "reconstructions", path)
@@ -98,9 +113,11 @@ def save_margin_scatter(table, certified_columns, path: Path, title: str = "") -
 
 
 @torch.no_grad()
-def save_latent_attack(x, attack, target, path: Path, budget: float | None) -> Path:
+def save_latent_attack(x, attack, target, path: Path, budget: float | None, shape=None) -> Path:
     """Paper Fig. 1: original, adversarial input, its reconstruction, target; a row per input.
-    ``budget``: the hard attack's C; None for the soft attack (each row shows its ‖δ‖)."""
+    ``budget``: the hard attack's C; None for the soft attack (each row shows its ‖δ‖);
+    ``shape``: the inputs' (C, H, W)."""
+    shape = shape or (x.shape[-1],)
     cols = {
         "original": x,
         f"adversarial (‖δ‖≤{budget:g})" if budget is not None else "adversarial (soft)": attack.adversarial,
@@ -111,10 +128,7 @@ def save_latent_attack(x, attack, target, path: Path, budget: float | None) -> P
     fig, axes = plt.subplots(n, len(cols), figsize=(1.5 * len(cols), 1.4 * n), squeeze=False)
     for c, (title, images) in enumerate(cols.items()):
         for r in range(n):
-            ax = axes[r][c]
-            ax.imshow(images[r].detach().cpu().reshape(28, 28), cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _show(axes[r][c], images[r], shape)
         axes[0][c].set_title(title, fontsize=7)
     for r in range(n):
         if budget is None:
@@ -150,9 +164,10 @@ def save_prior_samples(vae, path: Path, n: int = 8, generator: torch.Generator |
     vae.eval()
     device = next(vae.parameters()).device
     z = torch.randn(n * n, vae.latent_dim, generator=generator).to(device)
-    images = vae.decode(z).cpu().reshape(n, n, 28, 28).permute(0, 2, 1, 3).reshape(n * 28, n * 28)
+    tiles = [as_image(v, vae.input_shape) for v in vae.decode(z).cpu()]
+    rows = [np.concatenate(tiles[i * n:(i + 1) * n], axis=1) for i in range(n)]
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(images, cmap="gray", vmin=0, vmax=1)
+    ax.imshow(np.concatenate(rows, axis=0), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     ax.set_title("samples g(z), z ~ N(0, I)", fontsize=9)
     return save_figure(fig, path)

@@ -131,7 +131,7 @@ def claim(run_dir: Path, hint: str = TRAINING_HINT):
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
     except UnsafeFile as e:
         raise RunFolderError(str(e)) from None
-    except OSError as e:
+    except PermissionError as e:
         raise RunFolderError(f"run: cannot write to {run_dir} ({e.strerror}); make it writable or choose another"
                              " folder (hydra.run.dir)") from None
     try:

@@ -90,6 +90,24 @@ class LipschitzConstants:
     decoder: float = spec(POSITIVE, when=_lipschitz)
 
 
+Arch = StrEnum("Arch", "mlp conv")
+
+
+@dataclass
+class ArchConfig:
+    """``model.arch`` (the ``model/arch`` group): fully connected (``hidden`` widths) or
+    convolutional networks (``lipvae.conv``: a stage per entry of ``channels``, each halving the
+    resolution)."""
+
+    kind: Arch = MISSING
+    channels: List[int] = spec((lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0
+                                and all(_int(c) and c > 0 and c % 2 == 0 for c in v),
+                                "a non-empty list of positive even integers (GroupSort pairs)"),
+                               when=lambda root: root.model.arch.kind == Arch.conv, factory=lambda: [32, 64])
+    kernel_size: int = spec((lambda v: _int(v) and v > 0 and v % 2 == 1, "a positive odd integer"), 3,
+                            when=lambda root: root.model.arch.kind == Arch.conv)
+
+
 @dataclass
 class ModelConfig:
     """``model``: the VAE, built from exactly these fields (``VAE.from_config``'s arguments); its
@@ -106,6 +124,7 @@ class ModelConfig:
     encoder_std: EncoderStdConfig = MISSING
     lipschitz: LipschitzConstants = MISSING
     layer: Any = MISSING
+    arch: ArchConfig = field(default_factory=lambda: ArchConfig(kind=Arch.mlp))
 
 
 @dataclass

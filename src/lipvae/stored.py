@@ -11,9 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.config import build_vae, hydra_compose
 from lipvae.errors import UserError
-from lipvae.migrate import migrate_config
+from lipvae.migrate import LEGACY_INPUT_SHAPE, migrate_config
 from lipvae.results import FROZEN_MODEL, RunFolder
 from lipvae.safety import check_entries, check_targets, read_regular
+from lipvae.vae import stored_input_shape
 
 log = logging.getLogger("lipvae")
 
@@ -203,8 +204,8 @@ def load_model(path: Path, cfg: DictConfig | None = None):
     if cfg is None:
         source = RunFolder(run_dir).config_file
         cfg = check_stored_targets(complete_config(run_dir, load_config(source)), source)
-    vae = build_vae(cfg.model)
     state = load_state(weights)
+    vae = build_vae(cfg.model, stored_input_shape(state) or LEGACY_INPUT_SHAPE)
     frozen = weights.name == FROZEN
     if frozen:
         vae.freeze()

@@ -34,9 +34,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
+from lipvae.migrate import LEGACY_INPUT_SHAPE
 from lipvae.stored import load_best_weights, load_checkpoint, load_state
+from lipvae.vae import stored_input_shape
 from lipvae.config import (build_datamodule, build_entries, build_module, build_trainer, build_vae,
                            check_overrides, check_yaml_files, validate)
+from lipvae.data import check_datamodule
 from lipvae.errors import UserError
 from lipvae.evaluate import EVALUATION_FILE, Evaluation, read_evaluation
 from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up, write_rows
@@ -279,7 +282,8 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     if not last.is_file():  # check_run_folder refuses this first; kept for train() called alone
         raise UserError(f"resume: {last} does not exist, so there is nothing to resume; drop resume=true")
     resumed = load_checkpoint(last)  # safe load: one line for a foreign or malicious file
-    check_shapes(load_state(last), build_vae(cfg.model).state_dict(), last)
+    state = load_state(last)
+    check_shapes(state, build_vae(cfg.model, stored_input_shape(state) or LEGACY_INPUT_SHAPE).state_dict(), last)
     trim_metrics(run_dir / "csv" / "metrics.csv", int(resumed.get("global_step", 0)))
     log.info("resuming from %s", last)
     return str(last)
@@ -310,8 +314,9 @@ def build(cfg: DictConfig, ctx: RunContext, schedule: Schedule, loggers: list, p
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg.data, cfg.seed)
     datamodule.setup()
+    check_datamodule(datamodule)  # the contract (lipvae.data.VAEDataModule), before any model is built
     log.info("data: %s", datamodule.info.as_dict())
-    vae = build_vae(cfg.model)
+    vae = build_vae(cfg.model, datamodule.input_shape)
     module = build_module(cfg.module, vae)
     trainer = build_trainer(cfg.trainer, ctx.run_dir, logger=loggers or False, callbacks=schedule.callbacks,
                             plugins=[AtomicCheckpointIO()], enable_progress_bar=progress)

@@ -31,7 +31,9 @@ class Posterior:
 
 
 class VAE(nn.Module):
-    """A VAE whose μ, σ and g are either Lipschitz (Björck + GroupSort) or standard MLPs.
+    """A VAE whose μ, σ and g are either Lipschitz (orthonormal layers + GroupSort) or standard
+    networks: MLPs (``arch="mlp"``) or convolution stacks on ``input_shape = (C, H, W)`` images
+    (``arch="conv"``, ``lipvae.conv``). Inputs are flat vectors of ``prod(input_shape)`` entries.
 
     ``std_mode``: ``learned`` (σ = sigmoid(net(x))), ``bounded`` (that σ projected
     onto the ball ``‖σ‖₂ ≤ max_norm``, 1-Lipschitz so the constant still holds) or
@@ -41,7 +43,7 @@ class VAE(nn.Module):
     def __init__(
         self,
         kind: str = "lipschitz",
-        input_dim: int = 784,
+        input_dim: int | None = None,
         latent_dim: int = 10,
         hidden: tuple[int, ...] = (512, 512),
         encoder_mean_L: float = 5.0,
@@ -54,33 +56,60 @@ class VAE(nn.Module):
         obs_std: float = 1.0,
         beta: float = 1.0,
         layer: Callable[..., LipschitzLinear] = BjorckLinear,
+        input_shape: Sequence[int] | None = None,
+        arch: str = "mlp",
+        channels: Sequence[int] = (32, 64),
+        kernel_size: int = 3,
     ) -> None:
         super().__init__()  # the arguments are checked by the model schema (lipvae.schema.ModelConfig)
-        self.kind, self.std_mode, self.likelihood = kind, std_mode, likelihood
+        if input_shape is None:
+            if input_dim is None:
+                raise TypeError("VAE needs the data's input_shape (C, H, W), or input_dim for flat vectors")
+            input_shape = (int(input_dim),)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        input_dim = math.prod(self.input_shape)
+        self.kind, self.std_mode, self.likelihood, self.arch = kind, std_mode, likelihood, arch
         self.input_dim, self.latent_dim = input_dim, latent_dim
         self.gamma, self.max_norm, self.obs_std, self.beta = gamma, max_norm, obs_std, beta
         self.nominal = {"encoder_mean": encoder_mean_L, "encoder_std": encoder_std_L, "decoder": decoder_L}
+        # the data's shape travels with the weights (state dict), so a stored model rebuilds itself
+        self.register_buffer("data_shape", torch.tensor(self.input_shape, dtype=torch.int64))
+        self.register_load_state_dict_pre_hook(_shape_of_older_weights)
 
-        enc_sizes = [input_dim, *hidden, latent_dim]
-        dec_sizes = [latent_dim, *hidden, input_dim]
-        if kind == "lipschitz":
+        lipschitz = kind == "lipschitz"
+        if arch == "conv":
+            from lipvae.conv import conv_decoder, conv_encoder
 
-            def build(sizes, lip, head):
-                return lipschitz_mlp(sizes, lip, layer=layer, sigmoid_head=head)
+            def encoder(lip, head):
+                return conv_encoder(self.input_shape, channels, latent_dim, lip if lipschitz else None, layer,
+                                    kernel_size, sigmoid_head=head)
 
+            def decoder(lip):
+                return conv_decoder(latent_dim, self.input_shape, channels, lip if lipschitz else None, layer,
+                                    kernel_size)
         else:
+            enc_sizes = [input_dim, *hidden, latent_dim]
+            dec_sizes = [latent_dim, *hidden, input_dim]
 
-            def build(sizes, lip, head):
+            def mlp(sizes, lip, head):
+                if lipschitz:
+                    return lipschitz_mlp(sizes, lip, layer=layer, sigmoid_head=head)
                 return standard_mlp(sizes, sigmoid_head=head)
 
-        self.encoder_mean = build(enc_sizes, encoder_mean_L, False)
+            def encoder(lip, head):
+                return mlp(enc_sizes, lip, head)
+
+            def decoder(lip):
+                return mlp(dec_sizes, lip, True)
+
+        self.encoder_mean = encoder(encoder_mean_L, False)
         # σ and g end in their sigmoid heads, so each network's constant includes its head.
         # ``encode`` runs σ's body alone and applies the sigmoid itself, to take log σ stably.
-        self.encoder_std = None if std_mode == "fixed" else build(enc_sizes, encoder_std_L, True)
-        self.decoder = build(dec_sizes, decoder_L, True)
-        # each network's constant by construction (head included), kept from before freezing
+        self.encoder_std = None if std_mode == "fixed" else encoder(encoder_std_L, True)
+        self.decoder = decoder(decoder_L)
+        # each network's constant by construction, its head included, kept from before freezing
         self.bound = None
-        if kind == "lipschitz":
+        if lipschitz:
             self.bound = {
                 "encoder_mean": nominal_lipschitz(self.encoder_mean),
                 "encoder_std": 0.0 if self.encoder_std is None else nominal_lipschitz(self.encoder_std),
@@ -98,18 +127,22 @@ class VAE(nn.Module):
         obs_std: float,
         encoder_std: Mapping,
         lipschitz: Mapping,
+        input_shape: Sequence[int],
         layer: Callable[..., LipschitzLinear] | None = None,
-        input_dim: int = 784,
+        arch: Mapping | None = None,
     ) -> VAE:
         """The VAE of a ``model`` config group, whose fields these arguments are named after
-        (``encoder_std`` and ``lipschitz`` are its nested groups; ``layer`` the partial that the
-        ``model/layer`` group builds). The model's ``_target_``."""
+        (``encoder_std``, ``lipschitz`` and ``arch`` are its nested groups; ``layer`` the partial
+        that the ``model/layer`` group builds; ``input_shape`` the data's, given by the run). The
+        model's ``_target_``."""
+        arch = dict(arch or {"kind": "mlp"})
         return cls(
-            kind=kind, input_dim=input_dim, latent_dim=latent_dim, hidden=tuple(hidden), beta=float(beta),
+            kind=kind, input_shape=tuple(input_shape), latent_dim=latent_dim, hidden=tuple(hidden), beta=float(beta),
             likelihood=likelihood, obs_std=obs_std, std_mode=encoder_std["mode"], gamma=encoder_std.get("gamma"),
             max_norm=encoder_std.get("max_norm"), encoder_mean_L=float(lipschitz["encoder_mean"]),
             encoder_std_L=float(lipschitz["encoder_std"]), decoder_L=float(lipschitz["decoder"]),
-            layer=BjorckLinear if layer is None else layer,
+            layer=BjorckLinear if layer is None else layer, arch=arch.get("kind", "mlp"),
+            channels=tuple(arch.get("channels") or (32, 64)), kernel_size=int(arch.get("kernel_size") or 3),
         )
 
     def encode(self, x: torch.Tensor) -> Posterior:
@@ -193,6 +226,20 @@ class VAE(nn.Module):
             "decoder": measured_lipschitz(self.decoder),
         }
         return {"nominal": nominal, "bound": dict(self.bound), "measured": measured}
+
+
+def _shape_of_older_weights(module, state_dict, prefix, *args) -> None:
+    """Weights saved before the data's shape was part of the state dict take the model's own."""
+    state_dict.setdefault(prefix + "data_shape", module.data_shape.clone())
+
+
+def stored_input_shape(state: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The data shape a VAE's state dict was saved with (``data_shape``; keys may carry a
+    Lightning module's ``vae.`` prefix); None for weights saved before it was recorded."""
+    for key in ("data_shape", "vae.data_shape"):
+        if key in state:
+            return tuple(int(v) for v in state[key].tolist())
+    return None
 
 
 def continuous_bernoulli_log_norm(lam: torch.Tensor) -> torch.Tensor:

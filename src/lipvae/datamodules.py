@@ -1,0 +1,228 @@
+"""Data modules beyond the IDX files: any torchvision image data set by class name, a folder of
+images, and a tensor file. Each meets ``lipvae.data.VAEDataModule``'s contract: inputs in
+[0, 1] flattened from ``(C, H, W)``, a seeded train/val/test division, and a ``SplitInfo`` with
+digests of what was read, so that a re-evaluation tests on exactly the same inputs or refuses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lipvae.data import SplitInfo, TensorBatches, VAEDataModule, digest
+from lipvae.errors import UserError
+
+
+def as_unit_images(array, what: str) -> torch.Tensor:
+    """``N × C × H × W`` (or ``N × D``) float32 in [0, 1] from integer pixels (divided by 255)
+    or floats already in [0, 1]; one line naming ``what`` otherwise."""
+    t = torch.as_tensor(np.asarray(array))
+    if t.ndim not in (2, 4):
+        raise UserError(f"{what}: got an array of shape {tuple(t.shape)}; accepted: N × C × H × W images or N × D"
+                        " vectors")
+    if t.dtype == torch.uint8:
+        return t.to(torch.float32) / 255.0
+    if not t.is_floating_point():
+        raise UserError(f"{what}: got {t.dtype} values; accepted: uint8 pixels (0-255) or floats in [0, 1]")
+    t = t.to(torch.float32)
+    if len(t) == 0 or not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
+        raise UserError(f"{what}: float values outside [0, 1] (or none, or not finite); accepted: inputs scaled to"
+                        " [0, 1]")
+    return t
+
+
+class DividedDataModule(VAEDataModule):
+    """A data module that reads its inputs (``load``: a training pool and, where the source has
+    one, a test set) and divides them with ``seed``: ``test_fraction`` of the pool held out for
+    testing when there is no test set, ``val_fraction`` of the rest for validation; ``limit``
+    keeps the first N inputs of each source (quick runs)."""
+
+    kind = "data"
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int = 1000, val_fraction: float = 0.1,
+                 test_fraction: float = 0.2, limit: int | None = None, seed: int = 0) -> None:
+        super().__init__(batch_size, eval_batch_size, seed)
+        if not 0 < val_fraction < 1 or not 0 < test_fraction < 1:
+            raise UserError(f"data.val_fraction, data.test_fraction: got {val_fraction}, {test_fraction};"
+                            " accepted: numbers in (0, 1)")
+        if limit is not None and (not isinstance(limit, int) or limit < 3):
+            raise UserError(f"data.limit: got {limit!r}; accepted: an integer >= 3, or null")
+        self.val_fraction, self.test_fraction, self.limit = val_fraction, test_fraction, limit
+
+    def load(self) -> tuple[dict, str]:
+        """``({"train": (x, y), "test": (x, y) or absent}, where)``: inputs as ``as_unit_images``
+        gives them, integer labels (-1 where none), and where they were read from."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits:
+            return
+        sources, where = self.load()
+        gen = torch.Generator().manual_seed(self.seed)
+        digests, parts = {}, {}
+        for split, (x, y) in sources.items():
+            if self.limit:
+                x, y = x[: self.limit], y[: self.limit]
+            digests[f"{self.kind}/{split}"] = digest(x, y)
+            parts[split] = (x, torch.as_tensor(y, dtype=torch.int64), torch.arange(len(x)))
+        shape = tuple(parts["train"][0].shape[1:])
+        if "test" in parts and tuple(parts["test"][0].shape[1:]) != shape:
+            raise UserError(f"data: the training inputs are {shape} and the test inputs"
+                            f" {tuple(parts['test'][0].shape[1:])}; accepted: one shape")
+        x, y, index = parts["train"]
+        if "test" not in parts:
+            perm = torch.randperm(len(x), generator=gen)
+            n_test = max(1, int(round(self.test_fraction * len(x))))
+            held, pool = perm[:n_test].sort().values, perm[n_test:]
+            parts["test"] = (x[held], y[held], index[held])
+            x, y, index = x[pool], y[pool], index[pool]
+        perm = torch.randperm(len(x), generator=gen)
+        n_val = max(1, int(round(self.val_fraction * len(x))))
+        val, train = perm[:n_val], perm[n_val:]
+        if len(train) == 0:
+            raise UserError(f"data: {len(x) + len(parts['test'][0])} inputs leave no training split; accepted: at"
+                            " least 3 inputs (a larger data.limit)")
+        tx, ty, tindex = parts["test"]
+        splits = {
+            "train": TensorBatches(x[train].flatten(1), y[train], index[train]),
+            "val": TensorBatches(x[val].flatten(1), y[val], index[val]),
+            "test": TensorBatches(tx.flatten(1), ty, tindex),
+        }
+        info = SplitInfo(self.kind, "train-test" if len(sources) > 1 else "divided", len(train), len(val), len(tx),
+                         folder=where, seed=self.seed, sources=digests,
+                         indices=digest(*(splits[k].index for k in ("train", "val", "test"))))
+        self.set_splits(splits, info, shape)
+
+
+class TensorFileDataModule(DividedDataModule):
+    """Inputs from one tensor file: ``.npy`` (an array), ``.npz`` (``images`` or ``x``, and
+    optionally ``labels`` or ``y``) or ``.pt`` (a tensor, or a dict with those keys; read with
+    ``weights_only=True``: no code runs). Arrays are ``N × C × H × W`` images or ``N × D``
+    vectors, uint8 pixels or floats in [0, 1]. Divided into train/val/test with ``seed``."""
+
+    kind = "tensor_file"
+
+    def __init__(self, path: str, batch_size: int = 128, eval_batch_size: int = 1000, val_fraction: float = 0.1,
+                 test_fraction: float = 0.2, limit: int | None = None, seed: int = 0) -> None:
+        super().__init__(batch_size, eval_batch_size, val_fraction, test_fraction, limit, seed)
+        if path is None:
+            raise UserError("data.path: not set; accepted: a .npy, .npz or .pt file (data.path=...)")
+        self.path = Path(str(path)).expanduser()
+        if not self.path.is_file():
+            raise UserError(f"data.path: got {str(path)!r}, which is not a file; accepted: a .npy, .npz or .pt file")
+        if self.path.suffix not in (".npy", ".npz", ".pt", ".pth"):
+            raise UserError(f"data.path: got {str(path)!r}; accepted: a .npy, .npz or .pt file")
+
+    def load(self) -> tuple[dict, str]:
+        what = f"data.path ({self.path.name})"
+        try:
+            if self.path.suffix == ".npy":
+                content = np.load(self.path, allow_pickle=False)
+            elif self.path.suffix == ".npz":
+                with np.load(self.path, allow_pickle=False) as f:
+                    content = {k: f[k] for k in f.files}
+            else:
+                content = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{what}: cannot be read as data ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        images, labels = content, None
+        if isinstance(content, dict):
+            images = next((content[k] for k in ("images", "x") if k in content), None)
+            labels = next((content[k] for k in ("labels", "y") if k in content), None)
+            if images is None:
+                raise UserError(f"{what}: holds the keys {sorted(content)}; accepted: 'images' (or 'x'), and"
+                                " optionally 'labels' (or 'y')")
+        x = as_unit_images(images, what)
+        y = torch.full((len(x),), -1, dtype=torch.int64) if labels is None else torch.as_tensor(np.asarray(labels))
+        if y.shape != (len(x),):
+            raise UserError(f"{what}: {len(x)} inputs but labels of shape {tuple(y.shape)}; accepted: one label each")
+        return {"train": (x, y)}, str(self.path.resolve())
+
+
+class TorchvisionDataModule(DividedDataModule):
+    """Any image data set of ``torchvision.datasets`` by class name (``dataset: CIFAR10``), read
+    from ``root`` (downloaded there when ``download`` and the network allow): its training and
+    test splits, inputs scaled to [0, 1]; validation is ``val_fraction`` of the training split."""
+
+    def __init__(self, dataset: str, root: str, download: bool = True, batch_size: int = 128,
+                 eval_batch_size: int = 1000, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                 limit: int | None = None, seed: int = 0) -> None:
+        super().__init__(batch_size, eval_batch_size, val_fraction, test_fraction, limit, seed)
+        import torchvision
+
+        cls = getattr(torchvision.datasets, str(dataset), None)
+        if not isinstance(cls, type) or not issubclass(cls, torchvision.datasets.VisionDataset):
+            names = sorted(n for n in dir(torchvision.datasets) if n[0].isupper())
+            raise UserError(f"data.dataset: got {dataset!r}; accepted: a class of torchvision.datasets"
+                            f" ({', '.join(names[:12])}, ...)")
+        self.cls, self.kind, self.root, self.download = cls, f"torchvision/{dataset}", Path(str(root)).expanduser(), download
+
+    def _read(self, train: bool):
+        import inspect
+
+        params = inspect.signature(self.cls).parameters
+        how = {"train": train} if "train" in params else {"split": "train" if train else "test"}
+        try:
+            ds = self.cls(root=str(self.root), download=self.download, **how)
+        except Exception as e:
+            raise UserError(f"data: torchvision's {self.cls.__name__} cannot be read from {self.root}"
+                            f" ({type(e).__name__}: {str(e).splitlines()[0][:120]}); put its files there or allow"
+                            " data.download") from None
+        data, targets = getattr(ds, "data", None), getattr(ds, "targets", None)
+        if data is not None and targets is not None:  # the fast path: arrays of uint8 pixels
+            array = np.asarray(data)
+            array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2) if array.shape[-1] in (1, 3) else array
+            return as_unit_images(array, f"data ({self.cls.__name__})"), torch.as_tensor(np.asarray(targets))
+        from torchvision.transforms.functional import pil_to_tensor
+
+        images, labels = zip(*((pil_to_tensor(img), int(t)) for img, t in ds))
+        return as_unit_images(torch.stack(images).numpy(), f"data ({self.cls.__name__})"), torch.tensor(labels)
+
+    def load(self) -> tuple[dict, str]:
+        return {"train": self._read(True), "test": self._read(False)}, str(self.root.resolve())
+
+
+class ImageFolderDataModule(DividedDataModule):
+    """A folder of images: class subfolders (torchvision's ``ImageFolder`` layout, labels from
+    their names) or image files directly in it (no labels). All images must have one size;
+    ``channels`` 1 reads them as grey-scale, 3 as RGB. Divided into train/val/test with ``seed``."""
+
+    kind = "image_folder"
+    SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+    def __init__(self, root: str, channels: int = 1, batch_size: int = 128, eval_batch_size: int = 1000,
+                 val_fraction: float = 0.1, test_fraction: float = 0.2, limit: int | None = None, seed: int = 0) -> None:
+        super().__init__(batch_size, eval_batch_size, val_fraction, test_fraction, limit, seed)
+        if root is None:
+            raise UserError("data.root: not set; accepted: a folder of images (data.root=...)")
+        self.root = Path(str(root)).expanduser()
+        if not self.root.is_dir():
+            raise UserError(f"data.root: got {str(root)!r}, which is not a folder; accepted: a folder of images")
+        if channels not in (1, 3):
+            raise UserError(f"data.channels: got {channels!r}; accepted: 1 (grey-scale), 3 (RGB)")
+        self.channels = channels
+
+    def load(self) -> tuple[dict, str]:
+        from PIL import Image
+
+        classes = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        files = [(f, i) for i, c in enumerate(classes) for f in sorted((self.root / c).rglob("*"))
+                 if f.suffix.lower() in self.SUFFIXES]
+        if not classes:
+            files = [(f, -1) for f in sorted(self.root.iterdir()) if f.suffix.lower() in self.SUFFIXES]
+        if not files:
+            raise UserError(f"data.root: {self.root} holds no images ({', '.join(self.SUFFIXES)})")
+        mode = "L" if self.channels == 1 else "RGB"
+        arrays, sizes = [], set()
+        for f, _ in files:
+            with Image.open(f) as img:
+                a = np.asarray(img.convert(mode), dtype=np.uint8)
+            sizes.add(a.shape[:2])
+            arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        if len(sizes) > 1:
+            raise UserError(f"data.root: {self.root} holds images of {len(sizes)} sizes ({sorted(sizes)[:3]} ...);"
+                            " accepted: images of one size")
+        x = as_unit_images(np.stack(arrays), f"data.root ({self.root})")
+        return {"train": (x, torch.tensor([label for _, label in files]))}, str(self.root.resolve())
