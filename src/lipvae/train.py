@@ -391,7 +391,7 @@ def record(cfg: DictConfig, ctx: RunContext, built: Built, trained: Trained, tes
     return Results(
         status="completed", run=ctx.record(built.loggers), config=OmegaConf.to_container(cfg, resolve=True),
         model={"kind": vae.kind, "latent_dim": vae.latent_dim, "encoder_std": std, "beta": vae.beta,
-               "likelihood": vae.likelihood},
+               "likelihood": vae.likelihood, "arch": str(vae.arch)},
         lipschitz=trained.constants, data=built.datamodule.info.as_dict(), metrics=metrics, **ev.results(),
     )
 

@@ -1,0 +1,194 @@
+"""The data contract (lipvae.data.VAEDataModule) and the built-in data entries beyond the IDX
+files: a tensor file, an image folder, any torchvision data set; README's own data module."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lipvae.data import SplitInfo, TensorBatches, VAEDataModule, check_datamodule
+from lipvae.datamodules import ImageFolderDataModule, TensorFileDataModule, TorchvisionDataModule
+from lipvae.errors import UserError
+
+from conftest import PROJECT, run_cli, synthetic_digits
+
+
+def _check_split(dm, shape, n_total, n_test_source=0):
+    """Set up and checked; every input of the source(s) in exactly one split (a source's own test
+    split of ``n_test_source`` inputs apart)."""
+    dm.setup()
+    check_datamodule(dm)
+    assert dm.input_shape == shape and dm.info.input_shape == list(shape)
+    parts = [dm.split(s) for s in ("train", "val", "test")]
+    assert sum(len(p.images) for p in parts) == n_total
+    pool = parts if not n_test_source else parts[:2]
+    assert sorted(torch.cat([p.index for p in pool]).tolist()) == list(range(n_total - n_test_source))
+    if n_test_source:
+        assert sorted(parts[2].index.tolist()) == list(range(n_test_source))
+    for p in parts:
+        assert p.images.shape[1] == int(np.prod(shape)) and 0 <= float(p.images.min()) and float(p.images.max()) <= 1
+
+
+def test_a_tensor_file_of_images_or_vectors_is_divided_with_the_seed(tmp_path):
+    gen = np.random.default_rng(0)
+    np.save(tmp_path / "images.npy", gen.integers(0, 256, (50, 3, 8, 8), dtype=np.uint8))
+    dm = TensorFileDataModule(str(tmp_path / "images.npy"), seed=3)
+    _check_split(dm, (3, 8, 8), 50)
+    assert (dm.info.split, dm.info.num_test) == ("divided", 10)
+    again = TensorFileDataModule(str(tmp_path / "images.npy"), seed=3)
+    again.setup()
+    assert again.info.indices == dm.info.indices and torch.equal(again.split("test").index, dm.split("test").index)
+    other = TensorFileDataModule(str(tmp_path / "images.npy"), seed=4)
+    other.setup()
+    assert other.info.indices != dm.info.indices
+    torch.save({"x": torch.rand(30, 7, dtype=torch.float64), "y": torch.arange(30)}, tmp_path / "vectors.pt")
+    vectors = TensorFileDataModule(str(tmp_path / "vectors.pt"))
+    _check_split(vectors, (7,), 30)
+    assert set(torch.cat([vectors.split(s).labels for s in ("train", "val", "test")]).tolist()) == set(range(30))
+
+
+@pytest.mark.parametrize("content, message", [
+    (np.full((10, 4), 2.0), r"float values outside \[0, 1\]"),
+    (np.zeros((10, 2, 2)), r"shape \(10, 2, 2\); accepted: N × C × H × W"),
+    (np.zeros((10, 4), dtype=np.int32), r"int32 values; accepted: uint8"),
+])
+def test_a_tensor_file_that_is_not_inputs_is_one_line(tmp_path, content, message):
+    np.save(tmp_path / "bad.npy", content)
+    with pytest.raises(UserError, match=r"^data\.path \(bad\.npy\): .*" + message):
+        TensorFileDataModule(str(tmp_path / "bad.npy")).setup()
+    with pytest.raises(UserError, match=r"^data\.path: got .*missing.npy.*not a file"):
+        TensorFileDataModule(str(tmp_path / "missing.npy"))
+
+
+def test_a_changed_file_is_caught_by_the_recorded_digests(tmp_path):
+    x = np.random.default_rng(1).integers(0, 256, (40, 1, 4, 4), dtype=np.uint8)
+    np.save(tmp_path / "d.npy", x)
+    dm = TensorFileDataModule(str(tmp_path / "d.npy"))
+    dm.setup()
+    record = dm.info.as_dict()
+    x[7, 0, 1, 1] ^= 1
+    np.save(tmp_path / "d.npy", x)
+    changed = TensorFileDataModule(str(tmp_path / "d.npy"))
+    changed.setup()
+    with pytest.raises(UserError, match=r"tensor_file/train file that differs"):
+        changed.info.check_same(record, tmp_path)
+
+
+def test_an_image_folder_with_class_subfolders(tmp_path):
+    from PIL import Image
+
+    gen = np.random.default_rng(2)
+    for label in ("cats", "dogs"):
+        (tmp_path / "img" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(gen.integers(0, 256, (8, 12, 3), dtype=np.uint8)).save(tmp_path / "img" / label / f"{i}.png")
+    rgb = ImageFolderDataModule(str(tmp_path / "img"), channels=3)
+    _check_split(rgb, (3, 8, 12), 12)
+    assert sorted(torch.cat([rgb.split(s).labels for s in ("train", "val", "test")]).tolist()) == [0] * 6 + [1] * 6
+    grey = ImageFolderDataModule(str(tmp_path / "img"), channels=1)
+    _check_split(grey, (1, 8, 12), 12)
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(tmp_path / "img" / "dogs" / "odd.png")
+    with pytest.raises(UserError, match=r"^data\.root: .* holds images of 2 sizes"):
+        ImageFolderDataModule(str(tmp_path / "img")).setup()
+
+
+def test_a_torchvision_data_set_by_class_name(tmp_path):
+    """torchvision's MNIST class reading IDX files placed in its raw/ layout, offline."""
+    import struct
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n, seed in (("train", 30, 1), ("t10k", 12, 2)):
+        images, labels = synthetic_digits(n, seed)
+        for name, a in ((f"{split}-images-idx3-ubyte", images), (f"{split}-labels-idx1-ubyte", labels)):
+            (raw / name).write_bytes(struct.pack(">BBBB", 0, 0, 0x08, a.ndim) + struct.pack(f">{a.ndim}I", *a.shape)
+                                     + a.tobytes())
+    dm = TorchvisionDataModule("MNIST", str(tmp_path), download=False)
+    _check_split(dm, (1, 28, 28), 42, n_test_source=12)
+    assert dm.info.split == "train-test" and dm.info.num_test == 12
+    assert set(dm.info.sources) == {"torchvision/MNIST/train", "torchvision/MNIST/test"}
+    with pytest.raises(UserError, match=r"^data\.dataset: got 'NoSuchSet'; accepted: a class of torchvision\.datasets"):
+        TorchvisionDataModule("NoSuchSet", str(tmp_path))
+    with pytest.raises(UserError, match=r"^data: torchvision's FashionMNIST cannot be read from"):
+        TorchvisionDataModule("FashionMNIST", str(tmp_path), download=False).setup()
+
+
+class _NoShape(VAEDataModule):
+    def setup(self, stage=None):
+        x = torch.rand(9, 4)
+        part = TensorBatches(x, torch.zeros(9, dtype=torch.int64), torch.arange(9))
+        self._splits = {"train": part, "val": part, "test": part}
+        self.info = SplitInfo("x", "generated", 9, 9, 9)
+
+
+class _OutOfRange(_NoShape):
+    def setup(self, stage=None):
+        part = TensorBatches(torch.full((9, 4), 3.0), torch.zeros(9, dtype=torch.int64), torch.arange(9))
+        self.set_splits({"train": part, "val": part, "test": part}, SplitInfo("x", "generated", 9, 9, 9), (4,))
+
+
+class _NotAModule:
+    pass
+
+
+@pytest.mark.parametrize("dm, message", [
+    (_NoShape(), r"\.input_shape: got None; accepted: \(C, H, W\) or \(D,\)"),
+    (_OutOfRange(), r"\.split\('train'\)\.images: values outside \[0, 1\]"),
+    (_NotAModule(), r"is not a LightningDataModule"),
+])
+def test_a_data_module_that_misses_the_contract_is_one_line(dm, message):
+    if hasattr(dm, "setup"):
+        dm.setup()
+    with pytest.raises(UserError, match=r"^data: .*" + message + r".*README, 'Your own data'"):
+        check_datamodule(dm)
+
+
+def _readme_example(tmp_path: Path) -> tuple[Path, list[str]]:
+    """README's own data module, its YAML and the overrides of its command, written as a user would."""
+    readme = (PROJECT / "README.md").read_text()
+    section = readme[readme.index("<!-- own-data-example"):]
+    code, yaml = re.findall(r"```(?:python|yaml)\n(.*?)```", section, flags=re.S)[:2]
+    command = re.search(r"```bash\n(PYTHONPATH=\. python -m lipvae\.train [^\n]*)\n```", section).group(1)
+    (tmp_path / "my_data.py").write_text(code)
+    (tmp_path / "my_conf" / "data").mkdir(parents=True)
+    (tmp_path / "my_conf" / "data" / "blobs.yaml").write_text(yaml)
+    return tmp_path, command.split()[4:]
+
+
+@pytest.mark.slow
+def test_readmes_own_data_module_trains_certifies_and_attacks(tmp_path, monkeypatch):
+    folder, args = _readme_example(tmp_path)
+    assert args[:3] == ["--config-dir", "my_conf", "data=blobs"] and "model/arch=conv" in args
+    monkeypatch.syspath_prepend(str(folder))
+    sys.modules.pop("my_data", None)
+    proc = run_cli(*args, "experiment=smoke", "attack.num_inputs=3", f"hydra.run.dir={folder / 'run'}", cwd=folder)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((folder / "run" / "results.json").read_text())
+    assert r["status"] == "completed" and r["data"]["name"] == "blobs" and r["data"]["input_shape"] == [1, 12, 12]
+    assert r["model"]["arch"] == "conv" and r["soundness_violations"] == 0
+    assert r["certified"]["fraction_certified"] > 0
+    # the smoke preset's data.limit is a field of lipvae's own data modules: left out for Blobs
+    assert re.search(r"data: limit not argument\(s\) of my_data\.Blobs; left out",
+                     (folder / "run" / "train.log").read_text())
+
+
+@pytest.mark.slow
+def test_a_data_module_that_misses_the_contract_stops_before_training(tmp_path, monkeypatch):
+    (tmp_path / "bad_data.py").write_text(
+        "import torch\nfrom lipvae.data import SplitInfo, TensorBatches, VAEDataModule\n\n\n"
+        "class NoInfo(VAEDataModule):\n"
+        "    def setup(self, stage=None):\n"
+        "        part = TensorBatches(torch.rand(9, 4), torch.zeros(9, dtype=torch.int64), torch.arange(9))\n"
+        "        self._splits, self._shape = {'train': part, 'val': part, 'test': part}, (4,)\n")
+    (tmp_path / "conf" / "data").mkdir(parents=True)
+    (tmp_path / "conf" / "data" / "noinfo.yaml").write_text("_target_: bad_data.NoInfo\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    proc = run_cli("--config-dir", str(tmp_path / "conf"), "data=noinfo", "experiment=smoke",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data: bad_data.NoInfo.info: got NoneType;")
+    assert not (tmp_path / "run" / "checkpoints").exists()
