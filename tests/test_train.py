@@ -47,6 +47,7 @@ def test_single_lipschitz_run(tmp_path):
         "encoder_std": {"mode": "learned", "gamma": None, "max_norm": None},
         "beta": 1.0,
         "likelihood": "continuous_bernoulli",
+        "arch": "mlp",
     }
     nominal, measured = r["lipschitz"]["nominal"], r["lipschitz"]["measured"]
     assert nominal == {"encoder_mean": 4.0, "encoder_std": 4.0, "decoder": 6.0}

@@ -44,9 +44,22 @@ def circular_conv_norm(kernel: torch.Tensor, size: tuple[int, int]) -> torch.Ten
             for b in range(kw):
                 folded[..., a % h, b % w] += kernel[..., a, b]
         kernel = folded
-    spectrum = torch.fft.fft2(kernel, s=(h, w))  # c_out × c_in × h × w, complex
-    per_freq = spectrum.permute(2, 3, 0, 1)  # h × w × c_out × c_in
-    return torch.linalg.matrix_norm(per_freq, ord=2).amax()
+    # a real kernel's spectrum is conjugate-symmetric, P(−u, −v) = conj P(u, v), with the same
+    # singular values: the half that rfft2 returns has them all
+    spectrum = torch.fft.rfft2(kernel, s=(h, w))  # c_out × c_in × h × (w//2 + 1), complex
+    per_freq = spectrum.permute(2, 3, 0, 1).reshape(-1, *spectrum.shape[:2])  # frequencies × c_out × c_in
+    tall = per_freq.shape[-1] <= per_freq.shape[-2]
+    with torch.no_grad():  # the largest singular value from the smaller Gram matrix (Hermitian)
+        p = per_freq.detach()
+        gram = p.mH @ p if tall else p @ p.mH
+        values, vectors = torch.linalg.eigh(gram)
+        top = values[:, -1].argmax()
+    if not (torch.is_grad_enabled() and kernel.requires_grad):
+        return values[top, -1].clamp_min(0).sqrt()
+    # with a gradient: ‖P v‖ at the top frequency, v its top right singular vector (u for a wide
+    # P), whose derivative is the top singular value's (u vᴴ); one frequency's cost, not all
+    v = vectors[top, :, -1]
+    return torch.linalg.vector_norm((per_freq[top] @ v) if tall else (v.conj() @ per_freq[top]))
 
 
 class CircularConv2d(nn.Module):

@@ -131,9 +131,14 @@ def qr_retract(w: torch.Tensor) -> torch.Tensor:
     orthogonality as cond(w)², harmless here (an Adam step from an orthonormal matrix leaves
     cond ≈ 1); where the Cholesky fails, or on Apple's MPS, geoopt's QR does it."""
     if w.device.type != "mps":
-        r, info = torch.linalg.cholesky_ex(w.mT @ w, upper=True)
-        if int(info) == 0:
-            return torch.linalg.solve_triangular(r, w, upper=True, left=False)
+        gram = w.mT @ w
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        # near the manifold (‖wᵀw − I‖_F < ½, so cond(w)² < 3) one Cholesky QR is exact to float
+        # precision; farther (a huge learning rate's step) Householder QR below is, at any cond
+        if bool(torch.linalg.matrix_norm(gram - eye) < 0.5):
+            r, info = torch.linalg.cholesky_ex(gram, upper=True)
+            if int(info) == 0:
+                return torch.linalg.solve_triangular(r, w, upper=True, left=False)
     import geoopt
 
     point = w.cpu() if w.device.type == "mps" else w  # MPS has no QR

@@ -10,6 +10,7 @@ the weights actually used, which is what certificates must trust.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -67,6 +68,10 @@ class GroupSort2(nn.Module):
         return torch.stack((torch.minimum(a, b), torch.maximum(a, b)), dim=-1).flatten(-2)
 
 
+#: a frozen weight's spectral norm may exceed 1 by this much (float rounding) before it is rescaled
+FREEZE_TOLERANCE = 1e-6
+
+
 class ChannelGroupSort2(nn.Module):
     """GroupSort with groups of two channels at every pixel (``N × C × H × W``, even ``C``):
     each pair becomes (min, max). 1-Lipschitz and gradient-norm preserving."""
@@ -103,11 +108,22 @@ class LipschitzLinear(nn.Module):
         return F.linear(x, self.scale * self.effective_weight(), self.bias)
 
     def frozen(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding ``scale · frozen_weight()`` and the bias."""
+        """A plain ``nn.Linear`` holding ``scale · frozen_weight()`` and the bias. A frozen weight
+        whose spectral norm exceeds 1 (beyond ``FREEZE_TOLERANCE``: a layer whose normalisation
+        stops at a tolerance, or does not bound the spectral norm) is divided by that norm, with a
+        warning: the frozen network then has the constant the user asked for, never more."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         linear = linear.to(self.weight.device, self.weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.scale * self.frozen_weight())
+            weight = self.frozen_weight()
+            norm = spectral_norm_exact(weight)
+            if norm > 1 + FREEZE_TOLERANCE:
+                logging.getLogger("lipvae").warning(
+                    "%s: the weight's spectral norm is %.6g > 1; divided by it when freezing, so that the layer's"
+                    " constant is its scale %.4g (the trained function changes by up to %.2g %%)",
+                    type(self).__name__, norm, self.scale, 100 * (1 - 1 / norm))
+                weight = weight / norm
+            linear.weight.copy_(self.scale * weight)
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
