@@ -180,3 +180,15 @@ def test_a_trained_conv_vae_has_no_soundness_violation_under_a_strong_attack(mod
     for form in ("tight", "cantelli"):
         certified = table[f"certified_{form}"].to_numpy()
         assert (certified > 0).all() and (certified <= margin + 1e-6).all(), (form, certified, margin)
+
+
+def test_no_image_size_is_written_into_the_model_code():
+    """The input shape comes from the data: no 784 or 28 in the networks' and the VAE's code."""
+    import re
+
+    from conftest import PROJECT
+
+    for name in ("vae.py", "networks.py", "conv.py"):
+        code = "\n".join(line.split("#")[0] for line in (PROJECT / "src" / "lipvae" / name).read_text().splitlines()
+                         if not line.strip().startswith(("\"", "'", "``")))
+        assert not re.search(r"(?<![\w.])(784|28)(?![\w.])", code), name
