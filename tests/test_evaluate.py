@@ -285,3 +285,37 @@ def test_a_corrupt_or_foreign_record_is_evaluated_afresh_and_never_replaced(run,
         assert evaluate_main([str(run), "--replace"]) == 2
         assert "holds no completed run" in capsys.readouterr().err
         assert (run / "results.json").read_text() == text
+
+
+@pytest.mark.slow
+def test_a_moved_runs_data_is_found_with_data_root_and_still_checked(run, tmp_path, capsys, monkeypatch, synthetic_root):
+    moved = shutil.copytree(synthetic_root / "mnist", tmp_path / "moved" / "mnist")
+    monkeypatch.setenv("LIPVAE_DATA_DIR", str(tmp_path / "nowhere"))
+    args = [str(run), "certify.num_inputs=5", "attack.num_inputs=2", "attack.steps=5"]
+    assert evaluate_main(args) == 2  # the data is not where the run found it
+    capsys.readouterr()
+    assert evaluate_main([*args, f"data.root={moved}"]) == 0
+    assert "cannot check" not in capsys.readouterr().err
+    import gzip
+
+    images = moved / "t10k-images-idx3-ubyte.gz"
+    raw = bytearray(gzip.decompress(images.read_bytes()))
+    raw[16 + 14 * 28 + 14] ^= 0xFF  # one pixel of the first test image (after the 16-byte header)
+    images.write_bytes(gzip.compress(bytes(raw)))
+    assert evaluate_main([*args, f"data.root={moved}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mnist/test file that differs from the one the run read" in err[0]
+
+
+@pytest.mark.slow
+def test_a_record_without_digests_is_evaluated_after_a_warning(run, capsys):
+    record = json.loads((run / "results.json").read_text())
+    record["data"] = {k: v for k, v in record["data"].items() if k not in ("sources", "indices")}
+    (run / "results.json").write_text(json.dumps(record))
+    assert evaluate_main([str(run), "certify.num_inputs=5", "attack.num_inputs=2", "attack.steps=5"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no digests of its data" in warnings[0] and "would go unnoticed" in warnings[0]
+    record["data"]["sources"] = ["mnist/test"]
+    (run / "results.json").write_text(json.dumps(record))
+    assert evaluate_main([str(run), "certify.num_inputs=5"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data.sources: ")

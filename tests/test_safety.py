@@ -230,3 +230,28 @@ def test_report_refuses_a_planted_figure_link_and_a_fifo_record_does_not_hang(co
         signal.signal(signal.SIGALRM, old)
     assert "FIFO" in (sweep / "report.md").read_text()
     assert json.loads((sweep / "0_run" / "results.json").read_text())["status"] == "completed"
+
+
+def test_a_later_multirun_never_replaces_the_sweeps_first_record(tmp_path):
+    """Hydra rewrites <sweep>/multirun.yaml at every multirun: the first sweep's record stays, a
+    later one's goes beside it, also when the later multirun was killed before its end."""
+    from lipvae.sweep import SweepSummary
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    cfg = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    callback = SweepSummary()
+    callback.on_multirun_start(cfg)
+    (sweep / "multirun.yaml").write_text("first\n")  # what Hydra writes after the callback
+    callback.on_multirun_end(cfg)
+    assert (sweep / "multirun.yaml").read_text() == "first\n" and len(list(sweep.glob("multirun*"))) == 1
+    callback.on_multirun_start(cfg)
+    (sweep / "multirun.yaml").write_text("second: refused jobs\n")
+    callback.on_multirun_end(cfg)
+    assert (sweep / "multirun.yaml").read_text() == "first\n"
+    assert [p.read_text() for p in sweep.glob("multirun-*.yaml")] == ["second: refused jobs\n"]
+    callback.on_multirun_start(cfg)
+    (sweep / "multirun.yaml").write_text("third: killed\n")  # no on_multirun_end: the process died
+    SweepSummary().on_multirun_start(cfg)  # the next multirun puts the first record back first
+    assert (sweep / ".multirun.first.yaml").read_text() == "first\n"  # set aside again for this multirun
+    assert sorted(p.read_text() for p in sweep.glob("multirun-*.yaml")) == ["second: refused jobs\n", "third: killed\n"]

@@ -239,7 +239,11 @@ class SplitInfo:
                     f"data: {run_dir} was trained on another split ({key}: recorded {recorded[key]!r}, rebuilt"
                     f" {getattr(self, key)!r}); its re-evaluation would test on other images"
                 )
-        for name, was in (recorded.get("sources") or {}).items():
+        sources = recorded.get("sources") or {}
+        if not isinstance(sources, dict):
+            raise UserError(f"data.sources: {run_dir}/results.json records a {type(sources).__name__}; accepted: a"
+                            " mapping of source files to digests (the record is damaged: re-run the training)")
+        for name, was in sources.items():
             now = (self.sources or {}).get(name)
             if now != was:
                 found = "is missing" if now is None else "differs from the one the run read"

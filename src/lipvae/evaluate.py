@@ -343,8 +343,9 @@ def _latent_attack(vae, test, ac, device, gen, out_dir: Path):
 
 # --- re-evaluating a finished run ------------------------------------------------------------
 
-#: what a re-evaluation may change: the model and the data are the run's
-CHANGEABLE = ("certify.", "attack", "seed")
+#: what a re-evaluation may change: the model and the data are the run's (``data.root`` and
+#: ``data.path`` only say where its files are now: they are checked against the recorded digests)
+CHANGEABLE = ("certify.", "attack", "seed", "data.root", "data.path")
 
 
 def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[str, ...] = CHANGEABLE,

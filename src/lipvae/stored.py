@@ -231,6 +231,17 @@ def recorded_data(run_dir: Path) -> dict:
     return record if isinstance(record, dict) else {}
 
 
+def warn_unchecked_data(run_dir: Path, record: dict) -> None:
+    """One line, in the log and on stderr: this run's data cannot be checked."""
+    import sys
+
+    what = "no results.json" if not record else "no digests of its data (recorded by an older lipvae)"
+    message = (f"warning: {run_dir} has {what}: the re-evaluation cannot check that it tests on the images the"
+               " run was trained on; a changed or moved data file would go unnoticed")
+    log.warning("%s", message.removeprefix("warning: "))
+    print(message, file=sys.stderr)
+
+
 def rebuild_data(run_dir: Path, cfg: DictConfig):
     """The data module of a finished run with the split it was trained on, rebuilt from its
     record, never from today's defaults or environment: the recorded kind of split (official
@@ -242,9 +253,14 @@ def rebuild_data(run_dir: Path, cfg: DictConfig):
 
     record = recorded_data(run_dir)
     seed = record.get("seed")
+    if not (isinstance(seed, int) and not isinstance(seed, bool)) and seed is not None:
+        raise UserError(f"data.seed: {run_dir}/results.json records {str(seed)[:40]!r}; accepted: an integer"
+                        " (the record is damaged: re-run the training)")
     if seed is None:  # recorded before the field existed: the seed the run was trained with
         trained = load_config(RunFolder(run_dir).config_file)
         seed = trained.get("seed", cfg.seed)
+    if not (record.get("sources") and record.get("indices")):
+        warn_unchecked_data(run_dir, record)
     data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
     if record.get("split") in ("official", "resplit-test"):
         data.resplit = record["split"] == "resplit-test"

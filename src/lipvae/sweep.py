@@ -49,11 +49,42 @@ def job_statuses(sweep_dir: Path) -> dict[str, str]:
     return out
 
 
+MULTIRUN_FILE = "multirun.yaml"
+KEPT_FILE = ".multirun.first.yaml"  # the first sweep's record while a later multirun runs
+
+
+def _keep_first_record(sweep: Path) -> None:
+    """Put the first sweep's ``multirun.yaml`` back (set aside when a later multirun started),
+    the later one's as ``multirun-<time>.yaml`` beside it."""
+    import time
+
+    kept, record = sweep / KEPT_FILE, sweep / MULTIRUN_FILE
+    if not kept.is_file():
+        return
+    if record.is_file() and record.read_bytes() != kept.read_bytes():
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+        while (sweep / f"multirun-{stamp}{f'-{n}' if n else ''}.yaml").exists():
+            n += 1
+        record.replace(sweep / f"multirun-{stamp}{f'-{n}' if n else ''}.yaml")
+    kept.replace(record)
+
+
 class SweepSummary(Callback):
+    """Ends a multirun with one line per job that failed or was refused, and keeps the sweep
+    folder's ``multirun.yaml`` (Hydra's record of the sweep's command) that of the sweep that
+    made the folder: a later multirun into it (a ``resume=auto`` re-run, or one with other
+    overrides) leaves its own as ``multirun-<time>.yaml`` beside it."""
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        shutil.rmtree(Path(config.hydra.sweep.dir) / REFUSED, ignore_errors=True)
+        sweep = Path(config.hydra.sweep.dir)
+        shutil.rmtree(sweep / REFUSED, ignore_errors=True)
+        _keep_first_record(sweep)  # a multirun killed before its end left its record in the way
+        record = sweep / MULTIRUN_FILE
+        if record.is_file() and not record.is_symlink():  # Hydra is about to overwrite it
+            record.replace(sweep / KEPT_FILE)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        _keep_first_record(Path(config.hydra.sweep.dir))
         statuses = job_statuses(Path(config.hydra.sweep.dir))
         for job, why in refusals(Path(config.hydra.sweep.dir)).items():
             statuses[job] = f"refused by this multirun: {why}"
