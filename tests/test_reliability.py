@@ -97,6 +97,14 @@ BAD_INPUTS = [
      "logger.wandb._target_: got 'collections.OrderedDict'; accepted: a lightning.pytorch Logger class"),
     (["data.root=/nonexistent/lipvae"], "data.root: got '/nonexistent/lipvae'; accepted: an existing folder holding"),
     (["name=x/../../../elsewhere/run"], "name: got 'x/../../../elsewhere/run'; accepted: letters, digits and . _ = + , -"),
+    ([f"name={'a' * 201}"], f"name: got '{'a' * 201}'; accepted: letters, digits and . _ = + , -, at most 200"),
+    (["attack.max_radius=1e300"], "attack.max_radius: got 1e+300; accepted: a positive number up to 1e6"),
+    (["attack.samples=100000000000"], "attack.samples, attack.starts: got 100000000000 and 5 for 25 inputs, which need at"),
+    (["model/layer=stiefel", "trainer.precision=64-true"],
+     "trainer.precision: got '64-true'; accepted: 32-true with model/layer=stiefel"),
+    (["model/arch=conv", "model.arch.channels=[3]"], "model.arch.channels: got [3]; accepted: a non-empty list of positive even"),
+    (["model/arch=conv", "model.arch.kernel_size=2"], "model.arch.kernel_size: got 2; accepted: a positive odd integer"),
+    (["model/arch=dense"], "model/arch: got 'dense'; accepted: conv, mlp"),
     (["attack.search=grid", "attack.grid_step=1e-4"],
      "attack.grid_step: got 0.0001; accepted: at least attack.max_radius/1000 = 0.01 (at most 1000 radii"),
 ]
@@ -159,8 +167,8 @@ def test_a_run_name_that_leaves_outputs_writes_nothing(tmp_path):
     proc = run_cli(*SMOKE, "name=x/../../../../../escaped", cwd=work)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: name: got 'x/../../../../../escaped'; accepted: letters, digits and . _ = + , - (no path separators"
-        " or '..': run folders stay under outputs/)"]
+        "error: name: got 'x/../../../../../escaped'; accepted: letters, digits and . _ = + , -, at most 200 (no path"
+        " separators or '..': run folders stay under outputs/)"]
     assert [p for p in tmp_path.rglob("*") if p != work] == []
 
 
@@ -438,3 +446,32 @@ def test_runs_recorded_before_the_groups_were_objects_migrate_and_build():
     old.attack.method = "cw"
     with pytest.raises(UserError, match=r"^attack: cannot build cw \("):
         build_attack(migrate_config(old).attack)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--config-dir", "/nonexistent/lipvae-conf"], "error: --config-dir: got '/nonexistent/lipvae-conf', which is not a folder"),
+    ([f"hydra.run.dir=/tmp/{'b' * 300}"], "error: hydra.run.dir: got a folder name of 300 bytes; accepted: folder names"),
+])
+def test_command_line_folders_that_cannot_be_are_one_line(args, fragment):
+    proc = run_cli(*args, *SMOKE)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip().splitlines()[-1]]
+    assert proc.stderr.strip().startswith(fragment)
+
+
+@pytest.mark.slow
+def test_a_non_finite_stored_weight_is_one_line(smoke_runs, tmp_path, capsys, monkeypatch, synthetic_root):
+    import shutil
+
+    import torch
+
+    from lipvae.evaluate import main as evaluate_main
+
+    monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
+    run = shutil.copytree(smoke_runs[("lipschitz", "learned")], tmp_path / "run")
+    state = torch.load(run / "frozen_model.pt", weights_only=True)
+    state["decoder.0.weight"][0, 0] = float("nan")
+    torch.save(state, run / "frozen_model.pt")
+    assert evaluate_main([str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: checkpoint: ") and "non-finite weights (decoder.0.weight)" in err[0]

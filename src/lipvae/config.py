@@ -52,7 +52,42 @@ def validate(cfg: DictConfig) -> None:
                f"at least attack.max_radius/{MAX_GRID} = {top / MAX_GRID:g} (at most {MAX_GRID} radii per input)")
     check_certified_inputs(cfg.certify, cfg.attack, lipschitz)
     if cfg.attack.enabled:
+        _check_attack_memory(cfg)
         build_attack(cfg.attack)  # its class and arguments, before any data is read
+    if lipschitz and str(cfg.trainer.precision).startswith("64"):
+        layer = str(cfg.model.layer.get("_target_", "")).rsplit(".", 1)[-1]
+        _check(layer in ("BjorckLinear", "AOLLinear"), "trainer.precision", cfg.trainer.precision,
+               f"32-true with model/layer={layer.removesuffix('Linear').lower()} (its weights stay float32;"
+               " 64-true works with model/layer=bjorck|aol)")
+
+
+def _check_attack_memory(cfg: DictConfig) -> None:
+    """An attack whose Monte Carlo draws for a single input (``samples`` × ``starts`` latent
+    vectors, each decoded) would not fit in this machine's free memory is refused before any
+    work, with what it would need. A lower bound: the decoded images need more."""
+    attack = cfg.attack
+    samples, starts, inputs = attack.get("samples"), attack.get("starts"), attack.get("num_inputs")
+    if not all(isinstance(v, int) for v in (samples, starts, inputs)):
+        return
+    # the attacked inputs go through the model together: samples × starts × inputs latent draws
+    need = samples * starts * max(inputs, 1) * max(int(cfg.model.latent_dim), 1) * 4
+    free = _free_memory()
+    if free is not None and need > free:
+        raise UserError(f"attack.samples, attack.starts: got {samples} and {starts} for {inputs} inputs, which need"
+                        f" at least {need / 2**30:.1f} GiB (samples × starts × inputs latent draws, more for the"
+                        f" decoded images); accepted: settings that fit the {free / 2**30:.1f} GiB free here"
+                        " (e.g. attack.samples=40 attack.starts=5)")
+
+
+def _free_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable), None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def check_certified_inputs(certify: DictConfig, attack: DictConfig, lipschitz: bool) -> None:
@@ -254,8 +289,11 @@ def check_yaml_files(argv: list[str]) -> None:
             folder = argv[i + 1]
         elif arg.startswith("--config-dir="):
             folder = arg.split("=", 1)[1]
-        if folder is None or not Path(folder).is_dir():
+        if folder is None:
             continue
+        if not Path(folder).is_dir():
+            raise UserError(f"--config-dir: got {folder!r}, which is not a folder; accepted: a folder of your own"
+                            " YAML files, laid out as conf/ (README: Extending)")
         for path in sorted(Path(folder).rglob("*.yaml")):
             try:
                 yaml.safe_load(path.read_text())

@@ -272,7 +272,9 @@ class AttackConfig:
     num_inputs: int = spec(POSITIVE_INT, when=_attacking)
     samples: int = spec(POSITIVE_INT, when=_attacking)
     starts: int = spec(POSITIVE_INT, when=_attacking)
-    max_radius: float = spec(POSITIVE, when=_attacking)
+    max_radius: float = spec((lambda v: _num(v) and 0 < v <= 1e6, "a positive number up to 1e6 (a radius in input"
+                                                                  " space; float32 cannot hold much larger ones)"),
+                             when=_attacking)
     grid_step: float = spec(POSITIVE, when=_attacking)
     pixel_range: bool = MISSING
     latent: LatentAttackConfig = MISSING
@@ -309,8 +311,9 @@ class WandbConfig:
     tags: List[str] = field(default_factory=list)
 
 
-NAME = (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+,-]*", v) is not None and ".." not in v,
-        "letters, digits and . _ = + , - (no path separators or '..': run folders stay under outputs/)")
+NAME = (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+,-]*", v) is not None and ".." not in v
+        and len(v) <= 200,
+        "letters, digits and . _ = + , -, at most 200 (no path separators or '..': run folders stay under outputs/)")
 
 
 @dataclass

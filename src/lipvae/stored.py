@@ -205,6 +205,11 @@ def load_model(path: Path, cfg: DictConfig | None = None):
         source = RunFolder(run_dir).config_file
         cfg = check_stored_targets(complete_config(run_dir, load_config(source)), source)
     state = load_state(weights)
+    broken = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+              and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise UserError(f"checkpoint: {weights} holds non-finite weights ({', '.join(broken[:3])}); no certificate or"
+                        " attack means anything for it: train the run again")
     vae = build_vae(cfg.model, stored_input_shape(state) or LEGACY_INPUT_SHAPE)
     frozen = weights.name == FROZEN
     if frozen:

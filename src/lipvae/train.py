@@ -547,11 +547,24 @@ def main(cfg: DictConfig) -> float | None:
     return None if results is None else results.metrics["test_elbo"]
 
 
+def check_folder_names(argv: list[str]) -> None:
+    """A run or sweep folder given on the command line whose name has a component longer than
+    file systems allow (255 bytes) is one line, before Hydra tries to make it."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") in ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "--config-dir"):
+            longest = max((len(part.encode()) for part in Path(value).parts), default=0)
+            if longest > 255:
+                raise UserError(f"{key.lstrip('+~')}: got a folder name of {longest} bytes; accepted: folder names of"
+                                " at most 255 bytes each")
+
+
 def cli() -> None:
     """``python -m lipvae.train``: the command line's overrides are checked (one line on a
     mistake, exit 2) before Hydra composes and runs the job."""
     quiet_third_party()
     try:
+        check_folder_names(sys.argv[1:])
         check_yaml_files(sys.argv[1:])
         composed = check_overrides(sys.argv[1:])
         if composed is not None:  # before Hydra creates the run folder (from `name`): nothing is written for a bad value
@@ -559,7 +572,14 @@ def cli() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    main()
+    try:
+        main()
+    except OSError as e:  # where Hydra itself makes the run folder or reads --config-dir
+        if e.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"error: hydra.run.dir: a folder name is longer than the file system allows ({e.strerror}: "
+              f"{str(e.filename)[:80]}...); accepted: names of at most 255 bytes per folder", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
