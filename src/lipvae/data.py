@@ -300,10 +300,27 @@ class VAEDataModule(L.LightningDataModule):
         return self._splits[name]
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            self.split(split), batch_size=batch_size, shuffle=shuffle, collate_fn=_as_batch, generator=gen
-        )
+        return DataLoader(self.split(split), batch_size=batch_size, shuffle=shuffle, collate_fn=_as_batch,
+                          generator=self._order() if shuffle else None)
+
+    def _order(self) -> torch.Generator:
+        """The generator of the training batches' order: seeded once, advanced by every epoch's
+        shuffle, and saved in checkpoints (``state_dict``), so a resumed run sees the batches the
+        uninterrupted one would have."""
+        if getattr(self, "_shuffle", None) is None:
+            self._shuffle = torch.Generator().manual_seed(self.seed)
+            if getattr(self, "_shuffle_state", None) is not None:
+                self._shuffle.set_state(self._shuffle_state)
+        return self._shuffle
+
+    def state_dict(self) -> dict:
+        return {"shuffle": self._order().get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and state.get("shuffle") is not None:
+            self._shuffle_state = state["shuffle"]
+            if getattr(self, "_shuffle", None) is not None:
+                self._shuffle.set_state(self._shuffle_state)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

@@ -173,6 +173,47 @@ class KeepStop(Callback):
             trainer.fit_loop.max_epochs = self.stopped_at
 
 
+class RandomStates(Callback):
+    """Keeps the random streams in the checkpoint, so that a resumed run draws what the
+    uninterrupted one would have: the global generators of torch (CPU and CUDA: the VAE's latent
+    samples), NumPy and Python, saved with each checkpoint and put back when training resumes
+    from one. (The training batches' order is the data module's own generator, saved with it.)"""
+
+    def __init__(self) -> None:
+        self._restore: dict | None = None
+
+    def state_dict(self) -> dict:
+        import random
+
+        import numpy as np
+
+        kind, key, pos, has_gauss, gauss = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": {"kind": kind, "key": torch.from_numpy(key.astype("int64")), "pos": int(pos),
+                           "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restore = state
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._restore:
+            return
+        import random
+
+        import numpy as np
+
+        state, self._restore = self._restore, None
+        torch.set_rng_state(state["torch"])
+        if state.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["key"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["gauss"]))
+
+
 class SaveOnException(OnExceptionCheckpoint):
     """Lightning's OnExceptionCheckpoint (``last.ckpt`` on SIGINT/SIGTERM, a non-finite loss or
     any other exception, so that ``resume=true`` continues from there), limited to training

@@ -43,7 +43,7 @@ from lipvae.data import check_datamodule
 from lipvae.errors import UserError
 from lipvae.evaluate import EVALUATION_FILE, Evaluation, read_evaluation
 from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up, write_rows
-from lipvae.module import FineTune, KeepStop, NonFiniteLossError, SaveOnException, VAEModule
+from lipvae.module import FineTune, KeepStop, NonFiniteLossError, RandomStates, SaveOnException, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import Results, RunFolder, atomic_write_text, code_version, replace_atomically
@@ -65,6 +65,7 @@ class RunContext:
     experiment: str | None = None
     multirun: bool = False
     group: str | None = None  # the W&B group shared by the runs of one multirun
+    resumed_from: dict | None = None  # the checkpoint a resumed run continued from (epoch, step)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -83,17 +84,23 @@ class RunContext:
                    group=("_".join(parts[-3:]) if len(parts) >= 3 else "_".join(parts)) if multirun else None)
 
     def resume_hint(self) -> str:
-        """How to continue this run. A sweep job is resumed alone, in run mode, in its own folder."""
+        """How to continue this run. A sweep job is resumed alone, in run mode, in its own folder;
+        a run stopped before its first checkpoint has nothing to resume and starts afresh."""
+        folder = shlex.quote(f"hydra.run.dir={self.run_dir}")
+        how = "resume=true" if RunFolder(self.run_dir).last_checkpoint.is_file() else "resume=auto"
         if not self.multirun:
-            return f"resume with the same command plus hydra.run.dir={self.run_dir} resume=true"
+            if how == "resume=auto":
+                return f"no checkpoint was written yet: run the same command plus {folder} resume=auto to start it again"
+            return f"resume with the same command plus {folder} resume=true"
         overrides = " ".join(shlex.quote(o) for o in self.overrides if not o.startswith("resume="))
-        return f"resume this job alone with: {_program()} {overrides} hydra.run.dir={self.run_dir} resume=true"
+        return f"resume this job alone with: {_program()} {overrides} {folder} {how}"
 
     def record(self, loggers) -> dict:
         """results.json's ``run``: what a reader needs to redo the run."""
         wandb_ids = [lg.experiment.id for lg in loggers if is_wandb(lg)]
         return {"command": self.command, "overrides": list(self.overrides), "experiment": self.experiment,
-                "code": code_version(), "wandb_run_id": wandb_ids[0] if wandb_ids else None}
+                "code": code_version(), "wandb_run_id": wandb_ids[0] if wandb_ids else None,
+                "resumed_from": self.resumed_from}
 
 
 def trim_metrics(path: Path, resumed_step: int) -> None:
@@ -180,7 +187,7 @@ class Schedule:
     def build(cls, cfg: DictConfig, run_dir: Path, echo: bool) -> Schedule:
         history = EpochHistory(echo=echo)
         saver = SaveOnException(dirpath=str(RunFolder(run_dir).checkpoints), filename="last")
-        return cls([*build_entries(cfg, "callbacks"), history, KeepStop(), saver], history)
+        return cls([*build_entries(cfg, "callbacks"), history, KeepStop(), RandomStates(), saver], history)
 
     @property
     def early_stopping(self) -> EarlyStopping | None:
@@ -230,7 +237,7 @@ def train(cfg: DictConfig, ctx: RunContext) -> Results | None:
     progress = bool(cfg.trainer.enable_progress_bar) and interactive()  # a bar redrawn into a file is debris
     schedule = Schedule.build(cfg, ctx.run_dir, echo=not progress)  # before any data is read: a bad entry fails first
     loggers = build_loggers(cfg, ctx)
-    ckpt_path = checkpoint_to_resume(cfg, ctx.run_dir)  # also before any data is read
+    ckpt_path = checkpoint_to_resume(cfg, ctx.run_dir, ctx)  # also before any data is read
     built = build(cfg, ctx, schedule, loggers, progress)
     (ctx.run_dir / EVALUATION_FILE).unlink(missing_ok=True)  # an earlier attempt's: this run's callbacks write it
     fitted = fit(built, cfg.trainer, ckpt_path)
@@ -273,11 +280,13 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+def checkpoint_to_resume(cfg: DictConfig, run_dir: Path, ctx: RunContext | None = None) -> str | None:
     """The checkpoint this run continues from (``resume``), checked against the config's model;
     the metrics logged after it are dropped (they are logged again)."""
     last = RunFolder(run_dir).last_checkpoint
     if not (cfg.resume is True or (cfg.resume == "auto" and last.is_file())):
+        # a start afresh where a run was killed before its first checkpoint: its rows go
+        trim_metrics(run_dir / "csv" / "metrics.csv", 0)
         return None
     if not last.is_file():  # check_run_folder refuses this first; kept for train() called alone
         raise UserError(f"resume: {last} does not exist, so there is nothing to resume; drop resume=true")
@@ -286,6 +295,8 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
     check_shapes(state, build_vae(cfg.model, stored_input_shape(state) or LEGACY_INPUT_SHAPE).state_dict(), last)
     trim_metrics(run_dir / "csv" / "metrics.csv", int(resumed.get("global_step", 0)))
     log.info("resuming from %s", last)
+    if ctx is not None:
+        ctx.resumed_from = {"epoch": int(resumed.get("epoch", 0)), "step": int(resumed.get("global_step", 0))}
     return str(last)
 
 
