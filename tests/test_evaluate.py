@@ -319,3 +319,33 @@ def test_a_record_without_digests_is_evaluated_after_a_warning(run, capsys):
     (run / "results.json").write_text(json.dumps(record))
     assert evaluate_main([str(run), "certify.num_inputs=5"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data.sources: ")
+
+
+@pytest.mark.slow
+def test_a_replace_stopped_between_its_renames_is_finished_by_the_next_command(run, capsys, monkeypatch):
+    """--replace killed between two renames left new tables beside the old results.json: the
+    staged switch is journalled and the next command on the run rolls it forward."""
+    import os
+    from pathlib import Path
+
+    import lipvae.evaluate as ev
+
+    real, calls = os.replace, []
+
+    def stop_midway(src, dst):
+        if Path(dst).parent == run and Path(src).parent.name.startswith(".replacing-"):
+            calls.append(dst)  # a rename of the switch itself
+        if len(calls) == 2:
+            raise KeyboardInterrupt("SIGTERM between two renames")
+        return real(src, dst)
+
+    monkeypatch.setattr(ev.os, "replace", stop_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ev.reevaluate(run, ["certify.forms=[tight,cantelli]", "certify.num_inputs=5"], replace=True, progress=False)
+    monkeypatch.setattr(ev.os, "replace", real)
+    assert list(run.glob(".replacing-*/READY"))  # the journal: staged whole, switch under way
+    assert evaluate_main([str(run), "certify.num_inputs=5"]) == 0  # any later command on the run finishes it
+    assert not list(run.glob(".replacing-*"))
+    r = json.loads((run / "results.json").read_text())
+    assert "cantelli" in r["certified"]["by_r_p_form"]["r8_p0.5"] and r["evaluation"]["replaced"]
+    _consistent(run, r)

@@ -255,3 +255,36 @@ def test_a_later_multirun_never_replaces_the_sweeps_first_record(tmp_path):
     SweepSummary().on_multirun_start(cfg)  # the next multirun puts the first record back first
     assert (sweep / ".multirun.first.yaml").read_text() == "first\n"  # set aside again for this multirun
     assert sorted(p.read_text() for p in sweep.glob("multirun-*.yaml")) == ["second: refused jobs\n", "third: killed\n"]
+
+
+def test_a_sweep_worker_stops_its_job_when_the_launcher_is_gone():
+    """joblib's workers outlived a killed sweep (1.2 GB each, training on, holding their jobs'
+    folders): the watcher stops the job as SIGTERM would once the launching process has ended."""
+    import threading
+    import time
+
+    from lipvae.train import watch_launcher
+
+    parents = iter([100, 100, 100, 1])  # the launcher, then init: re-parented after its death
+    stopped = threading.Event()
+    thread = watch_launcher(100, getppid=lambda: next(parents, 1), stop=stopped.set, poll=0.01)
+    thread.join(timeout=10)
+    assert stopped.is_set() and not thread.is_alive()
+    alive = threading.Event()
+    watch_launcher(100, getppid=lambda: 100, stop=alive.set, poll=0.01)
+    time.sleep(0.1)
+    assert not alive.is_set()  # the launcher still there: the job goes on
+
+
+def test_a_lock_left_by_an_ended_process_is_taken_over_with_a_log_line(tmp_path, caplog):
+    import logging
+    import os
+
+    from lipvae.runfolder import claim
+
+    (tmp_path / ".lipvae.lock").write_text("999999999\n")  # no such process
+    with caplog.at_level(logging.INFO, logger="lipvae"):
+        fd = claim(tmp_path)
+    os.close(fd)
+    assert "taking over the lock of process 999999999, which has ended" in caplog.text
+    assert (tmp_path / ".lipvae.lock").read_text() == f"{os.getpid()}\n"

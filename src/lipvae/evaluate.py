@@ -465,6 +465,8 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
     lock = None
     try:
         lock = claim(run_dir, hint="(its training, or another evaluation of it); run this one when it has finished")
+        finish_switch(run_dir)
+        stored = _stored_record(run_dir) if stored is not None else None  # as the finished switch left it
         return _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress, made)
     except RunFolderError as e:
         raise UserError(str(e)) from None
@@ -559,14 +561,44 @@ def _switch_in(run_dir: Path, new: Path, kept: Path, record: Results, made: list
             shutil.copy2(new / name, staging / name)
     record.write(staging)
     log.info("the evaluation being replaced is kept in %s", kept)
-    for name in OUTPUTS:  # the new files in, the old ones this evaluation did not make out
+    # the journal: from here on the switch is rolled forward, by this process or, if it is
+    # stopped between two renames, by the next command that claims the run (finish_switch)
+    atomic_write_text(staging / SWITCH_READY, "".join(f"{n}\n" for n in OUTPUTS if (staging / n).is_file()))
+    made.remove(staging)
+    _roll_forward(run_dir, staging)
+
+
+#: written in a staging folder once it holds the whole new evaluation: its switch may proceed
+SWITCH_READY = "READY"
+
+
+def _roll_forward(run_dir: Path, staging: Path) -> None:
+    """Move a staged evaluation's files into the run (the old ones it did not make out), then
+    its results.json last; each step may be repeated, so an interrupted switch can be finished."""
+    made = set((staging / SWITCH_READY).read_text().split())  # the journal: what this evaluation made
+    for name in OUTPUTS:
         if (staging / name).is_file():
             os.replace(staging / name, run_dir / name)
-        else:
+        elif name not in made:  # an old file this evaluation did not make (one it made has moved)
             (run_dir / name).unlink(missing_ok=True)
-    os.replace(staging / RESULTS_FILE, run_dir / RESULTS_FILE)
+    if (staging / RESULTS_FILE).is_file():
+        os.replace(staging / RESULTS_FILE, run_dir / RESULTS_FILE)
+    (staging / SWITCH_READY).unlink(missing_ok=True)
     staging.rmdir()
-    made.remove(staging)
+
+
+def finish_switch(run_dir: Path) -> None:
+    """Complete a ``--replace`` that was stopped between its renames (its staging folder holds the
+    ``READY`` journal entry), or drop one stopped while it was being staged (nothing of it had
+    moved). Called under the run's lock, before anything else reads the run."""
+    for staging in sorted(Path(run_dir).glob(".replacing-*")):
+        if not staging.is_dir() or staging.is_symlink():
+            continue
+        if (staging / SWITCH_READY).is_file():
+            log.warning("%s: finishing the replacement of its evaluation that was stopped midway", run_dir)
+            _roll_forward(run_dir, staging)
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _new_folder(path: Path) -> Path:

@@ -139,9 +139,28 @@ def claim(run_dir: Path, hint: str = TRAINING_HINT):
     except OSError:
         os.close(fd)
         raise RunFolderError(f"run: {run_dir} is in use by another lipvae process {hint}") from None
+    _note_stale_lock(fd, run_dir)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd  # kept open: the lock lasts until the process ends
+
+
+def _note_stale_lock(fd: int, run_dir: Path) -> None:
+    """A log line when the lock file names a process that has gone (killed before it could tidy
+    up): the kernel released its lock with it, and this process takes the folder over."""
+    import logging
+
+    try:
+        previous = int(os.pread(fd, 32, 0).decode().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if previous and previous != os.getpid():
+        try:
+            os.kill(previous, 0)
+        except ProcessLookupError:
+            logging.getLogger("lipvae").info("%s: taking over the lock of process %d, which has ended", run_dir, previous)
+        except PermissionError:
+            pass
 
 
 def save_hydra_files(cfg: DictConfig, run_dir: Path) -> None:

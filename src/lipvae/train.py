@@ -545,9 +545,36 @@ def prepare_folder(cfg: DictConfig, ctx: RunContext, rank_zero: bool) -> bool:
 _claimed: list = []
 
 
+_watching: list = []
+
+
+def watch_launcher(parent: int, getppid=os.getppid, stop=None, poll: float = 1.0):
+    """In a process that a sweep's launcher started for its jobs (joblib's loky workers), a daemon
+    thread that stops the job as SIGTERM would (checkpoint saved, run recorded as interrupted,
+    lock released) once the launching process ``parent`` is gone: a killed sweep leaves no
+    worker training on, holding its job's folder. The thread."""
+    import threading
+
+    stop = stop or (lambda: os.kill(os.getpid(), signal.SIGTERM))
+
+    def watch() -> None:
+        while getppid() == parent:
+            time.sleep(poll)
+        log.error("the sweep's launching process (%d) has ended: this job stops (resume=auto continues it)", parent)
+        stop()
+
+    thread = threading.Thread(target=watch, name="lipvae-launcher-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lipvae.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     quiet_third_party()  # again here: a sweep's worker processes start without cli()'s filters
+    import multiprocessing
+
+    if multiprocessing.current_process().name.startswith("LokyProcess") and not _watching:
+        _watching.append(watch_launcher(os.getppid()))  # once per worker: it runs several jobs
     ctx = RunContext.from_hydra()
     rank_zero = not _other_rank()
     if not prepare_folder(cfg, ctx, rank_zero):
