@@ -349,3 +349,18 @@ def test_a_replace_stopped_between_its_renames_is_finished_by_the_next_command(r
     r = json.loads((run / "results.json").read_text())
     assert "cantelli" in r["certified"]["by_r_p_form"]["r8_p0.5"] and r["evaluation"]["replaced"]
     _consistent(run, r)
+
+
+def test_evaluate_exits_143_on_sigterm_as_training_does(monkeypatch, capsys):
+    import os
+    import signal
+
+    import lipvae.evaluate as ev
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(ev, "reevaluate", terminated)
+    assert ev.main(["some/run"]) == 143
+    assert "error: interrupted" in capsys.readouterr().err

@@ -62,7 +62,8 @@ BAD_INPUTS = [
     (["callbacks.finetune.max_epochs=-1"], "callbacks.finetune.max_epochs: got -1; accepted: an integer >= 0"),
     (["+callbacks.finetune.colour=red"], "callbacks.finetune.colour: no such field"),
     (["trainer.max_epochs=0"], "trainer.max_epochs: got 0; accepted: a positive integer"),
-    (["model.lr=1e-3"], "model.lr: no such field"),
+    (["model.lr=1e-3"], "model.lr: no such field; it moved to module.lr"),
+    (["trainer.num_importance=5"], "trainer.num_importance: no such field; it moved to module.num_importance"),
     (["attack.max_radius=inf"], "attack.max_radius: got inf; accepted: a positive number"),
     (["trainer.precision=foo"], "trainer.precision: got 'foo'; accepted: 32-true, 32, 64-true, 64"),
     (["trainer.precision=bf16-mixed"], "trainer.precision: got 'bf16-mixed'; accepted: 32-true"),
@@ -504,3 +505,15 @@ def test_a_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path):
     rows = pd.read_csv(killed / "csv" / "metrics.csv")
     steps = rows.dropna(subset=["train/loss_step"])["step"] if "train/loss_step" in rows else rows["step"]
     assert not steps.duplicated().any()  # no step logged twice
+
+
+@pytest.mark.slow
+def test_a_bad_sweep_value_refuses_its_job_whether_first_or_not(tmp_path):
+    """enc_L=5,-1 refused the -1 job only; enc_L=-1,5 refused the whole sweep before any job."""
+    proc = run_cli(*SMOKE, "enc_L=-1,-2", f"hydra.sweep.dir={tmp_path}", "-m")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: 2 of 2 jobs failed or were refused" in proc.stderr
+    assert proc.stderr.count("enc_L: got -1.0") >= 1 and proc.stderr.count("enc_L: got -2.0") >= 1
+    shared = run_cli(*SMOKE, "enc_L=-1,-2", "model.hidden=[31,32]", f"hydra.sweep.dir={tmp_path / 'b'}", "-m")
+    assert shared.returncode == 2  # what every job shares is still refused once, before any job
+    assert shared.stderr.strip().splitlines()[-1].startswith("error: model.hidden: got [31, 32]")

@@ -312,7 +312,8 @@ def yaml_problem(e: Exception) -> str:
 _PLAIN_FLAGS = ("-m", "--multirun")
 
 
-def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_name: str = "config") -> DictConfig | None:
+def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_name: str = "config",
+                    sweeps: str = "first") -> DictConfig | None:
     """Compose the command line's overrides once, before Hydra starts, and turn what Hydra would
     report in several lines (a mistyped key, an unknown choice of a config group, an override it
     cannot parse) into one ``UserError`` naming the field, what was given and what is accepted.
@@ -320,7 +321,7 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
     Returns the composed config (None when another flag leaves the command line to Hydra)."""
     if any(a.startswith("-") and a not in _PLAIN_FLAGS for a in argv):
         return None
-    overrides = parse_overrides([a for a in argv if a not in _PLAIN_FLAGS], sweeps="first")
+    overrides = parse_overrides([a for a in argv if a not in _PLAIN_FLAGS], sweeps=sweeps)
     return compose_config([o for o, _ in overrides], config_module, config_name)
 
 
@@ -347,6 +348,8 @@ def parse_overrides(texts: list[str], sweeps: str = "first") -> list[tuple[str, 
             if sweeps == "refuse":
                 raise UserError(f"{text}: a sweep, which only training runs (with -m); a list is written "
                                 f"{key}=[{o.input_line.split('=', 1)[1]}]")
+            if sweeps == "drop":  # each value is its own job's, checked by that job
+                continue
             try:
                 first = next(iter(o.sweep_string_iterator()))
             except Exception:  # a range or interval sweep: no first value to try here
@@ -490,6 +493,10 @@ def no_such_field(key: str, keys: list[str]) -> str:
     among all paths."""
     import difflib
 
+    from lipvae.migrate import MOVED
+
+    if key in MOVED:  # a field that moved when the groups became objects
+        return f"{key}: no such field; it moved to {MOVED[key]}"
     parent, _, leaf = key.rpartition(".")
     if parent and parent in keys:
         siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]

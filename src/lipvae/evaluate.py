@@ -665,10 +665,11 @@ def _main(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("error: interrupted; the run's own files are as they were (the partial evaluation is under "
-              "its evaluations/)", file=sys.stderr)
-        return 130
+              "its evaluations/; a replacement stopped midway is finished by the next command on the run)",
+              file=sys.stderr)
+        return 143 if str(e) == "SIGTERM" else 130  # 128 + the signal's number, as training exits
     cert, est = part["certified"], part["estimated"]
     line = [f"evaluation written to {out}"]
     if cert:

@@ -585,6 +585,10 @@ def main(cfg: DictConfig) -> float | None:
     return None if results is None else results.metrics["test_elbo"]
 
 
+def _multirun(argv: list[str]) -> bool:
+    return any(a in ("-m", "--multirun") for a in argv)
+
+
 def check_folder_names(argv: list[str]) -> None:
     """A run or sweep folder given on the command line whose name has a component longer than
     file systems allow (255 bytes) is one line, before Hydra tries to make it."""
@@ -604,7 +608,11 @@ def cli() -> None:
     try:
         check_folder_names(sys.argv[1:])
         check_yaml_files(sys.argv[1:])
-        composed = check_overrides(sys.argv[1:])
+        composed = check_overrides(sys.argv[1:])  # a sweep's keys and first values compose
+        if composed is not None and _multirun(sys.argv[1:]):
+            # each value of a sweep is its job's to check (a bad one refuses that job, first or not);
+            # what every job shares is checked here, once
+            composed = check_overrides(sys.argv[1:], sweeps="drop")
         if composed is not None:  # before Hydra creates the run folder (from `name`): nothing is written for a bad value
             validate(composed)
     except UserError as e:
