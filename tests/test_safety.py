@@ -288,3 +288,35 @@ def test_a_lock_left_by_an_ended_process_is_taken_over_with_a_log_line(tmp_path,
     os.close(fd)
     assert "taking over the lock of process 999999999, which has ended" in caplog.text
     assert (tmp_path / ".lipvae.lock").read_text() == f"{os.getpid()}\n"
+
+
+@pytest.mark.slow
+def test_a_read_only_run_or_report_folder_is_one_line(copied, tmp_path, capsys, monkeypatch):
+    """As on a read-only mount (root ignores permission bits, so the file system's answer is simulated)."""
+    import errno
+
+    import lipvae.report as report
+    import lipvae.runfolder as runfolder
+
+    real_open = runfolder.os.open
+
+    def read_only(path, flags, *args):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(runfolder.os, "open", read_only)
+        assert evaluate_main([str(copied)]) == 2
+        assert certify_main(["model", str(copied)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("error: run: cannot write to ") and "Read-only file system" in e for e in err)
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(report, "write_table", refuse)
+    assert report_main([str(copied)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write to {copied / 'results.csv'} (Read-only file system); make it writable or"
+                   " write the report elsewhere (--out)"]

@@ -665,6 +665,13 @@ def _main(argv: list[str]) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from lipvae.errors import unwritable
+
+        if unwritable(e) is None:
+            raise
+        print(f"error: {unwritable(e, 'copy the run somewhere writable first')}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         print("error: interrupted; the run's own files are as they were (the partial evaluation is under "
               "its evaluations/; a replacement stopped midway is finished by the next command on the run)",

@@ -21,6 +21,7 @@ import pandas as pd
 
 from lipvae.errors import UserError
 from lipvae.plots import plt, save_figure
+from lipvae.errors import unwritable
 from lipvae.safety import REPORT_ENTRIES, check_entries
 from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, write_table
 
@@ -539,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if unwritable(e) is None:
+            raise
+        print(f"error: {unwritable(e, 'write the report elsewhere (--out)')}", file=sys.stderr)
         return 2
     print(f"report written: {path} (and report.html, results.csv, figures beside it)")
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lipvae.errors import UserError
+from lipvae.errors import UserError, unwritable
 from lipvae.migrate import migrate_config
 from lipvae.results import RunFolder
 from lipvae.safety import UnsafeFile, check_entries, read_regular
@@ -131,7 +131,9 @@ def claim(run_dir: Path, hint: str = TRAINING_HINT):
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
     except UnsafeFile as e:
         raise RunFolderError(str(e)) from None
-    except PermissionError as e:
+    except OSError as e:
+        if unwritable(e) is None:
+            raise
         raise RunFolderError(f"run: cannot write to {run_dir} ({e.strerror}); make it writable or choose another"
                              " folder (hydra.run.dir)") from None
     try:

@@ -160,6 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        from lipvae.errors import unwritable
+
+        if unwritable(e) is None:
+            raise
+        print(f"error: {unwritable(e, 'copy the run somewhere writable first')}", file=sys.stderr)
+        return 2
     return 0
 
 
