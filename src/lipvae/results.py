@@ -46,6 +46,20 @@ def replace_atomically(path: Path, write) -> None:
         raise
 
 
+def torch_save(obj, path: Path) -> None:
+    """``torch.save`` into memory, then written to ``path`` by Python: a failed write (a full
+    disk, a file-size limit) is the ``OSError`` it is, never the C++ writer's ``RuntimeError``
+    (whose text varies), so every caller's handling of a full disk applies."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and ``os.replace``: readers see the
     old file or the whole new one, never a half-written one. The file gets the mode a plain

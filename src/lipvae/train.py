@@ -46,7 +46,7 @@ from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_
 from lipvae.module import FineTune, KeepStop, NonFiniteLossError, RandomStates, SaveOnException, VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
-from lipvae.results import Results, RunFolder, atomic_write_text, code_version, replace_atomically
+from lipvae.results import Results, RunFolder, atomic_write_text, code_version, replace_atomically, torch_save
 from lipvae.sweep import note_refusal
 from lipvae.runfolder import AlreadyCompleted, check_run_folder, claim, save_hydra_files
 
@@ -366,7 +366,7 @@ def freeze(built: Built, cfg: DictConfig, run_dir: Path, fit_s: float, epochs: i
     if lipschitz:
         check_lipschitz(constants)
         log.info("Lipschitz constants after freezing: %s", constants)
-    replace_atomically(RunFolder(run_dir).frozen_model, lambda partial: torch.save(built.vae.state_dict(), partial))
+    replace_atomically(RunFolder(run_dir).frozen_model, lambda partial: torch_save(built.vae.state_dict(), partial))
     return Trained(fit_s, epochs, evaluated_epoch, stopped_by, converged, orthonormality,
                    constants if lipschitz else None)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lipvae.results import atomic_write_text, replace_atomically
+from lipvae.results import atomic_write_text, replace_atomically, torch_save
 from lipvae.vae import VAE
 
 
@@ -100,7 +100,7 @@ class SearchState:
         if lo is not None and hi is not None:
             state.update(lo=lo, hi=hi)
         plain = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state.items()}
-        replace_atomically(self.path, lambda partial: torch.save(plain, partial))
+        replace_atomically(self.path, lambda partial: torch_save(plain, partial))
         if lo is not None and hi is not None:
             rows = "".join(f"{i},{a:.6g},{b:.6g}\n" for i, (a, b) in enumerate(zip(lo.tolist(), hi.tolist())))
             atomic_write_text(self.path.with_suffix(".csv"), "input,robust_up_to,non_robust_at\n" + rows)
