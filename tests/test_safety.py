@@ -320,3 +320,21 @@ def test_a_read_only_run_or_report_folder_is_one_line(copied, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: cannot write to {copied / 'results.csv'} (Read-only file system); make it writable or"
                    " write the report elsewhere (--out)"]
+
+
+def test_a_failed_torch_save_is_an_oserror(tmp_path):
+    """torch.save's own writer failed with a RuntimeError whose text varies ('unexpected pos',
+    'iostream error') under a file-size limit: lipvae's saves raise the OSError (EFBIG)."""
+    import subprocess
+    import sys
+
+    script = ("import resource, signal, torch\n"
+              "from lipvae.results import torch_save\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (30_000, 30_000))\n"
+              "try:\n"
+              f"    torch_save({{'x': torch.zeros(100_000)}}, {str(tmp_path / 'w.pt')!r})\n"
+              "except OSError as e:\n"
+              "    print('errno', e.errno)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "errno 27", out.stderr[-2000:]  # EFBIG, one of the full-disk errors

@@ -22,10 +22,11 @@ from lipvae.schema import (ATTACK_SCHEMAS, ENTRIES, GROUPS, PgdAttackConfig, Roo
 from lipvae.vae import VAE
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, machine: bool = True) -> None:
     """Check the fields a user sets, before any data is read or any model is built: each
     schema field's constraint (lipvae.schema), then the rules that tie fields together and
-    those that need the machine. Raises ``UserError`` on the first bad one."""
+    (``machine``) those that need the machine: a sweep submitted to a cluster leaves those to
+    each job, on the node that runs it. Raises ``UserError`` on the first bad one."""
     check_fields(cfg, "", RootConfig)
     for group, node in GROUPS.items():
         if group == "data" and cfg.data.get("_target_", IMAGE_DATA) != IMAGE_DATA:
@@ -44,14 +45,15 @@ def validate(cfg: DictConfig) -> None:
             m = cfg.model.latent_dim
             _check(m >= 2, "model.latent_dim", m,
                    "an integer >= 2 when certifying (the χ² bound; or certify.enabled=false)")
-    _validate_devices(cfg)
-    _validate_accelerator(cfg)
+    if machine:
+        _validate_devices(cfg)
+        _validate_accelerator(cfg)
     if cfg.attack.enabled and cfg.attack.get("search") == "grid":
         step, top = cfg.attack.grid_step, cfg.attack.max_radius
         _check(top / step <= MAX_GRID, "attack.grid_step", step,
                f"at least attack.max_radius/{MAX_GRID} = {top / MAX_GRID:g} (at most {MAX_GRID} radii per input)")
     check_certified_inputs(cfg.certify, cfg.attack, lipschitz)
-    if cfg.attack.enabled:
+    if cfg.attack.enabled and machine:
         _check_attack_memory(cfg)
         build_attack(cfg.attack)  # its class and arguments, before any data is read
     if lipschitz and str(cfg.trainer.precision).startswith("64"):

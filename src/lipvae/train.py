@@ -589,6 +589,12 @@ def _multirun(argv: list[str]) -> bool:
     return any(a in ("-m", "--multirun") for a in argv)
 
 
+def _elsewhere(argv: list[str]) -> bool:
+    """A sweep whose jobs a launcher runs on other machines (SLURM: hydra/launcher=slurm or
+    submitit_slurm): the device is checked in each job, where it runs, not on the login node."""
+    return _multirun(argv) and any(a.startswith("hydra/launcher=") and "slurm" in a for a in argv)
+
+
 def check_folder_names(argv: list[str]) -> None:
     """A run or sweep folder given on the command line whose name has a component longer than
     file systems allow (255 bytes) is one line, before Hydra tries to make it."""
@@ -614,7 +620,7 @@ def cli() -> None:
             # what every job shares is checked here, once
             composed = check_overrides(sys.argv[1:], sweeps="drop")
         if composed is not None:  # before Hydra creates the run folder (from `name`): nothing is written for a bad value
-            validate(composed)
+            validate(composed, machine=not _elsewhere(sys.argv[1:]))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,36 @@
+"""The SLURM path, end to end on this machine: a stand-in sbatch/srun (tests/fake_slurm/) that
+records the submitted script and runs its array tasks here, as a cluster's nodes would."""
+
+import json
+import os
+
+import pytest
+
+from conftest import PROJECT, SMOKE, run_cli
+
+FAKE = PROJECT / "tests" / "fake_slurm"
+
+
+@pytest.mark.slow
+def test_a_slurm_sweep_is_submitted_without_a_gpu_here_and_each_job_checks_its_own_node(tmp_path):
+    """(array parallelism is min(array_parallelism, jobs).) Submitted from a machine without CUDA (a login node): trainer.accelerator=gpu is not refused
+    at submission; each job checks the device where it runs. Here the 'node' has no GPU either, so
+    the gpu job refuses itself in one line and the auto job trains, certifies and attacks."""
+    log = tmp_path / "slurm"
+    log.mkdir()
+    env = {"PATH": f"{FAKE}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log)}
+    proc = run_cli(*SMOKE, "trainer.accelerator=gpu,auto", "hydra/launcher=slurm", "resume=auto",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", "-m", env=env, process=True, timeout=300)
+    script = (log / "submitted.sh").read_text()
+    for line in ("#SBATCH --array=0-1%2", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=1",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --time=240"):
+        assert line in script, line  # array parallelism, GPU partition, requeue signal before the time limit
+    args = (log / "sbatch_args").read_text().split()
+    assert "-m submitit.core._submit" in script and len(args) == 1 and args[0].endswith(".sh")
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one job refused: the sweep says so
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]_*"))
+    assert len(jobs) == 2
+    refused = [line for line in (proc.stdout + proc.stderr).splitlines() if "refused by this multirun" in line]
+    assert len(refused) == 1 and "trainer.accelerator: got 'gpu', but no CUDA device is visible" in refused[0]
+    done = [json.loads((j / "results.json").read_text()) for j in jobs if (j / "results.json").is_file()]
+    assert [r["status"] for r in done] == ["completed"] and done[0]["soundness_violations"] == 0
