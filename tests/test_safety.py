@@ -338,3 +338,16 @@ def test_a_failed_torch_save_is_an_oserror(tmp_path):
               "    print('errno', e.errno)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "errno 27", out.stderr[-2000:]  # EFBIG, one of the full-disk errors
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["model", "--help"], ["design", "-h"]])
+def test_certify_help_explains_its_arguments(argv, capsys):
+    assert certify_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "design:" in out and "tightness:" in out and "r        the reconstruction distance" in out
+
+
+def test_evaluate_help_explains_its_arguments(capsys):
+    assert evaluate_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m lipvae.evaluate <run folder>") and "--replace" in out and "data.root=DIR" in out

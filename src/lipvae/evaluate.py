@@ -620,12 +620,42 @@ def _interrupt(signum, frame) -> None:
 USAGE = ("python -m lipvae.evaluate <run folder> [certify.*=... attack=... attack.*=... seed=...] [--replace] [--fresh]"
          " [--config-dir DIR]")
 
+HELP = f"""usage: {USAGE}
+
+Run the evaluation pipeline again on a finished run: certify its test inputs, attack the first
+attack.num_inputs of them, check every certificate against its estimated margin (soundness), and
+write the tables, figures and evaluation.json into a new folder <run>/evaluations/<time>/.
+
+arguments:
+  <run folder>        a lipvae run folder (or a checkpoint inside one). Its files are read as data:
+                      only lipvae's own classes, or yours given with --config-dir, are ever built.
+  certify.*=...       the certificates: certify.r=[8] certify.p=[0.5] certify.forms=[tight,cantelli]
+                      certify.num_inputs=N (null: the whole test split)
+  attack=NAME         another attack (pgd, lbfgs, or one of yours with --config-dir); attack.*=...
+                      its settings (attack.num_inputs, attack.starts, attack.steps, attack.samples)
+  seed=N              seeds the attack and the certifier (the run's data split stays its own)
+  data.root=DIR       where a moved run's data now is (still checked against the recorded digests);
+  data.path=FILE      data.path for a tensor-file run
+  --replace           make this evaluation the run's own (results.json, tables, figures), the
+                      replaced files kept under evaluations/<time>-replaced/
+  --fresh             attack again even where the stored margins were made with the same settings
+  --config-dir DIR    a folder of your own config groups (laid out as conf/)
+  -h, --help          this help
+
+exit status: 0 done, 2 bad input (one line naming the field), 130/143 interrupted (SIGINT/SIGTERM)"""
+
+
+class HelpWanted(Exception):
+    """``--help``: the text to print, exit status 0."""
+
 
 def _flags(argv: list[str]) -> tuple[list[str], set[str], tuple[str, ...]]:
     """The arguments, the on/off flags and the ``--config-dir`` folders of the command line."""
     args, flags, dirs = [], set(), []
     words = iter(argv)
     for word in words:
+        if word in ("-h", "--help"):
+            raise HelpWanted(HELP)
         if word in ("--config-dir", "-cd") or word.startswith("--config-dir="):
             folder = word.split("=", 1)[1] if "=" in word else next(words, "")
             if not Path(folder).is_dir():
@@ -660,6 +690,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     try:
         args, flags, dirs = _flags(argv)
+    except HelpWanted as e:
+        print(e)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         out, part = reevaluate(Path(args[0]), args[1:], replace="--replace" in flags, fresh="--fresh" in flags,
                                progress=interactive(), config_dirs=dirs)
     except UserError as e:

@@ -38,6 +38,17 @@ from hydra.core.config_store import ConfigStore
 
 from lipvae.certify.bounds import FORMS, global_margin, max_gamma, max_lipschitz
 from lipvae.errors import UserError
+
+HELP_TERMS = """The arguments:
+  target   the certified margin every input must get (design), in input-space Euclidean norm
+  r        the reconstruction distance: a reconstruction 'moves' when ‖g(z') − g(z)‖₂ > r (default 8)
+  p        the probability with which it must not move (default 0.5)
+  m        the latent dimension (default 10)
+  gamma    fixed encoder standard deviation(s) γ: a number or a list, e.g. gamma=0.1 or gamma=[0.05,0.1]
+  L        Lipschitz constant(s) enc_L = dec_L to tabulate (a number or a list)
+  form     which bound: tight (default), paper, exact or cantelli (docs/math.md §3)
+  out      tightness: where the figure goes; samples: its Monte Carlo draws
+Exit status: 0 done, 2 bad input (one line naming the field)."""
 from lipvae.schema import POSITIVE, UNIT, _int, _list_of, check_fields, spec
 
 DEFAULT_GAMMAS = (0.01, 0.05, 0.1, 0.2)
@@ -152,8 +163,12 @@ def tightness(args: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"design": design, "model": model, "tightness": tightness}
+    if argv and argv[0] in ("-h", "--help") or argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__.replace("``", "`"))
+        print(HELP_TERMS)
+        return 0
     if not argv or argv[0] not in commands:
-        print(f"usage:\n    {USAGE}", file=sys.stderr)
+        print(f"usage:\n    {USAGE}\n(--help explains each argument)", file=sys.stderr)
         return 2
     try:
         print(commands[argv[0]](argv[1:]))
