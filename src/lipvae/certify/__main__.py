@@ -89,8 +89,16 @@ for _schema, _name in ARGUMENTS.items():
 def _args(args: list[str], schema: type):
     """The command's ``key=value`` arguments composed by Hydra onto ``schema`` (the types and the
     one-line errors of training's command line), then each field's constraint."""
+    import dataclasses
+    import typing
+
     from lipvae.config import compose_config, parse_overrides
 
+    lists = {f.name for f in dataclasses.fields(schema) if typing.get_origin(f.type) in (list, List)
+             or str(f.type).startswith(("List", "list"))}
+    # a single value where a list is meant: gamma=0.1 is gamma=[0.1]
+    args = [f"{k}=[{v}]" if k in lists and v and not v.startswith("[") and "," not in v else a
+            for a in args for k, _, v in [a.partition("=")]]
     cfg = compose_config([text for text, _ in parse_overrides(args, sweeps="refuse")], config_name=ARGUMENTS[schema],
                          schema=schema)
     check_fields(cfg, "", schema)
@@ -104,19 +112,26 @@ def design(args: list[str]) -> str:
     r, p, m, target, form = opts.r, opts.p, opts.m, opts.target, opts.form
     from lipvae.networks import SIGMOID_LIPSCHITZ as SIGMOID  # g's head: a = dec_L · its slope
 
+    # answers that hold for the trained model: its measured constants may sit above the nominal
+    # ones by float rounding (up to LIPSCHITZ_TOLERANCE before a run reports them), so the answers
+    # are computed for constants that much larger, and printed rounded down
+    from lipvae.certify.certificates import LIPSCHITZ_TOLERANCE as SLACK
+
     try:
         rows = []
         for gamma in opts.gamma:
             L = max_lipschitz(target, gamma, m=m, r=r, p=p, form=form, decoder_ratio=SIGMOID)
+            L = None if L is None else _down(L / (1 + SLACK))
             rows.append(("largest L for γ", L, L, gamma))
         for L in opts.L:
-            gamma = max_gamma(target, SIGMOID * L, L, m=m, r=r, p=p, form=form)
-            rows.append(("largest γ for L", L, L, gamma))
+            gamma = max_gamma(target, SIGMOID * L * (1 + SLACK), L * (1 + SLACK), m=m, r=r, p=p, form=form)
+            rows.append(("largest γ for L", L, L, None if gamma is None else _down(gamma)))
     except ValueError as e:
         raise UserError(str(e)) from None
     lines = [
         f"Global certified margin ≥ {target:g} at r={r:g}, p={p:g}, m={m}, {form} form "
-        f"(fixed σ ≡ γ; a = dec_L·{SIGMOID:g}, the sigmoid head's slope; b = enc_L):",
+        f"(fixed σ ≡ γ; a = dec_L·{SIGMOID:g}, the sigmoid head's slope; b = enc_L; each answer holds for"
+        f" constants up to {SLACK:g} above these, as a trained model's measured ones may be):",
         f"{'question':18s} {'enc_L':>10s} {'dec_L':>10s} {'gamma':>10s} {'margin':>10s}  overrides",
     ]
     for question, enc, dec, gamma in rows:
@@ -131,6 +146,14 @@ def design(args: list[str]) -> str:
         )
         lines.append(f"{question:18s} {enc:10.4g} {dec:10.4g} {gamma:10.4g} {got:10.4g}  {overrides}")
     return "\n".join(lines)
+
+
+def _down(x: float, digits: int = 6) -> float:
+    """``x`` rounded down to ``digits`` significant digits (as the overrides print it)."""
+    import math
+
+    scale = 10 ** (digits - 1 - math.floor(math.log10(abs(x))))
+    return math.floor(x * scale) / scale
 
 
 def recertify(path: Path, overrides: list[str] = (), replace: bool = False) -> dict:
