@@ -34,3 +34,40 @@ def test_a_slurm_sweep_is_submitted_without_a_gpu_here_and_each_job_checks_its_o
     assert len(refused) == 1 and "trainer.accelerator: got 'gpu', but no CUDA device is visible" in refused[0]
     done = [json.loads((j / "results.json").read_text()) for j in jobs if (j / "results.json").is_file()]
     assert [r["status"] for r in done] == ["completed"] and done[0]["soundness_violations"] == 0
+
+
+@pytest.mark.slow
+def test_a_tiny_optuna_front_returns_the_named_objectives_and_the_report_draws_it(tmp_path):
+    """hydra/sweeper=front with objective=[test_log_likelihood,certified_mean]: each trial returns
+    those two numbers of its results.json, Optuna's front holds them, the report draws it."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import yaml
+
+    from lipvae.report import main as report_main
+
+    sweep = tmp_path / "study"
+    proc = run_cli(*SMOKE, "hydra/sweeper=front", "objective=[test_log_likelihood,certified_mean]",
+                   "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.population_size=2", "attack.num_inputs=2",
+                   f"hydra.sweep.dir={sweep}", "-m")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = {(round(r["metrics"]["test_log_likelihood"], 4), round(r["certified"]["mean"], 6))
+              for r in (json.loads(p.read_text()) for p in sweep.glob("*/results.json"))}
+    assert len(trials) == 2
+    front = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["solutions"]
+    assert front and all((round(s["values"][0], 4), round(s["values"][1], 6)) in trials for s in front)
+    assert report_main([str(sweep)]) == 0 and (sweep / "optuna_front.png").is_file()
+    assert "optuna_front.png" in (sweep / "report.md").read_text()
+
+
+def test_the_objective_names_what_a_run_returns():
+    from lipvae.results import Results
+    from lipvae.train import objective_value
+
+    r = Results(status="completed", metrics={"test_elbo": -5.0, "test_log_likelihood": -4.0},
+                certified={"mean": 0.3}, estimated={"mean": 2.5}, soundness_violations=0)
+    assert objective_value(r, "test_elbo") == -5.0
+    assert objective_value(r, ["test_log_likelihood", "certified_mean", "soundness_violations"]) == [-4.0, 0.3, 0.0]
+    standard = Results(status="completed", metrics={"test_elbo": -5.0}, certified=None)
+    import math
+
+    assert math.isnan(objective_value(standard, "certified_mean"))

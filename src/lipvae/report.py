@@ -239,6 +239,48 @@ def fig_likelihood_vs_robustness(rows, path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
+def optuna_front(dirs: list[Path]) -> list[dict]:
+    """The Pareto solutions an Optuna multi-objective sweep wrote (``optimization_results.yaml``
+    with ``solutions``, read as data) in any of ``dirs``; [] where there are none."""
+    import yaml
+
+    from lipvae.safety import UnsafeFile, read_regular
+
+    found = []
+    for folder in dirs:
+        try:
+            record = yaml.safe_load(read_regular(Path(folder) / "optimization_results.yaml"))
+        except (OSError, UnsafeFile, yaml.YAMLError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict) and isinstance(record.get("solutions"), list):
+            found += [s for s in record["solutions"] if isinstance(s, dict) and isinstance(s.get("values"), list)]
+    return found
+
+
+def fig_front(rows, dirs: list[Path], path: Path) -> Path | None:
+    """An Optuna front (``hydra/sweeper=front``): every run's test log-likelihood against its
+    certified mean margin, the Pareto solutions Optuna reported circled."""
+    front = optuna_front(dirs)
+    pts = [r for r in rows if r.get("test_log_likelihood") is not None and r.get("certified_mean") is not None]
+    if not front or not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.scatter([r["certified_mean"] for r in pts], [r["test_log_likelihood"] for r in pts], c="tab:blue", s=18,
+               label="trials")
+    values = [s["values"] for s in front if len(s["values"]) == 2]
+    if values:
+        ax.scatter([v[1] for v in values], [v[0] for v in values], s=90, facecolors="none", edgecolors="tab:red",
+                   label="Pareto front (Optuna)")
+    for r in pts:
+        ax.annotate(label(r), (r["certified_mean"], r["test_log_likelihood"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("certified mean margin")
+    ax.set_ylabel("test log-likelihood (nats)")
+    ax.set_title("likelihood vs certified robustness: the searched front", fontsize=9)
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
 def fig_latent_attack_pair(rows, runs, path: Path) -> Path | None:
     """Paper Fig. 1: the latent-space attack on a standard VAE and on a Lipschitz VAE (the
     smallest L), side by side, from the runs' own ``latent_attack.png``."""
@@ -424,7 +466,7 @@ def build_report(dirs: list[Path], out: Path | None = None) -> Path:
     page = Page(
         headline=f"{len(rows)} completed run(s), {len(problems)} not usable.", context=_context(results, rows, dirs),
         rows=rows, order=_order(rows), problems=problems, soundness=_soundness_line(rows),
-        figures=report_figures(rows, results, run_dirs, out),
+        figures=report_figures(rows, results, run_dirs, out, dirs),
     )
     atomic_write_text(out / "report.md", markdown(page, out))
     atomic_write_text(out / "report.html", html_page(page))
@@ -436,10 +478,15 @@ def build_report(dirs: list[Path], out: Path | None = None) -> Path:
     return out / "report.md"
 
 
-def report_figures(rows: list[dict], results: list[dict], run_dirs: list[Path], out: Path) -> dict:
-    """The paper's figures that these runs can draw, by title (PNG files in ``out``)."""
+def report_figures(rows: list[dict], results: list[dict], run_dirs: list[Path], out: Path,
+                   dirs: list[Path] = ()) -> dict:
+    """The paper's figures that these runs can draw, by title (PNG files in ``out``); ``dirs``: the
+    folders reported on (an Optuna sweep's front is read there)."""
     margins = [_margins(run, r) for r, run in zip(results, run_dirs)]
     figures = {
+        "Likelihood against certified margin: the front an Optuna sweep searched": fig_front(
+            rows, list(dirs), out / "optuna_front.png"
+        ),
         "Latent-space attack, standard vs Lipschitz VAE (paper Fig. 1)": fig_latent_attack_pair(
             rows, run_dirs, out / "latent_attack_pair.png"
         ),

@@ -36,7 +36,8 @@ RUN_ENTRIES = (".lipvae.lock", ".hydra", "checkpoints", "evaluations", "csv", "t
 #: names ``lipvae.report`` writes in its output folder
 REPORT_ENTRIES = ("report.md", "report.html", "results.csv", "latent_attack_pair.png", "estimated_margins.png",
                   "likelihood_vs_robustness.png", "certified_vs_estimated.png", "fixed_sigma_grid.png",
-                  "latent_2d.png", "tightness.png", "aggregate_posterior_and_samples.png", "multirun.yaml")
+                  "latent_2d.png", "tightness.png", "aggregate_posterior_and_samples.png", "multirun.yaml",
+                  "optuna_front.png")
 #: folders whose entries are checked one level down too
 RUN_FOLDERS = (".hydra", "checkpoints", "evaluations", "csv")
 

@@ -316,6 +316,24 @@ NAME = (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=
         "letters, digits and . _ = + , -, at most 200 (no path separators or '..': run folders stay under outputs/)")
 
 
+#: what ``objective`` may name: each a number of results.json (its part and key) that a run returns
+#: to a sweeper; higher is better for each but test_kl and soundness_violations
+OBJECTIVES = {
+    "test_elbo": ("metrics", "test_elbo"),
+    "test_log_likelihood": ("metrics", "test_log_likelihood"),
+    "test_kl": ("metrics", "test_kl"),
+    "certified_mean": ("certified", "mean"),
+    "certified_median": ("certified", "median"),
+    "certified_fraction": ("certified", "fraction_certified"),
+    "global_margin": ("certified", "global_margin"),
+    "estimated_mean": ("estimated", "mean"),
+    "soundness_violations": ("soundness_violations",),
+}
+OBJECTIVE = (lambda v: v in OBJECTIVES or (isinstance(v, (list, ListConfig)) and len(v) > 0
+                                           and all(x in OBJECTIVES for x in v)),
+             f"one of {', '.join(OBJECTIVES)}, or a list of them (a multi-objective sweep)")
+
+
 @dataclass
 class RootConfig:
     """Top-level fields; each group keeps its own schema (``data`` only for ImageDataModule)."""
@@ -326,6 +344,7 @@ class RootConfig:
     resume: Any = spec(TRI_STATE)
     name: str = spec(NAME)
     evaluate: Weights = MISSING
+    objective: Any = spec(OBJECTIVE, "test_elbo")
     data: Any = MISSING
     module: Any = MISSING
     model: Any = MISSING

@@ -582,7 +582,21 @@ def main(cfg: DictConfig) -> float | None:
     results = None
     with recorded(cfg, ctx, rank_zero):
         results = train(cfg, ctx)
-    return None if results is None else results.metrics["test_elbo"]
+    return None if results is None else objective_value(results, cfg.objective)
+
+
+def objective_value(results: Results, objective) -> float | list[float]:
+    """What ``objective`` names (``lipvae.schema.OBJECTIVES``), read from the run's results: a
+    number, or a list of them for a list of names; NaN where the run has no such value."""
+    from lipvae.schema import OBJECTIVES
+
+    def one(name: str) -> float:
+        value = results.get(*OBJECTIVES[name])
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+    if isinstance(objective, str):
+        return one(objective)
+    return [one(name) for name in objective]
 
 
 def _multirun(argv: list[str]) -> bool:
