@@ -37,7 +37,7 @@ def test_single_lipschitz_run(tmp_path):
                    f"+callbacks.copy.dirpath={extra}", "+callbacks.copy.filename=copy", "logger=default",
                    "+logger.second._target_=lightning.pytorch.loggers.CSVLogger",
                    "+logger.second.name=second", "+logger.second.version=0",
-                   env={"WANDB_MODE": "", "WANDB_API_KEY": ""})
+                   env={"WANDB_MODE": "", "WANDB_API_KEY": "", "LIPVAE_WANDB_MODEL": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = load(tmp_path)
     check_schema(r)
@@ -74,6 +74,11 @@ def test_single_lipschitz_run(tmp_path):
     blob = runs[0].read_bytes()
     assert b"results/test_elbo" in blob and b"val/loss" in blob
     assert b"results/certified_mean" in blob and b"certified_margins" in blob
+    # the constants, the latent attack, timings, status and the frozen model as an artifact
+    for key in (b"results/lipschitz_measured_decoder", b"results/lipschitz_nominal_encoder_mean",
+                b"results/latent_attack_mean_dist_to_target", b"results/time_fit_s", b"results/status",
+                b"results/resumed", b"frozen_model.pt"):
+        assert key in blob, key
 
 
 @pytest.mark.slow

@@ -253,7 +253,7 @@ def train(cfg: DictConfig, ctx: RunContext) -> Results | None:
     results.timings = {"fit_s": trained.fit_s - eval_s, "test_s": test_s, **ev.timings(time.perf_counter() - t0)}
     results.write(ctx.run_dir)
     log.info("results written to %s", ctx.run_dir / "results.json")
-    summarise_to_wandb(built.loggers, results, ev)
+    summarise_to_wandb(built.loggers, results, ev, ctx.run_dir)
     return results
 
 
@@ -412,8 +412,9 @@ def _best_score(checkpoint: ModelCheckpoint | None) -> float | None:
     return None if score is None else float(score)
 
 
-def summarise_to_wandb(loggers: list, results: Results, ev: Evaluation) -> None:
-    """The run's headline numbers as the W&B run's summary; the W&B run is then finished."""
+def summarise_to_wandb(loggers: list, results: Results, ev: Evaluation, run_dir: Path) -> None:
+    """The run's headline numbers as the W&B run's summary (``wandb_extras`` too) and, online (or
+    with ``LIPVAE_WANDB_MODEL=1``), the frozen model as an artifact; the W&B run is then finished."""
     for lg in loggers:
         if not is_wandb(lg):
             continue
@@ -424,8 +425,40 @@ def summarise_to_wandb(loggers: list, results: Results, ev: Evaluation) -> None:
                     summary[f"results/{name}_{k}"] = part[k]
         if ev.soundness_violations is not None:
             summary["results/soundness_violations"] = ev.soundness_violations
+        summary.update(wandb_extras(results))
         lg.experiment.summary.update(summary)
+        if os.environ.get("WANDB_MODE") == "online" or os.environ.get("LIPVAE_WANDB_MODEL") == "1":
+            _log_model_artifact(lg, RunFolder(run_dir).frozen_model)  # online by default; offline on request
         lg.experiment.finish()
+
+
+def wandb_extras(results: Results) -> dict:
+    """What a W&B dashboard needs beside the metrics and margins: the measured, nominal and bound
+    Lipschitz constants, the latent attack's numbers, the timings, the status and whether the run
+    was resumed (flat ``results/...`` keys, groupable like the config's ``enc_L``)."""
+    out = {"results/status": results.status}
+    for kind in ("nominal", "bound", "measured"):
+        for net, value in ((results.lipschitz or {}).get(kind) or {}).items():
+            out[f"results/lipschitz_{kind}_{net}"] = value
+    for k, v in (results.latent_attack or {}).items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"results/latent_attack_{k}"] = v
+    for k, v in (results.timings or {}).items():
+        out[f"results/time_{k}"] = v
+    out["results/resumed"] = bool((results.run or {}).get("resumed_from"))
+    return out
+
+
+def _log_model_artifact(logger, path: Path) -> None:
+    """The frozen weights as a W&B artifact of type ``model`` (offline: kept for ``wandb sync``)."""
+    import wandb
+
+    if not path.is_file():
+        return
+    artifact = wandb.Artifact(name=f"model-{logger.experiment.id}", type="model",
+                              metadata={"file": path.name})
+    artifact.add_file(str(path))
+    logger.experiment.log_artifact(artifact)
 
 
 def _record(cfg: DictConfig, run_dir: Path, status: str, error: str) -> None:
