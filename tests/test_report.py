@@ -38,9 +38,15 @@ def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):
     code = json.loads(next(sweep.glob("*_lipschitz_*/results.json")).read_text())["run"]["code"]
     assert f"- **code**: {code}" in md and len(code) >= 12
     page = (sweep / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "src='http" not in page and "<details>" in page
-    for fig in ("estimated_margins.png", "likelihood_vs_robustness.png", "certified_vs_estimated.png", "tightness.png"):
+    assert page.count("data:image/png;base64,") == 3 and "src='http" not in page and "<details>" in page
+    for fig in ("estimated_margins.png", "likelihood_vs_robustness.png", "certified_vs_estimated.png"):
         assert (sweep / fig).stat().st_size > 1000
+    assert "Theorem 1" not in md  # the data-free figure only on request (--tightness)
+    # each run links to its folder and its own figures, by paths relative to the report
+    for run in done.run:
+        assert f"<a href='{run}/'>" in page and f"<a href='{run}/reconstructions.png'>" in page
+        assert (sweep / run / "reconstructions.png").is_file()
+    assert "None" not in md
 
 
 @pytest.mark.slow
@@ -361,3 +367,21 @@ def test_report_names_the_reference_attack_without_steps(tmp_path):
     assert report_main([str(tmp_path)]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "r=8, p=0.5, 2 inputs, 40 samples × 5 starts, lbfgs, grid" in md and "None steps" not in md
+
+
+def test_runs_are_labelled_by_what_tells_them_apart():
+    from lipvae.report import label, tag_rows
+
+    rows = [{"model": "lipschitz", "enc_L": 5.0, "dec_L": 5.0, "arch": "mlp", "layer": "stiefel", "attack": "pgd",
+             "std_mode": "learned", "data": "mnist"},
+            {"model": "lipschitz", "enc_L": 5.0, "dec_L": 5.0, "arch": "mlp", "layer": "bjorck", "attack": "pgd",
+             "std_mode": "learned", "data": "mnist"},
+            {"model": "lipschitz", "enc_L": 5.0, "dec_L": 5.0, "arch": "mlp", "layer": "stiefel", "attack": "lbfgs",
+             "std_mode": "learned", "data": "mnist"}]
+    tag_rows(rows)
+    labels = [label(r) for r in rows]
+    assert labels == ["L=5 [stiefel pgd]", "L=5 [bjorck pgd]", "L=5 [stiefel lbfgs]"]
+    assert len(set(labels)) == 3 and not any("None" in x for x in labels)
+    same = [dict(rows[0]), dict(rows[0])]
+    tag_rows(same)
+    assert [label(r) for r in same] == ["L=5", "L=5"]  # nothing differs: nothing added

@@ -12,6 +12,7 @@ import argparse
 import base64
 import html
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,8 @@ from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomi
 log = logging.getLogger("lipvae")
 
 COLUMNS = [
-    "run", "status", "data", "split", "model", "enc_L", "dec_L", "std_mode", "gamma", "beta", "latent_dim",
+    "run", "status", "data", "split", "model", "arch", "layer", "attack", "enc_L", "dec_L", "std_mode", "gamma", "beta",
+    "latent_dim",
     "lr", "epochs", "stopped_by", "test_log_likelihood", "test_elbo", "certified_mean", "certified_median", "certified_min",
     "fraction_certified", "global_margin", "estimated_mean", "estimated_median", "estimated_min",
     "estimated_censored", "soundness_violations", "certified_holds_with_probability", "coupled_exceedances",
@@ -71,6 +73,9 @@ def load_row(run: Path, root: Path) -> tuple[dict, Results | None]:
         "data": r.get("data", "name"),
         "split": r.get("data", "split"),
         "model": r.get("model", "kind"),
+        "arch": r.get("model", "arch") or "mlp",
+        "layer": _short(r.get("config", "model", "layer", "_target_")) if r.get("model", "kind") == "lipschitz" else None,
+        "attack": r.get("estimated", "method"),
         "enc_L": r.get("lipschitz", "nominal", "encoder_mean"),
         "dec_L": r.get("lipschitz", "nominal", "decoder"),
         "std_mode": r.get("model", "encoder_std", "mode"),
@@ -149,6 +154,40 @@ def _holds(r: Results) -> float | None:
     return 1.0 if held is None else float(held)
 
 
+def _short(target) -> str | None:
+    """A layer's class name as the model/layer option names it (``lipvae.networks.StiefelLinear`` → stiefel)."""
+    if not isinstance(target, str):
+        return None
+    name = target.rsplit(".", 1)[-1]
+    return name.removesuffix("Linear").lower() or name
+
+
+#: what may tell runs of one report apart beside the constants, γ, β and the seed (label's ``tag``)
+DISTINGUISHING = ("arch", "layer", "attack", "std_mode", "data")
+
+
+def tag_rows(rows: list[dict]) -> None:
+    """Give each row the settings that differ between the report's runs (``tag``), so that two
+    runs of the same L with another layer or attack are told apart in every table and figure."""
+    varying = [f for f in DISTINGUISHING if len({str(r.get(f)) for r in rows}) > 1]
+    for r in rows:
+        r["tag"] = " ".join(f"{r.get(f)}" for f in varying if r.get(f) is not None and f != "data")
+
+
+#: a run's own figures, linked from the report's table
+RUN_FIGURES = ("reconstructions.png", "latent_attack.png", "certified_margins.png", "certified_vs_estimated.png",
+               "prior_samples.png", "results.json")
+
+
+def _wandb_url(r: Results) -> str | None:
+    """The W&B run's page, for a run logged online to a known entity and project."""
+    run_id, wandb = r.get("run", "wandb_run_id"), r.get("config", "logger", "wandb") or {}
+    if not run_id or not isinstance(wandb, dict) or wandb.get("mode") != "online":
+        return None
+    entity, project = wandb.get("entity"), wandb.get("project")
+    return f"https://wandb.ai/{entity}/{project}/runs/{run_id}" if entity and project else None
+
+
 def label(row: dict) -> str:
     if row["model"] != "lipschitz":
         text = "standard"
@@ -165,6 +204,8 @@ def label(row: dict) -> str:
         text += f" ({row['data']})"
     if row.get("seed") not in (None, 0):  # a grid over seeds: tell the arms' runs apart
         text += f" s{row['seed']}"
+    if row.get("tag"):
+        text += f" [{row['tag']}]"
     return text
 
 
@@ -397,9 +438,11 @@ def _context(results: list[dict], rows: list[dict], dirs: list[Path]) -> list[tu
         if r.get("certified")
     )
     attack = distinct(
-        f"r={e['r']:g}, p={e['p']:g}, {e['num_inputs']} inputs, {e.get('samples')} samples × {e.get('starts')} starts, "
-        + (f"{e.get('steps')} steps, " if e.get("steps") is not None else f"{e.get('method')}, ")  # lbfgs: no steps
-        + f"{e.get('search')}"
+        ", ".join(str(x) for x in (
+            f"r={e['r']:g}", f"p={e['p']:g}", f"{e['num_inputs']} inputs",
+            f"{e.get('samples')} samples × {e.get('starts')} starts" if e.get("samples") and e.get("starts") else None,
+            f"{e.get('steps')} steps" if e.get("steps") is not None else e.get("method"),  # lbfgs: no steps
+            e.get("search")) if x is not None)
         for e in (r.get("estimated") for r in results)
         if e
     )
@@ -445,7 +488,7 @@ class Page:
     figures: dict
 
 
-def build_report(dirs: list[Path], out: Path | None = None) -> Path:
+def build_report(dirs: list[Path], out: Path | None = None, tightness: bool = False) -> Path:
     """Write report.md, report.html, results.csv and the figures; raises ``NothingCompleted``
     (after writing) when no run completed."""
     dirs = [Path(d) for d in dirs]
@@ -462,11 +505,16 @@ def build_report(dirs: list[Path], out: Path | None = None) -> Path:
     good = [(row, r, run) for (row, r), run in zip(loaded, runs) if r is not None]
     problems = [row for row, r in loaded if r is None]
     rows, results, run_dirs = [row for row, _, _ in good], [r for _, r, _ in good], [run for _, _, run in good]
+    tag_rows(rows)
+    for row, r, run in zip(rows, results, run_dirs):  # where the report links each run
+        row["link"] = os.path.relpath(run, out)
+        row["files"] = [f for f in RUN_FIGURES if (run / f).is_file() and not (run / f).is_symlink()]
+        row["wandb_url"] = _wandb_url(r)
     write_table(out / "results.csv", pd.DataFrame([*rows, *problems], columns=COLUMNS + ["seed"]))
     page = Page(
         headline=f"{len(rows)} completed run(s), {len(problems)} not usable.", context=_context(results, rows, dirs),
         rows=rows, order=_order(rows), problems=problems, soundness=_soundness_line(rows),
-        figures=report_figures(rows, results, run_dirs, out, dirs),
+        figures=report_figures(rows, results, run_dirs, out, dirs, tightness),
     )
     atomic_write_text(out / "report.md", markdown(page, out))
     atomic_write_text(out / "report.html", html_page(page))
@@ -479,7 +527,7 @@ def build_report(dirs: list[Path], out: Path | None = None) -> Path:
 
 
 def report_figures(rows: list[dict], results: list[dict], run_dirs: list[Path], out: Path,
-                   dirs: list[Path] = ()) -> dict:
+                   dirs: list[Path] = (), tightness: bool = False) -> dict:
     """The paper's figures that these runs can draw, by title (PNG files in ``out``); ``dirs``: the
     folders reported on (an Optuna sweep's front is read there)."""
     margins = [_margins(run, r) for r, run in zip(results, run_dirs)]
@@ -506,7 +554,7 @@ def report_figures(rows: list[dict], results: list[dict], run_dirs: list[Path], 
             fig_latent_2d(rows, run_dirs, out / "latent_2d.png")
         ),
     }
-    if any(row["model"] == "lipschitz" for row in rows):
+    if tightness:  # data-free (paper Fig. 2): on request (--tightness), not with every report
         from lipvae.certify.tightness import save_tightness_figure
 
         figures["Tightness of Theorem 1's terms at the paper's setting (paper Fig. 2)"] = save_tightness_figure(
@@ -544,6 +592,17 @@ _STYLE = (
 )
 
 
+def _run_links(row: dict) -> str:
+    """A table cell: the run's label linking to its folder, its own figures and its W&B page."""
+    esc = html.escape
+    link = row.get("link")
+    text = f"<a href='{esc(link)}/'>{esc(label(row))}</a>" if link else esc(label(row))
+    files = [f"<a href='{esc(link)}/{esc(f)}'>{esc(f.split('.')[0].replace('_', ' '))}</a>" for f in row.get("files", [])]
+    if row.get("wandb_url"):
+        files.append(f"<a href='{esc(row['wandb_url'])}'>W&amp;B</a>")
+    return text + (f"<br><small>{' · '.join(files)}</small>" if files else "")
+
+
 def html_page(page: Page) -> str:
     """report.html: report.md's content in one self-contained file (figures inlined), with every
     column of every run behind a fold."""
@@ -557,7 +616,7 @@ def html_page(page: Page) -> str:
     ]
     for i in page.order:
         cells = "".join(f"<td>{esc(_fmt(rows[i].get(c)))}</td>" for c in KEY_COLUMNS)
-        parts.append(f"<tr><td>{esc(label(rows[i]))}</td>{cells}</tr>")
+        parts.append(f"<tr><td>{_run_links(rows[i])}</td>{cells}</tr>")
     parts.append("</table><details><summary>all columns</summary><div class='wide'><table><tr><th>run</th>"
                  + "".join(f"<th>{esc(c)}</th>" for c in shown) + "</tr>")
     for i in page.order:
@@ -579,9 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="lipvae-report", description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders")
     ap.add_argument("--out", type=Path, default=None, help="where to write the report (default: the first dir)")
+    ap.add_argument("--tightness", action="store_true",
+                    help="add the data-free figure of Theorem 1's terms against Monte Carlo (paper Fig. 2)")
     args = ap.parse_args(argv)
     try:
-        path = build_report(args.dirs, args.out)
+        path = build_report(args.dirs, args.out, args.tightness)
     except NothingCompleted as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
