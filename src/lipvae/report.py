@@ -175,8 +175,9 @@ def tag_rows(rows: list[dict]) -> None:
 
 
 #: a run's own figures, linked from the report's table
-RUN_FIGURES = ("reconstructions.png", "latent_attack.png", "certified_margins.png", "certified_vs_estimated.png",
-               "prior_samples.png", "results.json")
+RUN_FIGURES = {"reconstructions.png": "recon.", "latent_attack.png": "latent attack",
+               "certified_margins.png": "certified", "certified_vs_estimated.png": "cert. vs est.",
+               "prior_samples.png": "samples", "results.json": "json"}
 
 
 def _wandb_url(r: Results) -> str | None:
@@ -588,7 +589,8 @@ _STYLE = (
     "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
     "th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}dl{display:grid;"
     "grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}dt{font-weight:bold}dd{margin:0}"
-    "details{margin:1em 0}.wide{overflow-x:auto;max-width:100%}img{max-width:100%}</style>"
+    "details{margin:1em 0}.wide{overflow-x:auto;max-width:100%}img{max-width:100%}"
+    "td:first-child{white-space:nowrap}td small a{margin-right:2px}</style>"
 )
 
 
@@ -597,7 +599,7 @@ def _run_links(row: dict) -> str:
     esc = html.escape
     link = row.get("link")
     text = f"<a href='{esc(link)}/'>{esc(label(row))}</a>" if link else esc(label(row))
-    files = [f"<a href='{esc(link)}/{esc(f)}'>{esc(f.split('.')[0].replace('_', ' '))}</a>" for f in row.get("files", [])]
+    files = [f"<a href='{esc(link)}/{esc(f)}'>{esc(RUN_FIGURES[f])}</a>" for f in row.get("files", [])]
     if row.get("wandb_url"):
         files.append(f"<a href='{esc(row['wandb_url'])}'>W&amp;B</a>")
     return text + (f"<br><small>{' · '.join(files)}</small>" if files else "")
