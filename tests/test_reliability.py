@@ -510,7 +510,8 @@ def test_a_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path):
 @pytest.mark.slow
 def test_a_bad_sweep_value_refuses_its_job_whether_first_or_not(tmp_path):
     """enc_L=5,-1 refused the -1 job only; enc_L=-1,5 refused the whole sweep before any job."""
-    proc = run_cli(*SMOKE, "enc_L=-1,-2", f"hydra.sweep.dir={tmp_path}", "-m")
+    # -m between overrides, as `... enc_L=5,7,10 -m data.limit=6000` is typed (argparse refused it)
+    proc = run_cli(*SMOKE, "enc_L=-1,-2", "-m", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "error: 2 of 2 jobs failed or were refused" in proc.stderr
     assert proc.stderr.count("enc_L: got -1.0") >= 1 and proc.stderr.count("enc_L: got -2.0") >= 1

@@ -658,6 +658,10 @@ def cli() -> None:
     """``python -m lipvae.train``: the command line's overrides are checked (one line on a
     mistake, exit 2) before Hydra composes and runs the job."""
     quiet_third_party()
+    # Hydra's argparse takes the overrides as one run of positionals: `a=1 -m b=2` left b=2
+    # unrecognised. -m/--multirun may stand anywhere on lipvae's command line
+    flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
+    sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     try:
         check_folder_names(sys.argv[1:])
         check_yaml_files(sys.argv[1:])
