@@ -71,3 +71,5 @@ def test_the_objective_names_what_a_run_returns():
     import math
 
     assert math.isnan(objective_value(standard, "certified_mean"))
+    assert objective_value(r, "certified_mean_above_floor", -10.0) == 0.3  # the floor reached
+    assert objective_value(r, "certified_mean_above_floor", -3.0) == -math.inf  # below it

@@ -518,3 +518,18 @@ def test_a_bad_sweep_value_refuses_its_job_whether_first_or_not(tmp_path):
     shared = run_cli(*SMOKE, "enc_L=-1,-2", "model.hidden=[31,32]", f"hydra.sweep.dir={tmp_path / 'b'}", "-m")
     assert shared.returncode == 2  # what every job shares is still refused once, before any job
     assert shared.stderr.strip().splitlines()[-1].startswith("error: model.hidden: got [31, 32]")
+
+
+def test_a_run_recorded_before_the_architecture_group_resumes():
+    """model.arch.* did not exist when older runs were recorded: absent there and at their
+    defaults now is no difference; another architecture is."""
+    from omegaconf import OmegaConf
+
+    from lipvae.runfolder import config_differences
+
+    given = composed()
+    old = OmegaConf.to_container(given, resolve=False)
+    del old["model"]["arch"], old["objective"], old["likelihood_floor"]
+    assert config_differences(OmegaConf.create(old), given) == []
+    conv = OmegaConf.to_container(composed("model/arch=conv"), resolve=False)
+    assert config_differences(OmegaConf.create(conv), given) == ["model.arch.kind"]

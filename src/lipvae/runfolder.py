@@ -30,7 +30,10 @@ from lipvae.safety import UnsafeFile, check_entries, read_regular
 # keys a resumed run may change: bookkeeping, the time budget, and the learning rate (to
 # recover from a diverged run from its last finite state)
 MAY_DIFFER_ON_RESUME = ("resume", "module.lr", "trainer.enable_progress_bar", "trainer.max_time",
-                        "module.num_importance")
+                        "module.num_importance", "objective", "likelihood_floor")
+#: fields added since runs may have been recorded without them, with the value that means what
+#: those runs did: a run recorded before them resumes when it is given that value
+ADDED_SINCE = {"model.arch.kind": "mlp", "model.arch.channels": [32, 64], "model.arch.kernel_size": 3}
 # ... the evaluation's settings: the trained state does not depend on them, and the evaluation
 # of a resumed run starts over with the settings given; and the loggers
 MAY_DIFFER_PREFIXES = ("attack.", "certify.", "logger.")
@@ -65,6 +68,7 @@ def config_differences(stored: DictConfig, given: DictConfig) -> list[str]:
     return [
         k for k in keys
         if a.get(k, "<absent>") != b.get(k, "<absent>")
+        and not (k not in a and k in ADDED_SINCE and b.get(k) == ADDED_SINCE[k])
         and k not in MAY_DIFFER_ON_RESUME and not k.startswith(MAY_DIFFER_PREFIXES)
     ]
 

@@ -328,6 +328,9 @@ OBJECTIVES = {
     "global_margin": ("certified", "global_margin"),
     "estimated_mean": ("estimated", "mean"),
     "soundness_violations": ("soundness_violations",),
+    # the certified mean margin of a model whose test log-likelihood reaches likelihood_floor,
+    # -inf below it: "the largest certified margin at a minimum likelihood" as one number
+    "certified_mean_above_floor": ("certified", "mean"),
 }
 OBJECTIVE = (lambda v: v in OBJECTIVES or (isinstance(v, (list, ListConfig)) and len(v) > 0
                                            and all(x in OBJECTIVES for x in v)),
@@ -345,6 +348,8 @@ class RootConfig:
     name: str = spec(NAME)
     evaluate: Weights = MISSING
     objective: Any = spec(OBJECTIVE, "test_elbo")
+    likelihood_floor: Optional[float] = spec((lambda v: v is None or (_num(v) and math.isfinite(v)),
+                                              "a number of nats, or null"), None)
     data: Any = MISSING
     module: Any = MISSING
     model: Any = MISSING

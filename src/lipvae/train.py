@@ -615,17 +615,24 @@ def main(cfg: DictConfig) -> float | None:
     results = None
     with recorded(cfg, ctx, rank_zero):
         results = train(cfg, ctx)
-    return None if results is None else objective_value(results, cfg.objective)
+    return None if results is None else objective_value(results, cfg.objective, cfg.get("likelihood_floor"))
 
 
-def objective_value(results: Results, objective) -> float | list[float]:
+def objective_value(results: Results, objective, likelihood_floor: float | None = None) -> float | list[float]:
     """What ``objective`` names (``lipvae.schema.OBJECTIVES``), read from the run's results: a
-    number, or a list of them for a list of names; NaN where the run has no such value."""
+    number, or a list of them for a list of names; NaN where the run has no such value.
+    ``certified_mean_above_floor`` is -inf for a model whose test log-likelihood is below
+    ``likelihood_floor``."""
     from lipvae.schema import OBJECTIVES
 
     def one(name: str) -> float:
         value = results.get(*OBJECTIVES[name])
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        value = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        if name == "certified_mean_above_floor" and likelihood_floor is not None:
+            ll = results.get("metrics", "test_log_likelihood")
+            if not isinstance(ll, (int, float)) or ll < likelihood_floor:
+                return -math.inf
+        return value
 
     if isinstance(objective, str):
         return one(objective)
