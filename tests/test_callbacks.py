@@ -116,7 +116,7 @@ def test_the_readme_example_runs_as_written(tmp_path, monkeypatch, synthetic_roo
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
     code = re.search(r"<!-- margins-example .*?-->\n```python\n(.*?)```", readme, flags=re.S).group(1)
     assert len(code.strip().splitlines()) <= 12
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))

@@ -143,13 +143,13 @@ class _NotAModule:
 def test_a_data_module_that_misses_the_contract_is_one_line(dm, message):
     if hasattr(dm, "setup"):
         dm.setup()
-    with pytest.raises(UserError, match=r"^data: .*" + message + r".*README, 'Your own data'"):
+    with pytest.raises(UserError, match=r"^data: .*" + message + r".*docs/extending.md, 'Your own data'"):
         check_datamodule(dm)
 
 
 def _readme_example(tmp_path: Path) -> tuple[Path, list[str]]:
     """README's own data module, its YAML and the overrides of its command, written as a user would."""
-    readme = (PROJECT / "README.md").read_text()
+    readme = (PROJECT / "docs" / "extending.md").read_text()
     section = readme[readme.index("<!-- own-data-example"):]
     code, yaml = re.findall(r"```(?:python|yaml)\n(.*?)```", section, flags=re.S)[:2]
     command = re.search(r"```bash\n(PYTHONPATH=\. python -m lipvae\.train [^\n]*)\n```", section).group(1)
@@ -196,7 +196,7 @@ def test_a_data_module_that_misses_the_contract_stops_before_training(tmp_path, 
 
 def _tensor_file_example(tmp_path: Path) -> list[str]:
     """README's tensor-file example: its script run in ``tmp_path``, its command's overrides."""
-    readme = (PROJECT / "README.md").read_text()
+    readme = (PROJECT / "docs" / "extending.md").read_text()
     section = readme[readme.index("<!-- tensor-file-example"):]
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     command = re.search(r"```bash\n(python -m lipvae\.train [^\n]*)\n```", section).group(1)

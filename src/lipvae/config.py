@@ -295,7 +295,7 @@ def check_yaml_files(argv: list[str]) -> None:
             continue
         if not Path(folder).is_dir():
             raise UserError(f"--config-dir: got {folder!r}, which is not a folder; accepted: a folder of your own"
-                            " YAML files, laid out as conf/ (README: Extending)")
+                            " YAML files, laid out as conf/ (docs/extending.md)")
         for path in sorted(Path(folder).rglob("*.yaml")):
             try:
                 yaml.safe_load(path.read_text())

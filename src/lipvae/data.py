@@ -336,7 +336,7 @@ def check_datamodule(dm, target: str = "data") -> None:
     """One line naming the first part of ``VAEDataModule``'s contract that ``dm`` misses (called
     once it is built and set up, before any model is built or trained)."""
     name = f"data: {type(dm).__module__}.{type(dm).__qualname__}"
-    see = "; see README, 'Your own data' (lipvae.data.VAEDataModule)"
+    see = "; see docs/extending.md, 'Your own data' (lipvae.data.VAEDataModule)"
     if not isinstance(dm, L.LightningDataModule):
         raise UserError(f"{name} is not a LightningDataModule{see}")
     for attr in ("split", "setup"):

@@ -86,7 +86,7 @@ class LipschitzLinear(nn.Module):
     """A linear layer whose weight has spectral norm at most 1 by construction, scaled by
     ``scale``: its Lipschitz constant is ``scale`` (nominal) and ``scale · ‖effective_weight()‖₂``
     (measured, what certificates use). A new kind of Lipschitz layer subclasses this and is
-    selected by a YAML file in ``conf/model/layer/`` whose ``_target_`` names it (README,
+    selected by a YAML file in ``conf/model/layer/`` whose ``_target_`` names it (docs/extending.md,
     "Extending"); the networks, freezing and the measured constants then work unchanged.
     """
 
