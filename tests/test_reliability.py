@@ -479,11 +479,12 @@ def test_a_non_finite_stored_weight_is_one_line(smoke_runs, tmp_path, capsys, mo
 
 
 @pytest.mark.slow
-def test_a_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("layer", ["stiefel", "bjorck"])
+def test_a_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path, layer):
     """SIGKILL after the first checkpoint (Stiefel layers: optimiser state, random streams and
     batch order all restored), then resume=auto: every recorded number equals the uninterrupted
     run's, and results.json says where it resumed from."""
-    args = [*SMOKE, "model/layer=stiefel", "trainer.max_epochs=3", "callbacks.early_stopping.patience=100",
+    args = [*SMOKE, f"model/layer={layer}", "trainer.max_epochs=3", "callbacks.early_stopping.patience=100",
             "callbacks.finetune.max_epochs=0", "attack.num_inputs=2", "attack.steps=5"]
     whole = run_cli(*args, f"hydra.run.dir={tmp_path / 'whole'}", process=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
