@@ -114,7 +114,7 @@ def main() -> None:
     header = ("| arch | L | test log-lik. | certified mean (tight) | certified mean (Cantelli) | estimated mean | "
               "violations | epochs (stop) | fit min | peak MiB | last-epoch improvement (nats) |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|")
-    table = "\n".join([f"machine: {machine()}; two runs at a time, one thread each", "", header,
+    table = "\n".join([f"{machine()}; two runs at a time, one thread each", "", header,
                        *(row(rec) for rec in records)])
     (args.out / "table.md").write_text(table + "\n")
     print(table)
