@@ -73,3 +73,23 @@ def test_the_objective_names_what_a_run_returns():
     assert math.isnan(objective_value(standard, "certified_mean"))
     assert objective_value(r, "certified_mean_above_floor", -10.0) == 0.3  # the floor reached
     assert objective_value(r, "certified_mean_above_floor", -3.0) == -math.inf  # below it
+
+
+@pytest.mark.slow
+def test_a_submitit_local_sweep_runs_its_jobs_as_local_processes(tmp_path):
+    """hydra/launcher=submitit_local: the cluster path's jobs, run here (a dry run of a SLURM sweep)."""
+    proc = run_cli(*SMOKE, "enc_L=5", "hydra/launcher=submitit_local", "attack.num_inputs=2",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", "-m", process=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (job,) = (tmp_path / "sweep").glob("0_*")
+    r = json.loads((job / "results.json").read_text())
+    assert r["status"] == "completed" and r["soundness_violations"] == 0
+    assert list((tmp_path / "sweep" / ".submitit").rglob("*_result.pkl"))  # submitit ran it
+
+
+def test_train_help_explains_its_arguments():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("python -m lipvae.train [group=option ...] [key=value ...] [-m]")
+    for words in ("enc_L, dec_L", "model/arch=conv", "data=mnist|fashion_mnist", "resume=true|auto", "docs/usage.md"):
+        assert words in proc.stdout, words
