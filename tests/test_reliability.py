@@ -534,3 +534,13 @@ def test_a_run_recorded_before_the_architecture_group_resumes():
     assert config_differences(OmegaConf.create(old), given) == []
     conv = OmegaConf.to_container(composed("model/arch=conv"), resolve=False)
     assert config_differences(OmegaConf.create(conv), given) == ["model.arch.kind"]
+
+
+def test_a_single_value_where_a_list_is_meant_is_that_list():
+    """certify.r=8 was refused ('accepted: a list'); it means [8], for lipvae's checks and Hydra's."""
+    proc = run_cli("certify.r=8", "certify.forms=tight", "model.hidden=64", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for line in ("  r:\n  - 8.0", "  forms:\n  - tight", "  hidden:\n  - 64"):
+        assert line in proc.stdout, line
+    bad = run_cli(*SMOKE, "certify.r=-8")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: certify.r: got [-8.0]")

@@ -327,6 +327,19 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
     return compose_config([o for o, _ in overrides], config_module, config_name)
 
 
+def as_list_where_meant(text: str, root: type = RootConfig) -> str:
+    """``certify.r=8`` where a list is meant is ``certify.r=[8]``: a single plain value (no
+    brackets, no comma, no sweep function) of a field whose schema type is a list."""
+    import typing
+
+    key, eq, value = text.partition("=")
+    if not eq or not value or value[0] in "[(" or "," in value or "(" in value or key.startswith(("+", "~")):
+        return text
+    found = schema_field(key.lstrip("+"), root)
+    annotation = found.type if found is not None else None
+    return f"{key}=[{value}]" if typing.get_origin(annotation) is list else text
+
+
 def parse_overrides(texts: list[str], sweeps: str = "first") -> list[tuple[str, object]]:
     """Command-line overrides read by Hydra's own grammar, as ``(text, parsed Override)`` pairs;
     ``hydra.*`` settings are dropped. A sweep (``a=1,2,3``) is replaced by its first value
@@ -337,7 +350,7 @@ def parse_overrides(texts: list[str], sweeps: str = "first") -> list[tuple[str, 
 
     parser = OverridesParser.create()
     out = []
-    for text in texts:
+    for text in map(as_list_where_meant, texts):
         try:
             (o,) = parser.parse_overrides([text])
         except OverrideParseException as e:

@@ -37,7 +37,7 @@ from lipvae.certify.certificates import check_lipschitz
 from lipvae.migrate import LEGACY_INPUT_SHAPE
 from lipvae.stored import load_best_weights, load_checkpoint, load_state
 from lipvae.vae import stored_input_shape
-from lipvae.config import (build_datamodule, build_entries, build_module, build_trainer, build_vae,
+from lipvae.config import (as_list_where_meant, build_datamodule, build_entries, build_module, build_trainer, build_vae,
                            check_overrides, check_yaml_files, validate)
 from lipvae.data import check_datamodule
 from lipvae.errors import UserError
@@ -668,7 +668,8 @@ def cli() -> None:
     # Hydra's argparse takes the overrides as one run of positionals: `a=1 -m b=2` left b=2
     # unrecognised. -m/--multirun may stand anywhere on lipvae's command line
     flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
-    sys.argv[1:] = flags + [a for a in sys.argv[1:] if a not in ("-m", "--multirun")]
+    # a single value where a list is meant (certify.r=8) is that list ([8]), for Hydra too
+    sys.argv[1:] = flags + [as_list_where_meant(a) for a in sys.argv[1:] if a not in ("-m", "--multirun")]
     try:
         check_folder_names(sys.argv[1:])
         check_yaml_files(sys.argv[1:])
