@@ -450,7 +450,8 @@ def test_runs_recorded_before_the_groups_were_objects_migrate_and_build():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--config-dir", "/nonexistent/lipvae-conf"], "error: --config-dir: got '/nonexistent/lipvae-conf', which is not a folder"),
+    (["--config-dir", "/nonexistent/lipvae-conf"],
+     "error: --config-dir: got '/nonexistent/lipvae-conf'; accepted: an existing folder of config groups"),
     ([f"hydra.run.dir=/tmp/{'b' * 300}"], "error: hydra.run.dir: got a folder name of 300 bytes; accepted: folder names"),
 ])
 def test_command_line_folders_that_cannot_be_are_one_line(args, fragment):

@@ -294,8 +294,7 @@ def check_yaml_files(argv: list[str]) -> None:
         if folder is None:
             continue
         if not Path(folder).is_dir():
-            raise UserError(f"--config-dir: got {folder!r}, which is not a folder; accepted: a folder of your own"
-                            " YAML files, laid out as conf/ (docs/extending.md)")
+            raise UserError(f"--config-dir: got {folder!r}; accepted: an existing folder of config groups")
         for path in sorted(Path(folder).rglob("*.yaml")):
             try:
                 yaml.safe_load(path.read_text())

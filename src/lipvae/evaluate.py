@@ -658,9 +658,7 @@ def _flags(argv: list[str]) -> tuple[list[str], set[str], tuple[str, ...]]:
             raise HelpWanted(HELP)
         if word in ("--config-dir", "-cd") or word.startswith("--config-dir="):
             folder = word.split("=", 1)[1] if "=" in word else next(words, "")
-            if not Path(folder).is_dir():
-                raise UserError(f"--config-dir: got {folder!r}; accepted: an existing folder of config groups")
-            check_yaml_files(["--config-dir", folder])
+            check_yaml_files(["--config-dir", folder])  # an existing folder whose YAML files parse
             dirs.append(folder)
         elif word.startswith("-"):
             if word not in ("--replace", "--fresh"):

@@ -271,14 +271,18 @@ def fig_likelihood_vs_robustness(rows, path: Path) -> Path | None:
             continue
         ax.scatter([r["estimated_mean"] for r in group], [r["test_log_likelihood"] for r in group], c=colour,
                    marker=marker, label=f"{kind} VAE")
-        for r in group:
-            ax.annotate(label(r), (r["estimated_mean"], r["test_log_likelihood"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+        _label_points(ax, group, "estimated_mean", "test_log_likelihood", fontsize=7)
     ax.set_xlabel("mean estimated margin")
     ax.set_ylabel("mean test log-likelihood (nats)")
     ax.set_title("likelihood vs robustness", fontsize=9)
     ax.legend(fontsize=7)
     return save_figure(fig, path)
+
+
+def _label_points(ax, rows: list[dict], x: str, y: str, fontsize: int) -> None:
+    """Each row's label beside its point (``x``, ``y``: the row's columns)."""
+    for r in rows:
+        ax.annotate(label(r), (r[x], r[y]), fontsize=fontsize, xytext=(3, 3), textcoords="offset points")
 
 
 def optuna_front(dirs: list[Path]) -> list[dict]:
@@ -313,9 +317,7 @@ def fig_front(rows, dirs: list[Path], path: Path) -> Path | None:
     if values:
         ax.scatter([v[1] for v in values], [v[0] for v in values], s=90, facecolors="none", edgecolors="tab:red",
                    label="Pareto front (Optuna)")
-    for r in pts:
-        ax.annotate(label(r), (r["certified_mean"], r["test_log_likelihood"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
+    _label_points(ax, pts, "certified_mean", "test_log_likelihood", fontsize=6)
     ax.set_xlabel("certified mean margin")
     ax.set_ylabel("test log-likelihood (nats)")
     ax.set_title("likelihood vs certified robustness: the searched front", fontsize=9)

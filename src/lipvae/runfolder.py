@@ -80,7 +80,7 @@ def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     folder = RunFolder(run_dir)
     if run_dir.exists():
         try:
-            check_entries(run_dir)  # nothing below reads a planted link or special file
+            check_entries(run_dir)  # before anything below reads it: .hydra/ itself may be a planted link
         except UnsafeFile as e:
             raise RunFolderError(str(e)) from None
     status, last = folder.status(), folder.last_checkpoint

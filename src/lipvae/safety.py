@@ -133,16 +133,21 @@ TRUSTED_PREFIXES = {"callbacks": ("lightning.pytorch.callbacks.",), "logger": ("
 @lru_cache(maxsize=1)
 def packaged_targets() -> frozenset[str]:
     """Every ``_target_`` that lipvae's packaged configs (``lipvae.conf``) name."""
+    return frozenset(targets_in_folder(Path(str(resources.files("lipvae.conf")))))
+
+
+def targets_in_folder(folder: Path) -> set[str]:
+    """The ``_target_`` values of a config folder's YAML files (lipvae's own, or a user's
+    ``--config-dir``); files that do not parse are skipped (composition reports them)."""
     import yaml
 
     found: set[str] = set()
-    root = resources.files("lipvae.conf")
-    for path in Path(str(root)).rglob("*.yaml"):
+    for path in sorted(Path(folder).rglob("*.yaml")) if Path(folder).is_dir() else []:
         try:
             found |= targets_in(yaml.safe_load(path.read_text()))
-        except yaml.YAMLError:
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
             continue
-    return frozenset(found)
+    return found
 
 
 def targets_in(node) -> set[str]:
@@ -180,12 +185,12 @@ def untrusted_targets(node, trusted: set[str] | frozenset[str], path: str = "") 
     return bad
 
 
-def check_targets(node, source: Path | str, given=None) -> None:
+def check_targets(node, source: Path | str, trusted: set[str] | frozenset[str] = frozenset()) -> None:
     """Refuse, in one line and before anything is imported or built, a stored config ``node`` (a
     plain, resolved container) that names a ``_target_`` neither lipvae's configs nor the user's
-    own (``given``: the containers this process composed from its command line and config
-    folders) use."""
-    trusted = packaged_targets() | targets_in(given or {})
+    own (``trusted``: those of the config this process composed from its command line and of the
+    user's config folders) use."""
+    trusted = packaged_targets() | set(trusted)
     bad = untrusted_targets(node, trusted)
     if bad:
         field, target = bad[0]

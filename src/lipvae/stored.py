@@ -13,7 +13,7 @@ from lipvae.config import build_vae, hydra_compose
 from lipvae.errors import UserError
 from lipvae.migrate import LEGACY_INPUT_SHAPE, migrate_config
 from lipvae.results import FROZEN_MODEL, RunFolder
-from lipvae.safety import check_entries, check_targets, read_regular
+from lipvae.safety import check_entries, check_targets, read_regular, targets_in, targets_in_folder
 from lipvae.vae import stored_input_shape
 
 log = logging.getLogger("lipvae")
@@ -165,9 +165,10 @@ def check_stored_targets(cfg: DictConfig, source: Path, given: DictConfig | None
     ``given`` (the config this process composed from the user's command line) and of every YAML
     file in the user's ``config_dirs``. One line naming the field otherwise; nothing runs."""
     plain = OmegaConf.to_container(resolved(cfg, source))
-    trusted = [OmegaConf.to_container(given, resolve=False) if given is not None else {}]
-    trusted += [targets_in_folder(Path(d)) for d in config_dirs]
-    check_targets(plain, source, given=trusted)
+    trusted = targets_in(OmegaConf.to_container(given, resolve=False)) if given is not None else set()
+    for folder in config_dirs:
+        trusted |= targets_in_folder(Path(folder))
+    check_targets(plain, source, trusted)
     return OmegaConf.create(plain)
 
 
@@ -178,22 +179,6 @@ def resolved(cfg: DictConfig, source: Path) -> DictConfig:
     except Exception as e:
         raise UserError(f"config: {source} cannot be resolved ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160]})") from None
-
-
-def targets_in_folder(folder: Path) -> list[dict]:
-    """The ``_target_`` values of the YAML files of a config folder of the user's (``--config-dir``),
-    as ``{"_target_": name}`` entries; files that do not parse are skipped (composition reports them)."""
-    import yaml
-
-    from lipvae.safety import targets_in
-
-    found: set[str] = set()
-    for path in sorted(folder.rglob("*.yaml")) if folder.is_dir() else []:
-        try:
-            found |= targets_in(yaml.safe_load(path.read_text()))
-        except (yaml.YAMLError, OSError, UnicodeDecodeError):
-            continue
-    return [{"_target_": t} for t in sorted(found)]
 
 
 def load_model(path: Path, cfg: DictConfig | None = None):
