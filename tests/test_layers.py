@@ -135,17 +135,87 @@ def test_a_missing_deel_torchlip_is_one_line(monkeypatch):
     assert "pip install 'lipvae[torchlip]'" in message
 
 
+def _regression(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(64, 30, generator=g), torch.randn(64, 40, generator=g)
+
+
+def _steps(net, opt, n, x, target):
+    for _ in range(n):
+        loss = (net(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_stiefel_adam_retracts_every_k_steps_and_on_demand():
+    torch.manual_seed(0)
+    net = lipschitz_mlp(SIZES, 4.0, layer=StiefelLinear)
+    opt = make_optimizer(net.parameters(), 1e-2, retract_every=4)
+    x, target = _regression()
+    errors = []
+    for _ in range(8):
+        _steps(net, opt, 1, x, target)
+        errors.append(orthonormality_error(net))
+    # between retractions Adam's steps leave the manifold; every 4th step comes back to it
+    assert all(e > 1e-4 for i, e in enumerate(errors) if (i + 1) % 4), errors
+    assert errors[3] < 1e-5 and errors[7] < 1e-5, errors
+    _steps(net, opt, 1, x, target)
+    assert orthonormality_error(net) > 1e-4
+    opt.retract()
+    assert orthonormality_error(net) < 1e-5
+
+
+def test_stiefel_adam_resumed_from_its_state_retracts_where_the_uninterrupted_one_does():
+    x, target = _regression()
+    torch.manual_seed(0)
+    whole = lipschitz_mlp(SIZES, 4.0, layer=StiefelLinear)
+    first = copy.deepcopy(whole)
+    opt = make_optimizer(whole.parameters(), 1e-2, retract_every=3)
+    _steps(whole, opt, 7, x, target)
+    opt1 = make_optimizer(first.parameters(), 1e-2, retract_every=3)
+    _steps(first, opt1, 5, x, target)  # stopped after 5 steps (off the manifold), resumed from the state
+    second = copy.deepcopy(first)
+    opt2 = make_optimizer(second.parameters(), 1e-2, retract_every=3)
+    opt2.load_state_dict(opt1.state_dict())
+    _steps(second, opt2, 2, x, target)
+    for a, b in zip(whole.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_without_the_tangent_projection_the_step_is_adams_then_the_retraction():
+    from lipvae.module import qr_retract
+
+    torch.manual_seed(0)
+    net = lipschitz_mlp(SIZES, 4.0, layer=StiefelLinear)
+    plain = copy.deepcopy(net)
+    x, target = _regression()
+    _steps(net, make_optimizer(net.parameters(), 1e-2, tangent_projection=False), 1, x, target)
+    _steps(plain, torch.optim.Adam(plain.parameters(), lr=1e-2), 1, x, target)
+    for a, b in zip(stiefel_layers(net), stiefel_layers(plain)):
+        assert torch.allclose(a.weight, qr_retract(b.weight.detach()), atol=1e-6)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layer", ["stiefel", "torchlip"])
+@pytest.mark.parametrize("layer", ["stiefel", "stiefel-every-3", "torchlip"])
 def test_the_layer_trains_freezes_certifies_and_passes_the_soundness_check(layer, tmp_path, monkeypatch):
     if layer == "torchlip":
         pytest.importorskip("deel.torchlip")
     from lipvae.train import RunContext, train
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_data_dir()))
+    extra = ["module.retract_every=3", "module.lr=1e-2"] if layer == "stiefel-every-3" else []
+    layer = layer.split("-")[0]
     cfg = composed("experiment=smoke", "data.resplit=true", f"model/layer={layer}", "trainer.enable_progress_bar=false",
-                   "callbacks.finetune.max_epochs=0", "trainer.max_epochs=2")
+                   "callbacks.finetune.max_epochs=0", "trainer.max_epochs=2", *extra)
     train(cfg, RunContext(tmp_path))
+    if extra:  # the checkpoints the evaluation loads hold orthonormal weights, whatever the step count
+        for name in ("best.ckpt", "last.ckpt"):
+            state = torch.load(tmp_path / "checkpoints" / name, weights_only=False)["state_dict"]
+            for key, w in state.items():
+                if key.endswith("weight") and w.ndim == 2 and min(w.shape) > 1:
+                    small = w.mT @ w if w.shape[0] >= w.shape[1] else w @ w.mT
+                    assert torch.allclose(small, torch.eye(len(small)), atol=1e-5), (name, key)
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "completed" and r["config"]["model"]["layer"]["_target_"].endswith(
         {"stiefel": "StiefelLinear", "torchlip": "TorchlipLinear"}[layer])

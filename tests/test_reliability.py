@@ -545,3 +545,29 @@ def test_a_single_value_where_a_list_is_meant_is_that_list():
         assert line in proc.stdout, line
     bad = run_cli(*SMOKE, "certify.r=-8")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: certify.r: got [-8.0]")
+
+
+@pytest.mark.parametrize("preset", ["fig3", "fig4", "fig5", "fig6_7"])
+def test_the_converged_tier_stops_every_arm_by_one_rule_and_never_by_the_clock(preset):
+    from lipvae.config import validate
+
+    for variant in (["variant=standard"], ["variant=lipschitz_L7"]) if preset == "fig5" else ([],):
+        cfg = composed(f"experiment={preset}", "+tier=converged", *variant)
+        validate(cfg)
+        assert cfg.trainer.max_time is None and cfg.trainer.max_epochs == 400
+        stop = cfg.callbacks.early_stopping
+        assert (stop.monitor, stop.patience, stop.min_delta) == ("val/loss", 5, 1.0)
+        assert cfg.data.resplit is False and cfg.attack.warm_steps == 0 and cfg.evaluate == "best"
+        assert cfg.model.hidden == [256, 256] and cfg.module.lr == 1e-3
+        if cfg.model.kind == "lipschitz":
+            assert cfg.model.layer._target_ == "lipvae.networks.StiefelLinear" and cfg.module.retract_every == 1
+
+
+def test_the_paper_script_refuses_an_unknown_stage_before_any_work(tmp_path):
+    import subprocess
+
+    script = Path(__file__).parents[1] / "sweeps" / "paper.sh"
+    out = subprocess.run(["bash", str(script), "fig5", "fig8"], capture_output=True, text=True,
+                         env={**os.environ, "OUT": str(tmp_path / "paper"), "PY": "false"})
+    assert out.returncode == 2 and not (tmp_path / "paper").exists()
+    assert out.stderr.strip() == "error: stage: got 'fig8'; accepted: fig5, fig3, fig4, fig6_7, checks"

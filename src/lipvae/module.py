@@ -29,14 +29,37 @@ class VAEModule(L.LightningModule):
     """Trains ``vae`` on the negative ELBO with Adam at ``lr`` (``StiefelAdam`` when it holds
     Stiefel weights); tests its ELBO and, with ``num_importance`` samples per image (0: not),
     its log-likelihood. After each step, Björck layers with ``project_iters`` project their
-    weights (the ``module`` config group)."""
+    weights; Stiefel weights are retracted every ``retract_every`` steps, from gradients projected
+    onto the tangent space if ``tangent_projection`` (``StiefelAdam``), and always before a
+    validation and the end of training (the ``module`` config group)."""
 
-    def __init__(self, vae: VAE, lr: float = 1e-4, num_importance: int = 50) -> None:
+    def __init__(self, vae: VAE, lr: float = 1e-4, num_importance: int = 50, retract_every: int = 1,
+                 tangent_projection: bool = True) -> None:
         super().__init__()
         self.vae, self.lr, self.num_importance = vae, lr, num_importance
+        self.retract_every, self.tangent_projection = retract_every, tangent_projection
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         project_bjorck_(self.vae)  # each Björck layer with its own project_iters (none: nothing)
+        if batch_idx + 1 >= self.trainer.num_training_batches:  # an epoch's end: checkpoints follow
+            self.retract()
+
+    def retract(self) -> None:
+        """Stiefel weights exactly back on the manifold (nothing without them). Called in the
+        trainer's hooks only, where ``self.trainer`` is attached."""
+        for opt in self.trainer.optimizers:
+            if isinstance(opt, StiefelAdam):
+                opt.retract()
+
+    # The weights anything looks at are orthonormal, whatever retract_every: the last step of an
+    # epoch and every validation retract first, and the best and last checkpoints are saved at
+    # an epoch's end. (A checkpoint taken mid-epoch on a stop keeps the weights as they are, so
+    # that a resume goes on exactly as the stopped run would have; it is only ever resumed.)
+    def on_validation_epoch_start(self) -> None:
+        self.retract()
+
+    def on_train_end(self) -> None:
+        self.retract()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae.reconstruct(x)
@@ -74,14 +97,16 @@ class VAEModule(L.LightningModule):
             self.log("test/log_likelihood", ll.mean(), batch_size=len(x))
 
     def configure_optimizers(self):
-        return make_optimizer(self.parameters(), self.lr)
+        return make_optimizer(self.parameters(), self.lr, retract_every=self.retract_every,
+                              tangent_projection=self.tangent_projection)
 
 
-def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
-    """Adam; ``StiefelAdam`` when some weight lives on the Stiefel manifold (``StiefelLinear``)."""
+def make_optimizer(params, lr: float, **stiefel) -> torch.optim.Optimizer:
+    """Adam; ``StiefelAdam`` (given ``stiefel``'s settings) when some weight lives on the Stiefel
+    manifold (``StiefelLinear``)."""
     params = list(params)
     if any(_on_stiefel(p) for p in params):
-        return StiefelAdam(params, lr=lr)
+        return StiefelAdam(params, lr=lr, **stiefel)
     return torch.optim.Adam(params, lr=lr)
 
 
@@ -93,10 +118,17 @@ def _on_stiefel(p: torch.Tensor) -> bool:
 
 
 class StiefelAdam(torch.optim.Adam):
-    """Adam with its weights on the Stiefel manifold kept there: each manifold weight's gradient is
-    projected onto the tangent space at the weight (geoopt's ``egrad2rgrad``), Adam takes its
-    step with per-element moments, and the result is retracted onto the manifold by QR (geoopt's
-    ``retr``, computed by ``qr_retract``). Other parameters take Adam's steps unchanged.
+    """Adam with its weights on the Stiefel manifold kept there: Adam takes its step with
+    per-element moments and the result is retracted onto the manifold by QR (geoopt's ``retr``,
+    computed by ``qr_retract``). Other parameters take Adam's steps unchanged.
+
+    Two settings trade exactness *during* training for speed (docs/performance.md, "Speed IV"):
+    ``tangent_projection`` projects each gradient onto the tangent space at the weight first
+    (geoopt's ``egrad2rgrad``: two n×p×p products per weight); ``retract_every`` = k retracts after
+    every k-th step only, so that between retractions the weights drift off the manifold by at
+    most k Adam steps. Whatever k, ``retract()`` puts every weight back exactly, and ``VAEModule``
+    calls it before every validation and at the end of training: the weights that are evaluated,
+    saved as best or last, frozen and certified are always orthonormal (to float precision).
 
     Not geoopt's ``RiemannianAdam``: that one keeps *one* second moment per matrix (the manifold's
     inner product), so each step moves a whole n×p weight by about ``lr`` in Frobenius norm, where
@@ -107,20 +139,40 @@ class StiefelAdam(torch.optim.Adam):
     step, and each new gradient is projected at the new point.
     """
 
+    def __init__(self, params, lr: float = 1e-3, tangent_projection: bool = True, retract_every: int = 1,
+                 **adam) -> None:
+        if int(retract_every) < 1:
+            raise ValueError(f"retract_every must be an integer >= 1, got {retract_every}")
+        super().__init__(params, lr=lr, **adam)
+        self.tangent_projection, self.retract_every = bool(tangent_projection), int(retract_every)
+
+    def _manifold(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if _on_stiefel(p)]
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:  # Lightning passes the forward-backward as a closure
             with torch.enable_grad():
                 loss = closure()
-        manifold = [p for group in self.param_groups for p in group["params"] if _on_stiefel(p)]
-        for p in manifold:
-            if p.grad is not None:
-                p.grad.copy_(p.manifold.egrad2rgrad(p, p.grad))
+        manifold = self._manifold()
+        if self.tangent_projection:
+            for p in manifold:
+                if p.grad is not None:
+                    p.grad.copy_(p.manifold.egrad2rgrad(p, p.grad))
         super().step()
-        for p in manifold:  # back on the manifold: the Q factor of the updated weight
-            p.copy_(qr_retract(p.detach()))
+        # Adam's own step count (saved in its state, so a resumed run retracts where it would have)
+        steps = int(self.state[manifold[0]]["step"]) if manifold and manifold[0] in self.state else 0
+        if steps % self.retract_every == 0:
+            self.retract()
         return loss
+
+    @torch.no_grad()
+    def retract(self) -> None:
+        """Every manifold weight back onto the manifold: the Q factor of the weight (a no-op, up to
+        float rounding, for a weight already there)."""
+        for p in self._manifold():
+            p.copy_(qr_retract(p.detach()))
 
 
 def qr_retract(w: torch.Tensor) -> torch.Tensor:

@@ -134,6 +134,8 @@ class ModuleConfig:
     _target_: str = MISSING
     lr: float = spec(POSITIVE)
     num_importance: int = spec((NONNEG_INT[0], "an integer >= 0 (0 skips the log-likelihood)"))
+    retract_every: int = spec(POSITIVE_INT, 1)
+    tangent_projection: bool = True
 
 
 @dataclass
@@ -144,6 +146,7 @@ class EarlyStoppingConfig:
     monitor: str = MISSING
     mode: str = spec((lambda v: v in ("min", "max"), "min, max"))
     patience: int = spec(POSITIVE_INT)
+    min_delta: float = spec(NONNEG, 0.0)
     check_on_train_epoch_end: bool = False
 
 
