@@ -510,6 +510,34 @@ def test_a_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path, layer):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layer", ["stiefel", "bjorck"])
+def test_a_run_stopped_in_the_middle_of_a_step_and_resumed_equals_the_uninterrupted_one(tmp_path, layer):
+    """SIGTERM in the middle of a training step (after the backward pass, before the optimiser's
+    step) in the second epoch: the step finishes, the stop takes effect at the step boundary, and
+    resume=auto re-draws the epoch's batch order and goes on with the next batch: every recorded
+    number equals the uninterrupted run's."""
+    args = [*SMOKE, f"model/layer={layer}", "trainer.max_epochs=3", "callbacks.early_stopping.patience=100",
+            "callbacks.finetune.max_epochs=0", "attack.num_inputs=2", "attack.steps=5", "data.batch_size=32",
+            "+callbacks.signal._target_=signal_at_step.SignalAtStep"]
+    tests = str(Path(__file__).parent)
+    env = {"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
+    whole = run_cli(*args, f"hydra.run.dir={tmp_path / 'whole'}", process=True, env=env)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    a = json.loads((tmp_path / "whole" / "results.json").read_text())
+    stop_at = 23  # in the second epoch (17 batches of 32 per epoch), not at its start
+    stopped = run_cli(*args, f"hydra.run.dir={tmp_path / 'killed'}", process=True,
+                      env={**env, "LIPVAE_TEST_SIGNAL_AT_STEP": str(stop_at)})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    resumed = run_cli(*args, f"hydra.run.dir={tmp_path / 'killed'}", "resume=auto", process=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    b = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert b["run"]["resumed_from"] == {**b["run"]["resumed_from"], "epoch": 1, "step": stop_at + 1}
+    for part in ("certified", "estimated", "lipschitz", "latent_attack", "data"):
+        assert a[part] == b[part], part
+    assert a["metrics"] == b["metrics"]
+
+
+@pytest.mark.slow
 def test_a_bad_sweep_value_refuses_its_job_whether_first_or_not(tmp_path):
     """enc_L=5,-1 refused the -1 job only; enc_L=-1,5 refused the whole sweep before any job."""
     # -m between overrides, as `... enc_L=5,7,10 -m data.limit=6000` is typed (argparse refused it)

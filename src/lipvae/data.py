@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from lipvae.catalog import DATASETS
 from lipvae.errors import UserError
@@ -300,8 +300,14 @@ class VAEDataModule(L.LightningDataModule):
         return self._splits[name]
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(self.split(split), batch_size=batch_size, shuffle=shuffle, collate_fn=_as_batch,
-                          generator=self._order() if shuffle else None)
+        if not shuffle:
+            return DataLoader(self.split(split), batch_size=batch_size, collate_fn=_as_batch)
+        self._sampler = ResumableOrder(self.split(split), self._order(), batch_size)
+        self._sampler.resume_at, self._resume_at = getattr(self, "_resume_at", None), None
+        # the generator too: the loader's iterators draw their base seed from it, not from torch's
+        # global stream (the VAE's latent samples)
+        return DataLoader(self.split(split), batch_size=batch_size, sampler=self._sampler, collate_fn=_as_batch,
+                          generator=self._order())
 
     def _order(self) -> torch.Generator:
         """The generator of the training batches' order: seeded once, advanced by every epoch's
@@ -314,13 +320,24 @@ class VAEDataModule(L.LightningDataModule):
         return self._shuffle
 
     def state_dict(self) -> dict:
-        return {"shuffle": self._order().get_state()}
+        """The order's generator; within an epoch (a checkpoint on a stop), also the generator's
+        state when the epoch began and the batches it has trained on, so that a resume re-draws
+        the epoch's order and goes on with the batch after them."""
+        state = {"shuffle": self._order().get_state()}
+        sampler, trainer = getattr(self, "_sampler", None), getattr(self, "trainer", None)
+        if sampler is not None and sampler.epoch_start is not None and trainer is not None:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            if done < trainer.num_training_batches:
+                state.update(epoch_start=sampler.epoch_start, batches_done=int(done))
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if state and state.get("shuffle") is not None:
             self._shuffle_state = state["shuffle"]
             if getattr(self, "_shuffle", None) is not None:
                 self._shuffle.set_state(self._shuffle_state)
+        if state and state.get("epoch_start") is not None:
+            self._resume_at = (state["epoch_start"], int(state["batches_done"]))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)
@@ -330,6 +347,29 @@ class VAEDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, shuffle=False)
+
+
+class ResumableOrder(RandomSampler):
+    """PyTorch's RandomSampler (the same draws from the same generator, so the same batches)
+    that remembers the generator's state when its epoch began: ``resume_at = (state, batches)``
+    makes the next epoch re-draw that epoch's order and skip the batches already trained on."""
+
+    def __init__(self, data, generator: torch.Generator, batch_size: int) -> None:
+        super().__init__(data, generator=generator)
+        self.batch_size = batch_size
+        self.epoch_start: torch.Tensor | None = None
+        self.resume_at: tuple[torch.Tensor, int] | None = None
+
+    def __iter__(self):
+        skip = 0
+        if self.resume_at is not None:
+            (state, batches), self.resume_at = self.resume_at, None
+            self.generator.set_state(state)
+            skip = batches * self.batch_size
+        self.epoch_start = self.generator.get_state()
+        for i, index in enumerate(super().__iter__()):
+            if i >= skip:
+                yield index
 
 
 def check_datamodule(dm, target: str = "data") -> None:

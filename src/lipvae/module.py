@@ -161,18 +161,29 @@ class StiefelAdam(torch.optim.Adam):
                 if p.grad is not None:
                     p.grad.copy_(p.manifold.egrad2rgrad(p, p.grad))
         super().step()
-        # Adam's own step count (saved in its state, so a resumed run retracts where it would have)
-        steps = int(self.state[manifold[0]]["step"]) if manifold and manifold[0] in self.state else 0
-        if steps % self.retract_every == 0:
+        if self._steps() % self.retract_every == 0:
             self.retract()
         return loss
 
+    def _steps(self) -> int:
+        """Adam's own step count (saved in its state, so a resumed run retracts where the
+        uninterrupted one did)."""
+        manifold = self._manifold()
+        return int(self.state[manifold[0]]["step"]) if manifold and manifold[0] in self.state else 0
+
     @torch.no_grad()
     def retract(self) -> None:
-        """Every manifold weight back onto the manifold: the Q factor of the weight (a no-op, up to
-        float rounding, for a weight already there)."""
+        """Every manifold weight back onto the manifold (the Q factor of the weight), unless it
+        is already there: retracted at this step count, or untrained. A retraction of weights on
+        the manifold would change them by float rounding, so a run that asked for one more (a
+        resumed one) would drift from one that did not. The step count of the last retraction is
+        kept in the first parameter group (saved with the optimiser's state)."""
+        steps, group = self._steps(), self.param_groups[0]
+        if steps == group.get("retracted_at", 0):
+            return
         for p in self._manifold():
             p.copy_(qr_retract(p.detach()))
+        group["retracted_at"] = steps
 
 
 def qr_retract(w: torch.Tensor) -> torch.Tensor:
@@ -223,6 +234,45 @@ class KeepStop(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stopped_at is not None:  # restored: training had ended, its margins had not been written
             trainer.fit_loop.max_epochs = self.stopped_at
+
+
+class StopBetweenSteps(Callback):
+    """A stop (SIGTERM, SIGINT) that arrives during training takes effect between two training
+    steps, not inside one: the checkpoint saved on the stop then holds the state after a whole
+    step (optimiser update, Björck projection, Stiefel retraction, random streams), and a resume
+    from it trains on exactly as the uninterrupted run would have (with the data module's
+    ``ResumableOrder``). The process's signal handler asks ``defer``; a second signal, or one
+    outside training (the end-of-fit evaluation), stops at once."""
+
+    active = False
+    pending: str | None = None
+
+    @classmethod
+    def defer(cls, name: str) -> bool:
+        """Whether the stop ``name`` waits for the next step boundary (training, first signal)."""
+        if cls.active and cls.pending is None:
+            cls.pending = name
+            return True
+        return False
+
+    @classmethod
+    def _stop_if_asked(cls) -> None:
+        if cls.pending is not None:
+            name, cls.pending = cls.pending, None
+            raise KeyboardInterrupt(name)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        StopBetweenSteps.active, StopBetweenSteps.pending = True, None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._stop_if_asked()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        StopBetweenSteps.active = False
+        self._stop_if_asked()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        StopBetweenSteps.active, StopBetweenSteps.pending = False, None
 
 
 class RandomStates(Callback):

@@ -43,7 +43,8 @@ from lipvae.data import check_datamodule
 from lipvae.errors import UserError
 from lipvae.evaluate import EVALUATION_FILE, Evaluation, read_evaluation
 from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up, write_rows
-from lipvae.module import FineTune, KeepStop, NonFiniteLossError, RandomStates, SaveOnException, VAEModule
+from lipvae.module import (FineTune, KeepStop, NonFiniteLossError, RandomStates, SaveOnException, StopBetweenSteps,
+                           VAEModule)
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import Results, RunFolder, atomic_write_text, code_version, replace_atomically, torch_save
@@ -187,7 +188,7 @@ class Schedule:
     def build(cls, cfg: DictConfig, run_dir: Path, echo: bool) -> Schedule:
         history = EpochHistory(echo=echo)
         saver = SaveOnException(dirpath=str(RunFolder(run_dir).checkpoints), filename="last")
-        return cls([*build_entries(cfg, "callbacks"), history, KeepStop(), RandomStates(), saver], history)
+        return cls([*build_entries(cfg, "callbacks"), history, KeepStop(), RandomStates(), StopBetweenSteps(), saver], history)
 
     @property
     def early_stopping(self) -> EarlyStopping | None:
@@ -479,6 +480,8 @@ def _on_signal(signum, frame) -> None:
     """SIGTERM and SIGINT stop the run in every phase: Lightning treats the KeyboardInterrupt as a
     graceful stop (the last state is saved during fit); the run is recorded as interrupted."""
     _signal["received"] = signum
+    if StopBetweenSteps.defer(signal.Signals(signum).name):  # during training: after the step in progress
+        return
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
