@@ -538,6 +538,54 @@ def test_a_run_stopped_in_the_middle_of_a_step_and_resumed_equals_the_uninterrup
 
 
 @pytest.mark.slow
+def test_a_killed_joblib_sweep_leaves_no_worker_and_resumes(tmp_path):
+    """SIGKILL the launching process of a two-job joblib sweep while both jobs train: each worker
+    stops its job (checkpoint, run recorded as interrupted) and exits, releasing the job's folder;
+    the same sweep with resume=auto then continues both from their checkpoints and completes."""
+    sweep = tmp_path / "sweep"
+    args = [*SMOKE, "enc_L=5,6", "trainer.max_epochs=8", "callbacks.early_stopping.patience=100",
+            "callbacks.finetune.max_epochs=0", "data.batch_size=4", "attack.num_inputs=2", "attack.steps=5",
+            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "-m"]
+    launcher = start_cli(*args)
+    deadline = time.time() + 240
+    while len(list(sweep.glob("*/checkpoints/last.ckpt"))) < 2 and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    assert launcher.poll() is None, "the sweep ended before it could be killed"
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    workers = [int((run / ".lipvae.lock").read_text()) for run in runs]
+    assert len(runs) == 2 and launcher.pid not in workers
+    launcher.send_signal(signal.SIGKILL)
+    launcher.communicate(timeout=60)
+    deadline = time.time() + 120
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), "a worker outlived its sweep"
+    for run in runs:
+        record = json.loads((run / "results.json").read_text())
+        assert record["status"] == "interrupted", record.get("error")
+    # a new interpreter, as a user's: joblib's workers outlive a sweep forked from the test's server
+    import subprocess
+    import sys
+
+    from conftest import _process_env
+
+    resumed = subprocess.run([sys.executable, "-m", "lipvae.train", *args, "resume=auto"], capture_output=True,
+                             text=True, env=_process_env(None), timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for run in runs:
+        r = json.loads((run / "results.json").read_text())
+        assert r["status"] == "completed" and r["run"]["resumed_from"]["epoch"] >= 1 and r["metrics"]["epochs"] == 8
+
+
+@pytest.mark.slow
 def test_a_bad_sweep_value_refuses_its_job_whether_first_or_not(tmp_path):
     """enc_L=5,-1 refused the -1 job only; enc_L=-1,5 refused the whole sweep before any job."""
     # -m between overrides, as `... enc_L=5,7,10 -m data.limit=6000` is typed (argparse refused it)

@@ -581,14 +581,15 @@ def prepare_folder(cfg: DictConfig, ctx: RunContext, rank_zero: bool) -> bool:
 _claimed: list = []
 
 
-_watching: list = []
+_watching: list = []  # (a list, not a flag: a sweep's launcher pickles this module's main by value)
 
 
 def watch_launcher(parent: int, getppid=os.getppid, stop=None, poll: float = 1.0):
     """In a process that a sweep's launcher started for its jobs (joblib's loky workers), a daemon
-    thread that stops the job as SIGTERM would (checkpoint saved, run recorded as interrupted,
-    lock released) once the launching process ``parent`` is gone: a killed sweep leaves no
-    worker training on, holding its job's folder. The thread."""
+    thread that stops the job as SIGTERM would (checkpoint saved, run recorded as interrupted)
+    once the launching process ``parent`` is gone; ``main`` then ends the worker, which releases
+    the job folder's lock: a killed sweep leaves no worker training on or holding a folder. The
+    thread."""
     import threading
 
     stop = stop or (lambda: os.kill(os.getpid(), signal.SIGTERM))
@@ -597,9 +598,11 @@ def watch_launcher(parent: int, getppid=os.getppid, stop=None, poll: float = 1.0
         while getppid() == parent:
             time.sleep(poll)
         log.error("the sweep's launching process (%d) has ended: this job stops (resume=auto continues it)", parent)
+        thread.launcher_gone = True
         stop()
 
     thread = threading.Thread(target=watch, name="lipvae-launcher-watch", daemon=True)
+    thread.launcher_gone = False
     thread.start()
     return thread
 
@@ -616,8 +619,13 @@ def main(cfg: DictConfig) -> float | None:
     if not prepare_folder(cfg, ctx, rank_zero):
         return None
     results = None
-    with recorded(cfg, ctx, rank_zero):
-        results = train(cfg, ctx)
+    try:
+        with recorded(cfg, ctx, rank_zero):
+            results = train(cfg, ctx)
+    finally:
+        if _watching and _watching[0].launcher_gone:  # nobody waits for this worker: end it, releasing the job's lock
+            logging.shutdown()
+            os._exit(128 + signal.SIGTERM)
     return None if results is None else objective_value(results, cfg.objective, cfg.get("likelihood_floor"))
 
 
