@@ -510,12 +510,13 @@ def test_a_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path, layer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layer", ["stiefel", "bjorck"])
-def test_a_run_stopped_in_the_middle_of_a_step_and_resumed_equals_the_uninterrupted_one(tmp_path, layer):
+@pytest.mark.parametrize("layer,when", [("stiefel", "step"), ("bjorck", "step"), ("bjorck", "fit_end")])
+def test_a_run_stopped_in_the_middle_of_a_step_and_resumed_equals_the_uninterrupted_one(tmp_path, layer, when):
     """SIGTERM in the middle of a training step (after the backward pass, before the optimiser's
     step) in the second epoch: the step finishes, the stop takes effect at the step boundary, and
-    resume=auto re-draws the epoch's batch order and goes on with the next batch: every recorded
-    number equals the uninterrupted run's."""
+    resume=auto re-draws the epoch's batch order and goes on with the next batch. Or SIGTERM when
+    fitting ends, after the margins' evaluation: the resume evaluates again. Either way every
+    recorded number (orthonormality_error_before_freeze included) equals the uninterrupted run's."""
     args = [*SMOKE, f"model/layer={layer}", "trainer.max_epochs=3", "callbacks.early_stopping.patience=100",
             "callbacks.finetune.max_epochs=0", "attack.num_inputs=2", "attack.steps=5", "data.batch_size=32",
             "+callbacks.signal._target_=signal_at_step.SignalAtStep"]
@@ -525,13 +526,14 @@ def test_a_run_stopped_in_the_middle_of_a_step_and_resumed_equals_the_uninterrup
     assert whole.returncode == 0, whole.stderr[-2000:]
     a = json.loads((tmp_path / "whole" / "results.json").read_text())
     stop_at = 23  # in the second epoch (17 batches of 32 per epoch), not at its start
-    stopped = run_cli(*args, f"hydra.run.dir={tmp_path / 'killed'}", process=True,
-                      env={**env, "LIPVAE_TEST_SIGNAL_AT_STEP": str(stop_at)})
+    signal_env = {"LIPVAE_TEST_SIGNAL_AT_STEP": str(stop_at)} if when == "step" else {"LIPVAE_TEST_SIGNAL_AT_FIT_END": "1"}
+    stopped = run_cli(*args, f"hydra.run.dir={tmp_path / 'killed'}", process=True, env={**env, **signal_env})
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     resumed = run_cli(*args, f"hydra.run.dir={tmp_path / 'killed'}", "resume=auto", process=True, env=env)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     b = json.loads((tmp_path / "killed" / "results.json").read_text())
-    assert b["run"]["resumed_from"] == {**b["run"]["resumed_from"], "epoch": 1, "step": stop_at + 1}
+    where = {"epoch": 1, "step": stop_at + 1} if when == "step" else {"epoch": 3}
+    assert b["run"]["resumed_from"] == {**b["run"]["resumed_from"], **where}
     for part in ("certified", "estimated", "lipschitz", "latent_attack", "data"):
         assert a[part] == b[part], part
     assert a["metrics"] == b["metrics"]
