@@ -272,8 +272,10 @@ def test_loggers_are_built_in_the_run_folder(tmp_path):
 
 
 def test_valid_overrides_and_sweeps_pass_the_check():
-    check_overrides(["-m", "model=lipschitz", "enc_L=5,7,10", "experiment=smoke", "hydra/launcher=joblib",
-                     "hydra.sweep.dir=/tmp/x", "+extra=1", "seed=range(0,3)"])
+    """A sweep is checked at its first value: the composed config is that job's."""
+    cfg = check_overrides(["-m", "model=lipschitz", "enc_L=5,7,10", "experiment=smoke", "hydra/launcher=joblib",
+                           "hydra.sweep.dir=/tmp/x", "+extra=1", "seed=range(1,3)"])
+    assert (cfg.enc_L, cfg.seed, cfg.extra, cfg.data.limit) == (5.0, 1, 1, 600)
 
 
 def test_cli_mistyped_key_exits_2_with_one_line(tmp_path):
@@ -362,7 +364,7 @@ def test_kill_then_resume_finishes_the_run(tmp_path):
     assert failed["status"] == "interrupted" and "resume=true" in failed["error"]
     stopped_at = torch.load(last, weights_only=True)["epoch"]
     assert stopped_at < 4
-    assert not list(tmp_path.rglob("*.partial"))
+    assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob(".*.tmp"))
     metrics = tmp_path / "csv" / "metrics.csv"
     header = pd.read_csv(metrics, nrows=0).columns  # whole after the stop, never half-rewritten
     assert "val/loss" in header and "train/loss_step" in header, list(header)
@@ -573,10 +575,15 @@ def test_a_killed_joblib_sweep_leaves_no_worker_and_resumes(tmp_path):
     for run in runs:
         record = json.loads((run / "results.json").read_text())
         assert record["status"] == "interrupted", record.get("error")
-    # the same sweep, resumed (in this test's forked process with Hydra's basic launcher: loky's
-    # idle workers would keep a forked launcher's output open)
-    basic = [a for a in args if not a.startswith(("hydra/launcher=", "hydra.launcher."))]
-    resumed = run_cli(*basic, "resume=auto", process=True)
+    # the same sweep resumed, as a user would: a new interpreter (loky's idle workers would keep
+    # the output of a launcher forked from the test's server open)
+    import subprocess
+    import sys
+
+    from conftest import _process_env
+
+    resumed = subprocess.run([sys.executable, "-m", "lipvae.train", *args, "resume=auto"], capture_output=True,
+                             text=True, env=_process_env(None), timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for run in runs:
         r = json.loads((run / "results.json").read_text())

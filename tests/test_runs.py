@@ -168,11 +168,18 @@ def test_a_sweep_jobs_resume_hint_resumes_that_job(tmp_path):
 
 
 def test_resume_auto_continues_only_what_exists(tmp_path):
-    auto = composed(*SMOKE, "resume=auto")
+    """resume=auto starts where there is nothing and resumes where there is a checkpoint, both
+    without a refusal, where resume=false refuses the folder with a checkpoint and resume=true
+    the empty one."""
+    auto, fresh, resume = (composed(*SMOKE, f"resume={v}") for v in ("auto", "false", "true"))
     check_run_folder(auto, tmp_path)  # nothing there: a fresh start
+    with pytest.raises(RunFolderError, match="nothing to resume"):
+        check_run_folder(resume, tmp_path)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
     check_run_folder(auto, tmp_path)  # a checkpoint: resumed (same config: nothing stored to differ)
+    with pytest.raises(RunFolderError, match="holds an unfinished run"):
+        check_run_folder(fresh, tmp_path)
     # resume=maybe: refused by the schema before the folder is looked at (test_reliability's list)
 
 
@@ -209,7 +216,7 @@ def test_two_devices_train_together_and_rank_zero_alone_records(tmp_path):
     assert r["status"] == "completed" and r["metrics"]["epochs"] == 2 and r["soundness_violations"] == 0
     other = (tmp_path / "train_ddp_process_1.log").read_text()
     assert "results written" not in other and "results written" in (tmp_path / "train.log").read_text()
-    assert not list(tmp_path.rglob("*.partial"))
+    assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob(".*.tmp"))
 
 
 def test_a_data_limit_too_small_for_the_splits_is_caught_before_training(synthetic_root):

@@ -1,4 +1,12 @@
-"""Errors a user can fix, reported as one line by the entry points."""
+"""Errors a user can fix, reported as one line by the entry points, and the stops (signals, a
+full disk) every entry point handles the same way."""
+
+import contextlib
+import errno
+import signal
+
+#: the errors of a write that ran out of room: a full disk, a quota, a file-size limit
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class UserError(Exception):
@@ -8,9 +16,30 @@ class UserError(Exception):
 def unwritable(e: BaseException, where: str = "") -> UserError | None:
     """The one-line error for an OSError that says a folder cannot be written to (read-only file
     system, no permission); None for any other error. ``where``: what to do instead."""
-    import errno
-
     if not isinstance(e, OSError) or e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
         return None
     return UserError(f"cannot write to {e.filename or 'the folder'} ({e.strerror}); make it writable"
                      f"{' or ' + where if where else ''}")
+
+
+@contextlib.contextmanager
+def signals_stop(received: dict | None = None, defer=None):
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt(<signal name>)`` inside the block (also where
+    the process was started with SIGINT ignored, a script's ``&``), so that it stops cleanly;
+    the caller's handlers are back afterwards. ``received["received"]`` is set to the signal's
+    number; ``defer(name)`` True leaves the stop to the code that asked (training stops between
+    two steps, ``lipvae.module.StopBetweenSteps``)."""
+    def on_signal(signum, frame) -> None:
+        if received is not None:
+            received["received"] = signum
+        name = signal.Signals(signum).name
+        if defer is not None and defer(name):
+            return
+        raise KeyboardInterrupt(name)
+
+    before = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

@@ -17,12 +17,10 @@ certificates); ``--fresh`` attacks again regardless.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +36,7 @@ from lipvae.config import build_attack, check_certified_inputs, check_yaml_files
 from lipvae.logs import interactive, quiet_third_party
 from lipvae.certify.bounds import SAMPLED_FORMS
 from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
-from lipvae.errors import UserError
+from lipvae.errors import NO_SPACE, UserError, signals_stop
 from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
 from lipvae.results import (RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, code_version,
                             write_table)
@@ -484,9 +482,6 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
             os.close(lock)
 
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
 def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress, made):
     from lipvae.stored import rebuild_data
 
@@ -613,10 +608,6 @@ def _new_folder(path: Path) -> Path:
             candidate = path.with_name(f"{path.name}-{k}")
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 USAGE = ("python -m lipvae.evaluate <run folder> [certify.*=... attack=... attack.*=... seed=...] [--replace] [--fresh]"
          " [--config-dir DIR]")
 
@@ -675,14 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     quiet_third_party()
-    # SIGINT and SIGTERM stop an evaluation cleanly, also when it was started with SIGINT ignored
-    # (a script's `&`); the caller's handlers are restored afterwards
-    before = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signals_stop():  # SIGINT and SIGTERM stop an evaluation cleanly
         return _main(argv)
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
 
 
 def _main(argv: list[str]) -> int:

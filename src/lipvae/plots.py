@@ -13,17 +13,15 @@ import torch  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> Path:
-    """Lay out, write as PNG and close a figure."""
-    import os
+    """Lay out, write as PNG and close a figure (written beside ``path`` and renamed over it:
+    a symlink planted at ``path`` is replaced, never followed)."""
+    from lipvae.results import replace_atomically
 
     path = Path(path)
     fig.tight_layout()
-    partial = path.with_name(f".{path.name}.partial.png")
-    try:  # written beside and renamed over: a symlink planted at `path` is replaced, never followed
-        fig.savefig(partial, dpi=100)
-        os.replace(partial, path)
+    try:
+        replace_atomically(path, lambda partial: fig.savefig(partial, dpi=100, format="png"))
     finally:
-        partial.unlink(missing_ok=True)
         plt.close(fig)
     return path
 

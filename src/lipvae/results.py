@@ -34,15 +34,25 @@ def _umask() -> int:
 
 
 def replace_atomically(path: Path, write) -> None:
-    """``write(partial)`` fills ``<path>.partial``, which then replaces ``path``; on any error
-    (a full disk, a signal) the partial file is removed and ``path`` is left as it was."""
+    """The one way lipvae replaces a file: ``write(partial)`` fills a new file beside ``path``
+    (``.<name>.<random>.tmp``, with the mode a plain ``open`` gives: 0666 less the umask), which
+    is flushed to disk and then renamed over ``path``, so readers see the old file or the whole
+    new one; on any error (a full disk, a signal) the partial file is removed and ``path`` is
+    left as it was. A rename never writes through a symlink planted at ``path``."""
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        write(partial)
-        os.replace(partial, path)
+        os.fchmod(fd, 0o666 & ~_umask())
+        os.close(fd)
+        write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -61,21 +71,8 @@ def torch_save(obj, path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: readers see the
-    old file or the whole new one, never a half-written one. The file gets the mode a plain
-    ``open`` would give it (0666 less the umask, so 0644 usually), not mkstemp's 0600."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``text`` written to ``path`` by ``replace_atomically``."""
+    replace_atomically(path, lambda partial: partial.write_text(text))
 
 
 class ResultsError(ValueError):

@@ -40,7 +40,7 @@ from lipvae.vae import stored_input_shape
 from lipvae.config import (as_list_where_meant, build_datamodule, build_entries, build_module, build_trainer, build_vae,
                            check_overrides, check_yaml_files, validate)
 from lipvae.data import check_datamodule
-from lipvae.errors import UserError
+from lipvae.errors import NO_SPACE, UserError, signals_stop
 from lipvae.evaluate import EVALUATION_FILE, Evaluation, read_evaluation
 from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up, write_rows
 from lipvae.module import (FineTune, KeepStop, NonFiniteLossError, RandomStates, SaveOnException, StopBetweenSteps,
@@ -126,10 +126,11 @@ def _program() -> str:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written to ``<name>.partial`` and renamed: a full disk or a kill never
-    leaves a truncated ``last.ckpt`` behind (nor the partial file)."""
+    """Checkpoints are written beside their name and renamed (``replace_atomically``): a full disk
+    or a kill never leaves a truncated ``last.ckpt`` behind (nor the partial file)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # checkpoints/ on the first save
         replace_atomically(Path(path), lambda partial: super(AtomicCheckpointIO, self).save_checkpoint(
             checkpoint, partial, storage_options))
 
@@ -476,21 +477,9 @@ def _record(cfg: DictConfig, run_dir: Path, status: str, error: str) -> None:
 _signal: dict = {"received": None}
 
 
-def _on_signal(signum, frame) -> None:
-    """SIGTERM and SIGINT stop the run in every phase: Lightning treats the KeyboardInterrupt as a
-    graceful stop (the last state is saved during fit); the run is recorded as interrupted."""
-    _signal["received"] = signum
-    if StopBetweenSteps.defer(signal.Signals(signum).name):  # during training: after the step in progress
-        return
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def _other_rank() -> bool:
     """A process that Lightning started for a device other than the first (DDP)."""
     return any(os.environ.get(k, "0") not in ("", "0") for k in ("LOCAL_RANK", "NODE_RANK"))
-
-
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class Stop(Exception):
@@ -526,32 +515,33 @@ def recorded(cfg: DictConfig, ctx: RunContext, rank_zero: bool = True):
     """Run the body with SIGTERM/SIGINT as a stop; a failure or stop is recorded in the run folder
     and ends the process with its exit code (2: the user's input, 128 + n: signal n). In a sweep,
     the other jobs go on: the failure is recorded and the job returns (a signal still stops all)."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
     _signal["received"] = None
-    try:
-        yield
-    except BaseException as e:  # noqa: BLE001 (sorted by _as_stop; anything else is re-raised)
-        stop = _as_stop(e, ctx)
-        if stop is None:
-            if isinstance(e, SystemExit):
-                raise
-            if rank_zero:
-                _record(cfg, ctx.run_dir, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            if not ctx.multirun:
-                raise
-            log.exception("job failed")  # a bug in one job: recorded, shown, and the sweep goes on
-            return
+    # SIGTERM/SIGINT raise KeyboardInterrupt, which Lightning treats as a graceful stop (the last state
+    # saved during fit); during training they wait for the step in progress (StopBetweenSteps)
+    with signals_stop(_signal, StopBetweenSteps.defer):
         try:
-            if rank_zero:
-                _record(cfg, ctx.run_dir, stop.status, stop.error)
-        except OSError as err:  # the disk may still be full
-            log.error("could not record the failure (%s)", err.strerror)
-        log.error("%s", stop.error)
-        if ctx.multirun and stop.code == 2:  # the report lists this job as failed
-            return
-        print(f"error: {stop.error}", file=sys.stderr)
-        sys.exit(stop.code)
+            yield
+        except BaseException as e:  # noqa: BLE001 (sorted by _as_stop; anything else is re-raised)
+            stop = _as_stop(e, ctx)
+            if stop is None:
+                if isinstance(e, SystemExit):
+                    raise
+                if rank_zero:
+                    _record(cfg, ctx.run_dir, "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                if not ctx.multirun:
+                    raise
+                log.exception("job failed")  # a bug in one job: recorded, shown, and the sweep goes on
+                return
+            try:
+                if rank_zero:
+                    _record(cfg, ctx.run_dir, stop.status, stop.error)
+            except OSError as err:  # the disk may still be full
+                log.error("could not record the failure (%s)", err.strerror)
+            log.error("%s", stop.error)
+            if ctx.multirun and stop.code == 2:  # the report lists this job as failed
+                return
+            print(f"error: {stop.error}", file=sys.stderr)
+            sys.exit(stop.code)
 
 
 def prepare_folder(cfg: DictConfig, ctx: RunContext, rank_zero: bool) -> bool:
