@@ -44,7 +44,7 @@ def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):
     assert "Theorem 1" not in md  # the data-free figure only on request (--tightness)
     # each run links to its folder and its own figures, by paths relative to the report
     for run in done.run:
-        assert f"<a href='{run}/'>" in page and f"<a href='{run}/reconstructions.png'>" in page
+        assert f'<a href="{run}/">' in page and f'<a href="{run}/reconstructions.png">' in page
         assert (sweep / run / "reconstructions.png").is_file()
     assert "None" not in md
 
@@ -385,3 +385,18 @@ def test_runs_are_labelled_by_what_tells_them_apart():
     same = [dict(rows[0]), dict(rows[0])]
     tag_rows(same)
     assert [label(r) for r in same] == ["L=5", "L=5"]  # nothing differs: nothing added
+
+
+def test_the_html_page_escapes_every_value_a_run_folder_brings():
+    """Run names, statuses and W&B links come from run folders: shown as text, never as markup."""
+    from lipvae.report import Page, html_page
+
+    hostile = "<script>alert(1)</script>"
+    row = {"run": hostile, "model": "standard", "data": hostile, "link": "a'b\"c", "files": [],
+           "wandb_url": "x\"><b>bold</b>"}
+    page = Page(headline=hostile, context=[("sweep", hostile)], rows=[row], order=[0],
+                problems=[{"run": hostile, "status": hostile}], soundness=hostile, figures={})
+    out = html_page(page)
+    assert "<script>" not in out and out.count("&lt;script&gt;") >= 5
+    assert 'href="a&#39;b&#34;c/"' in out and 'href="x&#34;&gt;&lt;b&gt;bold&lt;/b&gt;"' in out
+    assert "<b>bold</b>" not in out

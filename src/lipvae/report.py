@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
 import logging
 import os
 import sys
@@ -586,56 +585,28 @@ def markdown(page: Page, out: Path) -> str:
     return "\n".join(md) + "\n"
 
 
-_STYLE = (
-    "<style>body{font-family:sans-serif;margin:1.5em;max-width:1240px}"
-    "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-    "th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}dl{display:grid;"
-    "grid-template-columns:max-content auto;gap:2px 12px;font-size:13px}dt{font-weight:bold}dd{margin:0}"
-    "details{margin:1em 0}.wide{overflow-x:auto;max-width:100%}img{max-width:100%}"
-    "td:first-child{white-space:nowrap}td small a{margin-right:2px}</style>"
-)
-
-
-def _run_links(row: dict) -> str:
-    """A table cell: the run's label linking to its folder, its own figures and its W&B page."""
-    esc = html.escape
-    link = row.get("link")
-    text = f"<a href='{esc(link)}/'>{esc(label(row))}</a>" if link else esc(label(row))
-    files = [f"<a href='{esc(link)}/{esc(f)}'>{esc(RUN_FIGURES[f])}</a>" for f in row.get("files", [])]
-    if row.get("wandb_url"):
-        files.append(f"<a href='{esc(row['wandb_url'])}'>W&amp;B</a>")
-    return text + (f"<br><small>{' · '.join(files)}</small>" if files else "")
-
-
 def html_page(page: Page) -> str:
     """report.html: report.md's content in one self-contained file (figures inlined), with every
-    column of every run behind a fold."""
-    rows, esc = page.rows, html.escape
+    column of every run behind a fold; laid out by the package's ``templates/report.html.j2``
+    (jinja2, every value escaped)."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("lipvae", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
     shown = [c for c in COLUMNS if c != "run"]
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>lipvae report</title>", _STYLE,
-        f"<h1>lipvae report</h1><p>{esc(page.headline)}</p><dl>",
-        *[f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in page.context],
-        "</dl><table><tr><th>model</th>" + "".join(f"<th>{esc(c)}</th>" for c in KEY_COLUMNS) + "</tr>",
-    ]
+    rows = []
     for i in page.order:
-        cells = "".join(f"<td>{esc(_fmt(rows[i].get(c)))}</td>" for c in KEY_COLUMNS)
-        parts.append(f"<tr><td>{_run_links(rows[i])}</td>{cells}</tr>")
-    parts.append("</table><details><summary>all columns</summary><div class='wide'><table><tr><th>run</th>"
-                 + "".join(f"<th>{esc(c)}</th>" for c in shown) + "</tr>")
-    for i in page.order:
-        cells = "".join(f"<td>{esc(_fmt(rows[i].get(c)))}</td>" for c in shown)
-        parts.append(f"<tr><td>{esc(rows[i]['run'])}</td>{cells}</tr>")
-    parts.append("</table></div></details>")
-    if page.problems:
-        parts.append("<h2>Runs not included</h2><ul>")
-        parts += [f"<li><code>{esc(p['run'])}</code>: {esc(p['status'])}</li>" for p in page.problems]
-        parts.append("</ul>")
-    parts.append(f"<p><b>{esc(page.soundness)}</b></p>")
-    for title, path in page.figures.items():
-        data = base64.b64encode(path.read_bytes()).decode()
-        parts.append(f"<h2>{esc(title)}</h2><img src='data:image/png;base64,{data}'>")
-    return "\n".join(parts)
+        row, link = page.rows[i], page.rows[i].get("link")
+        files = [(f"{link}/{f}", RUN_FIGURES[f]) for f in row.get("files", [])]
+        if row.get("wandb_url"):
+            files.append((row["wandb_url"], "W&B"))
+        rows.append({"run": row["run"], "label": label(row), "link": link, "files": files,
+                     "key_cells": [_fmt(row.get(c)) for c in KEY_COLUMNS],
+                     "all_cells": [_fmt(row.get(c)) for c in shown]})
+    figures = [(title, base64.b64encode(path.read_bytes()).decode()) for title, path in page.figures.items()]
+    return env.get_template("report.html.j2").render(
+        headline=page.headline, context=page.context, key_columns=KEY_COLUMNS, all_columns=shown, rows=rows,
+        problems=page.problems, soundness=page.soundness, figures=figures)
 
 
 def main(argv: list[str] | None = None) -> int:
