@@ -7,10 +7,12 @@
 #   bash sweeps/paper.sh                 # every stage, in this order
 #   bash sweeps/paper.sh fig5 fig3       # some of them
 # Stages (38 models, plus 5 checks): fig5 (L = 5 ... 10 and the standard VAE, seeds 0, 1, 2),
+# fig1_2 (Figure 1's latent attack at budgets 1, 2, 3 on fig5's standard VAE seed 1, L = 5 seed 0
+# and L = 10 seed 1, re-evaluated; Figure 2's data-free tightness figure),
 # fig3 (fixed sigma: gamma 0.05 ... 0.4 x L = 5, 7, 10), fig4 (Fashion-MNIST, learned and fixed
 # sigma; MNIST's two models are fig5's L = 5 and fig3's L = 5, gamma = 0.1), fig6_7 (2-D latent
 # space), checks (512-512 widths on L = 5, L = 10 and the standard VAE; Bjorck layers on L = 5
-# and L = 10; seed 0). Figure 1 is evaluated on fig5's models, Figure 2 needs no training.
+# and L = 10; seed 0).
 set -euo pipefail
 PY=${PY:-python}
 OUT=${OUT:-outputs/paper}
@@ -52,6 +54,21 @@ stage_fig5() {
   report fig5 "$OUT/fig5"
   "$PY" sweeps/paired_margins.py "$OUT/fig5" | tee "$OUT/reports/fig5/paired_margins.txt"
 }
+stage_fig1_2() {  # no training: Figure 1 on fig5's models, Figure 2 from the bounds alone
+  mkdir -p "$OUT/reports/fig1"
+  local runs budget run done
+  runs="$(runs_where "$OUT/fig5" model.kind=standard seed=1) $(runs_where "$OUT/fig5" model.kind=lipschitz enc_L=5.0 seed=0)
+        $(runs_where "$OUT/fig5" model.kind=lipschitz enc_L=10.0 seed=1)"
+  for budget in 1 2 3; do
+    for run in $runs; do
+      done="$OUT/reports/fig1/$(basename "$run")_budget$budget.done"
+      [ -f "$done" ] && continue  # evaluated by an earlier call of this script
+      "$PY" -m lipvae.evaluate "$run" attack.latent.budget=$budget attack.latent.num_inputs=25 certify.num_inputs=25
+      touch "$done"
+    done
+  done
+  "$PY" -m lipvae.certify tightness out="$OUT/reports/fig2_tightness.png"
+}
 stage_fig3() {
   train fig3 experiment=fig3 module.num_importance=10
   report fig3 "$OUT/fig3"
@@ -74,9 +91,9 @@ stage_checks() {
 }
 
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(fig5 fig3 fig4 fig6_7 checks)
+[ ${#stages[@]} -gt 0 ] || stages=(fig5 fig1_2 fig3 fig4 fig6_7 checks)
 for stage in "${stages[@]}"; do
-  declare -F "stage_$stage" >/dev/null || { echo "error: stage: got '$stage'; accepted: fig5, fig3, fig4, fig6_7, checks" >&2; exit 2; }
+  declare -F "stage_$stage" >/dev/null || { echo "error: stage: got '$stage'; accepted: fig5, fig1_2, fig3, fig4, fig6_7, checks" >&2; exit 2; }
 done
 whole=$(date +%s)
 for stage in "${stages[@]}"; do "stage_$stage"; done

@@ -651,4 +651,24 @@ def test_the_paper_script_refuses_an_unknown_stage_before_any_work(tmp_path):
     out = subprocess.run(["bash", str(script), "fig5", "fig8"], capture_output=True, text=True,
                          env={**os.environ, "OUT": str(tmp_path / "paper"), "PY": "false"})
     assert out.returncode == 2 and not (tmp_path / "paper").exists()
-    assert out.stderr.strip() == "error: stage: got 'fig8'; accepted: fig5, fig3, fig4, fig6_7, checks"
+    assert out.stderr.strip() == "error: stage: got 'fig8'; accepted: fig5, fig1_2, fig3, fig4, fig6_7, checks"
+
+
+def test_the_paper_script_picks_runs_by_their_recorded_config(tmp_path):
+    """Figure 1 and Figure 4 reuse Figure 5's and Figure 3's models, found by what each run's
+    results.json records (a sweep folder's names do not carry γ)."""
+    import subprocess
+    import sys
+
+    for name, config in {"0_a": {"enc_L": 5.0, "seed": 0, "model": {"kind": "lipschitz", "encoder_std": {"gamma": 0.1}}},
+                         "1_b": {"enc_L": 5.0, "seed": 0, "model": {"kind": "standard", "encoder_std": {"gamma": 0.1}}},
+                         "2_c": {"enc_L": 5.0, "seed": 1, "model": {"kind": "lipschitz", "encoder_std": {"gamma": 0.2}}}}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"status": "completed", "config": config}))
+    script = Path(__file__).parents[1] / "sweeps" / "paper.sh"
+    snippet = (f'eval "$(sed -n "/^runs_where()/,/^}}/p" {script})"; '
+               f'runs_where {tmp_path} model.kind=lipschitz enc_L=5.0 seed=0; echo --; '
+               f'runs_where {tmp_path} model.encoder_std.gamma=0.1')
+    out = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, env={**os.environ, "PY": sys.executable})
+    first, second = out.stdout.split("--\n")
+    assert first.split() == [str(tmp_path / "0_a")] and second.split() == [str(tmp_path / n) for n in ("0_a", "1_b")]
