@@ -104,12 +104,24 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def undecided_arms(table: pd.DataFrame) -> list[str]:
+    """The Lipschitz arms (as ``variant`` names) with a seed whose paired 95 % interval includes
+    0: the ones the paper's reproduction gives more seeds (``sweeps/paper.sh``)."""
+    open_ = table[(table.ci_low <= 0) & (table.ci_high >= 0)]
+    return [f"lipschitz_L{L}" for L in dict.fromkeys(open_.L)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweeps", type=Path, nargs="+")
     ap.add_argument("--standard", type=Path, default=None, help="take the standard VAEs from this folder alone")
+    ap.add_argument("--undecided", action="store_true",
+                    help="print only the arms with a seed whose interval includes 0, comma-separated")
     args = ap.parse_args()
     table = compare(*args.sweeps, standard=args.standard)
+    if args.undecided:
+        print(",".join(undecided_arms(table)))
+        return
     print(table.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
     if table.seed.nunique() > 1:
         print()

@@ -237,6 +237,9 @@ def test_paired_margins_pair_each_seed_with_its_own_standard_vae(tmp_path):
     assert got == {("8", 0): 1.0, ("8", 1): -1.0, ("9", 0): 0.5, ("9", 1): 0.5}
     summary = paired.summarise(table).set_index("L")
     assert summary.loc["8", "verdict"] == "undecided" and summary.loc["9", "verdict"] == "more robust"
+    assert paired.undecided_arms(table) == []  # every seed's interval is a point away from 0
+    wide = table.assign(ci_low=table.mean_difference - 0.75, ci_high=table.mean_difference + 0.75)
+    assert paired.undecided_arms(wide) == ["lipschitz_L9"]  # 0.5 ± 0.75 includes 0; ±1 ± 0.75 does not
     assert (summary.loc["8", "lowest"], summary.loc["8", "highest"]) == (-1.0, 1.0)
     make("extra/std", "standard", 5.0, 0, [0.0, 0.0, 0.0])  # a second seed-0 standard VAE: which one?
     with pytest.raises(SystemExit, match="found 2 completed standard VAE runs with seed 0"):
