@@ -10,7 +10,7 @@ import torch
 from scipy import optimize, stats
 from torch import nn
 
-from lipvae.evaluate import other_class_targets, soundness_violations
+from lipvae.evaluation import other_class_targets, soundness_violations
 from lipvae.attack import (
     damage,
     estimate_margins,

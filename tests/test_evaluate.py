@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lipvae.evaluate import main as evaluate_main
-from lipvae.evaluate import soundness_violations
+from lipvae.evaluation import soundness_violations
 
 
 @pytest.fixture
@@ -144,7 +144,7 @@ def test_latent_attack_summary_says_how_far_toward_the_target(tmp_path):
     from omegaconf import OmegaConf
 
     from lipvae.data import TensorBatches
-    from lipvae.evaluate import _latent_attack
+    from lipvae.evaluation import _latent_attack
     from lipvae.vae import VAE
 
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def test_coupled_certificates_are_counted_apart_from_soundness_violations():
     a deterministic one never is (issue 27)."""
     import pandas as pd
 
-    from lipvae.evaluate import coupled_exceedances, probabilistic, soundness_violations
+    from lipvae.evaluation import coupled_exceedances, probabilistic, soundness_violations
 
     table = pd.DataFrame({"index": [0, 1, 2, 3], "estimated": [1.0, 1.0, 1.0, 1.0],
                           "certified_tight": [0.5, 0.5, 1.5, 0.5], "certified_coupled": [0.9, 1.2, 0.9, 1.1]})

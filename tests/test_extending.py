@@ -12,7 +12,7 @@ from conftest import CONF, composed
 from lipvae.attack import EstimatedMargins, MarginAttack, robust_probability
 from lipvae.config import build_attack, build_vae, validate
 from lipvae.data import TensorBatches
-from lipvae.evaluate import evaluate
+from lipvae.evaluation import evaluate
 from lipvae.networks import LipschitzLinear
 
 

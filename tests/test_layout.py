@@ -16,8 +16,8 @@ LAYERS = [
     {"schema", "runfolder"},
     {"config"},
     {"stored"},
-    {"evaluate", "callbacks"},
-    {"train", "report", "sweep", "certify.__main__"},
+    {"evaluation", "callbacks"},
+    {"train", "evaluate", "report", "sweep", "certify.__main__"},
 ]
 
 

@@ -9,14 +9,14 @@
     # outputs/mine/evaluation.json: certified and estimated margins, soundness violations
 
 When fitting ends, the first of them in the trainer's list runs the one evaluation pipeline
-(``lipvae.evaluate.evaluate``: certify, attack, soundness check, tables and figures) once, with
+(``lipvae.evaluation.evaluate``: certify, attack, soundness check, tables and figures) once, with
 the settings of all of them, on a frozen copy of the best checkpoint's weights (or of the last
 ones): the trained module is left as fitting left it, and the global random state as it was.
 The callbacks hold settings only; what the pipeline finds is written to the run folder
 (``evaluation.json`` beside the tables) and logged to the trainer's loggers. ``lipvae.train``
 runs its evaluation this way too: they are the ``callbacks.certify`` and ``callbacks.attack``
 entries of its config (conf/callbacks/certify.yaml, attack.yaml), on by default, and it reads
-their record back (``lipvae.evaluate.read_evaluation``).
+their record back (``lipvae.evaluation.read_evaluation``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.certify.certificates import COUPLED_DEFAULTS, check_lipschitz
 from lipvae.config import check_certified_inputs
 from lipvae.errors import UserError
-from lipvae.evaluate import evaluate, write_evaluation
+from lipvae.evaluation import evaluate, write_evaluation
 from lipvae.results import code_version
 from lipvae.stored import load_best_weights
 

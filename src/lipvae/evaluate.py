@@ -1,5 +1,4 @@
-"""One evaluation pipeline over a frozen model: certify → attack → soundness check → tables and
-figures. ``lipvae.train`` runs it after training; ``python -m lipvae.evaluate`` runs it again on
+"""``python -m lipvae.evaluate``: the evaluation pipeline (``lipvae.evaluation``) run again on
 a finished run with other certificate or attack settings:
 
     python -m lipvae.evaluate <run folder> [certify.*=... attack.*=... seed=...] [--replace] [--fresh]
@@ -17,326 +16,25 @@ certificates); ``--fresh`` attacks again regardless.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lipvae.attack import latent_space_attack
-from lipvae.config import build_attack, check_certified_inputs, check_yaml_files
-from lipvae.logs import interactive, quiet_third_party
-from lipvae.certify.bounds import SAMPLED_FORMS
-from lipvae.certify.certificates import certify_test_split, check_lipschitz, column_suffix
+from lipvae.certify.certificates import check_lipschitz
+from lipvae.config import check_yaml_files
 from lipvae.errors import NO_SPACE, UserError, signals_stop
-from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
-from lipvae.results import (RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, code_version,
-                            write_table)
+from lipvae.evaluation import MARGINS_TABLE, OUTPUTS, evaluate, write_evaluation
+from lipvae.logs import interactive, quiet_third_party
+from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, code_version
 
 log = logging.getLogger("lipvae")
-CERTIFIED_TABLE = "certified_margins.csv"
-MARGINS_TABLE = "margins.csv"
-STATE = "attack_state.pt"  # the margin search's state while it runs (attack_state.csv: partial table)
-EVALUATION_FILE = "evaluation.json"  # an evaluation's record (docs/results.md), beside its tables
-#: the files an evaluation writes into its folder
-OUTPUTS = (CERTIFIED_TABLE, MARGINS_TABLE, "certified_margins.png", "certified_vs_estimated.png", "latent_attack.png")
-
-
-@dataclass
-class Evaluation:
-    certified: dict | None = None
-    estimated: dict | None = None
-    latent_attack: dict | None = None
-    soundness_violations: int | None = None
-    coupled_exceedances: dict | None = None
-    certify_s: float = 0.0
-    attack_s: float = 0.0
-
-    def timings(self, total_s: float) -> dict:
-        """Seconds spent certifying, attacking, and in all (``total_s``)."""
-        return {"certify_s": self.certify_s, "attack_s": self.attack_s, "total_s": total_s}
-
-    def results(self) -> dict:
-        """The parts of results.json an evaluation owns, always written together."""
-        return {part: getattr(self, part) for part in Results.EVALUATION_PARTS}
-
-    @classmethod
-    def from_record(cls, record: dict) -> Evaluation:
-        """The evaluation an ``evaluation.json`` record holds (``write_evaluation``)."""
-        timings = record.get("timings") or {}
-        return cls(**{part: record.get(part) for part in Results.EVALUATION_PARTS},
-                   certify_s=timings.get("certify_s", 0.0), attack_s=timings.get("attack_s", 0.0))
-
-
-def soundness_violations(table: pd.DataFrame, columns: list[str], slack: float = 1e-9) -> list[int]:
-    """Indices of inputs whose certified margin (any form) exceeds the estimated one."""
-    if not columns:
-        return []
-    certified = table[columns].max(axis=1)
-    return table.loc[certified > table["estimated"] + slack, "index"].astype(int).tolist()
-
-
-def probabilistic(column: str) -> bool:
-    """Whether a certified column is of a form that holds only with probability 1 − α (coupled)."""
-    return any(column == f"certified_{form}" or column.startswith(f"certified_{form}_") for form in SAMPLED_FORMS)
-
-
-def coupled_exceedances(table: pd.DataFrame, columns: list[str], alpha: float, slack: float = 1e-9) -> dict | None:
-    """How often a probabilistic (coupled) certificate exceeds the estimated margin, beside the
-    α·N such exceedances its guarantee allows (it holds per input with probability ≥ 1 − α over
-    the certifier's samples). Not a soundness violation; None without a probabilistic column."""
-    cols = [c for c in columns if probabilistic(c)]
-    if not cols:
-        return None
-    over = table[cols].max(axis=1) > table["estimated"] + slack
-    n = len(table)
-    return {"observed": int(over.sum()), "expected": float(alpha * n), "inputs": n, "alpha": float(alpha),
-            "indices": table.loc[over, "index"].astype(int).tolist()}
-
-
-def other_class_targets(labels: torch.Tensor) -> torch.Tensor:
-    """For each input, the position of the next test image (cyclically) of another class."""
-    n = len(labels)
-    targets = torch.empty(n, dtype=torch.long)
-    for i in range(n):
-        for k in range(1, n):
-            j = (i + k) % n
-            if labels[j] != labels[i]:
-                targets[i] = j
-                break
-        else:
-            targets[i] = (i + 1) % n
-    return targets
-
-
-@dataclass
-class Output:
-    """Where an evaluation's files and metrics go: its folder, the loggers (at ``step``), and
-    whether progress bars are drawn."""
-
-    dir: Path
-    loggers: tuple | list = ()
-    step: int = 0
-    progress: bool = True
-
-
-def evaluate(
-    vae,
-    test,
-    cfg: DictConfig,
-    out_dir: Path,
-    seed: int,
-    loggers=(),
-    step: int = 0,
-    progress: bool = True,
-    reuse: pd.DataFrame | None = None,
-    reuse_latent: dict | None = None,
-) -> Evaluation:
-    """Certify the first ``cfg.certify.num_inputs`` test inputs (Lipschitz VAEs), attack the first
-    ``cfg.attack.num_inputs``, check that no certificate exceeds its estimated margin, and write
-    the tables and figures to ``out_dir``. ``reuse``: an earlier evaluation's margins table
-    (same attack settings) whose estimated margins are taken instead of attacking again."""
-    check_certified_inputs(cfg.certify, cfg.attack, vae.kind == "lipschitz")
-    out = Output(Path(out_dir), loggers, step, progress)
-    ev = Evaluation()
-    cert_table = None
-    if cfg.certify.enabled and vae.kind == "lipschitz":
-        start = time.perf_counter()
-        cert_table, ev.certified = _certify(vae, test, cfg.certify, cfg.data.eval_batch_size, out)
-        ev.certify_s = time.perf_counter() - start
-    elif cfg.certify.enabled:
-        log.info("standard VAE: its Lipschitz constants are unknown, so no certificate (certified: null)")
-    if cfg.attack.enabled:
-        start = time.perf_counter()
-        # Lightning tests under inference mode; attacks need gradients with respect to inputs
-        with torch.inference_mode(False), torch.enable_grad():
-            _attack(ev, vae, test, cfg, cert_table, seed, out, reuse, reuse_latent)
-        ev.attack_s = time.perf_counter() - start
-    return ev
-
-
-def _certify(vae, test, cc: DictConfig, batch_size: int, out: Output):
-    table, summary = certify_test_split(
-        vae, test, cc.num_inputs, vae.lipschitz_constants(), list(cc.r), list(cc.p), list(cc.forms), batch_size,
-        OmegaConf.to_container(cc.coupled) if "coupled" in cc else None,
-    )
-    write_table(out.dir / CERTIFIED_TABLE, table)
-    summary["table"] = CERTIFIED_TABLE
-    held = summary.get("holds_with_probability", 1.0)
-    log.info(
-        "certified (r=%g, p=%g, %s form) on %d inputs: mean %.4g, median %.4g, min %.4g, certified %.1f%%%s%s",
-        summary["r"], summary["p"], summary["form"], summary["num_inputs"], summary["mean"], summary["median"],
-        summary["min"], 100 * summary["fraction_certified"],
-        "" if summary["global_margin"] is None else f", global margin {summary['global_margin']:.4g}",
-        "" if held >= 1 else f"; each holds with probability >= {held:g} over the certifier's samples, not surely",
-    )
-    metrics = {
-        f"certified/{k}": v
-        for k, v in summary.items()
-        if k in ("mean", "median", "min", "fraction_certified", "global_margin", "holds_with_probability") and v is not None
-    }
-    figure = save_margin_histogram(
-        {f: table[f"certified_{f}"].to_numpy() for f in cc.forms},
-        out.dir / "certified_margins.png",
-        title=f"certified margins, r={summary['r']:g}, p={summary['p']:g}",
-    )
-    for lg in out.loggers:
-        lg.log_metrics(metrics, step=out.step)
-        if is_wandb(lg):
-            lg.log_table(key="certified_margins", dataframe=table.head(10000))
-    log_image(out.loggers, "certified_margins_hist", figure)
-    return table, summary
-
-
-def _attack(ev: Evaluation, vae, test, cfg: DictConfig, cert_table, seed: int, out: Output, reuse, reuse_latent):
-    """Estimate the margins (or take ``reuse``'s), join the certificates at the attack's (r, p),
-    check soundness, run the latent-space attack, and write, log and draw the results."""
-    ac = cfg.attack
-    device = next(vae.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    n = min(ac.num_inputs, len(test))
-    attack = build_attack(ac)
-    table = _estimate(attack, vae, test, n, gen, seed, out) if reuse is None else _reused(reuse)
-    cert_cols = _join_certified(table, cert_table, cfg.certify, float(ac.r), float(ac.p))
-    write_table(out.dir / MARGINS_TABLE, table)
-    ev.estimated = _estimated_summary(table, attack, ac, n)
-    if vae.kind == "lipschitz" and cert_cols:
-        _check_soundness(ev, table, cert_cols, cfg, n)
-    log.info(
-        "estimated margins (r=%g, p=%g) on %d inputs: mean %.4g, median %.4g, min %.4g; %d censored at %g%s",
-        ac.r, ac.p, n, ev.estimated["mean"], ev.estimated["median"], ev.estimated["min"],
-        ev.estimated["censored"], ac.max_radius,
-        "" if ev.soundness_violations is None else f"; soundness violations: {ev.soundness_violations}",
-    )
-    figures = []
-    if cert_cols:
-        figures.append(save_margin_scatter(
-            table, cert_cols, out.dir / "certified_vs_estimated.png", title=f"r={ac.r:g}, p={ac.p:g}, {n} test inputs"
-        ))
-    if reuse_latent is not None:
-        ev.latent_attack = reuse_latent
-    else:
-        ev.latent_attack, figure = _latent_attack(vae, test, ac, device, gen, out.dir)
-        figures.append(figure)
-    metrics = {f"estimated/{k}": ev.estimated[k] for k in ("mean", "median", "min", "censored")}
-    if ev.soundness_violations is not None:
-        metrics["soundness_violations"] = ev.soundness_violations
-    for lg in out.loggers:
-        lg.log_metrics(metrics, step=out.step)
-        if is_wandb(lg):
-            lg.log_table(key="margins", dataframe=table)
-    for fig in figures:
-        log_image(out.loggers, fig.stem, fig)
-
-
-def _estimate(attack, vae, test, n: int, gen, seed: int, out: Output) -> pd.DataFrame:
-    """The attack's estimated margins of the first ``n`` test inputs, as the margins table."""
-    device = next(vae.parameters()).device
-    est = attack.estimate(
-        vae, test.images[:n].to(device), generator=gen, seed=seed, progress=out.progress,
-        state_path=out.dir / STATE,  # an interrupted attack continues from here on resume
-    )
-    return pd.DataFrame({
-        "index": test.index[:n].numpy(),
-        "label": test.labels[:n].numpy(),
-        "estimated": est.margin.cpu().numpy(),
-        "censored": est.censored.cpu().numpy(),
-    })
-
-
-def _reused(stored: pd.DataFrame) -> pd.DataFrame:
-    log.info("estimated margins reused from the stored evaluation (same attack settings)")
-    return stored[["index", "label", "estimated", "censored"]].copy()
-
-
-def _estimated_summary(table: pd.DataFrame, attack, ac: DictConfig, n: int) -> dict:
-    """results.json's ``estimated``: the margins' statistics and the search's settings as the
-    attack has them (None where it has no such setting: L-BFGS-B's grid has no projected-gradient
-    steps or bisection tolerance)."""
-    values = table["estimated"].to_numpy()
-    return {
-        "r": float(ac.r), "p": float(ac.p), "num_inputs": int(n),
-        "mean": float(np.mean(values)), "median": float(np.median(values)),
-        "min": float(np.min(values)), "max": float(np.max(values)),
-        "censored": int(table["censored"].sum()),
-        "method": attack.name or type(attack).__name__, "search": getattr(attack, "search", None),
-        "samples": ac.samples, "starts": ac.starts, "steps": getattr(attack, "steps", None),
-        "tol": getattr(attack, "tol", None), "max_radius": float(ac.max_radius), "pixel_range": bool(ac.pixel_range),
-        "table": MARGINS_TABLE,
-    }
-
-
-def _check_soundness(ev: Evaluation, table: pd.DataFrame, cert_cols: list[str], cfg: DictConfig, n: int) -> None:
-    """No deterministic certificate may exceed the estimated margin (``soundness_violations``;
-    each one is logged); the coupled form's exceedances are counted against what α allows."""
-    alpha = float(cfg.certify.coupled.alpha) if "coupled" in cfg.certify else 0.0
-    ev.coupled_exceedances = coupled_exceedances(table, cert_cols, alpha)
-    if ev.coupled_exceedances is not None:
-        log.info("coupled certificates above the estimated margin: %d of %d inputs (expected at most about"
-                 " α·N = %.3g; the coupled form holds with probability >= %g per input)",
-                 ev.coupled_exceedances["observed"], n, alpha * n, 1 - alpha)
-    bad = soundness_violations(table, [c for c in cert_cols if not probabilistic(c)])
-    ev.soundness_violations = len(bad)
-    for i in bad:
-        row = table[table["index"] == i].iloc[0]
-        log.error(
-            "soundness violation at test input %d: certified %.4g > estimated %.4g "
-            "(a bug, or a Lipschitz constant that does not hold)", i, row[cert_cols].max(), row["estimated"],
-        )
-
-
-def _join_certified(table, cert_table, cc, r: float, p: float) -> list[str]:
-    """Add the certified margins computed at the attack's (r, p); their columns."""
-    if cert_table is None:
-        return []
-    suffix = column_suffix(list(cc.r), list(cc.p), r, p)
-    if suffix is None:
-        log.warning("attack (r=%g, p=%g) matches no certified (r, p) of %s × %s: no soundness check",
-                    r, p, list(cc.r), list(cc.p))
-        return []
-    by_index = cert_table.set_index("index")  # every attacked input is certified (check_certified_inputs)
-    cols = [f"certified_{form}{suffix}" for form in cc.forms]
-    for col in cols:
-        table[col.removesuffix(suffix)] = by_index.loc[table["index"], col].to_numpy()
-    return [c.removesuffix(suffix) for c in cols]
-
-
-def _latent_attack(vae, test, ac, device, gen, out_dir: Path):
-    lat = ac.latent
-    n = min(lat.num_inputs, len(test))
-    targets = other_class_targets(test.labels)[:n]
-    x, xt = test.images[:n].to(device), test.images[targets].to(device)
-    soft = lat.kind == "soft"
-    res = latent_space_attack(
-        vae, x, xt, 0.0 if soft else lat.budget, starts=1, steps=lat.steps, pixel_range=ac.pixel_range,
-        generator=gen, kind=lat.kind, penalty=lat.penalty if soft else 0.0, lr=lat.lr if soft else 0.0,
-    )
-    summary = {
-        "kind": lat.kind,
-        "budget": None if soft else float(lat.budget),
-        "penalty": float(lat.penalty) if soft else None,
-        "mean_delta_norm": float(res.delta.norm(dim=-1).mean()),
-        "num_inputs": n,
-        "mean_kl": float(res.kl.mean()),
-        "mean_dist_to_target": float(res.dist_to_target.mean()),
-        "mean_dist_to_original": float(res.dist_to_original.mean()),
-        # the share of inputs whose reconstruction ends nearer the target's than their own, and
-        # the median share of the way from the input's reconstruction to the target's it moved
-        # (a blurrier model's reconstructions sit closer together, so distances alone mislead)
-        "closer_to_target": float((res.dist_to_target < res.dist_to_original).float().mean()),
-        "median_share_moved": float((res.dist_to_original / res.clean_gap.clamp_min(1e-12)).median()),
-    }
-    figure = save_latent_attack(x, res, xt, out_dir / "latent_attack.png", budget=None if soft else lat.budget,
-                                shape=getattr(vae, "input_shape", None))
-    return summary, figure
 
 
 # --- re-evaluating a finished run ------------------------------------------------------------
@@ -526,19 +224,6 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
     stored.evaluation = {**record, "made_in": f"evaluations/{out_dir.name}", "replaced": f"evaluations/{kept.name}"}
     _switch_in(run_dir, out_dir, kept, stored, made)
     return run_dir, part
-
-
-def write_evaluation(out_dir: Path, record: dict) -> Path:
-    """An evaluation's record as ``evaluation.json`` in its folder, atomically."""
-    path = Path(out_dir) / EVALUATION_FILE
-    atomic_write_text(path, json.dumps(record, indent=2, allow_nan=False) + "\n")
-    return path
-
-
-def read_evaluation(out_dir: Path) -> dict | None:
-    """The record ``write_evaluation`` left in ``out_dir`` (None: none there)."""
-    path = Path(out_dir) / EVALUATION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _switch_in(run_dir: Path, new: Path, kept: Path, record: Results, made: list[Path]) -> None:

@@ -41,7 +41,7 @@ from lipvae.config import (as_list_where_meant, build_datamodule, build_entries,
                            check_overrides, check_yaml_files, validate)
 from lipvae.data import check_datamodule
 from lipvae.errors import NO_SPACE, UserError, signals_stop
-from lipvae.evaluate import EVALUATION_FILE, Evaluation, read_evaluation
+from lipvae.evaluation import EVALUATION_FILE, Evaluation, read_evaluation
 from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up, write_rows
 from lipvae.module import (FineTune, KeepStop, NonFiniteLossError, RandomStates, SaveOnException, StopBetweenSteps,
                            VAEModule)

@@ -157,7 +157,7 @@ def _down(x: float, digits: int = 6) -> float:
 
 
 def recertify(path: Path, overrides: list[str] = (), replace: bool = False) -> dict:
-    """``lipvae.certify model``: the evaluation pipeline (``lipvae.evaluate``) with other
+    """``lipvae.certify model``: the evaluation pipeline (``lipvae.evaluation``, through ``lipvae.evaluate``) with other
     certificate settings (``certify.*`` overrides). The stored estimated margins are reused when
     the attack is unchanged, so the soundness check is redone against the new certificates.
     Written to a new folder under ``<run>/evaluations/`` (``replace``: into the run, keeping the
