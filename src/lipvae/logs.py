@@ -20,9 +20,8 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, Timer
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 from lipvae.results import atomic_write_text
 
@@ -149,29 +148,6 @@ def describe(conv: dict, stop_reason: str, epochs: int) -> str:
     return f"training stopped by {why} after {epochs} epochs: NOT converged{moved}; {hint}"
 
 
-class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv (Lightning's writer deletes it) and adds to it. Every save
-    replaces the file atomically: Lightning's writer rewrites it in place when a new column
-    appears, and a signal landing in that rewrite left a truncated file (rows and columns of
-    earlier epochs lost)."""
-
-    def _check_log_dir_exists(self) -> None:
-        self._rows: list[dict] = []
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                reader = csv.DictReader(f)
-                self._rows = list(reader)
-                self.metrics_keys = list(reader.fieldnames or [])
-
-    def save(self) -> None:
-        if not self.metrics:
-            return
-        self._record_new_keys()
-        rows = self._rows + self.metrics
-        write_rows(Path(self.metrics_file_path), self.metrics_keys, rows)
-        self._rows, self.metrics = rows, []
-
-
 def write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
     """A metrics CSV replaced atomically (a signal never leaves it cut short)."""
     text = io.StringIO()
@@ -181,14 +157,84 @@ def write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
     atomic_write_text(path, text.getvalue())
 
 
-class AppendingCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, except that a resumed run appends to csv/metrics.csv: the curves
-    from before a stop are kept."""
+class AppendingCSVLogger(Logger):
+    """``csv/metrics.csv`` of a run: one row per logging step, as Lightning's CSVLogger writes it
+    (the metrics of a step and its ``step``; the columns in order of first appearance), except
+    that a resumed run appends to the file instead of deleting it, so the curves from before a
+    stop are kept, and every save replaces the file atomically (a signal never leaves it cut
+    short). Built on Lightning's public ``Logger`` interface alone."""
+
+    NAME_METRICS_FILE = "metrics.csv"
+
+    def __init__(self, save_dir: str | Path = ".", name: str = "csv", version: str | int = "",
+                 flush_logs_every_n_steps: int = 100) -> None:
+        super().__init__()
+        self._save_dir, self._name, self._version = str(save_dir), name, version
+        self._every = int(flush_logs_every_n_steps)
+        self._rows: list[dict] | None = None  # the file's rows, read at the first save
+        self._keys: list[str] = []
+        self._pending: list[dict] = []
 
     @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str | int:
+        return self._version
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def root_dir(self) -> str:
+        return os.path.join(self._save_dir, self._name)
+
+    @property
+    def log_dir(self) -> str:
+        version = self._version if isinstance(self._version, str) else f"version_{self._version}"
+        return os.path.join(self.root_dir, version) if version else self.root_dir
+
+    @property
+    def metrics_file_path(self) -> str:
+        return os.path.join(self.log_dir, self.NAME_METRICS_FILE)
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        """Nothing: the run's config is in .hydra/ and results.json."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        row = {k: v.item() if hasattr(v, "item") else v for k, v in metrics.items()}
+        row["step"] = len(self._pending) if step is None else step
+        self._pending.append(row)
+        if (row["step"] + 1) % self._every == 0:
+            self.save()
+
+    @rank_zero_only
+    def save(self) -> None:
+        if not self._pending:
+            return
+        if self._rows is None:  # a resumed run's earlier rows (train.py has dropped the killed epoch's)
+            self._rows, self._keys = _read_rows(Path(self.metrics_file_path))
+        for row in self._pending:
+            self._keys += [k for k in row if k not in self._keys]
+        self._rows += self._pending
+        self._pending = []
+        os.makedirs(self.log_dir, exist_ok=True)
+        write_rows(Path(self.metrics_file_path), self._keys, self._rows)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
+
+
+def _read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows and columns of a metrics CSV (none when there is no file)."""
+    if not path.is_file():
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader), list(reader.fieldnames or [])
+
