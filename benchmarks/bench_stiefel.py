@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from bench_train import batches, frozen_val_elbo
+from bench_train import batches, frozen_val_elbo, train_steps
 from lipvae.data import ImageDataModule
 from lipvae.module import StiefelAdam
 from lipvae.networks import StiefelLinear, orthonormality_error
@@ -41,12 +41,8 @@ def variants(args, x_train, x_val) -> None:
             data = batches(x_train, 128, torch.Generator().manual_seed(1))
             trained, curve = 0.0, []
             for step in range(1, args.steps + 1):
-                x = next(data)
                 start = time.perf_counter()
-                loss = -vae.elbo(x)["elbo"].mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                train_steps(vae, opt, data, 1)
                 trained += time.perf_counter() - start
                 if step % (args.steps // 4) == 0:
                     opt.retract()
@@ -66,10 +62,7 @@ def drift(args, x_train) -> None:
         data = batches(x_train, 128, torch.Generator().manual_seed(1))
         worst = []
         for step in range(1, args.steps + 1):
-            loss = -vae.elbo(next(data))["elbo"].mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            train_steps(vae, opt, data, 1)
             if k == 1 or step % k == k - 1:  # the last step before a retraction
                 worst.append(orthonormality_error(vae))
             if step % 300 == 0:
