@@ -271,13 +271,12 @@ def _composed(overrides: tuple, hydra: bool, conf: Path):
 def shared_folder(tmp_path_factory, name: str, build) -> Path:
     """A folder made once per test session by ``build(folder)`` and shared by the session's
     pytest-xdist workers: the first to ask builds it while the others wait, then all read it."""
-    import fcntl
+    from filelock import FileLock
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's, either way
     folder = shared / name
-    with open(shared / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(str(shared / f"{name}.lock")):
         if not (shared / f"{name}.complete").is_file():
             shutil.rmtree(folder, ignore_errors=True)
             build(folder)

@@ -71,11 +71,12 @@ def test_a_checkpoint_from_other_networks_is_one_line():
 
 
 def test_one_process_per_run_folder(tmp_path):
-    fd = claim(tmp_path)
+    held = claim(tmp_path)
+    assert (tmp_path / ".lipvae.lock").read_text() == f"{os.getpid()}\n"
     with pytest.raises(RunFolderError, match="is in use by another lipvae process"):
         claim(tmp_path)
-    os.close(fd)
-    os.close(claim(tmp_path))  # free again once the holder is gone
+    held.release()
+    claim(tmp_path).release()  # free again once the holder is gone
     raw = (CONF / "config.yaml").read_text()  # run and job folders name the seed (and the job)
     assert "dir: outputs/runs/${now:%Y-%m-%d}/${now:%H-%M-%S}_${name}_seed${seed}" in raw
     assert "subdir: ${hydra.job.num}_${name}_seed${seed}" in raw

@@ -284,8 +284,7 @@ def test_a_lock_left_by_an_ended_process_is_taken_over_with_a_log_line(tmp_path,
 
     (tmp_path / ".lipvae.lock").write_text("999999999\n")  # no such process
     with caplog.at_level(logging.INFO, logger="lipvae"):
-        fd = claim(tmp_path)
-    os.close(fd)
+        claim(tmp_path).release()
     assert "taking over the lock of process 999999999, which has ended" in caplog.text
     assert (tmp_path / ".lipvae.lock").read_text() == f"{os.getpid()}\n"
 

@@ -180,7 +180,7 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
                         " was: free some space and run the command again") from None
     finally:
         if lock is not None:
-            os.close(lock)
+            lock.release()
 
 
 def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress, made):

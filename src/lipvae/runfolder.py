@@ -15,10 +15,10 @@ once these checks pass, so a refused command leaves a folder exactly as it found
 
 from __future__ import annotations
 
-import fcntl
 import os
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -126,39 +126,42 @@ TRAINING_HINT = ("(two runs started in the same second with the same name?); sta
                  " hydra.run.dir")
 
 
-def claim(run_dir: Path, hint: str = TRAINING_HINT):
-    """Hold an exclusive lock on the folder for this process's life; refuse if another holds it
-    (``hint``: what the refused command should do)."""
+def claim(run_dir: Path, hint: str = TRAINING_HINT) -> FileLock:
+    """Hold an exclusive lock on the folder (``filelock``, on ``.lipvae.lock``) until the returned
+    lock is released or the process ends; refuse if another process holds it (``hint``: what the
+    refused command should do). The lock file names the holder's PID."""
+    path = run_dir / LOCK_FILE
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_entries(run_dir)  # no planted symlink or special file among lipvae's own names
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        lock = FileLock(str(path))
+        lock.acquire(timeout=0)
     except UnsafeFile as e:
         raise RunFolderError(str(e)) from None
+    except Timeout:
+        raise RunFolderError(f"run: {run_dir} is in use by another lipvae process {hint}") from None
     except OSError as e:
         if unwritable(e) is None:
             raise
         raise RunFolderError(f"run: cannot write to {run_dir} ({e.strerror}); make it writable or choose another"
                              " folder (hydra.run.dir)") from None
+    _note_stale_lock(path, run_dir)
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_TRUNC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
         os.close(fd)
-        raise RunFolderError(f"run: {run_dir} is in use by another lipvae process {hint}") from None
-    _note_stale_lock(fd, run_dir)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd  # kept open: the lock lasts until the process ends
+    return lock
 
 
-def _note_stale_lock(fd: int, run_dir: Path) -> None:
+def _note_stale_lock(path: Path, run_dir: Path) -> None:
     """A log line when the lock file names a process that has gone (killed before it could tidy
     up): the kernel released its lock with it, and this process takes the folder over."""
     import logging
 
     try:
-        previous = int(os.pread(fd, 32, 0).decode().strip() or 0)
-    except (OSError, ValueError):
+        previous = int(path.read_text().strip() or 0)
+    except (OSError, ValueError, UnicodeDecodeError):
         return
     if previous and previous != os.getpid():
         try:
