@@ -216,7 +216,7 @@ def test_callbacks_group_builds_lightning_callbacks():
     from lipvae.callbacks import CertifiedMargins, EstimatedMargins
     from lipvae.module import FineTune, RunCheckpoint
 
-    es, ckpt, finetune, certify, attack = build_entries(composed(
+    es, ckpt, last, finetune, certify, attack = build_entries(composed(
         "callbacks.early_stopping.patience=7", "callbacks.finetune.max_epochs=3", "certify.r=[4.0,8.0]",
         "attack.steps=7", "evaluate=last", "seed=3"), "callbacks")
     assert (type(es), type(ckpt), type(finetune)) == (EarlyStopping, RunCheckpoint, FineTune)
@@ -225,12 +225,14 @@ def test_callbacks_group_builds_lightning_callbacks():
     assert (attack.attack["_target_"], attack.attack["steps"], attack.attack["num_inputs"]) == ("lipvae.attack.PGDAttack", 7, 25)
     assert attack.enabled and attack.attack["latent"]["kind"] == "hard"
     assert (es.patience, es.monitor, es._check_on_train_epoch_end) == (7, "val/loss", False)
-    assert (ckpt.monitor, ckpt.save_last, ckpt.save_top_k, ckpt.filename) == ("val/loss", True, 1, "best")
+    assert (ckpt.monitor, ckpt.save_last, ckpt.save_top_k, ckpt.filename) == ("val/loss", None, 1, "best")
+    assert (type(last), last.monitor, last.save_top_k, last.filename) == (RunCheckpoint, None, 1, "last")
     assert (finetune.max_epochs, finetune.bjorck_iters, finetune.lr) == (3, 50, 1e-5)
     built = build_entries(composed("callbacks=monitors", "~callbacks.finetune", "~callbacks.certify",
                                    "~callbacks.attack"), "callbacks")
-    assert [type(c) for c in built] == [EarlyStopping, RunCheckpoint, LearningRateMonitor, DeviceStatsMonitor]
-    assert built[2].logging_interval == "epoch"
+    assert [type(c) for c in built] == [EarlyStopping, RunCheckpoint, RunCheckpoint, LearningRateMonitor,
+                                        DeviceStatsMonitor]
+    assert built[3].logging_interval == "epoch"
 
 
 @pytest.mark.parametrize(

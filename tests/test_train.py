@@ -180,7 +180,7 @@ def _phases(patience, finetune=None):
 
     from lipvae.config import build_entries
 
-    cfg = composed("~callbacks.model_checkpoint", "~callbacks.certify", "~callbacks.attack")
+    cfg = composed("~callbacks.model_checkpoint", "~callbacks.last_checkpoint", "~callbacks.certify", "~callbacks.attack")
     OmegaConf.update(cfg, "callbacks.early_stopping.patience", patience)
     for k, v in (finetune or {"max_epochs": 0}).items():
         OmegaConf.update(cfg, f"callbacks.finetune.{k}", v)
@@ -189,13 +189,14 @@ def _phases(patience, finetune=None):
 
 
 def _epochs(val, max_epochs, patience, finetune=None, train=None):
-    """Trains the scripted module with the phase callbacks (the Trainer given phase 1's epochs:
-    the fine-tune callback adds its own); returns the epochs trained, the recorded stop reason
+    """Trains the scripted module with the phase callbacks (the Trainer given phase 1's epochs
+    and the fine-tune phase's, as a run gives it); returns the epochs trained, the recorded stop reason
     and the fine-tune callback."""
     from lipvae.train import stop_reason
 
     es, finetune, loader = _phases(patience, finetune)
-    trainer = L.Trainer(max_epochs=max_epochs, callbacks=[es, finetune], logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=max_epochs + finetune.max_epochs, callbacks=[es, finetune], logger=False,
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(_Scripted(val, train), loader, loader)
     return trainer.current_epoch, stop_reason(es, finetune, trainer.current_epoch, trainer.max_epochs), finetune
@@ -234,8 +235,9 @@ def test_a_resume_after_training_ended_trains_no_more(tmp_path, val, max_epochs,
 
     def fit(ckpt_path=None):
         es, ft, loader = _phases(patience, finetune)
-        ckpt = RunCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val/loss", save_last=True)
-        trainer = L.Trainer(max_epochs=max_epochs, callbacks=[es, ckpt, ft, KeepStop()], logger=False,
+        ckpt = RunCheckpoint(dirpath=str(tmp_path), filename="best", monitor="val/loss")
+        last = RunCheckpoint(dirpath=str(tmp_path), filename="last", monitor=None, enable_version_counter=False)
+        trainer = L.Trainer(max_epochs=max_epochs + ft.max_epochs, callbacks=[es, ckpt, last, ft, KeepStop()], logger=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
         trainer.fit(_Scripted(val), loader, loader, ckpt_path=ckpt_path, weights_only=True)
         return trainer.current_epoch, stop_reason(es, ft, trainer.current_epoch, trainer.max_epochs)
@@ -311,9 +313,10 @@ def test_a_copied_run_folder_resumes_with_its_own_best_checkpoint(tmp_path):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
 
     def fit(folder, epochs, ckpt_path=None):
-        ckpt = RunCheckpoint(dirpath=str(folder / "checkpoints"), filename="best", monitor="val/loss",
-                             save_last=True, save_top_k=1)
-        trainer = L.Trainer(max_epochs=epochs, callbacks=[ckpt], logger=False, enable_progress_bar=False,
+        ckpt = RunCheckpoint(dirpath=str(folder / "checkpoints"), filename="best", monitor="val/loss", save_top_k=1)
+        last = RunCheckpoint(dirpath=str(folder / "checkpoints"), filename="last", monitor=None,
+                             enable_version_counter=False)
+        trainer = L.Trainer(max_epochs=epochs, callbacks=[ckpt, last], logger=False, enable_progress_bar=False,
                             enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(folder))
         trainer.fit(_Scripted([3.0, 1.0, 2.0]), loader, loader, ckpt_path=ckpt_path, weights_only=True)
         return ckpt

@@ -215,8 +215,8 @@ class KeepStop(Callback):
     best model were evaluated), trained on when resumed: one more epoch after early stopping, and
     on to the epoch limit after the fine-tune phase had converged. Listed after the callbacks
     that decide, it notes at each epoch's end whether training stops there (its state is saved
-    with the checkpoint written at that end); a resume from there makes that epoch the limit, so
-    that Lightning's loop ends before any epoch, counting the epochs as the stopped run did."""
+    with the checkpoint written at that end); a resume from there stops before any epoch
+    (``trainer.should_stop``), counting the epochs as the stopped run did."""
 
     def __init__(self) -> None:
         self.stopped_at: int | None = None  # the epochs trained when training stopped
@@ -231,9 +231,9 @@ class KeepStop(Callback):
         stops = trainer.should_stop or time_is_up(trainer)
         self.stopped_at = trainer.current_epoch + 1 if stops else None
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.stopped_at is not None:  # restored: training had ended, its margins had not been written
-            trainer.fit_loop.max_epochs = self.stopped_at
+            trainer.should_stop = True
 
 
 class StopBetweenSteps(Callback):
@@ -341,30 +341,17 @@ class RunCheckpoint(ModelCheckpoint):
     moved elsewhere and resumed would evaluate (and compare against) the *original* folder's
     best weights. On loading, every path that was inside the saving run's checkpoint folder is
     re-rooted in this run's own, and the scores are kept. Without a ``dirpath`` the files go to
-    ``checkpoints/`` in the trainer's ``default_root_dir`` (the run folder), not into a logger's."""
+    ``checkpoints/`` in the trainer's ``default_root_dir`` (the run folder), not into a logger's.
+
+    A run has two (``callbacks.model_checkpoint`` and ``callbacks.last_checkpoint``): ``best.ckpt``
+    (the lowest ``val/loss``) and ``last.ckpt`` (``monitor=None``: the state at the end of every
+    epoch, where Lightning's ``save_last`` since 2.6 writes it only in an epoch that also writes
+    a best checkpoint). Listed after the best one, the last one's file holds its updated state."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = str(RunFolder(trainer.default_root_dir).checkpoints)
         super().setup(trainer, pl_module, stage)
-
-    # ``save_last``: the state at the end of every epoch, as Lightning wrote it before 2.6, which
-    # writes last.ckpt only when it writes a top-k checkpoint, i.e. in an epoch that lowered the
-    # monitored loss: a run resumed after early stopping (or interrupted while its margins were
-    # evaluated) went back to its best epoch and trained the epochs after it again.
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_too(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_too(trainer)
-
-    def _save_last_too(self, trainer: L.Trainer) -> None:
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # (not saved at this step)
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("dirpath")
@@ -387,14 +374,15 @@ class RunCheckpoint(ModelCheckpoint):
 
 class FineTune(Callback):
     """Phase 2 of the paper's schedule, for Lipschitz models (phase 1 is Lightning's
-    EarlyStopping on ``val/loss``). When phase 1 ends (early stopping, or the Trainer's
-    ``max_epochs``, or ``train_epochs`` where given) it raises the Björck iterations to
-    ``bjorck_iters`` and sets the learning rate to ``lr``, and training goes on until the epoch's
-    training loss moved by at most ``tol`` nats for ``patience`` epochs in a row, or for
-    ``max_epochs`` epochs: the Trainer's epoch limit is raised by that much when fitting starts.
-    EarlyStopping decides when validation ends; this callback acts later, at the epoch's end, so
-    from phase 2 on its decision replaces early stopping's. Its state is checkpointed, so a run
-    resumes mid-phase. With ``max_epochs=0``, or on a standard VAE, it does nothing (``active``)."""
+    EarlyStopping on ``val/loss``). When phase 1 ends (early stopping, or after ``train_epochs``
+    epochs) it raises the Björck iterations to ``bjorck_iters`` and sets the learning rate to
+    ``lr``, and training goes on until the epoch's training loss moved by at most ``tol`` nats for
+    ``patience`` epochs in a row, or for ``max_epochs`` epochs. The Trainer's ``max_epochs`` is
+    the whole schedule's (a run gives it ``trainer.max_epochs`` + ``max_epochs``); without
+    ``train_epochs`` phase 1 may take all but the last ``max_epochs`` of it. EarlyStopping
+    decides when validation ends; this callback acts later, at the epoch's end, so from phase 2
+    on its decision replaces early stopping's. Its state is checkpointed, so a run resumes
+    mid-phase. With ``max_epochs=0``, or on a standard VAE, it does nothing (``active``)."""
 
     def __init__(self, max_epochs: int = 0, bjorck_iters: int = 50, lr: float = 1e-5, tol: float = 1.0,
                  patience: int = 1, train_epochs: int | None = None) -> None:
@@ -419,10 +407,8 @@ class FineTune(Callback):
         self.active = self.max_epochs > 0 and getattr(vae, "kind", "lipschitz") == "lipschitz"
         if not self.active:
             return
-        if self.train_epochs is None:
-            self.train_epochs = trainer.max_epochs  # phase 1's limit, as the Trainer was given it
-        if self._phase1_limit() is not None:
-            trainer.fit_loop.max_epochs = self.train_epochs + self.max_epochs
+        if self.train_epochs is None and trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            self.train_epochs = max(trainer.max_epochs - self.max_epochs, 1)  # phase 2's epochs kept for it
         if self.phase == "finetune":
             self._enter(trainer, pl_module)
 

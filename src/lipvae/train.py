@@ -201,7 +201,8 @@ class Schedule:
 
     @property
     def checkpoint(self) -> ModelCheckpoint | None:
-        return _first(self.callbacks, ModelCheckpoint)
+        """The checkpoint of the best epoch (the first ModelCheckpoint that monitors a value)."""
+        return next((cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint) and cb.monitor), None)
 
 
 @dataclass
@@ -331,8 +332,11 @@ def build(cfg: DictConfig, ctx: RunContext, schedule: Schedule, loggers: list, p
     log.info("data: %s", datamodule.info.as_dict())
     vae = build_vae(cfg.model, datamodule.input_shape)
     module = build_module(cfg.module, vae)
+    finetune = schedule.finetune  # phase 2's epochs come after trainer.max_epochs (phase 1's)
+    phase2 = finetune.max_epochs if finetune is not None and vae.kind == "lipschitz" and finetune.max_epochs > 0 else 0
     trainer = build_trainer(cfg.trainer, ctx.run_dir, logger=loggers or False, callbacks=schedule.callbacks,
-                            plugins=[AtomicCheckpointIO()], enable_progress_bar=progress)
+                            plugins=[AtomicCheckpointIO()], enable_progress_bar=progress,
+                            **({"max_epochs": cfg.trainer.max_epochs + phase2} if phase2 else {}))
     return Built(datamodule, vae, module, schedule, loggers, trainer, progress)
 
 
