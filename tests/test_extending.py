@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import CONF, composed
-from lipvae.attack import EstimatedMargins, MarginAttack, robust_probability
+from lipvae.attack import AttackResult, MarginAttack, robust_probability
 from lipvae.config import build_attack, build_vae, validate
 from lipvae.data import TensorBatches
 from lipvae.evaluation import evaluate
@@ -40,7 +40,7 @@ class RandomDirectionAttack(MarginAttack):
         super().__init__(r, p, samples, starts, max_radius, pixel_range)
         self.grid_step = grid_step
 
-    def estimate(self, vae, x, generator, seed=0, progress=True, state_path=None) -> EstimatedMargins:
+    def estimate(self, vae, x, generator, seed=0, progress=True, state_path=None) -> AttackResult:
         n = len(x)
         margin = torch.full((n,), self.max_radius, dtype=x.dtype)
         censored = torch.ones(n, dtype=torch.bool)
@@ -51,7 +51,7 @@ class RandomDirectionAttack(MarginAttack):
             broken = (robust_probability(vae, x, d, self.r, self.samples, generator) <= self.p).any(dim=1)
             margin = torch.where(broken, torch.full_like(margin, t), margin)
             censored &= ~broken
-        return EstimatedMargins(margin, censored, len(radii))
+        return AttackResult(margin, censored, len(radii))
 
 
 @pytest.fixture

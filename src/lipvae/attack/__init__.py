@@ -7,13 +7,13 @@
 - ``latent``: the latent-space attack (``attack/latent=hard|soft``).
 """
 
-from lipvae.attack.base import EstimatedMargins, MarginAttack, SearchState, damage, robust_probability
+from lipvae.attack.base import AttackResult, MarginAttack, SearchState, damage, robust_probability
 from lipvae.attack.latent import LatentAttack, gaussian_kl, latent_space_attack
 from lipvae.attack.lbfgs import LBFGS_DEFAULTS, LBFGSAttack, lbfgs_margins, lbfgs_max_damage
 from lipvae.attack.pgd import PGDAttack, estimate_margins, max_damage_attack, project_ball_box, projected_gradient
 
 __all__ = [
-    "EstimatedMargins", "MarginAttack", "SearchState", "damage", "robust_probability",
+    "AttackResult", "MarginAttack", "SearchState", "damage", "robust_probability",
     "LatentAttack", "gaussian_kl", "latent_space_attack",
     "LBFGS_DEFAULTS", "LBFGSAttack", "lbfgs_margins", "lbfgs_max_damage",
     "PGDAttack", "estimate_margins", "max_damage_attack", "project_ball_box", "projected_gradient",

@@ -62,7 +62,9 @@ def robust_probability(vae: VAE, x: torch.Tensor, delta: torch.Tensor, r: float,
 
 
 @dataclass
-class EstimatedMargins:
+class AttackResult:
+    """What a margin attack returns for a batch of inputs (``MarginAttack.estimate``)."""
+
     margin: torch.Tensor  # per input: the smallest radius found non-robust (max_radius if none)
     censored: torch.Tensor  # True where still robust at max_radius (the margin is a lower cut-off)
     radii_evaluated: int
@@ -135,7 +137,7 @@ class SearchSettings:
 
 def grid_search(robust_at: Callable[[torch.Tensor, float], torch.Tensor], n: int, settings: SearchSettings,
                 state: SearchState | None = None, progress: bool = True, desc: str = "margins (grid)",
-                zero_first: bool = False, device=None, dtype=torch.float32, hold: tuple | None = None) -> EstimatedMargins:
+                zero_first: bool = False, device=None, dtype=torch.float32, hold: tuple | None = None) -> AttackResult:
     """The reference's descending grid, one for every attack (pgd's ``search=grid`` and L-BFGS-B):
     each input is attacked at radius 0 (the input itself: one that fails there has margin 0 and
     is attacked no further) and at every radius of ``settings.radii``; its margin is the smallest
@@ -171,7 +173,7 @@ def grid_search(robust_at: Callable[[torch.Tensor, float], torch.Tensor], n: int
     if state is not None:
         state.remove()  # finished: nothing left to continue
     margin = torch.where(fails_at_zero, torch.zeros_like(margin), margin)
-    return EstimatedMargins(margin, censored & ~fails_at_zero, len(radii) + 1)
+    return AttackResult(margin, censored & ~fails_at_zero, len(radii) + 1)
 
 
 class MarginAttack:
@@ -193,7 +195,7 @@ class MarginAttack:
         self.max_radius, self.pixel_range = float(max_radius), bool(pixel_range)
 
     def estimate(self, vae: VAE, x: torch.Tensor, generator: torch.Generator, seed: int = 0,
-                 progress: bool = True, state_path: Path | None = None) -> EstimatedMargins:
+                 progress: bool = True, state_path: Path | None = None) -> AttackResult:
         """Margins of the inputs ``x`` (``N × n``). ``generator`` (and ``seed``, for attacks that
         draw from NumPy) make it reproducible; with ``state_path`` an interrupted estimate
         continues where it stopped when called again the same way."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import optimize
-from lipvae.attack.base import EstimatedMargins, MarginAttack, SearchSettings, SearchState, grid_search, robust_probability
+from lipvae.attack.base import AttackResult, MarginAttack, SearchSettings, SearchState, grid_search, robust_probability
 from lipvae.vae import VAE
 
 #: The reference procedure's L-BFGS-B settings (the authors': SciPy's m, factr, pgtol).
@@ -53,7 +53,7 @@ def lbfgs_max_damage(
 def lbfgs_margins(vae: VAE, x: torch.Tensor, r: float = 8.0, p: float = 0.5, samples: int = 40, starts: int = 5,
                   max_radius: float = 10.0, grid_step: float = 0.5, pixel_range: bool = True, progress: bool = True,
                   state_path: Path | None = None, generator: torch.Generator | None = None,
-                  lbfgs: dict | None = None, seed: int = 0) -> EstimatedMargins:
+                  lbfgs: dict | None = None, seed: int = 0) -> AttackResult:
     """The reference procedure on the descending grid ``max_radius, max_radius − grid_step, …,
     grid_step`` (``grid_search``, radius 0 first): at each radius every input still in play is
     attacked from ``starts`` L-BFGS-B restarts (stopping at the first that breaks it: the verdict
@@ -94,7 +94,7 @@ def lbfgs_margins(vae: VAE, x: torch.Tensor, r: float = 8.0, p: float = 0.5, sam
     finally:
         vae.to(device)
         vae.train(was_training)
-    return EstimatedMargins(found.margin.to(device), found.censored.to(device), len(x) * found.radii_evaluated)
+    return AttackResult(found.margin.to(device), found.censored.to(device), len(x) * found.radii_evaluated)
 
 
 class _InputStreams:
@@ -129,6 +129,6 @@ class LBFGSAttack(MarginAttack):
         super().__init__(r, p, samples, starts, max_radius, pixel_range)
         self.grid_step, self.lbfgs = float(grid_step), {**LBFGS_DEFAULTS, **(lbfgs or {})}
 
-    def estimate(self, vae, x, generator, seed=0, progress=True, state_path=None) -> EstimatedMargins:
+    def estimate(self, vae, x, generator, seed=0, progress=True, state_path=None) -> AttackResult:
         return lbfgs_margins(vae, x, self.r, self.p, self.samples, self.starts, self.max_radius, self.grid_step,
                              self.pixel_range, progress, state_path, generator, self.lbfgs, seed)

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lipvae.attack.base import (
-    EstimatedMargins, MarginAttack, SearchSettings, SearchState, damage, grid_search, input_gradients_only,
+    AttackResult, MarginAttack, SearchSettings, SearchState, damage, grid_search, input_gradients_only,
     reconstruction_distance, robust_probability,
 )
 from lipvae.vae import VAE
@@ -208,7 +208,7 @@ def estimate_margins(
     state_path: Path | None = None,
     compile: bool = False,
     warm_steps: int = 0,
-) -> EstimatedMargins:
+) -> AttackResult:
     """Estimated (r, p)-robustness margins (Camuto et al. 2020; paper Appendix D).
 
     ``bisection``: all inputs' brackets ``[robust, non-robust]`` halve together until
@@ -282,7 +282,7 @@ class Verdict:
                           *self.args)
 
 
-def _bisection_margins(verdict: Verdict, settings: SearchSettings, state, progress: bool) -> EstimatedMargins:
+def _bisection_margins(verdict: Verdict, settings: SearchSettings, state, progress: bool) -> AttackResult:
     """Every input's bracket [robust, non-robust] halves at once until narrower than ``tol``;
     margin = the bracket's upper end. ``max_radius`` is attacked only for inputs that a midpoint
     found robust (or whose bracket is done): robust there means censored."""
@@ -324,7 +324,7 @@ def _bisection_margins(verdict: Verdict, settings: SearchSettings, state, progre
             bar.update(1)
     if state is not None:
         state.remove()
-    return EstimatedMargins(hi, censored, evaluated)
+    return AttackResult(hi, censored, evaluated)
 
 
 class PGDAttack(MarginAttack):
@@ -339,7 +339,7 @@ class PGDAttack(MarginAttack):
         self.steps, self.tol, self.search, self.grid_step = int(steps), float(tol), str(search), float(grid_step)
         self.compile, self.warm_steps = bool(compile), int(warm_steps)
 
-    def estimate(self, vae, x, generator, seed=0, progress=True, state_path=None) -> EstimatedMargins:
+    def estimate(self, vae, x, generator, seed=0, progress=True, state_path=None) -> AttackResult:
         return estimate_margins(
             vae, x, r=self.r, p=self.p, samples=self.samples, starts=self.starts, steps=self.steps,
             max_radius=self.max_radius, tol=self.tol, search=self.search, grid_step=self.grid_step,
