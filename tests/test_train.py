@@ -180,7 +180,7 @@ def _phases(patience, finetune=None):
 
     from lipvae.config import build_entries
 
-    cfg = composed("~callbacks.model_checkpoint", "~callbacks.last_checkpoint", "~callbacks.certify", "~callbacks.attack")
+    cfg = composed("~callbacks.model_checkpoint", "~callbacks.last_checkpoint")
     OmegaConf.update(cfg, "callbacks.early_stopping.patience", patience)
     for k, v in (finetune or {"max_epochs": 0}).items():
         OmegaConf.update(cfg, f"callbacks.finetune.{k}", v)
@@ -365,22 +365,21 @@ def test_train_runs_in_process_without_hydra(tmp_path, monkeypatch, synthetic_ro
     assert stored["run"]["command"] == "my notebook" and stored["run"]["overrides"] == ["attack.num_inputs=3"]
     assert stored["metrics"]["test_elbo"] == pytest.approx(results.metrics["test_elbo"])  # a typed Results
     assert stored["estimated"]["num_inputs"] == 3 and (tmp_path / "run" / "frozen_model.pt").is_file()
-    # the margins came from the margin callbacks (callbacks.certify, callbacks.attack) when fitting ended
-    record = json.loads((tmp_path / "run" / "evaluation.json").read_text())
-    for part in ("certified", "estimated", "latent_attack", "soundness_violations"):
-        assert stored[part] == record[part]
-    assert record["evaluated_epoch"] == stored["metrics"]["evaluated_epoch"]
+    # the margins were evaluated in memory: no evaluation.json written (nor read back), the tables there
+    assert not (tmp_path / "run" / "evaluation.json").exists()
+    margins = pd.read_csv(tmp_path / "run" / "margins.csv")
+    assert margins["estimated"].mean() == pytest.approx(stored["estimated"]["mean"])
 
 
 @pytest.mark.slow
-def test_a_run_without_the_attack_callback_is_certified_only(tmp_path, synthetic_root, monkeypatch):
-    """~callbacks.attack: the certificates alone (no attack, so no soundness check); a stale
+def test_a_run_without_the_attack_is_certified_only(tmp_path, synthetic_root, monkeypatch):
+    """attack.enabled=false: the certificates alone (no attack, so no soundness check); a stale
     evaluation.json of an earlier attempt in the folder is not taken for this run's."""
     from lipvae.train import RunContext, train
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     (tmp_path / "evaluation.json").write_text('{"estimated": {"mean": 99.0}}')
-    results = train(composed("experiment=smoke", "data.resplit=true", "~callbacks.attack"), RunContext(tmp_path))
+    results = train(composed("experiment=smoke", "data.resplit=true", "attack.enabled=false"), RunContext(tmp_path))
     assert results.estimated is None and results.soundness_violations is None
     assert results.certified["num_inputs"] == 120 and results.certified["mean"] > 0
-    assert json.loads((tmp_path / "evaluation.json").read_text())["estimated"] is None
+    assert json.loads((tmp_path / "results.json").read_text())["estimated"] is None

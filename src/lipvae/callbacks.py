@@ -13,10 +13,9 @@ When fitting ends, the first of them in the trainer's list runs the one evaluati
 the settings of all of them, on a frozen copy of the best checkpoint's weights (or of the last
 ones): the trained module is left as fitting left it, and the global random state as it was.
 The callbacks hold settings only; what the pipeline finds is written to the run folder
-(``evaluation.json`` beside the tables) and logged to the trainer's loggers. ``lipvae.train``
-runs its evaluation this way too: they are the ``callbacks.certify`` and ``callbacks.attack``
-entries of its config (conf/callbacks/certify.yaml, attack.yaml), on by default, and it reads
-their record back (``lipvae.evaluation.read_evaluation``).
+(``evaluation.json`` beside the tables) and logged to the trainer's loggers. They are the adapter
+for Trainers of the user's: ``lipvae.train`` calls the same pipeline itself, after fitting and
+freezing, with its ``certify`` and ``attack`` groups' settings.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.certify.certificates import COUPLED_DEFAULTS, check_lipschitz
 from lipvae.config import check_certified_inputs
 from lipvae.errors import UserError
-from lipvae.evaluation import evaluate, write_evaluation
+from lipvae.evaluation import evaluate, test_split, write_evaluation
 from lipvae.results import code_version
 from lipvae.stored import load_best_weights
 
@@ -135,26 +134,6 @@ COMMON_FIELDS = ("enabled", "r", "p", "num_inputs", "samples", "starts", "max_ra
                  "latent")
 
 
-def held_out_split(trainer: L.Trainer):
-    """The test inputs: the datamodule's ``split('test')`` (lipvae's ImageDataModule), or the
-    batches of its test loader with their positions as indices."""
-    from lipvae.data import TensorBatches
-
-    dm = trainer.datamodule
-    if dm is not None and hasattr(dm, "split"):
-        return dm.split("test")
-    loader = dm.test_dataloader() if dm is not None else None
-    if loader is None:
-        raise UserError("margins: the trainer has no datamodule with test data (fit with datamodule=...)")
-    images, labels = [], []
-    for batch in loader:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 else (batch, None)
-        images.append(x.flatten(1))
-        labels.append(torch.zeros(len(x), dtype=torch.long) if y is None else y)
-    images, labels = torch.cat(images), torch.cat(labels)
-    return TensorBatches(images, labels, torch.arange(len(images)))
-
-
 def evaluation_settings(callbacks: list[MarginCallback]) -> DictConfig:
     """The evaluation's settings of the margin callbacks (each holds its section), as ``evaluate`` reads them."""
     sections = {cb.section: cb.settings() for cb in callbacks}
@@ -179,7 +158,7 @@ def evaluate_at_fit_end(trainer: L.Trainer, pl_module: L.LightningModule, callba
     try:
         with torch.random.fork_rng(devices=[]):  # what runs after fitting draws as it would without them
             vae, epoch = frozen_copy(trainer, pl_module, first.weights)
-            ev = evaluate(vae, held_out_split(trainer), cfg, out_dir, first.seed, loggers=trainer.loggers,
+            ev = evaluate(vae, test_split(trainer.datamodule), cfg, out_dir, first.seed, loggers=trainer.loggers,
                           step=trainer.global_step, progress=progress)
     finally:
         pl_module._evaluating_margins = False

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.attack import latent_space_attack
 from lipvae.config import build_attack, check_certified_inputs
+from lipvae.errors import UserError
 from lipvae.certify.bounds import SAMPLED_FORMS
 from lipvae.certify.certificates import certify_test_split, column_suffix
 from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
@@ -108,6 +109,25 @@ class Output:
     loggers: tuple | list = ()
     step: int = 0
     progress: bool = True
+
+
+def test_split(datamodule):
+    """The test inputs of a data module: its ``split('test')`` (lipvae's data modules), or the
+    batches of its test loader with their positions as indices."""
+    from lipvae.data import TensorBatches
+
+    if datamodule is not None and hasattr(datamodule, "split"):
+        return datamodule.split("test")
+    loader = datamodule.test_dataloader() if datamodule is not None else None
+    if loader is None:
+        raise UserError("margins: no datamodule with test data (fit with datamodule=...)")
+    images, labels = [], []
+    for batch in loader:
+        x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 else (batch, None)
+        images.append(x.flatten(1))
+        labels.append(torch.zeros(len(x), dtype=torch.long) if y is None else y)
+    images, labels = torch.cat(images), torch.cat(labels)
+    return TensorBatches(images, labels, torch.arange(len(images)))
 
 
 def evaluate(

@@ -41,7 +41,7 @@ from lipvae.config import (as_list_where_meant, build_datamodule, build_entries,
                            check_overrides, check_yaml_files, validate)
 from lipvae.data import check_datamodule
 from lipvae.errors import NO_SPACE, UserError, signals_stop
-from lipvae.evaluation import EVALUATION_FILE, Evaluation, read_evaluation
+from lipvae.evaluation import Evaluation, evaluate, test_split
 from lipvae.logs import EpochHistory, convergence, describe, interactive, quiet_third_party, time_is_up, write_rows
 from lipvae.module import (FineTune, KeepStop, NonFiniteLossError, RandomStates, SaveOnException, StopBetweenSteps,
                            VAEModule)
@@ -242,31 +242,31 @@ def train(cfg: DictConfig, ctx: RunContext) -> Results | None:
     loggers = build_loggers(cfg, ctx)
     ckpt_path = checkpoint_to_resume(cfg, ctx.run_dir, ctx)  # also before any data is read
     built = build(cfg, ctx, schedule, loggers, progress)
-    (ctx.run_dir / EVALUATION_FILE).unlink(missing_ok=True)  # an earlier attempt's: this run's callbacks write it
     fitted = fit(built, cfg.trainer, ckpt_path)
     if fitted is None:
         return None
-    # the margins were evaluated when fitting ended, by the margin callbacks (callbacks.certify,
-    # callbacks.attack: the one evaluation pipeline, also `python -m lipvae.evaluate`)
-    ev, eval_s = evaluation_of(ctx.run_dir)
     trained = freeze(built, cfg, ctx.run_dir, *fitted)
+    ev = margins(built, cfg, ctx.run_dir)
     test, test_s = timed(lambda: test_metrics(built, cfg.seed))
     draw(built, ctx.run_dir, cfg.seed)
     results = record(cfg, ctx, built, trained, test, ev)
-    results.timings = {"fit_s": trained.fit_s - eval_s, "test_s": test_s, **ev.timings(time.perf_counter() - t0)}
+    results.timings = {"fit_s": trained.fit_s, "test_s": test_s, **ev.timings(time.perf_counter() - t0)}
     results.write(ctx.run_dir)
     log.info("results written to %s", ctx.run_dir / "results.json")
     summarise_to_wandb(built.loggers, results, ev, ctx.run_dir)
     return results
 
 
-def evaluation_of(run_dir: Path) -> tuple[Evaluation, float]:
-    """What the margin callbacks found when fitting ended (their ``evaluation.json``), and the
-    seconds it took; an empty evaluation where neither ran (``~callbacks.certify ~callbacks.attack``)."""
-    record = read_evaluation(run_dir)
-    if record is None:
-        return Evaluation(), 0.0
-    return Evaluation.from_record(record), float((record.get("timings") or {}).get("total_s", 0.0))
+def margins(built: Built, cfg: DictConfig, run_dir: Path) -> Evaluation:
+    """The certified and estimated margins of the frozen model (``lipvae.evaluation.evaluate``,
+    the one pipeline, also ``python -m lipvae.evaluate``'s), its tables and figures written to the
+    run folder (its timings: ``Evaluation.timings``). The global random state is left as it was, so the test
+    metrics that follow draw what they would without the margins."""
+    if not (cfg.certify.enabled or cfg.attack.enabled):
+        return Evaluation()
+    with torch.random.fork_rng(devices=[]):
+        return evaluate(built.vae, test_split(built.datamodule), cfg, run_dir, cfg.seed, loggers=built.loggers,
+                        step=built.trainer.global_step, progress=built.progress)
 
 
 def test_metrics(built: Built, seed: int) -> dict:
