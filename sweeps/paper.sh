@@ -23,7 +23,7 @@ train() {  # train <stage> <overrides...>
   local stage=$1; shift
   local start; start=$(date +%s)
   echo "== $stage: training, $(date -u +%FT%TZ)"
-  "$PY" -m lipvae.train +tier=converged "$@" hydra/launcher=joblib hydra.launcher.n_jobs="$N_JOBS" \
+  "$PY" -m lipvae.train tier=converged "$@" hydra/launcher=joblib hydra.launcher.n_jobs="$N_JOBS" \
       resume=auto hydra.sweep.dir="$OUT/$stage" -m
   echo "== $stage: $(( $(date +%s) - start )) s wall"
 }

@@ -248,7 +248,7 @@ def run_main(*args: str, module: str = "lipvae.train", env: dict | None = None, 
     return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
-SMOKE = ["experiment=smoke", "data.resplit=true", "trainer.enable_progress_bar=false"]
+SMOKE = ["tier=smoke", "data.resplit=true", "trainer.enable_progress_bar=false"]
 
 
 def composed(*overrides: str, hydra: bool = False, conf: Path = CONF):

@@ -92,7 +92,7 @@ def test_a_new_layer_is_one_class_and_one_yaml_file(my_conf):
 
 @pytest.mark.slow
 def test_a_new_attack_is_one_class_and_one_yaml_file(my_conf, tmp_path):
-    cfg = composed("attack=random", "experiment=smoke", "model.hidden=[16,16]", "model.latent_dim=4",
+    cfg = composed("attack=random", "tier=smoke", "model.hidden=[16,16]", "model.latent_dim=4",
                    "attack.num_inputs=4", "attack.starts=3", "attack.max_radius=3.0", "certify.r=[8.0]", conf=my_conf)
     validate(cfg)
     attack = build_attack(cfg.attack)

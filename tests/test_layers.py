@@ -206,7 +206,7 @@ def test_the_layer_trains_freezes_certifies_and_passes_the_soundness_check(layer
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_data_dir()))
     extra = ["module.retract_every=3", "module.lr=1e-2"] if layer == "stiefel-every-3" else []
     layer = layer.split("-")[0]
-    cfg = composed("experiment=smoke", "data.resplit=true", f"model/layer={layer}", "trainer.enable_progress_bar=false",
+    cfg = composed("tier=smoke", "data.resplit=true", f"model/layer={layer}", "trainer.enable_progress_bar=false",
                    "callbacks.finetune.max_epochs=0", "trainer.max_epochs=2", *extra)
     train(cfg, RunContext(tmp_path))
     if extra:  # the checkpoints the evaluation loads hold orthonormal weights, whatever the step count

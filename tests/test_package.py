@@ -74,14 +74,14 @@ def test_wheel_installs_and_runs_outside_the_repository(tmp_path):
         check=True, capture_output=True, text=True,
     ).stdout.strip()
     assert where.startswith(str(venv)), where
-    # one training run: the packaged smoke preset, through a preset of the user's own config folder
+    # one training run: the packaged smoke tier, through a tier of the user's own config folder
     # (searched too: selectable by name) that changes only the seed
-    mine = tmp_path / "my_conf" / "experiment"
+    mine = tmp_path / "my_conf" / "tier"
     mine.mkdir(parents=True)
     (mine / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - smoke\n  - _self_\nseed: 7\n")
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [str(venv / "bin" / "lipvae-train"), "--config-dir", str(tmp_path / "my_conf"), "experiment=mine",
+        [str(venv / "bin" / "lipvae-train"), "--config-dir", str(tmp_path / "my_conf"), "tier=mine",
          "trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
     )

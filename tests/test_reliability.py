@@ -122,7 +122,7 @@ def test_bad_input_names_field_value_and_accepted(overrides, message):
 def test_defaults_and_presets_are_valid():
     validate(composed())
     validate(composed("model=standard", "model.encoder_std.mode=fixed"))
-    validate(composed("experiment=smoke", "model.encoder_std.mode=bounded", "model.encoder_std.max_norm=0.5"))
+    validate(composed("tier=smoke", "model.encoder_std.mode=bounded", "model.encoder_std.max_norm=0.5"))
     lbfgs = composed("attack=lbfgs", "attack/latent=soft")
     validate(lbfgs)
     assert (lbfgs.attack._target_, lbfgs.attack.lbfgs.maxcor) == ("lipvae.attack.LBFGSAttack", 100)
@@ -137,12 +137,12 @@ def test_presets_combine_with_the_reference_attack():
     """The presets' pgd settings are pgd options (attack/pgd_smoke, pgd_quick, pgd_cold), which
     attack=lbfgs replaces; the sizes they set for any attack stay."""
     pgd_only = {"steps", "tol", "search", "warm_steps", "compile"}
-    for preset in ("smoke", "quick", "fig5_official"):
-        both = composed(f"experiment={preset}", "attack=lbfgs")
+    for preset in (["tier=smoke"], ["tier=quick"], ["experiment=fig5", "tier=official"]):
+        both = composed(*preset, "attack=lbfgs")
         validate(both)
         assert not pgd_only & set(both.attack)
-        assert both.attack.num_inputs == composed(f"experiment={preset}").attack.num_inputs
-    assert (composed("experiment=smoke").attack.steps, composed("experiment=fig5_official").attack.warm_steps) == (20, 0)
+        assert both.attack.num_inputs == composed(*preset).attack.num_inputs
+    assert (composed("tier=smoke").attack.steps, composed("experiment=fig5", "tier=official").attack.warm_steps) == (20, 0)
 
 
 @pytest.mark.parametrize(
@@ -269,7 +269,7 @@ def test_loggers_are_built_in_the_run_folder(tmp_path):
 
 def test_valid_overrides_and_sweeps_pass_the_check():
     """A sweep is checked at its first value: the composed config is that job's."""
-    cfg = check_overrides(["-m", "model=lipschitz", "enc_L=5,7,10", "experiment=smoke", "hydra/launcher=joblib",
+    cfg = check_overrides(["-m", "model=lipschitz", "enc_L=5,7,10", "tier=smoke", "hydra/launcher=joblib",
                            "hydra.sweep.dir=/tmp/x", "+extra=1", "seed=range(1,3)"])
     assert (cfg.enc_L, cfg.seed, cfg.extra, cfg.data.limit) == (5.0, 1, 1, 600)
 
@@ -629,7 +629,7 @@ def test_the_converged_tier_stops_every_arm_by_one_rule_and_never_by_the_clock(p
     from lipvae.config import validate
 
     for variant in (["variant=standard"], ["variant=lipschitz_L7"]) if preset == "fig5" else ([],):
-        cfg = composed(f"experiment={preset}", "+tier=converged", *variant)
+        cfg = composed(f"experiment={preset}", "tier=converged", *variant)
         validate(cfg)
         assert cfg.trainer.max_time is None and cfg.trainer.max_epochs == 400
         stop = cfg.callbacks.early_stopping

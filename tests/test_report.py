@@ -64,61 +64,84 @@ def test_report_on_folder_without_runs_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "experiment,variant,expect",
+    "experiment,tier,variant,expect",
     every_kth_fast([
-        ("fig5_quick", "lipschitz_L7", dict(kind="lipschitz", enc_L=7.0, hidden=[256, 256])),
-        ("fig5", "standard", dict(kind="standard", lr=1e-3, hidden=[512, 512])),
-        ("fig5_cpu", "lipschitz_L10", dict(kind="lipschitz", enc_L=10.0, lr=1e-3, hidden=[256, 256])),
-        ("fig5_cpu", "standard", dict(kind="standard", lr=1e-3, hidden=[256, 256])),
-        ("fig6_7_quick", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2)),
-        ("fig6_7_cpu", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2, lr=1e-3, hidden=[256, 256])),
-        ("fig6_7_cpu", "standard", dict(kind="standard", latent_dim=2, lr=1e-3, hidden=[256, 256])),
+        ("fig5", "quick", "lipschitz_L7", dict(kind="lipschitz", enc_L=7.0, hidden=[256, 256])),
+        ("fig5", "paper", "standard", dict(kind="standard", lr=1e-3, hidden=[512, 512])),
+        ("fig5", "cpu", "lipschitz_L10", dict(kind="lipschitz", enc_L=10.0, lr=1e-3, hidden=[256, 256])),
+        ("fig5", "cpu", "standard", dict(kind="standard", lr=1e-3, hidden=[256, 256])),
+        ("fig6_7", "quick", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2)),
+        ("fig6_7", "cpu", "lipschitz_L5_beta5", dict(kind="lipschitz", beta=5.0, latent_dim=2, lr=1e-3, hidden=[256, 256])),
+        ("fig6_7", "official", "standard", dict(kind="standard", latent_dim=2, lr=1e-3, hidden=[256, 256])),
     ], 3),
 )
-def test_experiment_presets_compose(experiment, variant, expect):
+def test_experiment_presets_compose(experiment, tier, variant, expect):
     from lipvae.config import validate
 
-    cfg = composed(f"experiment={experiment}", f"variant={variant}")
+    cfg = composed(f"experiment={experiment}", f"tier={tier}", f"variant={variant}")
     validate(cfg)
     got = {"kind": cfg.model.kind, "enc_L": cfg.enc_L, "hidden": list(cfg.model.hidden), "lr": cfg.module.lr,
            "beta": cfg.model.beta, "latent_dim": cfg.model.latent_dim}
     assert {k: got[k] for k in expect} == expect
 
 
+FIGURES = ("fig3", "fig4", "fig5", "fig5_seeds", "fig5_standard", "fig6_7")
+TIERS = ("smoke", "quick", "laptop", "cpu", "official", "converged", "paper")
+
+
+def test_a_figure_is_one_file_and_every_tier_composes_with_it():
+    """Presets are two independent groups: a figure (experiment) at any size (tier), not one file per pair."""
+    from lipvae.config import validate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    assert sorted(p.stem for p in (conf / "experiment").glob("*.yaml")) == sorted(FIGURES)
+    assert sorted(p.stem for p in (conf / "tier").glob("*.yaml")) == sorted(TIERS)
+    for figure in FIGURES:
+        for tier in TIERS:
+            cfg = composed(f"experiment={figure}", f"tier={tier}")
+            validate(cfg, machine=False)
+            budget = {"cpu": cfg.get("budget_minutes", {}).get("cpu"), "official": cfg.get("budget_minutes", {}).get("official")}
+            if tier in ("cpu", "official"):  # the figure's own wall-clock budget at these tiers
+                assert cfg.trainer.max_time == budget[tier] and budget[tier] > 0, (figure, tier)
+    # the tiers' sizes: the default run's budget, the paper's widths, the converged tier without a budget
+    assert (composed().trainer.max_time, composed("tier=laptop").trainer.max_epochs) == (7, 10)
+    assert list(composed("experiment=fig5", "tier=paper").model.hidden) == [512, 512]
+    assert composed("experiment=fig5", "tier=converged").trainer.max_time is None
+    assert composed("experiment=fig5_standard", "tier=official").trainer.max_time == 25  # its own, over fig5's 8
+
+
 @pytest.mark.parametrize(
     "experiment,override,expect",
     every_kth_fast([
-        ("fig3_cpu", "model.encoder_std.gamma=0.4", dict(mode="fixed", gamma=0.4, max_time=6.0, data="mnist")),
-        ("fig4_cpu", "data=fashion_mnist", dict(mode="learned", gamma=0.1, max_time=18.0, data="fashion_mnist")),
-        ("fig4_cpu", "model.encoder_std.mode=fixed", dict(mode="fixed", gamma=0.1, max_time=18.0, data="mnist")),
-        ("fig5_cpu", "enc_L=7", dict(mode="learned", gamma=0.1, max_time=18.0, data="mnist")),
+        ("fig3", "model.encoder_std.gamma=0.4", dict(mode="fixed", gamma=0.4, max_time=6.0, data="mnist")),
+        ("fig4", "data=fashion_mnist", dict(mode="learned", gamma=0.1, max_time=18.0, data="fashion_mnist")),
+        ("fig4", "model.encoder_std.mode=fixed", dict(mode="fixed", gamma=0.1, max_time=18.0, data="mnist")),
+        ("fig5", "enc_L=7", dict(mode="learned", gamma=0.1, max_time=18.0, data="mnist")),
     ], 4),
 )
 def test_cpu_tier_presets_share_one_set_of_changes(experiment, override, expect):
-    """Every *_cpu preset takes conf/tier/cpu.yaml's changes (256-256, lr 1e-3, early stopping, best epoch, no W&B)
-    and keeps its figure's own grid and settings."""
+    """Every figure at tier=cpu takes conf/tier/cpu.yaml's changes (256-256, lr 1e-3, early stopping, best epoch,
+    no W&B), its own budget, and keeps its figure's own grid and settings."""
     from lipvae.config import validate
 
-    cfg = composed(f"experiment={experiment}", override)
+    cfg = composed(f"experiment={experiment}", "tier=cpu", override)
     validate(cfg)
     assert (list(cfg.model.hidden), cfg.module.lr, cfg.model.kind) == ([256, 256], 1e-3, "lipschitz")
     assert (cfg.callbacks.early_stopping.patience, cfg.evaluate, list(cfg.logger)) == (5, "best", ["csv"])
     got = dict(mode=cfg.model.encoder_std.mode, gamma=cfg.model.encoder_std.gamma, max_time=cfg.trainer.max_time,
                data=cfg.data.name)
     assert got == expect
-    grid = composed(f"experiment={experiment}", hydra=True).hydra
+    grid = composed(f"experiment={experiment}", "tier=cpu", hydra=True).hydra
     assert grid.sweep.dir.startswith(f"outputs/multirun/{experiment}/")
-    plain = composed(f"experiment={experiment.removesuffix('_cpu')}", hydra=True).hydra
-    def values(params):  # the grid, whatever the order (fig5_cpu puts the standard VAE first)
-        return {k: sorted(str(v).split(",")) for k, v in params.items()}
-    assert values(grid.sweeper.params) == values(plain.sweeper.params)
+    plain = composed(f"experiment={experiment}", hydra=True).hydra
+    assert grid.sweeper.params == plain.sweeper.params  # the tier changes the size, not the grid
 
 
 @pytest.mark.slow  # composes every grid
 def test_sweep_grids_and_launchers_compose():
     cfg = composed("experiment=fig5", hydra=True)
     assert cfg.hydra.sweeper.params.variant.split(",")[-1] == "standard"
-    cfg = composed("experiment=fig3_quick", hydra=True)
+    cfg = composed("experiment=fig3", "tier=quick", hydra=True)
     assert cfg.model.encoder_std.mode == "fixed" and "enc_L" in cfg.hydra.sweeper.params
     assert "Joblib" in composed("hydra/launcher=joblib", hydra=True).hydra.launcher._target_
     slurm = composed("hydra/launcher=slurm", hydra=True).hydra.launcher

@@ -46,7 +46,7 @@ def _pickle_chain(marker: Path) -> dict:
 def test_every_packaged_preset_passes_and_a_nested_foreign_target_is_named():
     """What lipvae composes itself is trusted; a foreign name anywhere (nested in ``_args_``,
     in a list, at a callback entry outside Lightning's callbacks) is reported by its field."""
-    for overrides in [(), ("model=standard",), ("attack=lbfgs",), ("experiment=paper",), ("model/layer=bjorck",),
+    for overrides in [(), ("model=standard",), ("attack=lbfgs",), ("tier=paper",), ("model/layer=bjorck",),
                       ("model/layer=torchlip",), ("model/layer=aol",)]:
         check_targets(OmegaConf.to_container(composed(*overrides), resolve=True), "composed")
     assert {"lipvae.attack.PGDAttack", "lipvae.networks.BjorckLinear", "lightning.pytorch.Trainer"} <= packaged_targets()

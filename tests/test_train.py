@@ -356,7 +356,7 @@ def test_train_runs_in_process_without_hydra(tmp_path, monkeypatch, synthetic_ro
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     with initialize_config_module(version_base="1.3", config_module="lipvae.conf"):
-        cfg = compose("config", overrides=["experiment=smoke", "data.resplit=true", "attack.num_inputs=3"])
+        cfg = compose("config", overrides=["tier=smoke", "data.resplit=true", "attack.num_inputs=3"])
     assert not GlobalHydra.instance().is_initialized() and not HydraConfig.initialized()
     ctx = RunContext(tmp_path / "run", command="my notebook", overrides=["attack.num_inputs=3"])
     results = train(cfg, ctx)
@@ -379,7 +379,7 @@ def test_a_run_without_the_attack_is_certified_only(tmp_path, synthetic_root, mo
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     (tmp_path / "evaluation.json").write_text('{"estimated": {"mean": 99.0}}')
-    results = train(composed("experiment=smoke", "data.resplit=true", "attack.enabled=false"), RunContext(tmp_path))
+    results = train(composed("tier=smoke", "data.resplit=true", "attack.enabled=false"), RunContext(tmp_path))
     assert results.estimated is None and results.soundness_violations is None
     assert results.certified["num_inputs"] == 120 and results.certified["mean"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["estimated"] is None

@@ -451,6 +451,7 @@ def _context(results: list[dict], rows: list[dict], dirs: list[Path]) -> list[tu
     return [
         ("folders", ", ".join(map(str, dirs))),
         ("preset", distinct(r.get("run", "experiment") for r in results)),
+        ("tier", distinct(r.get("run", "tier") for r in results)),
         ("commands", distinct(r.get("run", "command") for r in results)),
         ("data", splits),
         ("epochs trained", f"{min(epochs)}–{max(epochs)} (per run in the table)" if epochs else "–"),

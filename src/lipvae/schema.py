@@ -351,6 +351,10 @@ class RootConfig:
     name: str = spec(NAME)
     evaluate: Weights = MISSING
     objective: Any = spec(OBJECTIVE, "test_elbo")
+    # a figure's wall-clock budget per model in minutes, by tier (tier/cpu.yaml and official.yaml read it)
+    budget_minutes: Any = spec((lambda v: v is None or (isinstance(v, (dict, DictConfig)) and all(
+        isinstance(k, str) and _num(m) and 0 < m < math.inf for k, m in v.items())),
+        "a mapping of tier names to minutes > 0, or null"), None)
     likelihood_floor: Optional[float] = spec((lambda v: v is None or (_num(v) and math.isfinite(v)),
                                               "a number of nats, or null"), None)
     data: Any = MISSING

@@ -63,7 +63,8 @@ class RunContext:
     run_dir: Path
     command: str = ""
     overrides: list[str] = field(default_factory=list)
-    experiment: str | None = None
+    experiment: str | None = None  # the figure preset (experiment group), or None
+    tier: str | None = None  # the tier group's choice (laptop, official, ...)
     multirun: bool = False
     group: str | None = None  # the W&B group shared by the runs of one multirun
     resumed_from: dict | None = None  # the checkpoint a resumed run continued from (epoch, step)
@@ -81,7 +82,8 @@ class RunContext:
         multirun = hc.mode == RunMode.MULTIRUN
         parts = Path(hc.sweep.dir).parts
         return cls(run_dir=Path(hc.runtime.output_dir), overrides=list(hc.overrides.task),
-                   experiment=hc.runtime.choices.get("experiment"), multirun=multirun,
+                   experiment=hc.runtime.choices.get("experiment"), tier=hc.runtime.choices.get("tier"),
+                   multirun=multirun,
                    group=("_".join(parts[-3:]) if len(parts) >= 3 else "_".join(parts)) if multirun else None)
 
     def resume_hint(self) -> str:
@@ -100,7 +102,7 @@ class RunContext:
         """results.json's ``run``: what a reader needs to redo the run."""
         wandb_ids = [lg.experiment.id for lg in loggers if is_wandb(lg)]
         return {"command": self.command, "overrides": list(self.overrides), "experiment": self.experiment,
-                "code": code_version(), "wandb_run_id": wandb_ids[0] if wandb_ids else None,
+                "tier": self.tier, "code": code_version(), "wandb_run_id": wandb_ids[0] if wandb_ids else None,
                 "resumed_from": self.resumed_from}
 
 
