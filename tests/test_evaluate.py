@@ -68,27 +68,6 @@ def test_a_stop_during_replace_leaves_the_run_as_it_was(run, capsys, monkeypatch
 
 
 @pytest.mark.slow
-def test_a_run_recorded_before_newer_fields_is_reevaluated_as_it_ran(run, capsys):
-    """A run made by an older lipvae lacks fields added since (here trainer.strategy, the coupled
-    form's settings and attack.warm_steps): re-evaluation fills them in (warm_steps with the old
-    behaviour, 0), instead of refusing the run, and still reuses its unchanged attack."""
-    from omegaconf import OmegaConf
-
-    recorded = OmegaConf.load(run / ".hydra" / "config.yaml")
-    for node, key in ((recorded.trainer, "strategy"), (recorded.certify, "coupled"), (recorded.attack, "warm_steps")):
-        del node[key]
-    OmegaConf.save(recorded, run / ".hydra" / "config.yaml")
-    stored = json.loads((run / "results.json").read_text())
-    stored["config"] = OmegaConf.to_container(recorded)
-    (run / "results.json").write_text(json.dumps(stored))
-    assert evaluate_main([str(run), "certify.p=[0.5,0.9]"]) == 0
-    out = sorted((run / "evaluations").iterdir())[-1]
-    made = json.loads((out / "evaluation.json").read_text())
-    assert made["reused_estimated_margins"] and made["config"]["attack"]["warm_steps"] == 0
-    assert made["config"]["certify"]["coupled"]["samples"] > 0  # today's defaults for the missing group fields
-
-
-@pytest.mark.slow
 def test_default_writes_beside_the_run_and_reuses_an_unchanged_attack(run, capsys):
     stored = json.loads((run / "results.json").read_text())
     margins = (run / "margins.csv").read_bytes()

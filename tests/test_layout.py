@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lipvae"
 
 #: each layer may import only from itself and the layers before it
 LAYERS = [
-    {"errors", "safety", "catalog", "results", "migrate", "plots", "networks", "conv", "data", "datamodules",
+    {"errors", "safety", "catalog", "results", "plots", "networks", "conv", "data", "datamodules",
      "certify.bounds", "logs"},
     {"vae", "certify.coupled", "certify.certificates", "certify.tightness"},
     {"attack", "attack.base", "attack.pgd", "attack.lbfgs", "attack.latent", "module"},

@@ -215,21 +215,3 @@ def test_a_config_dir_adds_new_names_and_does_not_replace_packaged_files(tmp_pat
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: config: {model / 'broken.yaml'} is not valid YAML (line 2, column 1: expected ',' or ']', but got"
         " '<stream end>')"]
-
-
-def test_a_config_folder_left_from_before_the_move_is_named(tmp_path):
-    """A clone updated across the move of the configs to conf/ may keep src/lipvae/conf/__pycache__;
-    importing lipvae then says what to delete (it would otherwise hide the configs)."""
-    package = shutil.copytree(PROJECT / "src" / "lipvae", tmp_path / "lipvae",
-                              ignore=shutil.ignore_patterns("__pycache__"))
-    (package / "conf" / "__pycache__").mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", "import lipvae"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"ImportError: {package / 'conf'} is left over from before lipvae's configs moved to conf/ at the top of"
-        f" the repository; delete it: rm -r {package / 'conf'}")
-    shutil.rmtree(package / "conf")
-    fine = subprocess.run([sys.executable, "-c", "import lipvae; print(lipvae.__file__)"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
-    assert fine.returncode == 0 and fine.stdout.strip() == str(package / "__init__.py")

@@ -62,8 +62,7 @@ BAD_INPUTS = [
     (["callbacks.finetune.max_epochs=-1"], "callbacks.finetune.max_epochs: got -1; accepted: an integer >= 0"),
     (["+callbacks.finetune.colour=red"], "callbacks.finetune.colour: no such field"),
     (["trainer.max_epochs=0"], "trainer.max_epochs: got 0; accepted: a positive integer"),
-    (["model.lr=1e-3"], "model.lr: no such field; it moved to module.lr"),
-    (["trainer.num_importance=5"], "trainer.num_importance: no such field; it moved to module.num_importance"),
+    (["model.lr=1e-3"], "model.lr: no such field; no field of that name"),
     (["attack.max_radius=inf"], "attack.max_radius: got inf; accepted: a positive number"),
     (["trainer.precision=foo"], "trainer.precision: got 'foo'; accepted: 32-true, 32, 64-true, 64"),
     (["trainer.precision=bf16-mixed"], "trainer.precision: got 'bf16-mixed'; accepted: 32-true"),
@@ -378,73 +377,37 @@ def test_kill_then_resume_finishes_the_run(tmp_path):
 
 
 #: a run's config as lipvae recorded it before each group was one object (trimmed to what moved)
-OLD_CONFIG = """
-enc_L: 5.0
-dec_L: ${enc_L}
-name: ${model.run_name}
-model:
-  kind: lipschitz
-  run_name: lipschitz_encL${enc_L}_decL${dec_L}
-  latent_dim: 10
-  hidden: [8, 8]
-  beta: 1.0
-  likelihood: continuous_bernoulli
-  obs_std: 1.0
-  encoder_std: {mode: learned, gamma: 0.1, max_norm: null}
-  lipschitz: {encoder_mean: '${enc_L}', encoder_std: '${enc_L}', decoder: '${dec_L}'}
-  layer: bjorck
-  bjorck: {beta: 0.5, iters: 7, project_iters: 3}
-  lr: 0.001
-trainer:
-  max_epochs: 10
-  patience: 3
-  evaluate: last
-  num_importance: 20
-  finetune: {max_epochs: 2, bjorck_iters: 50, lr: 1.0e-05, tol: 1.0, patience: 1}
-logger:
-  csv: true
-  wandb: {enabled: false, mode: offline, project: lipvae}
-  extra: {tb: {_target_: lightning.pytorch.loggers.TensorBoardLogger}}
-"""
+def test_a_run_recorded_by_another_version_is_refused_in_one_line(tmp_path):
+    """No migration: a run whose record has another version (or none) is refused before anything
+    is read from it, naming the versions and the code that recorded it; the report still reads
+    its numbers (results.json's numbers are the same in versions 1 and 2)."""
+    import json
 
+    from lipvae.results import SCHEMA_VERSION
+    from lipvae.runfolder import RunFolderError, check_run_folder
+    from lipvae.stored import load_model
 
-def test_runs_recorded_before_the_groups_were_objects_migrate_and_build():
-    """A stored config from before the groups were one object each (and before model/attack/layer
-    had a _target_) reads with today's fields and builds the same objects."""
-    from omegaconf import OmegaConf
-
-    from lipvae.attack import LBFGSAttack, PGDAttack
-    from lipvae.config import build_attack, build_vae
-    from lipvae.migrate import migrate_config
-    from lipvae.networks import AOLLinear, BjorckLinear
-    from lipvae.stored import complete_config
-
-    old = OmegaConf.create(OLD_CONFIG)
-    new = migrate_config(old)
-    assert (new.module.lr, new.module.num_importance, new.evaluate) == (1e-3, 20, "last")
-    assert new.callbacks.early_stopping.patience == 3 and new.callbacks.finetune.max_epochs == 2
-    assert "run_name" not in new.model and "bjorck" not in new.model and new.logger.wandb is None
-    assert "csv" not in new.logger and new.logger.tb._target_ == "lightning.pytorch.loggers.TensorBoardLogger"
-    assert dict(new.model.layer) == {"_target_": "lipvae.networks.BjorckLinear", "_partial_": True, "iters": 7,
-                                     "beta": 0.5, "project_iters": 3}
-    assert new.name == "lipschitz_encL5.0_decL5.0" and migrate_config(new) is new  # today's config: as it is
-    done = complete_config(Path("/nonexistent"), old)  # today's defaults under the run's values
-    assert (done.module.lr, done.callbacks.early_stopping.patience, done.model._target_) == (1e-3, 3, "lipvae.vae.VAE.from_config")
-    assert done.logger.wandb is None and done.callbacks.early_stopping.monitor == "val/loss"  # null: no W&B logger
-    layers = [m for m in build_vae(done.model, (1, 28, 28)).modules() if isinstance(m, BjorckLinear)]
-    assert len(layers) == 9 and all((m.iters, m.project_iters) == (7, 3) for m in layers)  # the run's own settings
-    old.model.layer = "aol"
-    assert any(isinstance(m, AOLLinear) for m in build_vae(complete_config(Path("/nonexistent"), old).model, (784,)).modules())
-    old = OmegaConf.create(OmegaConf.to_container(composed("model.hidden=[8,8]"), resolve=True))
-    del old.attack["_target_"]
-    old.attack.method = "pgd"
-    assert type(build_attack(migrate_config(old).attack)) is PGDAttack
-    old.attack.method, old.attack.lbfgs = "lbfgs", {"maxiter": 9}  # with pgd's steps, tol, ... beside
-    attack = build_attack(migrate_config(old).attack)
-    assert type(attack) is LBFGSAttack and attack.lbfgs["maxiter"] == 9 and attack.lbfgs["maxcor"] == 100
-    old.attack.method = "cw"
-    with pytest.raises(UserError, match=r"^attack: cannot build cw \("):
-        build_attack(migrate_config(old).attack)
+    run = tmp_path / "old"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("model: {lr: 0.001}\n")
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"not read")
+    record = {"schema_version": 1, "status": "interrupted", "run": {"code": "abc1234"}, "metrics": {"test_elbo": -90.0}}
+    (run / "results.json").write_text(json.dumps(record))
+    message = (f"run: {run} was recorded with record version 1 and this lipvae reads version {SCHEMA_VERSION}; to"
+               " {} it, use the lipvae that recorded it (code abc1234), or train the run again")
+    with pytest.raises(UserError, match=f"^{re.escape(message.format('evaluate'))}$"):
+        load_model(run)
+    with pytest.raises(RunFolderError, match=f"^{re.escape(message.format('resume'))}$"):
+        check_run_folder(composed("resume=true"), run)
+    del record["schema_version"]  # before versions were kept: 0
+    (run / "results.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="recorded with record version 0 and"):
+        load_model(run)
+    record.update(schema_version=SCHEMA_VERSION)  # today's: on to the next check (here: no frozen model)
+    (run / "results.json").write_text(json.dumps(record))
+    with pytest.raises(UserError, match="frozen_model.pt is missing"):
+        load_model(run)
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -599,17 +562,20 @@ def test_a_bad_sweep_value_refuses_its_job_whether_first_or_not(tmp_path):
     assert shared.stderr.strip().splitlines()[-1].startswith("error: model.hidden: got [31, 32]")
 
 
-def test_a_run_recorded_before_the_architecture_group_resumes():
-    """model.arch.* did not exist when older runs were recorded: absent there and at their
-    defaults now is no difference; another architecture is."""
+def test_a_resume_compares_every_recorded_field():
+    """No field is taken for its default when the stored config lacks it (that would be a
+    migration): absent there is a difference, as another architecture is; the fields a resume
+    may change are not."""
     from omegaconf import OmegaConf
 
     from lipvae.runfolder import config_differences
 
     given = composed()
     old = OmegaConf.to_container(given, resolve=False)
-    del old["model"]["arch"], old["objective"], old["likelihood_floor"]
-    assert config_differences(OmegaConf.create(old), given) == []
+    del old["model"]["arch"], old["objective"]
+    old["module"]["lr"] = 0.5
+    assert config_differences(OmegaConf.create(old), given) == ["model.arch.channels", "model.arch.kernel_size",
+                                                                "model.arch.kind"]
     conv = OmegaConf.to_container(composed("model/arch=conv"), resolve=False)
     assert config_differences(OmegaConf.create(conv), given) == ["model.arch.kind"]
 

@@ -14,7 +14,7 @@ def load(run_dir: Path) -> dict:
 
 
 def check_schema(r: dict) -> None:
-    assert r["schema_version"] == 1 and r["status"] == "completed"
+    assert r["schema_version"] == 2 and r["status"] == "completed"
     for key in ("config", "model", "lipschitz", "data", "metrics", "certified", "estimated", "timings"):
         assert key in r
     assert r["data"]["split"] == "resplit-test"

@@ -137,8 +137,7 @@ def _validate_devices(cfg: DictConfig) -> None:
 
 def build_vae(model: DictConfig, input_shape) -> VAE:
     """The VAE of the ``model`` group for inputs of ``input_shape`` (the data's ``(C, H, W)``,
-    or a stored model's): its ``_target_`` called with every field of the node (a run recorded
-    by an older lipvae is migrated first: ``lipvae.stored.migrate_config``), the layer being
+    or a stored model's): its ``_target_`` called with every field of the node, the layer being
     ``build_layer``'s partial (a standard VAE has none)."""
     from hydra.utils import instantiate
 
@@ -507,10 +506,6 @@ def no_such_field(key: str, keys: list[str]) -> str:
     among all paths."""
     import difflib
 
-    from lipvae.migrate import MOVED
-
-    if key in MOVED:  # a field that moved when the groups became objects
-        return f"{key}: no such field; it moved to {MOVED[key]}"
     parent, _, leaf = key.rpartition(".")
     if parent and parent in keys:
         siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]

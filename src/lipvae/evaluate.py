@@ -31,9 +31,6 @@ from lipvae.certify.certificates import check_lipschitz
 from lipvae.config import check_yaml_files
 from lipvae.errors import NO_SPACE, UserError, signals_stop
 from lipvae.evaluation import MARGINS_TABLE, OUTPUTS, evaluate, write_evaluation
-# the pipeline's names this module held before the split, for code (and sweeps in flight) that
-# import them from here
-from lipvae.evaluation import EVALUATION_FILE, Evaluation, read_evaluation  # noqa: F401
 from lipvae.logs import interactive, quiet_third_party
 from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, code_version
 

@@ -81,7 +81,7 @@ def load_row(run: Path, root: Path) -> tuple[dict, Results | None]:
         "gamma": r.get("model", "encoder_std", "gamma"),
         "beta": r.get("model", "beta"),
         "latent_dim": r.get("model", "latent_dim"),
-        "lr": r.get("config", "module", "lr") or r.get("config", "model", "lr"),  # model.lr: runs before 2026-12
+        "lr": r.get("config", "module", "lr"),
         "epochs": r.get("metrics", "epochs"),
         "stopped_by": r.get("metrics", "stop_reason"),
         "test_log_likelihood": r.get("metrics", "test_log_likelihood"),

@@ -10,7 +10,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+#: the version of what a run records (results.json and the config beside it). 2 (2026-12-07): the
+#: config's groups as today (tier and experiment apart, the checkpoints' entries, no margin
+#: callbacks); the numbers of results.json are as in 1, which the report still reads
+SCHEMA_VERSION = 2
 RESULTS_FILE = "results.json"
 
 
@@ -113,7 +116,7 @@ class Results:
             raise ResultsError(f"a JSON {type(record).__name__}, not an object")
         known = {f.name for f in fields(cls)} - {"extra"}
         parts = {k: v for k, v in record.items() if k in known}
-        return cls(**{"status": "unknown", **parts}, extra={k: v for k, v in record.items() if k not in known})
+        return cls(**{"status": "unknown", "schema_version": 0, **parts}, extra={k: v for k, v in record.items() if k not in known})
 
     @classmethod
     def read(cls, run_dir: Path) -> "Results":
@@ -165,6 +168,25 @@ class Results:
         path = Path(run_dir) / RESULTS_FILE
         atomic_write_text(path, json.dumps(_plain(self.as_dict()), indent=2, allow_nan=False) + "\n")
         return path
+
+
+def check_record_version(run_dir: Path, doing: str) -> None:
+    """A run recorded under another version of the record (``SCHEMA_VERSION``; none: before
+    versions were kept) is refused in one line before anything is read from it: its config does
+    not compose with today's groups. ``doing``: what was asked (resume, re-evaluate, certify).
+    A folder without a readable results.json (a run killed in training) is left to the caller."""
+    from lipvae.errors import UserError
+
+    try:
+        record = Results.read(run_dir)
+    except ResultsError:
+        return
+    if record.schema_version != SCHEMA_VERSION:
+        code = (record.run or {}).get("code") if isinstance(record.run, dict) else None
+        raise UserError(
+            f"run: {run_dir} was recorded with record version {record.schema_version} and this lipvae reads"
+            f" version {SCHEMA_VERSION}; to {doing} it, use the lipvae that recorded it"
+            f"{f' (code {code})' if code else ''}, or train the run again")
 
 
 FROZEN_MODEL = "frozen_model.pt"

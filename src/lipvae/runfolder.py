@@ -23,17 +23,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.errors import UserError, unwritable
-from lipvae.migrate import migrate_config
-from lipvae.results import RunFolder
+from lipvae.results import RunFolder, check_record_version
 from lipvae.safety import UnsafeFile, check_entries, read_regular
 
 # keys a resumed run may change: bookkeeping, the time budget, and the learning rate (to
 # recover from a diverged run from its last finite state)
 MAY_DIFFER_ON_RESUME = ("resume", "module.lr", "trainer.enable_progress_bar", "trainer.max_time",
                         "module.num_importance", "objective", "likelihood_floor")
-#: fields added since runs may have been recorded without them, with the value that means what
-#: those runs did: a run recorded before them resumes when it is given that value
-ADDED_SINCE = {"model.arch.kind": "mlp", "model.arch.channels": [32, 64], "model.arch.kernel_size": 3}
 # ... the evaluation's settings: the trained state does not depend on them, and the evaluation
 # of a resumed run starts over with the settings given; and the loggers
 MAY_DIFFER_PREFIXES = ("attack.", "certify.", "logger.")
@@ -58,17 +54,12 @@ def _flat(node, prefix: str = "") -> dict:
 
 
 def config_differences(stored: DictConfig, given: DictConfig) -> list[str]:
-    """Dotted keys whose (unresolved) values differ, less those a resume may change. A run
-    recorded by an older lipvae is compared as today's groups name its fields
-    (``migrate_config``), on the fields it recorded (one added since takes its default)."""
-    migrated = migrate_config(stored)
-    a = _flat(OmegaConf.to_container(migrated, resolve=False))
+    """Dotted keys whose (unresolved) values differ, less those a resume may change."""
+    a = _flat(OmegaConf.to_container(stored, resolve=False))
     b = _flat(OmegaConf.to_container(given, resolve=False))
-    keys = sorted(set(a) | set(b)) if migrated is stored else sorted(a)
     return [
-        k for k in keys
+        k for k in sorted(set(a) | set(b))
         if a.get(k, "<absent>") != b.get(k, "<absent>")
-        and not (k not in a and k in ADDED_SINCE and b.get(k) == ADDED_SINCE[k])
         and k not in MAY_DIFFER_ON_RESUME and not k.startswith(MAY_DIFFER_PREFIXES)
     ]
 
@@ -100,6 +91,10 @@ def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
                 " add resume=true to continue it, or leave hydra.run.dir unset for a new folder"
             )
         return
+    try:
+        check_record_version(run_dir, "resume")
+    except UserError as e:
+        raise RunFolderError(str(e)) from None
     stored = folder.config_file
     if stored.is_file():
         try:

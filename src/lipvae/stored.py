@@ -11,8 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.config import build_vae, hydra_compose
 from lipvae.errors import UserError
-from lipvae.migrate import LEGACY_INPUT_SHAPE, migrate_config
-from lipvae.results import FROZEN_MODEL, RunFolder
+from lipvae.results import FROZEN_MODEL, RunFolder, check_record_version
 from lipvae.safety import check_entries, check_targets, read_regular, targets_in, targets_in_folder
 from lipvae.vae import stored_input_shape
 
@@ -77,14 +76,11 @@ def locate(path: Path) -> tuple[Path, Path]:
     check_entries(run_dir)  # a symlink or special file among its entries: refused before anything is read
     if not RunFolder(run_dir).config_file.is_file():
         raise UserError(f"run: {run_dir} has no .hydra/config.yaml; is it a lipvae run folder?")
+    check_record_version(run_dir, "evaluate")
     if not weights.is_file():
         raise UserError(f"run: {weights} is missing; the run did not finish, certify one of its checkpoints/")
     return run_dir, weights
 
-
-#: fields added after runs may have been recorded without them, with the value that gives the
-#: behaviour of the code before they existed (where today's default would change what is done)
-BEFORE = {"attack.warm_steps": 0}
 
 #: the config groups a recorded run's choices are read for (experiment and variant presets only
 #: set fields of these, which the recorded config holds already)
@@ -92,19 +88,16 @@ _GROUPS = ("data", "module", "model", "trainer", "logger", "certify", "attack", 
            "attack/latent")
 
 def complete_config(run_dir: Path, cfg: DictConfig, defaults: DictConfig | dict | None = None) -> DictConfig:
-    """A recorded run's config with the fields added to lipvae since it was recorded: today's
-    defaults for the same group choices (a choice that no longer exists: the group's default),
-    then ``BEFORE``, under every value the run recorded. Re-evaluating an older run thus checks
-    and uses a whole config, and does what the run did. ``defaults``: that composition when the
-    caller has made it already (``run_choices`` plus its own overrides)."""
+    """A recorded run's config over today's defaults for the same group choices (a choice that
+    no longer exists: the group's default), so that a config recorded without some entries (a
+    run trained from Python) is a whole one. ``defaults``: that composition when the caller has
+    made it already (``run_choices`` plus its own overrides)."""
     from hydra.core.global_hydra import GlobalHydra
 
     if defaults is None:  # inside another Hydra app its context stays, and nothing is composed
         defaults = {} if GlobalHydra.instance().is_initialized() else _defaults(tuple(run_choices(run_dir)))
     base = OmegaConf.create(OmegaConf.to_container(defaults) if isinstance(defaults, DictConfig) else defaults)
-    for key, value in BEFORE.items():  # under the recorded config: a recorded value wins
-        OmegaConf.update(base, key, value, force_add=True)
-    return OmegaConf.merge(base, migrate_config(cfg))  # an entry the run set to null stays null
+    return OmegaConf.merge(base, cfg)  # an entry the run set to null stays null
 
 
 def run_choices(run_dir: Path) -> list[str]:
@@ -132,6 +125,16 @@ def _defaults(overrides: tuple[str, ...]) -> dict:
         return OmegaConf.to_container(hydra_compose("lipvae.conf", "config", overrides))
     except Exception:
         return {}
+
+
+def input_shape_of(state: dict, weights: Path) -> tuple:
+    """The input shape a VAE's weights were trained for (kept in its state dict); one line for
+    weights saved before lipvae kept it."""
+    shape = stored_input_shape(state)
+    if shape is None:
+        raise UserError(f"checkpoint: {weights} holds no input shape (saved by an older lipvae); train the run again"
+                        " or use the lipvae that saved it")
+    return shape
 
 
 def load_config(path: Path) -> DictConfig:
@@ -195,7 +198,7 @@ def load_model(path: Path, cfg: DictConfig | None = None):
     if broken:
         raise UserError(f"checkpoint: {weights} holds non-finite weights ({', '.join(broken[:3])}); no certificate or"
                         " attack means anything for it: train the run again")
-    vae = build_vae(cfg.model, stored_input_shape(state) or LEGACY_INPUT_SHAPE)
+    vae = build_vae(cfg.model, input_shape_of(state, weights))
     frozen = weights.name == FROZEN
     if frozen:
         vae.freeze()

@@ -34,9 +34,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
-from lipvae.migrate import LEGACY_INPUT_SHAPE
-from lipvae.stored import load_best_weights, load_checkpoint, load_state
-from lipvae.vae import stored_input_shape
+from lipvae.stored import input_shape_of, load_best_weights, load_checkpoint, load_state
 from lipvae.config import (as_list_where_meant, build_datamodule, build_entries, build_module, build_trainer, build_vae,
                            check_overrides, check_yaml_files, validate)
 from lipvae.data import check_datamodule
@@ -297,7 +295,7 @@ def checkpoint_to_resume(cfg: DictConfig, run_dir: Path, ctx: RunContext | None 
         raise UserError(f"resume: {last} does not exist, so there is nothing to resume; drop resume=true")
     resumed = load_checkpoint(last)  # safe load: one line for a foreign or malicious file
     state = load_state(last)
-    check_shapes(state, build_vae(cfg.model, stored_input_shape(state) or LEGACY_INPUT_SHAPE).state_dict(), last)
+    check_shapes(state, build_vae(cfg.model, input_shape_of(state, last)).state_dict(), last)
     trim_metrics(run_dir / "csv" / "metrics.csv", int(resumed.get("global_step", 0)))
     log.info("resuming from %s", last)
     if ctx is not None:
