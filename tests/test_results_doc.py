@@ -49,6 +49,21 @@ def test_every_written_key_is_documented_and_every_documented_key_written(smoke_
         assert documented - {"coupled"} <= written, (part, documented - {"coupled"} - written)  # coupled: opt-in
 
 
+def test_what_the_report_reads_is_documented():
+    """The report's fields (its number checks and columns' sources) are keys of the contract: one
+    statement of the schema (docs/results.md) that the writer, the typed reader and the report are
+    checked against."""
+    from lipvae.report import _NUMBERS
+
+    tables = _tables()
+    top = tables["Top level"]
+    for path, _, _ in _NUMBERS:
+        assert path[0] in top, path
+        if len(path) > 1:
+            documented = set(tables[path[0]]) if path[0] in tables else set(re.findall(r"`([^`]+)`", top[path[0]]))
+            assert path[1] in documented, path
+
+
 def test_the_contract_parser_reads_the_tables():
     """The parser above finds what the document has (a test that can fail when results.md changes shape)."""
     tables = _tables()

@@ -120,8 +120,9 @@ _NUMBERS = [
     (("model", "encoder_std", "gamma"), True, False),
     (("lipschitz", "nominal", "encoder_mean"), True, False), (("lipschitz", "nominal", "decoder"), True, False),
     (("soundness_violations",), True, True),
-    *[((part, key), True, False) for part in ("certified", "estimated")
-      for key in ("mean", "median", "min", "fraction_certified", "global_margin", "censored", "num_inputs")],
+    *[(("certified", key), True, False) for key in ("mean", "median", "min", "fraction_certified", "global_margin",
+                                                    "num_inputs")],
+    *[(("estimated", key), True, False) for key in ("mean", "median", "min", "censored", "num_inputs")],
 ]
 
 
@@ -148,9 +149,7 @@ def _holds(r: Results) -> float | None:
     if not isinstance(r.get("certified"), dict):
         return None
     held = r.get("certified", "holds_with_probability")
-    if held is None and r.get("certified", "form") == "coupled":  # recorded before the field existed
-        held = 1.0 - float(r.get("certified", "coupled", "alpha") or 0.0)
-    return 1.0 if held is None else float(held)
+    return None if held is None else float(held)
 
 
 def _short(target) -> str | None:
@@ -434,7 +433,7 @@ def _context(results: list[dict], rows: list[dict], dirs: list[Path]) -> list[tu
     certified = distinct(
         f"r={r.get('certified', 'r'):g}, p={r.get('certified', 'p'):g}, {r.get('certified', 'form')} form, "
         f"{r.get('certified', 'num_inputs')} inputs"
-        + ("" if _holds(r) == 1.0 else f", each holding with probability >= {_holds(r):g} over the certifier's samples"
+        + ("" if _holds(r) in (1.0, None) else f", each holding with probability >= {_holds(r):g} over the certifier's samples"
            " (not a proof)")
         for r in results
         if r.get("certified")
