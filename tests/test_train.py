@@ -383,3 +383,39 @@ def test_a_run_without_the_attack_is_certified_only(tmp_path, synthetic_root, mo
     assert results.estimated is None and results.soundness_violations is None
     assert results.certified["num_inputs"] == 120 and results.certified["mean"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["estimated"] is None
+
+
+@pytest.mark.slow  # reads the session's smoke runs
+def test_a_run_is_composed_once_and_validated_once(smoke_runs, tmp_path, monkeypatch):
+    """``python -m lipvae.train`` composes its config only in Hydra (no composition of its own to
+    check the command line first) and checks it once (before Hydra makes the folder, not again in the
+    job or in ``run``): counted on a resume of a completed run, which ends after the checks."""
+    import shutil
+
+    from hydra._internal.hydra import Hydra
+
+    import lipvae.config as config
+
+    run = shutil.copytree(smoke_runs[("lipschitz", "learned")], tmp_path / "run")
+    counts = {"hydra": 0, "lipvae": 0, "validate": 0}
+    hydra_compose, lipvae_compose, check_fields = Hydra.compose_config, config.hydra_compose, config.check_fields
+
+    def composed_by_hydra(self, *args, **kwargs):
+        counts["hydra"] += 1
+        return hydra_compose(self, *args, **kwargs)
+
+    def composed_by_lipvae(*args, **kwargs):
+        counts["lipvae"] += 1
+        return lipvae_compose(*args, **kwargs)
+
+    def checked(cfg, prefix, schema):
+        counts["validate"] += prefix == ""  # once per validate(): the root's fields first
+        return check_fields(cfg, prefix, schema)
+
+    monkeypatch.setattr(Hydra, "compose_config", composed_by_hydra)
+    monkeypatch.setattr(config, "hydra_compose", composed_by_lipvae)
+    monkeypatch.setattr(config, "check_fields", checked)
+    proc = run_cli(*SMOKE, "model=lipschitz", "model.encoder_std.mode=learned", f"hydra.run.dir={run}", "resume=true")
+    assert proc.returncode == 0 and "is already completed; nothing to resume" in proc.stderr, proc.stderr[-2000:]
+    # Hydra's app composes twice itself (its get_mode, then its run: hydra/_internal/utils.py); lipvae adds none
+    assert counts["lipvae"] == 0 and counts["validate"] == 1 and counts["hydra"] <= 2, counts

@@ -27,6 +27,7 @@ def validate(cfg: DictConfig, machine: bool = True) -> None:
     schema field's constraint (lipvae.schema), then the rules that tie fields together and
     (``machine``) those that need the machine: a sweep submitted to a cluster leaves those to
     each job, on the node that runs it. Raises ``UserError`` on the first bad one."""
+    _no_unused_fields(cfg)
     check_fields(cfg, "", RootConfig)
     for group, node in GROUPS.items():
         if group == "data" and cfg.data.get("_target_", IMAGE_DATA) != IMAGE_DATA:
@@ -376,10 +377,10 @@ def parse_overrides(texts: list[str], sweeps: str = "first") -> list[tuple[str, 
 def compose_config(overrides: list[str], config_module: str = "lipvae.conf", config_name: str = "config",
                    schema: type = RootConfig, config_dirs: tuple = ()) -> DictConfig:
     """Hydra's composition of ``config_name`` with ``overrides`` (outside any Hydra app); what
-    Hydra would report in several lines is one ``UserError`` (the field, what was given and what
-    is accepted, read from ``schema``). ``config_dirs``: more config folders, searched after the
-    packaged ones (as training's ``--config-dir``)."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    Hydra would report in several lines is one ``UserError`` (``composition_error``).
+    ``config_dirs``: more config folders, searched after the packaged ones (as training's
+    ``--config-dir``)."""
+    from hydra.errors import ConfigCompositionException
 
     search = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in config_dirs)}]"]
 
@@ -387,36 +388,45 @@ def compose_config(overrides: list[str], config_module: str = "lipvae.conf", con
         return copy.deepcopy(hydra_compose(config_module, config_name, tuple((search if config_dirs else []) + items)))
 
     try:
-        cfg = composed(overrides)
-    except MissingConfigException as e:
-        message = str(e)
+        return composed(overrides)
+    except ConfigCompositionException as e:  # MissingConfigException included
+        raise composition_error(e, overrides, composed, schema) from None
+
+
+def composition_error(e: Exception, overrides: list[str], compose, schema: type = RootConfig) -> UserError:
+    """The one line for what Hydra could not compose: an unknown choice of a group, a value the
+    schema's type refuses, a field that does not exist (with the closest one, found by composing
+    ``compose(overrides without it)``)."""
+    from hydra.errors import MissingConfigException
+
+    message = str(e)
+    if isinstance(e, MissingConfigException):
         found = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
         options = re.findall(r"^\t(\S+)$", message.split("Config search path")[0], flags=re.M)
         if found is None:
-            raise UserError(message.splitlines()[0]) from None
+            return UserError(message.splitlines()[0])
         group, choice = found.groups()
-        raise UserError(f"{group}: got {choice!r}; accepted: {', '.join(options)}") from None
-    except ConfigCompositionException as e:
-        wrong_type = _validation_error(e, schema)
-        if wrong_type is not None:
-            raise wrong_type from None
-        found = re.search(r"Could not override '([^']+)'", str(e))
-        if found is None:
-            raise UserError(str(e).splitlines()[0]) from None
-        key = found.group(1)
-        rest = [o for o in overrides if o.split("=", 1)[0] != key]
+        return UserError(f"{group}: got {choice!r}; accepted: {', '.join(options)}")
+    wrong_type = _validation_error(e, schema)
+    if wrong_type is not None:
+        return wrong_type
+    found = re.search(r"Could not override '([^']+)'", message)
+    if found is None:
+        return UserError(message.splitlines()[0])
+    key = found.group(1)
+    rest = [o for o in overrides if o.split("=", 1)[0] != key]
+    try:
+        others = compose(rest)
+        keys = field_paths(others)
+    except Exception:
+        others, keys = None, []
+    if others is not None and key.startswith("attack.") and key.count(".") == 1:
         try:
-            others = composed(rest)
-            keys = field_paths(others)
-        except Exception:
-            others, keys = None, []
-        if others is not None and key.startswith("attack.") and key.count(".") == 1:
             _not_this_attacks(key, others.attack)
-        hint = f" (to add a new field, write +{key}=...)" if _open_node(key.rpartition(".")[0]) else ""
-        raise UserError(f"{no_such_field(key, keys)}{hint}") from None
-    if schema is RootConfig:
-        _no_unused_fields(cfg)
-    return cfg
+        except UserError as other_attacks:
+            return other_attacks
+    hint = f" (to add a new field, write +{key}=...)" if _open_node(key.rpartition(".")[0]) else ""
+    return UserError(f"{no_such_field(key, keys)}{hint}")
 
 
 @functools.lru_cache(maxsize=32)

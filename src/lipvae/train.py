@@ -27,6 +27,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import WandbLogger
@@ -36,7 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.stored import input_shape_of, load_best_weights, load_checkpoint, load_state
 from lipvae.config import (as_list_where_meant, build_datamodule, build_entries, build_module, build_trainer, build_vae,
-                           check_overrides, check_yaml_files, validate)
+                           check_overrides, check_yaml_files, compose_config, composition_error, parse_overrides,
+                           validate)
 from lipvae.data import check_datamodule
 from lipvae.errors import NO_SPACE, UserError, signals_stop
 from lipvae.evaluation import Evaluation, evaluate, test_split
@@ -232,11 +234,16 @@ class Trained:
 
 
 def train(cfg: DictConfig, ctx: RunContext) -> Results | None:
-    """One complete run in ``ctx.run_dir``: compose (done: ``cfg``) → build → fit → freeze →
-    evaluate → record. Returns the results it writes (None on a device other than the first,
-    which only trains). Needs no Hydra: ``train(cfg, RunContext(folder))`` from Python."""
-    t0 = time.perf_counter()
+    """One complete run in ``ctx.run_dir``: check ``cfg`` (composed), then ``run`` it. Returns the
+    results it writes (None on a device other than the first, which only trains). Needs no
+    Hydra: ``train(cfg, RunContext(folder))`` from Python."""
     validate(cfg)
+    return run(cfg, ctx)
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> Results | None:
+    """The run of a checked config: build → fit → freeze → evaluate → test → record."""
+    t0 = time.perf_counter()
     progress = bool(cfg.trainer.enable_progress_bar) and interactive()  # a bar redrawn into a file is debris
     schedule = Schedule.build(cfg, ctx.run_dir, echo=not progress)  # before any data is read: a bad entry fails first
     loggers = build_loggers(cfg, ctx)
@@ -554,7 +561,8 @@ def prepare_folder(cfg: DictConfig, ctx: RunContext, rank_zero: bool) -> bool:
     if not rank_zero:  # other ranks share rank zero's folder and leave it to rank zero
         return True
     try:
-        validate(cfg)  # every field (resume included) before the folder is read: a sweep's later job too
+        if not ValidateBeforeRun.done(cfg):  # a sweep's job: its own values (a run: checked before Hydra made its folder)
+            validate(cfg)  # every field (resume included) before the folder is read
         check_run_folder(cfg, ctx.run_dir)
         _claimed.append(claim(ctx.run_dir))  # held until the process ends
     except AlreadyCompleted as e:
@@ -601,6 +609,31 @@ def watch_launcher(parent: int, getppid=os.getppid, stop=None, poll: float = 1.0
     return thread
 
 
+class Refused(BaseException):
+    """A ``UserError`` out of a Hydra callback (Hydra turns an ``Exception`` there into a warning)."""
+
+
+class ValidateBeforeRun(HydraCallback):
+    """A single run's config is checked once, as Hydra hands it over and before Hydra makes the
+    run folder (a Hydra callback, ``hydra.callbacks.validate``): a bad value writes nothing.
+    ``done(cfg)``: whether this process checked that config already (the job then does not).
+    A sweep's jobs each check their own config (``prepare_folder``)."""
+
+    _checked: list = []  # the YAML of the configs this process checked
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        try:
+            validate(task)
+        except UserError as e:
+            raise Refused(e) from None
+        ValidateBeforeRun._checked.append(OmegaConf.to_yaml(task))
+
+    @classmethod
+    def done(cls, cfg: DictConfig) -> bool:
+        return bool(cls._checked) and OmegaConf.to_yaml(cfg) in cls._checked
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lipvae.conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     quiet_third_party()  # again here: a sweep's worker processes start without cli()'s filters
@@ -615,7 +648,7 @@ def main(cfg: DictConfig) -> float | None:
     results = None
     try:
         with recorded(cfg, ctx, rank_zero):
-            results = train(cfg, ctx)
+            results = run(cfg, ctx)
     finally:
         if _watching and _watching[0].launcher_gone:  # nobody waits for this worker: end it, releasing the job's lock
             logging.shutdown()
@@ -667,36 +700,56 @@ def check_folder_names(argv: list[str]) -> None:
 
 
 def cli() -> None:
-    """``python -m lipvae.train``: the command line's overrides are checked (one line on a
-    mistake, exit 2) before Hydra composes and runs the job."""
+    """``python -m lipvae.train``: the command line is read (one line on a mistake, exit 2), Hydra
+    composes the config once, and it is checked once before anything is written
+    (``ValidateBeforeRun``; a sweep's shared fields here, each job's own in the job)."""
     quiet_third_party()
     # Hydra's argparse takes the overrides as one run of positionals: `a=1 -m b=2` left b=2
     # unrecognised. -m/--multirun may stand anywhere on lipvae's command line
     flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
     # a single value where a list is meant (certify.r=8) is that list ([8]), for Hydra too
     sys.argv[1:] = flags + [as_list_where_meant(a) for a in sys.argv[1:] if a not in ("-m", "--multirun")]
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+
+    argv = sys.argv[1:]
+    plain = not any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv)  # no other Hydra flag
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors come here, to be said in one line
     try:
-        check_folder_names(sys.argv[1:])
-        check_yaml_files(sys.argv[1:])
-        composed = check_overrides(sys.argv[1:])  # a sweep's keys and first values compose
-        if composed is not None and _multirun(sys.argv[1:]):
-            # each value of a sweep is its job's to check (a bad one refuses that job, first or not);
-            # what every job shares is checked here, once
-            composed = check_overrides(sys.argv[1:], sweeps="drop")
-        if composed is not None:  # before Hydra creates the run folder (from `name`): nothing is written for a bad value
-            validate(composed, machine=not _elsewhere(sys.argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        check_folder_names(argv)
+        check_yaml_files(argv)
+        if plain:
+            parse_overrides([a for a in argv if a not in flags])  # an override Hydra cannot read
+        if plain and _multirun(argv):
+            # a sweep's keys and first values compose before any job (Hydra composes each job's
+            # alone); what every job shares is checked here, once, each value by its own job
+            check_overrides(argv)
+            validate(check_overrides(argv, sweeps="drop"), machine=not _elsewhere(argv))
+        try:
+            main()
+        except ConfigCompositionException as e:  # MissingConfigException included
+
+            GlobalHydra.instance().clear()
+            overrides = [o for o, _ in parse_overrides([a for a in argv if a not in flags])]
+            raise composition_error(e, overrides, lambda items: compose_config(items)) from None
+    except (UserError, Refused) as e:
+        print(f"error: {e.args[0] if isinstance(e, Refused) else e}", file=sys.stderr)
         sys.exit(2)
-    try:
-        main()
     except OSError as e:  # where Hydra itself makes the run folder or reads --config-dir
         if e.errno != errno.ENAMETOOLONG:
             raise
         print(f"error: hydra.run.dir: a folder name is longer than the file system allows ({e.strerror}: "
               f"{str(e.filename)[:80]}...); accepted: names of at most 255 bytes per folder", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
 
 
-if __name__ == "__main__":
-    cli()
+if __name__ == "__main__":  # the command runs the module's importable copy, which Hydra's callbacks name
+    from lipvae.train import cli as _cli
+
+    _cli()
