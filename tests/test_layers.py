@@ -201,7 +201,7 @@ def test_without_the_tangent_projection_the_step_is_adams_then_the_retraction():
 def test_the_layer_trains_freezes_certifies_and_passes_the_soundness_check(layer, tmp_path, monkeypatch):
     if layer == "torchlip":
         pytest.importorskip("deel.torchlip")
-    from lipvae.train import RunContext, train
+    from lipvae.training import RunContext, train
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_data_dir()))
     extra = ["module.retract_every=3", "module.lr=1e-2"] if layer == "stiefel-every-3" else []

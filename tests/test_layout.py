@@ -17,7 +17,8 @@ LAYERS = [
     {"config"},
     {"stored"},
     {"evaluation", "callbacks"},
-    {"train", "evaluate", "report", "sweep", "certify.__main__"},
+    {"training", "report", "sweep"},
+    {"train", "evaluate", "certify.__main__"},
 ]
 
 

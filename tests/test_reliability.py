@@ -250,7 +250,7 @@ def test_loggers_are_built_in_the_run_folder(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
     from lipvae.logs import AppendingCSVLogger
-    from lipvae.train import RunContext, build_loggers
+    from lipvae.training import RunContext, build_loggers
 
     ctx = RunContext(tmp_path, group="sweep_1")
     csv, wandb = build_loggers(composed("logger.wandb.project=p"), ctx)

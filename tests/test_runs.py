@@ -14,7 +14,7 @@ import torch
 from conftest import CONF, SMOKE, composed, run_cli, start_cli
 from lipvae.errors import UserError
 from lipvae.runfolder import RunFolderError, check_run_folder, claim, config_differences
-from lipvae.train import check_finite, check_shapes
+from lipvae.training import check_finite, check_shapes
 
 def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "train.log"}

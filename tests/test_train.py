@@ -192,7 +192,7 @@ def _epochs(val, max_epochs, patience, finetune=None, train=None):
     """Trains the scripted module with the phase callbacks (the Trainer given phase 1's epochs
     and the fine-tune phase's, as a run gives it); returns the epochs trained, the recorded stop reason
     and the fine-tune callback."""
-    from lipvae.train import stop_reason
+    from lipvae.training import stop_reason
 
     es, finetune, loader = _phases(patience, finetune)
     trainer = L.Trainer(max_epochs=max_epochs + finetune.max_epochs, callbacks=[es, finetune], logger=False,
@@ -231,7 +231,7 @@ def test_a_resume_after_training_ended_trains_no_more(tmp_path, val, max_epochs,
     stopped while the margins of its best model were evaluated): resumed from that checkpoint, it
     trained on (one epoch after early stopping; to the limit after the fine-tune phase)."""
     from lipvae.module import KeepStop, RunCheckpoint
-    from lipvae.train import stop_reason
+    from lipvae.training import stop_reason
 
     def fit(ckpt_path=None):
         es, ft, loader = _phases(patience, finetune)
@@ -254,7 +254,7 @@ def test_a_time_budget_that_ends_the_last_epoch_is_still_the_stop_reason():
     from lipvae.logs import EpochHistory, time_is_up
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from lipvae.train import stop_reason
+    from lipvae.training import stop_reason
 
     module = _Scripted([3.0, 2.0])
     history = EpochHistory(echo=False)
@@ -333,7 +333,7 @@ def test_a_copied_run_folder_resumes_with_its_own_best_checkpoint(tmp_path):
 
 def test_a_resume_drops_the_metric_rows_logged_after_the_checkpoint(tmp_path):
     """After a kill and resume, the killed epoch's step rows appeared twice in csv/metrics.csv."""
-    from lipvae.train import trim_metrics
+    from lipvae.training import trim_metrics
 
     path = tmp_path / "metrics.csv"
     pd.DataFrame({"epoch": [0, 0, 0, 1, 1], "step": [9, 19, 21, 29, 39],
@@ -352,7 +352,7 @@ def test_train_runs_in_process_without_hydra(tmp_path, monkeypatch, synthetic_ro
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from lipvae.train import RunContext, train
+    from lipvae.training import RunContext, train
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     with initialize_config_module(version_base="1.3", config_module="lipvae.conf"):
@@ -375,7 +375,7 @@ def test_train_runs_in_process_without_hydra(tmp_path, monkeypatch, synthetic_ro
 def test_a_run_without_the_attack_is_certified_only(tmp_path, synthetic_root, monkeypatch):
     """attack.enabled=false: the certificates alone (no attack, so no soundness check); a stale
     evaluation.json of an earlier attempt in the folder is not taken for this run's."""
-    from lipvae.train import RunContext, train
+    from lipvae.training import RunContext, train
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     (tmp_path / "evaluation.json").write_text('{"estimated": {"mean": 99.0}}')
