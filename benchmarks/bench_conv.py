@@ -43,7 +43,7 @@ def run(arch: str, lip: float, args, out: Path) -> dict:
            "data.resplit=false", "model/layer=stiefel", *ARCHS[arch], f"enc_L={lip:g}", "module.lr=1e-3",
            f"trainer.max_epochs={args.max_epochs}", "trainer.max_time=null",
            f"callbacks.early_stopping.patience={args.patience}", "callbacks.finetune.max_epochs=0",
-           "certify.forms=[tight,cantelli]", f"attack.num_inputs={args.attacked}", "logger=csv",
+           "certify.forms=[tight,cantelli]", f"margins.attacked_inputs={args.attacked}", "logger=csv",
            "trainer.enable_progress_bar=false", f"hydra.run.dir={folder}", "resume=auto"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

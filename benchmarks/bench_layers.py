@@ -63,7 +63,7 @@ def evaluation_config(attack_inputs: int):
     import lipvae.schema  # noqa: F401  (registers the config schemas)
 
     with initialize_config_module(config_module="lipvae.conf", version_base="1.3"):
-        return compose("config", overrides=[f"attack.num_inputs={attack_inputs}", "attack.warm_steps=0",
+        return compose("config", overrides=[f"margins.attacked_inputs={attack_inputs}", "attack.warm_steps=0",
                                             "logger=csv"])
 
 

@@ -72,7 +72,7 @@ stage_fig1_2() {  # no training: Figure 1 on fig5's models, Figure 2 from the bo
     for run in $runs; do
       done="$OUT/reports/fig1/$(basename "$run")_budget$budget.done"
       [ -f "$done" ] && continue  # evaluated by an earlier call of this script
-      "$PY" -m lipvae.evaluate "$run" attack.latent.budget=$budget attack.latent.num_inputs=25 certify.num_inputs=25
+      "$PY" -m lipvae.evaluate "$run" margins.latent.budget=$budget margins.latent.num_inputs=25 margins.certified_inputs=25
       touch "$done"
     done
   done

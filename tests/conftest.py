@@ -291,7 +291,7 @@ def sweep(tmp_path_factory) -> Path:
     ``command.json``: the command's exit status and output. Read only: shared by the session's workers."""
 
     def build(root: Path) -> None:
-        proc = run_main(*SMOKE, "attack.num_inputs=6", "attack.starts=2", "attack.steps=10", "model=lipschitz",
+        proc = run_main(*SMOKE, "margins.attacked_inputs=6", "attack.starts=2", "attack.steps=10", "model=lipschitz",
                         "enc_L=5,-1,7", "logger=default", f"hydra.sweep.dir={root}", "-m", env={"WANDB_MODE": ""})
         assert proc.returncode in (0, 1), proc.stderr[-3000:]
         (root / "command.json").write_text(json.dumps(

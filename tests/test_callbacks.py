@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lipvae.callbacks import CertifiedMargins, EstimatedMargins, default_attack
+from lipvae.callbacks import CertifiedMargins, EstimatedMargins, default_margins
 from lipvae.certify.certificates import certify_test_split
 from lipvae.data import ImageDataModule
 from lipvae.errors import UserError
@@ -17,7 +17,7 @@ from lipvae.networks import AOLLinear, LipschitzLinear
 from lipvae.vae import VAE
 
 ATTACK = {"num_inputs": 4, "samples": 10, "starts": 1, "steps": 10, "tol": 0.2,
-          "latent": {**default_attack()["latent"], "num_inputs": 2, "steps": 5}}
+          "latent": {**default_margins()["latent"], "num_inputs": 2, "steps": 5}}
 
 
 def tiny_vae() -> VAE:
@@ -100,7 +100,7 @@ def test_too_few_certified_inputs_are_refused_before_training(tmp_path):
                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
                         callbacks=[CertifiedMargins(num_inputs=2), EstimatedMargins(attack=ATTACK)])
     module = NoValModule(tiny_vae(), lr=1e-3)
-    with pytest.raises(UserError, match=r"^certify.num_inputs: got 2; accepted: null, or at least attack.num_inputs=4"):
+    with pytest.raises(UserError, match=r"^margins.certified_inputs: got 2; accepted: null, or at least margins.attacked_inputs=4"):
         trainer.fit(module, datamodule=PlainData(x))
     assert trainer.global_step == 0 and not (tmp_path / "evaluation.json").exists()
 

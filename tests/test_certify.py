@@ -116,12 +116,12 @@ def test_recertify_cli_reproduces_the_run_and_keeps_its_record(runs, capsys, tmp
     kept = run / replaced["evaluation"]["replaced"]
     assert json.loads((kept / "results.json").read_text()) == stored
     assert pd.read_csv(kept / "certified_margins.csv").equals(before)
-    assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "certify.num_inputs=7"]) == 0
+    assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "margins.certified_inputs=7"]) == 0
     assert json.loads(capsys.readouterr().out)["num_inputs"] == 7
     assert certify_main(["model", str(run / "checkpoints" / "last.ckpt"), "--replace"]) == 2
     assert "is a checkpoint" in capsys.readouterr().err
-    assert certify_main(["model", str(run), "certify.num_inputs=0"]) == 2  # was ignored: certified every input
-    assert capsys.readouterr().err.startswith("error: certify.num_inputs: got 0; accepted: a positive integer or null")
+    assert certify_main(["model", str(run), "margins.certified_inputs=0"]) == 2  # was ignored: certified every input
+    assert capsys.readouterr().err.startswith("error: margins.certified_inputs: got 0; accepted: a positive integer or null")
     # the same overrides as lipvae.evaluate, but only the certificate's
     assert certify_main(["model", str(run), "attack.steps=3"]) == 2
     assert capsys.readouterr().err.startswith("error: attack.steps: cannot change in a re-evaluation; accepted: certify.*")
@@ -397,7 +397,7 @@ def test_coupled_and_cantelli_forms_in_a_recertified_run(runs, capsys, tmp_path,
     the cap r/(ab) that no certificate using Lip(μ) = b and Lip(g) = a can pass."""
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     run = shutil.copytree(runs[("lipschitz", mode)], tmp_path / "run")
-    assert certify_main(["model", str(run), "certify.forms=[coupled,tight,cantelli]", "certify.num_inputs=40"]) == 0
+    assert certify_main(["model", str(run), "certify.forms=[coupled,tight,cantelli]", "margins.certified_inputs=40"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["form"] == "coupled" and summary["soundness_violations"] == 0
     assert summary["global_margin"] is None

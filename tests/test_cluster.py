@@ -47,7 +47,7 @@ def test_a_tiny_optuna_front_returns_the_named_objectives_and_the_report_draws_i
 
     sweep = tmp_path / "study"
     proc = run_cli(*SMOKE, "hydra/sweeper=front", "objective=[test_log_likelihood,certified_mean]",
-                   "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.population_size=2", "attack.num_inputs=2",
+                   "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.population_size=2", "margins.attacked_inputs=2",
                    f"hydra.sweep.dir={sweep}", "-m")
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = {(round(r["metrics"]["test_log_likelihood"], 4), round(r["certified"]["mean"], 6))
@@ -78,7 +78,7 @@ def test_the_objective_names_what_a_run_returns():
 @pytest.mark.slow
 def test_a_submitit_local_sweep_runs_its_jobs_as_local_processes(tmp_path):
     """hydra/launcher=submitit_local: the cluster path's jobs, run here (a dry run of a SLURM sweep)."""
-    proc = run_cli(*SMOKE, "enc_L=5", "hydra/launcher=submitit_local", "attack.num_inputs=2",
+    proc = run_cli(*SMOKE, "enc_L=5", "hydra/launcher=submitit_local", "margins.attacked_inputs=2",
                    f"hydra.sweep.dir={tmp_path / 'sweep'}", "-m", process=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (job,) = (tmp_path / "sweep").glob("0_*")

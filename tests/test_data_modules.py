@@ -165,7 +165,7 @@ def test_readmes_own_data_module_trains_certifies_and_attacks(tmp_path, monkeypa
     assert args[:3] == ["--config-dir", "my_conf", "data=blobs"] and "model/arch=conv" in args
     monkeypatch.syspath_prepend(str(folder))
     sys.modules.pop("my_data", None)
-    proc = run_cli(*args, "tier=smoke", "attack.num_inputs=3", f"hydra.run.dir={folder / 'run'}", cwd=folder)
+    proc = run_cli(*args, "tier=smoke", "margins.attacked_inputs=3", f"hydra.run.dir={folder / 'run'}", cwd=folder)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((folder / "run" / "results.json").read_text())
     assert r["status"] == "completed" and r["data"]["name"] == "blobs" and r["data"]["input_shape"] == [1, 12, 12]
@@ -244,7 +244,7 @@ def test_every_built_in_data_entry_trains_a_conv_vae_with_sound_certificates(ent
     args = _entry(entry, tmp_path, synthetic_root)
     if "model/arch=conv" not in args:
         args += ["model/arch=conv", "model.arch.channels=[4,8]"]
-    proc = run_cli(*args, "tier=smoke", "data.limit=400", "attack.num_inputs=3",
+    proc = run_cli(*args, "tier=smoke", "data.limit=400", "margins.attacked_inputs=3",
                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -100,7 +100,7 @@ def test_default_writes_beside_the_run_and_reuses_an_unchanged_attack(run, capsy
         (["attack=wild"], "error: attack: got 'wild'; accepted: lbfgs, pgd, pgd_cold, pgd_quick, pgd_smoke"),
         (["certify.p=0.5,0.9"], "error: certify.p=0.5,0.9: a sweep, which only training runs (with -m); a list is written certify.p=[0.5,0.9]"),
         (["+attack.extra=1"], "error: +attack.extra=1: only key=value"),
-        (["certify.num_inputs=2"], "error: certify.num_inputs: got 2; accepted: null, or at least attack.num_inputs=5"),
+        (["margins.certified_inputs=2"], "error: margins.certified_inputs: got 2; accepted: null, or at least margins.attacked_inputs=5"),
         (["--replce"], "error: unknown flag --replce; accepted: --replace, --fresh"),
     ],
 )
@@ -200,7 +200,7 @@ def test_replace_on_a_full_disk_at_every_write_leaves_the_run_byte_identical(run
     """--replace under ENOSPC at the 1st, 2nd, ... write: each time one line naming the run, and
     the run folder exactly as before; then, with room, the replacement goes through (issue 27)."""
     before = _snapshot(run)
-    args = [str(run), "certify.forms=[tight,cantelli]", "certify.num_inputs=5", "--replace"]  # reuses the attack: quick
+    args = [str(run), "certify.forms=[tight,cantelli]", "margins.certified_inputs=5", "--replace"]  # reuses the attack: quick
     at = 1
     while True:
         with monkeypatch.context() as m:
@@ -259,7 +259,7 @@ def test_a_corrupt_or_foreign_record_is_evaluated_afresh_and_never_replaced(run,
     and cannot be --replaced (one error line), instead of a traceback (issue 27)."""
     for text in ("{", json.dumps({"status": "completed", "config": [1], "estimated": "x"})):
         (run / "results.json").write_text(text)
-        assert evaluate_main([str(run), "attack.num_inputs=2", "attack.steps=5", "attack.starts=1"]) == 0
+        assert evaluate_main([str(run), "margins.attacked_inputs=2", "attack.steps=5", "attack.starts=1"]) == 0
         assert capsys.readouterr().out.startswith("evaluation written to ")
         assert evaluate_main([str(run), "--replace"]) == 2
         assert "holds no completed run" in capsys.readouterr().err
@@ -270,7 +270,7 @@ def test_a_corrupt_or_foreign_record_is_evaluated_afresh_and_never_replaced(run,
 def test_a_moved_runs_data_is_found_with_data_root_and_still_checked(run, tmp_path, capsys, monkeypatch, synthetic_root):
     moved = shutil.copytree(synthetic_root / "mnist", tmp_path / "moved" / "mnist")
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(tmp_path / "nowhere"))
-    args = [str(run), "certify.num_inputs=5", "attack.num_inputs=2", "attack.steps=5"]
+    args = [str(run), "margins.certified_inputs=5", "margins.attacked_inputs=2", "attack.steps=5"]
     assert evaluate_main(args) == 2  # the data is not where the run found it
     capsys.readouterr()
     assert evaluate_main([*args, f"data.root={moved}"]) == 0
@@ -291,12 +291,12 @@ def test_a_record_without_digests_is_evaluated_after_a_warning(run, capsys):
     record = json.loads((run / "results.json").read_text())
     record["data"] = {k: v for k, v in record["data"].items() if k not in ("sources", "indices")}
     (run / "results.json").write_text(json.dumps(record))
-    assert evaluate_main([str(run), "certify.num_inputs=5", "attack.num_inputs=2", "attack.steps=5"]) == 0
+    assert evaluate_main([str(run), "margins.certified_inputs=5", "margins.attacked_inputs=2", "attack.steps=5"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "no digests of its data" in warnings[0] and "would go unnoticed" in warnings[0]
     record["data"]["sources"] = ["mnist/test"]
     (run / "results.json").write_text(json.dumps(record))
-    assert evaluate_main([str(run), "certify.num_inputs=5"]) == 2
+    assert evaluate_main([str(run), "margins.certified_inputs=5"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: data.sources: ")
 
 
@@ -320,10 +320,10 @@ def test_a_replace_stopped_between_its_renames_is_finished_by_the_next_command(r
 
     monkeypatch.setattr(ev.os, "replace", stop_midway)
     with pytest.raises(KeyboardInterrupt):
-        ev.reevaluate(run, ["certify.forms=[tight,cantelli]", "certify.num_inputs=5"], replace=True, progress=False)
+        ev.reevaluate(run, ["certify.forms=[tight,cantelli]", "margins.certified_inputs=5"], replace=True, progress=False)
     monkeypatch.setattr(ev.os, "replace", real)
     assert list(run.glob(".replacing-*/READY"))  # the journal: staged whole, switch under way
-    assert evaluate_main([str(run), "certify.num_inputs=5"]) == 0  # any later command on the run finishes it
+    assert evaluate_main([str(run), "margins.certified_inputs=5"]) == 0  # any later command on the run finishes it
     assert not list(run.glob(".replacing-*"))
     r = json.loads((run / "results.json").read_text())
     assert "cantelli" in r["certified"]["by_r_p_form"]["r8_p0.5"] and r["evaluation"]["replaced"]

@@ -93,7 +93,7 @@ def test_a_new_layer_is_one_class_and_one_yaml_file(my_conf):
 @pytest.mark.slow
 def test_a_new_attack_is_one_class_and_one_yaml_file(my_conf, tmp_path):
     cfg = composed("attack=random", "tier=smoke", "model.hidden=[16,16]", "model.latent_dim=4",
-                   "attack.num_inputs=4", "attack.starts=3", "attack.max_radius=3.0", "certify.r=[8.0]", conf=my_conf)
+                   "margins.attacked_inputs=4", "attack.starts=3", "attack.max_radius=3.0", "certify.r=[8.0]", conf=my_conf)
     validate(cfg)
     attack = build_attack(cfg.attack)
     assert type(attack) is RandomDirectionAttack
@@ -121,7 +121,7 @@ def test_a_finished_run_is_reevaluated_with_a_new_attack_from_a_config_folder(
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     run = shutil.copytree(smoke_runs[("lipschitz", "learned")], tmp_path / "run")
-    args = [str(run), "attack=random", "attack.num_inputs=3", "attack.starts=2", "attack.max_radius=2.0"]
+    args = [str(run), "attack=random", "margins.attacked_inputs=3", "attack.starts=2", "attack.max_radius=2.0"]
     assert evaluate_main(args) == 2  # not a packaged option
     assert capsys.readouterr().err.startswith("error: attack: got 'random'; accepted: lbfgs, pgd, pgd_cold")
     assert evaluate_main([*args, "--config-dir", str(my_conf)]) == 0, capsys.readouterr().err

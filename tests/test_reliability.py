@@ -44,7 +44,7 @@ BAD_INPUTS = [
     (["model.encoder_std.mode=bounded", "model.encoder_std.max_norm=-1"], "model.encoder_std.max_norm: got -1"),
     (["model.beta=-1"], "model.beta: got -1.0; accepted: a number >= 0"),
     (["data.limit=0"], "data.limit: got 0; accepted: a positive integer or null"),
-    (["attack.num_inputs=0"], "attack.num_inputs: got 0; accepted: a positive integer"),
+    (["margins.attacked_inputs=0"], "margins.attacked_inputs: got 0; accepted: a positive integer"),
     (["attack.p=0"], "attack.p: got 0.0; accepted: a number in (0, 1)"),
     (["attack.search=random"], "attack.search: got 'random'; accepted: bisection, grid"),
     (["data.resplit=maybe"], "data.resplit: got 'maybe'; accepted: True, False, auto"),
@@ -84,9 +84,9 @@ BAD_INPUTS = [
     (["attack=lbfgs", "attack.steps=5"],  # L-BFGS-B takes no steps
      "attack.steps: no such field of LBFGSAttack, which takes none of pgd's compile, search, steps, tol, warm_steps"),
     (["attack=lbfgs", "attack.lbfgs.pgtol=-1"], "attack.lbfgs.pgtol: got -1.0; accepted: a positive number"),
-    (["attack.latent.kind=medium"], "attack.latent.kind: got 'medium'; accepted: hard, soft"),
-    (["attack/latent=soft", "attack.latent.penalty=-1"], "attack.latent.penalty: got -1.0; accepted: a number >= 0"),
-    (["attack/latent=soft", "attack.latent.lr=0"], "attack.latent.lr: got 0.0; accepted: a positive number"),
+    (["margins.latent.kind=medium"], "margins.latent.kind: got 'medium'; accepted: hard, soft"),
+    (["margins/latent=soft", "margins.latent.penalty=-1"], "margins.latent.penalty: got -1.0; accepted: a number >= 0"),
+    (["margins/latent=soft", "margins.latent.lr=0"], "margins.latent.lr: got 0.0; accepted: a positive number"),
     (["model.layer=cayley"], "model.layer: got 'cayley'; accepted: a mapping with _target_"),
     (["model/layer=cayley"], "model/layer: got 'cayley'; accepted: aol, bjorck, stiefel, torchlip"),
     (["model.layer._target_=torch.nn.Linear"],
@@ -122,13 +122,13 @@ def test_defaults_and_presets_are_valid():
     validate(composed())
     validate(composed("model=standard", "model.encoder_std.mode=fixed"))
     validate(composed("tier=smoke", "model.encoder_std.mode=bounded", "model.encoder_std.max_norm=0.5"))
-    lbfgs = composed("attack=lbfgs", "attack/latent=soft")
+    lbfgs = composed("attack=lbfgs", "margins/latent=soft")
     validate(lbfgs)
     assert (lbfgs.attack._target_, lbfgs.attack.lbfgs.maxcor) == ("lipvae.attack.LBFGSAttack", 100)
     pgd_only = {"steps", "tol", "search", "warm_steps", "compile"}  # LBFGSAttack takes none of them
     assert not pgd_only & set(lbfgs.attack) and pgd_only <= set(composed().attack)
-    assert lbfgs.attack.latent.kind == "soft" and lbfgs.attack.latent.penalty == 1.0
-    assert composed().attack._target_ == "lipvae.attack.PGDAttack" and composed().attack.latent.kind == "hard"
+    assert lbfgs.margins.latent.kind == "soft" and lbfgs.margins.latent.penalty == 1.0
+    assert composed().attack._target_ == "lipvae.attack.PGDAttack" and composed().margins.latent.kind == "hard"
 
 
 @pytest.mark.slow
@@ -140,7 +140,7 @@ def test_presets_combine_with_the_reference_attack():
         both = composed(*preset, "attack=lbfgs")
         validate(both)
         assert not pgd_only & set(both.attack)
-        assert both.attack.num_inputs == composed(*preset).attack.num_inputs
+        assert both.margins.attacked_inputs == composed(*preset).margins.attacked_inputs
     assert (composed("tier=smoke").attack.steps, composed("experiment=fig5", "tier=official").attack.warm_steps) == (20, 0)
 
 
@@ -343,7 +343,7 @@ def test_nan_loss_stops_with_message_and_finite_checkpoint(tmp_path):
 def test_kill_then_resume_finishes_the_run(tmp_path):
     """SIGTERM mid-training (SIGINT, which one handler serves alike, is test_runs' sweep-job test)."""
     args = [
-        *SMOKE, "attack.enabled=false", "model.hidden=[256,256]",
+        *SMOKE, "margins.attack=false", "model.hidden=[256,256]",
         "trainer.max_epochs=4", "callbacks.early_stopping.patience=100", f"hydra.run.dir={tmp_path}",
     ]
     proc = start_cli(*args)
@@ -447,7 +447,7 @@ def test_a_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path, layer):
     batch order all restored), then resume=auto: every recorded number equals the uninterrupted
     run's, and results.json says where it resumed from."""
     args = [*SMOKE, f"model/layer={layer}", "trainer.max_epochs=3", "callbacks.early_stopping.patience=100",
-            "callbacks.finetune.max_epochs=0", "attack.num_inputs=2", "attack.steps=5"]
+            "callbacks.finetune.max_epochs=0", "margins.attacked_inputs=2", "attack.steps=5"]
     whole = run_cli(*args, f"hydra.run.dir={tmp_path / 'whole'}", process=True)
     assert whole.returncode == 0, whole.stderr[-2000:]
     killed = tmp_path / "killed"
@@ -479,7 +479,7 @@ def test_a_run_stopped_in_the_middle_of_a_step_and_resumed_equals_the_uninterrup
     fitting ends, after the margins' evaluation: the resume evaluates again. Either way every
     recorded number (orthonormality_error_before_freeze included) equals the uninterrupted run's."""
     args = [*SMOKE, f"model/layer={layer}", "trainer.max_epochs=2", "callbacks.early_stopping.patience=100",
-            "callbacks.finetune.max_epochs=0", "attack.num_inputs=2", "attack.steps=5", "data.batch_size=32",
+            "callbacks.finetune.max_epochs=0", "margins.attacked_inputs=2", "attack.steps=5", "data.batch_size=32",
             "+callbacks.signal._target_=signal_at_step.SignalAtStep"]
     tests = str(Path(__file__).parent)
     env = {"PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
@@ -507,7 +507,7 @@ def test_a_killed_joblib_sweep_leaves_no_worker_and_resumes(tmp_path):
     the same sweep with resume=auto then continues both from their checkpoints and completes."""
     sweep = tmp_path / "sweep"
     args = [*SMOKE, "enc_L=5,6", "trainer.max_epochs=8", "callbacks.early_stopping.patience=100",
-            "callbacks.finetune.max_epochs=0", "data.batch_size=4", "attack.num_inputs=2", "attack.steps=5",
+            "callbacks.finetune.max_epochs=0", "data.batch_size=4", "margins.attacked_inputs=2", "attack.steps=5",
             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "-m"]
     launcher = start_cli(*args)
     deadline = time.time() + 240
@@ -634,3 +634,26 @@ def test_the_paper_script_picks_runs_by_their_recorded_config(tmp_path):
     out = subprocess.run(["bash", "-c", snippet], capture_output=True, text=True, env={**os.environ, "PY": sys.executable})
     first, second = out.stdout.split("--\n")
     assert first.split() == [str(tmp_path / "0_a")] and second.split() == [str(tmp_path / n) for n in ("0_a", "1_b")]
+
+
+def test_every_group_node_is_its_classs_arguments():
+    """The attack and certify nodes are exactly what their classes take (built by instantiate, no
+    field filtered out): which inputs and whether are the margins group's, not the attack's."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    from lipvae.config import build_attack, build_certifier
+
+    for option in ("pgd", "pgd_cold", "pgd_quick", "pgd_smoke", "lbfgs"):
+        node = composed(f"attack={option}").attack
+        params = inspect.signature(get_class(node._target_)).parameters
+        assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        assert set(node) - {"_target_"} <= set(params), (option, set(node) - set(params))
+        assert type(build_attack(node)).__name__ == node._target_.rsplit(".", 1)[1]
+    cfg = composed()
+    params = inspect.signature(get_class(cfg.certify._target_)).parameters
+    assert set(cfg.certify) - {"_target_"} == set(params)
+    certifier = build_certifier(cfg.certify)
+    assert (certifier.r, certifier.p, certifier.forms) == ([8.0], [0.5], ["tight", "exact", "paper"])
+    assert set(cfg.margins) == {"certify", "certified_inputs", "attack", "attacked_inputs", "latent"}

@@ -93,7 +93,7 @@ def test_non_finite_results_fail_the_run():
 
 @pytest.mark.slow
 def test_diverged_run_ends_failed_not_completed(tmp_path):
-    proc = run_cli(*SMOKE, "module.lr=1e30", "attack.enabled=false", f"hydra.run.dir={tmp_path}")
+    proc = run_cli(*SMOKE, "module.lr=1e30", "margins.attack=false", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "failed" and "module.lr=1e+30 too high" in r["error"] and "model.optim" not in r["error"]
@@ -102,7 +102,7 @@ def test_diverged_run_ends_failed_not_completed(tmp_path):
 @pytest.mark.slow
 def test_sigterm_during_the_attack_stops_within_5_s_and_resumes(tmp_path):
     # the fine-tune phase converges (every loss change is within tol) 2 epochs in, 8 before its limit
-    args = [*SMOKE, "attack.num_inputs=25", "attack.steps=3000", "attack.starts=5", "callbacks.finetune.max_epochs=10",
+    args = [*SMOKE, "margins.attacked_inputs=25", "attack.steps=3000", "attack.starts=5", "callbacks.finetune.max_epochs=10",
             "callbacks.finetune.tol=1e9", "callbacks.finetune.patience=1", f"hydra.run.dir={tmp_path}"]
     proc = start_cli(*args)
     log = tmp_path / "train.log"
@@ -122,7 +122,7 @@ def test_sigterm_during_the_attack_stops_within_5_s_and_resumes(tmp_path):
     assert r["status"] == "interrupted" and "resume=true" in r["error"]
     # the trained state is kept: resuming goes straight to the evaluation, with no epoch more
     # (the evaluation's settings may change on resume: the evaluation starts over)
-    done = run_cli(*args[:-1], "attack.num_inputs=3", "attack.steps=20", "resume=true", f"hydra.run.dir={tmp_path}")
+    done = run_cli(*args[:-1], "margins.attacked_inputs=3", "attack.steps=20", "resume=true", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 0, done.stderr[-2000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "completed" and r["estimated"]["num_inputs"] == 3
@@ -146,7 +146,7 @@ def test_disk_full_is_one_line_and_leaves_no_partial_file(tmp_path):
 
 @pytest.mark.slow
 def test_a_sweep_jobs_resume_hint_resumes_that_job(tmp_path):
-    args = [*SMOKE, "attack.enabled=false", "model.hidden=[256,256]", "trainer.max_epochs=6",
+    args = [*SMOKE, "margins.attack=false", "model.hidden=[256,256]", "trainer.max_epochs=6",
             "callbacks.early_stopping.patience=100", "enc_L=5,7", f"hydra.sweep.dir={tmp_path}", "-m"]
     proc = start_cli(*args)
     deadline = time.time() + 120

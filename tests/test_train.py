@@ -86,7 +86,7 @@ def test_standard_beta_vae_with_fixed_std(tmp_path):
     # with the other attack choices: the reference L-BFGS-B procedure and the soft latent attack
     proc = run_cli(
         *SMOKE, "model=standard", "model.beta=5", "model.encoder_std.mode=fixed", "attack=lbfgs",
-        "attack.lbfgs.maxiter=10", "attack.num_inputs=2", "attack/latent=soft", f"hydra.run.dir={tmp_path}"
+        "attack.lbfgs.maxiter=10", "margins.attacked_inputs=2", "margins/latent=soft", f"hydra.run.dir={tmp_path}"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = load(tmp_path)
@@ -138,7 +138,7 @@ def test_bad_input_is_one_line(tmp_path):
 def test_time_budget_ends_training_and_the_run_completes(tmp_path):
     proc = run_cli(
         *SMOKE, "trainer.max_epochs=500", "callbacks.finetune.max_epochs=0", "trainer.max_time=0.001",
-        "attack.enabled=false", f"hydra.run.dir={tmp_path}",
+        "margins.attack=false", f"hydra.run.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = load(tmp_path)
@@ -356,13 +356,13 @@ def test_train_runs_in_process_without_hydra(tmp_path, monkeypatch, synthetic_ro
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     with initialize_config_module(version_base="1.3", config_module="lipvae.conf"):
-        cfg = compose("config", overrides=["tier=smoke", "data.resplit=true", "attack.num_inputs=3"])
+        cfg = compose("config", overrides=["tier=smoke", "data.resplit=true", "margins.attacked_inputs=3"])
     assert not GlobalHydra.instance().is_initialized() and not HydraConfig.initialized()
-    ctx = RunContext(tmp_path / "run", command="my notebook", overrides=["attack.num_inputs=3"])
+    ctx = RunContext(tmp_path / "run", command="my notebook", overrides=["margins.attacked_inputs=3"])
     results = train(cfg, ctx)
     stored = json.loads((tmp_path / "run" / "results.json").read_text())
     assert stored["status"] == "completed" and stored["soundness_violations"] == 0
-    assert stored["run"]["command"] == "my notebook" and stored["run"]["overrides"] == ["attack.num_inputs=3"]
+    assert stored["run"]["command"] == "my notebook" and stored["run"]["overrides"] == ["margins.attacked_inputs=3"]
     assert stored["metrics"]["test_elbo"] == pytest.approx(results.metrics["test_elbo"])  # a typed Results
     assert stored["estimated"]["num_inputs"] == 3 and (tmp_path / "run" / "frozen_model.pt").is_file()
     # the margins were evaluated in memory: no evaluation.json written (nor read back), the tables there
@@ -373,13 +373,13 @@ def test_train_runs_in_process_without_hydra(tmp_path, monkeypatch, synthetic_ro
 
 @pytest.mark.slow
 def test_a_run_without_the_attack_is_certified_only(tmp_path, synthetic_root, monkeypatch):
-    """attack.enabled=false: the certificates alone (no attack, so no soundness check); a stale
+    """margins.attack=false: the certificates alone (no attack, so no soundness check); a stale
     evaluation.json of an earlier attempt in the folder is not taken for this run's."""
     from lipvae.training import RunContext, train
 
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
     (tmp_path / "evaluation.json").write_text('{"estimated": {"mean": 99.0}}')
-    results = train(composed("tier=smoke", "data.resplit=true", "attack.enabled=false"), RunContext(tmp_path))
+    results = train(composed("tier=smoke", "data.resplit=true", "margins.attack=false"), RunContext(tmp_path))
     assert results.estimated is None and results.soundness_violations is None
     assert results.certified["num_inputs"] == 120 and results.certified["mean"] > 0
     assert json.loads((tmp_path / "results.json").read_text())["estimated"] is None

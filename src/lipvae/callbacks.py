@@ -63,7 +63,7 @@ class MarginCallback(Callback):
         margin_callbacks = [cb for cb in trainer.callbacks if isinstance(cb, MarginCallback)]
         if margin_callbacks[0] is self:
             cfg = evaluation_settings(margin_callbacks)
-            check_certified_inputs(cfg.certify, cfg.attack, pl_module.vae.kind == "lipschitz")
+            check_certified_inputs(cfg.margins, pl_module.vae.kind == "lipschitz")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         margin_callbacks = [cb for cb in trainer.callbacks if isinstance(cb, MarginCallback)]
@@ -85,8 +85,7 @@ class CertifiedMargins(MarginCallback):
         self.coupled = dict(coupled or COUPLED_DEFAULTS)
 
     def settings(self) -> dict:
-        return {"enabled": self.enabled, "r": self.r, "p": self.p, "forms": self.forms, "num_inputs": self.num_inputs,
-                "coupled": self.coupled}
+        return {"_target_": CERTIFIER, "r": self.r, "p": self.p, "forms": self.forms, "coupled": self.coupled}
 
 
 class EstimatedMargins(MarginCallback):
@@ -98,48 +97,64 @@ class EstimatedMargins(MarginCallback):
     section = "attack"
 
     def __init__(self, attack=None, dirpath=None, weights: str = "best", seed: int = 0,
-                 eval_batch_size: int = 1000, **settings) -> None:
+                 eval_batch_size: int = 1000, num_inputs: int | None = None, latent: dict | None = None,
+                 enabled: bool = True, **settings) -> None:
         if OmegaConf.is_config(attack):
             attack = OmegaConf.to_container(attack, resolve=True)
         given, defaults = {**(attack or {}), **settings}, default_attack()
+        # which inputs, and the latent attack, may come with the attack's settings too (a run's config
+        # node and the margins group's fields, merged): they are the evaluation's, not the attack's
+        num_inputs = given.pop("num_inputs", given.pop("attacked_inputs", num_inputs))
+        latent, enabled = given.pop("latent", latent), given.pop("enabled", enabled)
         if given.get("_target_", defaults["_target_"]) != defaults["_target_"]:
             defaults = {k: v for k, v in defaults.items() if k in COMMON_FIELDS}  # not pgd's own fields
-        merged = {**defaults, **given}
-        super().__init__(dirpath=dirpath, weights=weights, seed=seed, eval_batch_size=eval_batch_size,
-                         enabled=merged.pop("enabled", True))
-        self.attack = merged
+        super().__init__(dirpath=dirpath, weights=weights, seed=seed, eval_batch_size=eval_batch_size, enabled=enabled)
+        margins = default_margins()
+        self.num_inputs = int(num_inputs) if num_inputs is not None else margins["attacked_inputs"]
+        self.latent = {**margins["latent"], **(latent or {})}
+        self.attack = {**defaults, **given}  # the attack class's arguments
 
     def settings(self) -> dict:
-        return {**self.attack, "enabled": self.enabled}
+        return dict(self.attack)
+
+
+def _packaged(*parts: str) -> dict:
+    """A packaged config file read as data (no Hydra composition, which an app may hold)."""
+    from importlib import resources
+
+    node = OmegaConf.to_container(OmegaConf.create((resources.files("lipvae.conf").joinpath(*parts)).read_text()))
+    node.pop("defaults", None)
+    return node
 
 
 def default_attack() -> dict:
-    """The attack's default settings: the packaged conf/attack/pgd.yaml on the settings every
-    attack takes (conf/attack/base/common.yaml), with its latent attack (conf/attack/latent/hard.yaml),
-    read as files (no Hydra composition, which an app may hold)."""
-    from importlib import resources
-
-    conf = resources.files("lipvae.conf") / "attack"
-
-    def read(f) -> dict:
-        node = OmegaConf.to_container(OmegaConf.create(f.read_text()))
-        node.pop("defaults", None)
-        return node
-
-    return {**read(conf / "base" / "common.yaml"), **read(conf / "pgd.yaml"), "latent": read(conf / "latent" / "hard.yaml")}
+    """The attack's default arguments: the packaged conf/attack/pgd.yaml on the settings every
+    attack takes (conf/attack/base/common.yaml)."""
+    return {**_packaged("attack", "base", "common.yaml"), **_packaged("attack", "pgd.yaml")}
 
 
-#: the settings every attack takes (conf/attack/base/common.yaml), and its latent attack
-COMMON_FIELDS = ("enabled", "r", "p", "num_inputs", "samples", "starts", "max_radius", "grid_step", "pixel_range",
-                 "latent")
+def default_margins() -> dict:
+    """The packaged conf/margins/default.yaml with its latent attack (conf/margins/latent/hard.yaml)."""
+    return {**_packaged("margins", "default.yaml"), "latent": _packaged("margins", "latent", "hard.yaml")}
+
+
+#: the settings every attack takes (conf/attack/base/common.yaml)
+COMMON_FIELDS = ("r", "p", "samples", "starts", "max_radius", "grid_step", "pixel_range")
+CERTIFIER = "lipvae.certify.certificates.Certifier"
 
 
 def evaluation_settings(callbacks: list[MarginCallback]) -> DictConfig:
     """The evaluation's settings of the margin callbacks (each holds its section), as ``evaluate`` reads them."""
-    sections = {cb.section: cb.settings() for cb in callbacks}
+    certify = next((cb for cb in callbacks if cb.section == "certify"), None)
+    attack = next((cb for cb in callbacks if cb.section == "attack"), None)
+    defaults = default_margins()
     return OmegaConf.create({
-        "certify": sections.get("certify", {"enabled": False}),
-        "attack": sections.get("attack", {"enabled": False}),
+        "certify": certify.settings() if certify else {"_target_": CERTIFIER},
+        "attack": attack.settings() if attack else default_attack(),
+        "margins": {"certify": bool(certify and certify.enabled), "certified_inputs": certify.num_inputs if certify else None,
+                    "attack": bool(attack and attack.enabled),
+                    "attacked_inputs": attack.num_inputs if attack else defaults["attacked_inputs"],
+                    "latent": attack.latent if attack else defaults["latent"]},
         "data": {"eval_batch_size": callbacks[0].eval_batch_size},
     })
 

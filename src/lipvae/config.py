@@ -42,21 +42,23 @@ def validate(cfg: DictConfig, machine: bool = True) -> None:
         hidden = list(cfg.model.hidden)
         _check(all(h % 2 == 0 for h in hidden), "model.hidden", hidden, "even widths (GroupSort groups of 2)")
         build_layer(cfg.model)  # its class and arguments, before any data is read
-        if cfg.certify.enabled:
+        if cfg.margins.certify:
             m = cfg.model.latent_dim
             _check(m >= 2, "model.latent_dim", m,
-                   "an integer >= 2 when certifying (the χ² bound; or certify.enabled=false)")
+                   "an integer >= 2 when certifying (the χ² bound; or margins.certify=false)")
     if machine:
         _validate_devices(cfg)
         _validate_accelerator(cfg)
-    if cfg.attack.enabled and cfg.attack.get("search") == "grid":
+    if cfg.margins.attack and cfg.attack.get("search") == "grid":
         step, top = cfg.attack.grid_step, cfg.attack.max_radius
         _check(top / step <= MAX_GRID, "attack.grid_step", step,
                f"at least attack.max_radius/{MAX_GRID} = {top / MAX_GRID:g} (at most {MAX_GRID} radii per input)")
-    check_certified_inputs(cfg.certify, cfg.attack, lipschitz)
-    if cfg.attack.enabled and machine:
+    check_certified_inputs(cfg.margins, lipschitz)
+    if cfg.margins.certify and lipschitz:
+        build_certifier(cfg.certify)  # its class and arguments, before any data is read
+    if cfg.margins.attack and machine:
         _check_attack_memory(cfg)
-        build_attack(cfg.attack)  # its class and arguments, before any data is read
+        build_attack(cfg.attack)
     if lipschitz and str(cfg.trainer.precision).startswith("64"):
         layer = str(cfg.model.layer.get("_target_", "")).rsplit(".", 1)[-1]
         _check(layer in ("BjorckLinear", "AOLLinear"), "trainer.precision", cfg.trainer.precision,
@@ -69,7 +71,7 @@ def _check_attack_memory(cfg: DictConfig) -> None:
     vectors, each decoded) would not fit in this machine's free memory is refused before any
     work, with what it would need. A lower bound: the decoded images need more."""
     attack = cfg.attack
-    samples, starts, inputs = attack.get("samples"), attack.get("starts"), attack.get("num_inputs")
+    samples, starts, inputs = attack.get("samples"), attack.get("starts"), cfg.margins.get("attacked_inputs")
     if not all(isinstance(v, int) for v in (samples, starts, inputs)):
         return
     # the attacked inputs go through the model together: samples × starts × inputs latent draws
@@ -93,14 +95,14 @@ def _free_memory() -> int | None:
     return None
 
 
-def check_certified_inputs(certify: DictConfig, attack: DictConfig, lipschitz: bool) -> None:
+def check_certified_inputs(margins: DictConfig, lipschitz: bool) -> None:
     """Each attacked input's certificate is checked against its estimated margin, so the certified
-    inputs (the first ``certify.num_inputs``; null: all) include the attacked ones. The one place
-    of this rule: ``validate``, ``evaluate`` and the margin callbacks call it."""
-    if attack.enabled and certify.enabled and lipschitz and certify.num_inputs is not None:
-        certified, attacked = certify.num_inputs, attack.num_inputs
-        _check(certified >= attacked, "certify.num_inputs", certified,
-               f"null, or at least attack.num_inputs={attacked} (each attacked input's certificate is checked)")
+    inputs (the first ``margins.certified_inputs``; null: all) include the attacked ones. The one
+    place of this rule: ``validate``, ``evaluate`` and the margin callbacks call it."""
+    if margins.attack and margins.certify and lipschitz and margins.certified_inputs is not None:
+        certified, attacked = margins.certified_inputs, margins.attacked_inputs
+        _check(certified >= attacked, "margins.certified_inputs", certified,
+               f"null, or at least margins.attacked_inputs={attacked} (each attacked input's certificate is checked)")
 
 
 #: The most radii the grid search may try per input (the reference's grid has 20: step 0.5 up to 10).
@@ -193,29 +195,27 @@ def target_class(field: str, target: str, base: type, accepted: str) -> type:
 
 def build_attack(attack: DictConfig):
     """The margin attack of the ``attack`` group: its ``_target_`` class (a
-    ``lipvae.attack.MarginAttack``) built from the group's fields but ``EVALUATION_FIELDS``."""
+    ``lipvae.attack.MarginAttack``) built from the group's fields, each an argument of it."""
     from hydra.utils import instantiate
 
     from lipvae.attack import MarginAttack
 
     target = attack.get("_target_")
     target_class("attack", target, MarginAttack, "a subclass of lipvae.attack.MarginAttack")
-    resolved = OmegaConf.to_container(attack, resolve=True)
-    # the fields of the attack's schema (a run recorded by an older lipvae may hold another
-    # attack's too; an attack of the user's takes all of its node's), less those the evaluation reads
-    schema = ATTACK_SCHEMAS.get(target)  # lipvae's own attacks: exactly their schema's fields
-    takes = None if schema is None else {f.name for f in dataclasses.fields(schema)}
-    fields = {k: v for k, v in resolved.items()
-              if k not in ("_target_", *EVALUATION_FIELDS) and (takes is None or k in takes)}
     try:
-        return instantiate({"_target_": target, **fields}, _convert_="all")
+        return instantiate(attack, _convert_="all")
     except Exception as e:
         raise _cannot_build("attack", target, e) from None
 
 
-#: the ``attack`` fields the evaluation reads (whether, on how many inputs, the latent-space
-#: attack); every other field is an argument of the attack's class
-EVALUATION_FIELDS = ("enabled", "num_inputs", "latent")
+def build_certifier(certify: DictConfig):
+    """The certifier of the ``certify`` group (``lipvae.certify.certificates.Certifier``)."""
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(certify, _convert_="all")
+    except Exception as e:
+        raise _cannot_build("certify", certify.get("_target_"), e) from None
 
 
 def build_layer(model: DictConfig):

@@ -41,7 +41,7 @@ log = logging.getLogger("lipvae")
 
 #: what a re-evaluation may change: the model and the data are the run's (``data.root`` and
 #: ``data.path`` only say where its files are now: they are checked against the recorded digests)
-CHANGEABLE = ("certify.", "attack", "seed", "data.root", "data.path")
+CHANGEABLE = ("certify.", "attack", "margins", "seed", "data.root", "data.path")
 
 
 def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[str, ...] = CHANGEABLE,
@@ -56,7 +56,8 @@ def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[s
     from lipvae.stored import check_stored_targets, complete_config, load_config, resolved, run_choices
 
     parsed = parse_overrides(overrides, sweeps="refuse")
-    accepted = ", ".join(f"{c}*" if c.endswith(".") else f"{c}, {c}.*" if c == "attack" else c for c in changeable)
+    accepted = ", ".join(f"{c}*" if c.endswith(".") else f"{c}, {c}.*" if c in ("attack", "margins") else c
+                         for c in changeable)
     for text, o in parsed:
         key = o.key_or_group
         if not key.startswith(changeable):
@@ -64,12 +65,12 @@ def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[s
                             f"(the model and data are the run's: train a new run for those)")
         if o.is_add() or o.is_delete() or o.is_force_add():
             raise UserError(f"{text}: only key=value (fields are neither added nor removed in a re-evaluation)")
-    groups = {o.key_or_group for _, o in parsed if o.key_or_group in ("attack", "attack/latent")}
+    groups = {o.key_or_group for _, o in parsed if o.key_or_group in ("attack", "margins/latent")}
     base = [c for c in run_choices(run_dir) if c.split("=", 1)[0] not in groups]
     composed = compose_config(base + [text for text, _ in parsed], config_dirs=config_dirs)
     source = RunFolder(run_dir).config_file
     cfg = resolved(complete_config(run_dir, load_config(source), defaults=composed), source)
-    order = {"attack": 0, "attack/latent": 1}  # a group's node first, then the fields set in it
+    order = {"attack": 0, "margins/latent": 1}  # a group's node first, then the fields set in it
     for _, o in sorted(parsed, key=lambda p: order.get(p[1].key_or_group, 2)):
         key = o.key_or_group.replace("/", ".")
         value = OmegaConf.select(composed, key)
@@ -94,11 +95,13 @@ def _reusable(stored: Results | None, cfg: DictConfig, run_dir: Path) -> tuple[p
         log.warning("%s: the recorded config cannot be completed (%s); attacking again", run_dir, type(e).__name__)
         return None, None
     old_attack, new_attack = dict(old.get("attack") or {}), OmegaConf.to_container(cfg.attack, resolve=True)
+    old_margins, new_margins = dict(old.get("margins") or {}), OmegaConf.to_container(cfg.margins, resolve=True)
 
     def core(settings: dict) -> dict:
-        return {k: v for k, v in settings.items() if k not in ("latent", "enabled", "compile")}  # not what is attacked
+        return {k: v for k, v in settings.items() if k != "compile"}  # compiling changes the speed, not the search
 
-    if core(old_attack) != core(new_attack) or old.get("seed") != cfg.seed:
+    if core(old_attack) != core(new_attack) or old.get("seed") != cfg.seed \
+            or old_margins.get("attacked_inputs") != new_margins.get("attacked_inputs"):
         return None, None
     try:
         table = pd.read_csv(run_dir / MARGINS_TABLE)
@@ -108,7 +111,7 @@ def _reusable(stored: Results | None, cfg: DictConfig, run_dir: Path) -> tuple[p
     if not {"index", "label", "estimated", "censored"} <= set(table.columns):
         log.warning("%s: %s lacks the columns of an estimated-margin table; attacking again", run_dir, MARGINS_TABLE)
         return None, None
-    latent = stored.latent_attack if old_attack.get("latent") == new_attack.get("latent") else None
+    latent = stored.latent_attack if old_margins.get("latent") == new_margins.get("latent") else None
     return table, latent
 
 
@@ -144,9 +147,9 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
     run_dir, weights = locate(Path(path))
     cfg = reevaluation_config(run_dir, overrides, changeable, config_dirs)
     validate(cfg)  # before the model is loaded: a bad value costs nothing
-    if certificates and (cfg.model.kind != "lipschitz" or not cfg.certify.enabled):
+    if certificates and (cfg.model.kind != "lipschitz" or not cfg.margins.certify):
         raise UserError(f"run: {run_dir} has no certificates to recompute (model.kind={cfg.model.kind}, "
-                        f"certify.enabled={cfg.certify.enabled}); only Lipschitz VAEs have them")
+                        f"margins.certify={cfg.margins.certify}); only Lipschitz VAEs have them")
     vae, cfg, run_dir = load_model(Path(path), cfg)
     stored = _stored_record(run_dir)
     if replace and weights.name != FROZEN:
@@ -210,15 +213,15 @@ def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, p
         "timings": ev.timings(time.perf_counter() - start),
     }
     body = {"run": str(run_dir), "weights": weights.name, **record, **part,
-            "config": {"certify": OmegaConf.to_container(cfg.certify),
-                       "attack": OmegaConf.to_container(cfg.attack), "seed": cfg.seed}}
+            "config": {"certify": OmegaConf.to_container(cfg.certify), "attack": OmegaConf.to_container(cfg.attack),
+                       "margins": OmegaConf.to_container(cfg.margins), "seed": cfg.seed}}
     write_evaluation(out_dir, body)
     if not replace:
         return out_dir, part
     for name, value in part.items():  # the evaluation's parts, all together (Results.EVALUATION_PARTS)
         setattr(stored, name, value)
     stored.config = {**(stored.config or {}), "certify": OmegaConf.to_container(cfg.certify),
-                     "attack": OmegaConf.to_container(cfg.attack)}
+                     "attack": OmegaConf.to_container(cfg.attack), "margins": OmegaConf.to_container(cfg.margins)}
     kept = _new_folder(RunFolder(run_dir).evaluations / f"{stamp}-replaced")
     made.append(kept)
     stored.evaluation = {**record, "made_in": f"evaluations/{out_dir.name}", "replaced": f"evaluations/{kept.name}"}
@@ -293,22 +296,24 @@ def _new_folder(path: Path) -> Path:
             candidate = path.with_name(f"{path.name}-{k}")
 
 
-USAGE = ("python -m lipvae.evaluate <run folder> [certify.*=... attack=... attack.*=... seed=...] [--replace] [--fresh]"
+USAGE = ("python -m lipvae.evaluate <run folder> [certify.*=... attack=... attack.*=... margins.*=... seed=...] [--replace]"
+         " [--fresh]"
          " [--config-dir DIR]")
 
 HELP = f"""usage: {USAGE}
 
 Run the evaluation pipeline again on a finished run: certify its test inputs, attack the first
-attack.num_inputs of them, check every certificate against its estimated margin (soundness), and
+margins.attacked_inputs of them, check every certificate against its estimated margin (soundness), and
 write the tables, figures and evaluation.json into a new folder <run>/evaluations/<time>/.
 
 arguments:
   <run folder>        a lipvae run folder (or a checkpoint inside one). Its files are read as data:
                       only lipvae's own classes, or yours given with --config-dir, are ever built.
   certify.*=...       the certificates: certify.r=[8] certify.p=[0.5] certify.forms=[tight,cantelli]
-                      certify.num_inputs=N (null: the whole test split)
   attack=NAME         another attack (pgd, lbfgs, or one of yours with --config-dir); attack.*=...
-                      its settings (attack.num_inputs, attack.starts, attack.steps, attack.samples)
+                      its settings (attack.starts, attack.steps, attack.samples)
+  margins.*=...       which inputs: margins.certified_inputs=N (null: the whole test split),
+                      margins.attacked_inputs=N; margins.latent.budget=C (the latent attack's)
   seed=N              seeds the attack and the certifier (the run's data split stays its own)
   data.root=DIR       where a moved run's data now is (still checked against the recorded digests);
   data.path=FILE      data.path for a tensor-file run

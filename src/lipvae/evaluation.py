@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lipvae.attack import latent_space_attack
-from lipvae.config import build_attack, check_certified_inputs
+from lipvae.config import build_attack, build_certifier, check_certified_inputs
 from lipvae.errors import UserError
 from lipvae.certify.bounds import SAMPLED_FORMS
-from lipvae.certify.certificates import certify_test_split, column_suffix
+from lipvae.certify.certificates import column_suffix
 from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
 from lipvae.results import Results, atomic_write_text, write_table
 
@@ -142,21 +142,22 @@ def evaluate(
     reuse: pd.DataFrame | None = None,
     reuse_latent: dict | None = None,
 ) -> Evaluation:
-    """Certify the first ``cfg.certify.num_inputs`` test inputs (Lipschitz VAEs), attack the first
-    ``cfg.attack.num_inputs``, check that no certificate exceeds its estimated margin, and write
+    """Certify the first ``cfg.margins.certified_inputs`` test inputs (Lipschitz VAEs) with the
+    ``certify`` group's certifier, attack the first ``cfg.margins.attacked_inputs`` with the
+    ``attack`` group's attack, check that no certificate exceeds its estimated margin, and write
     the tables and figures to ``out_dir``. ``reuse``: an earlier evaluation's margins table
     (same attack settings) whose estimated margins are taken instead of attacking again."""
-    check_certified_inputs(cfg.certify, cfg.attack, vae.kind == "lipschitz")
+    check_certified_inputs(cfg.margins, vae.kind == "lipschitz")
     out = Output(Path(out_dir), loggers, step, progress)
     ev = Evaluation()
     cert_table = None
-    if cfg.certify.enabled and vae.kind == "lipschitz":
+    if cfg.margins.certify and vae.kind == "lipschitz":
         start = time.perf_counter()
-        cert_table, ev.certified = _certify(vae, test, cfg.certify, cfg.data.eval_batch_size, out)
+        cert_table, ev.certified = _certify(vae, test, cfg, cfg.data.eval_batch_size, out)
         ev.certify_s = time.perf_counter() - start
-    elif cfg.certify.enabled:
+    elif cfg.margins.certify:
         log.info("standard VAE: its Lipschitz constants are unknown, so no certificate (certified: null)")
-    if cfg.attack.enabled:
+    if cfg.margins.attack:
         start = time.perf_counter()
         # Lightning tests under inference mode; attacks need gradients with respect to inputs
         with torch.inference_mode(False), torch.enable_grad():
@@ -165,11 +166,9 @@ def evaluate(
     return ev
 
 
-def _certify(vae, test, cc: DictConfig, batch_size: int, out: Output):
-    table, summary = certify_test_split(
-        vae, test, cc.num_inputs, vae.lipschitz_constants(), list(cc.r), list(cc.p), list(cc.forms), batch_size,
-        OmegaConf.to_container(cc.coupled) if "coupled" in cc else None,
-    )
+def _certify(vae, test, cfg: DictConfig, batch_size: int, out: Output):
+    cc = cfg.certify
+    table, summary = build_certifier(cc).certify_split(vae, test, cfg.margins.certified_inputs, batch_size)
     write_table(out.dir / CERTIFIED_TABLE, table)
     summary["table"] = CERTIFIED_TABLE
     held = summary.get("holds_with_probability", 1.0)
@@ -204,7 +203,7 @@ def _attack(ev: Evaluation, vae, test, cfg: DictConfig, cert_table, seed: int, o
     ac = cfg.attack
     device = next(vae.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    n = min(ac.num_inputs, len(test))
+    n = min(cfg.margins.attacked_inputs, len(test))
     attack = build_attack(ac)
     table = _estimate(attack, vae, test, n, gen, seed, out) if reuse is None else _reused(reuse)
     cert_cols = _join_certified(table, cert_table, cfg.certify, float(ac.r), float(ac.p))
@@ -226,7 +225,7 @@ def _attack(ev: Evaluation, vae, test, cfg: DictConfig, cert_table, seed: int, o
     if reuse_latent is not None:
         ev.latent_attack = reuse_latent
     else:
-        ev.latent_attack, figure = _latent_attack(vae, test, ac, device, gen, out.dir)
+        ev.latent_attack, figure = _latent_attack(vae, test, cfg.margins.latent, bool(ac.pixel_range), device, gen, out.dir)
         figures.append(figure)
     metrics = {f"estimated/{k}": ev.estimated[k] for k in ("mean", "median", "min", "censored")}
     if ev.soundness_violations is not None:
@@ -311,14 +310,13 @@ def _join_certified(table, cert_table, cc, r: float, p: float) -> list[str]:
     return [c.removesuffix(suffix) for c in cols]
 
 
-def _latent_attack(vae, test, ac, device, gen, out_dir: Path):
-    lat = ac.latent
+def _latent_attack(vae, test, lat, pixel_range: bool, device, gen, out_dir: Path):
     n = min(lat.num_inputs, len(test))
     targets = other_class_targets(test.labels)[:n]
     x, xt = test.images[:n].to(device), test.images[targets].to(device)
     soft = lat.kind == "soft"
     res = latent_space_attack(
-        vae, x, xt, 0.0 if soft else lat.budget, starts=1, steps=lat.steps, pixel_range=ac.pixel_range,
+        vae, x, xt, 0.0 if soft else lat.budget, starts=1, steps=lat.steps, pixel_range=pixel_range,
         generator=gen, kind=lat.kind, penalty=lat.penalty if soft else 0.0, lr=lat.lr if soft else 0.0,
     )
     summary = {

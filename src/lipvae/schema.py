@@ -215,7 +215,7 @@ def _list_of(ok, words):
 
 
 def _certifying(root) -> bool:
-    return bool(root.certify.enabled)
+    return bool(root.margins.certify)
 
 
 def _coupled(root) -> bool:
@@ -231,18 +231,18 @@ class CoupledConfig:
 
 @dataclass
 class CertifyConfig:
-    enabled: bool = MISSING
+    """``certify``: the arguments of its ``_target_`` (``lipvae.certify.certificates.Certifier``)."""
+
+    _target_: str = MISSING
     r: List[float] = spec(_list_of(POSITIVE[0], "a list of numbers > 0"), when=_certifying)
     p: List[float] = spec(_list_of(UNIT[0], "a list of numbers in (0, 1)"), when=_certifying)
     forms: List[str] = spec(_list_of(lambda v: v in CERTIFY_FORMS, f"a list drawn from {', '.join(CERTIFY_FORMS)}"),
                             when=_certifying)
-    num_inputs: Optional[int] = spec((lambda v: v is None or (_int(v) and v > 0), "a positive integer or null"), None,
-                                     when=_certifying)
     coupled: CoupledConfig = field(default_factory=CoupledConfig)
 
 
 def _attacking(root) -> bool:
-    return bool(root.attack.enabled)
+    return bool(root.margins.attack)
 
 
 @dataclass
@@ -256,23 +256,33 @@ class LbfgsConfig:
 @dataclass
 class LatentAttackConfig:
     kind: LatentKind = MISSING
-    budget: Optional[float] = spec(NONNEG, None, when=lambda root: _attacking(root) and root.attack.latent.kind == "hard")
-    penalty: Optional[float] = spec(NONNEG, None, when=lambda root: _attacking(root) and root.attack.latent.kind == "soft")
-    lr: Optional[float] = spec(POSITIVE, None, when=lambda root: _attacking(root) and root.attack.latent.kind == "soft")
+    budget: Optional[float] = spec(NONNEG, None, when=lambda root: _attacking(root) and root.margins.latent.kind == "hard")
+    penalty: Optional[float] = spec(NONNEG, None, when=lambda root: _attacking(root) and root.margins.latent.kind == "soft")
+    lr: Optional[float] = spec(POSITIVE, None, when=lambda root: _attacking(root) and root.margins.latent.kind == "soft")
     num_inputs: int = spec(POSITIVE_INT, when=_attacking)
     steps: int = spec(POSITIVE_INT, when=_attacking)
 
 
 @dataclass
-class AttackConfig:
-    """What every margin attack takes (``attack/<option>.yaml``); the evaluation reads ``enabled``,
-    ``num_inputs`` and ``latent``, the attack's class the rest."""
+class MarginsConfig:
+    """``margins``: which margins an evaluation computes and on which test inputs (the ``certify``
+    and ``attack`` groups are the objects that compute them), and the latent-space attack."""
 
-    _target_: str = MISSING  # a lipvae.attack.MarginAttack subclass, given the fields it names
-    enabled: bool = MISSING
+    certify: bool = MISSING
+    certified_inputs: Optional[int] = spec((lambda v: v is None or (_int(v) and v > 0), "a positive integer or null"),
+                                           None, when=_certifying)
+    attack: bool = MISSING
+    attacked_inputs: int = spec(POSITIVE_INT, when=_attacking)
+    latent: LatentAttackConfig = MISSING
+
+
+@dataclass
+class AttackConfig:
+    """What every margin attack takes (``attack/<option>.yaml``): arguments of its class."""
+
+    _target_: str = MISSING  # a lipvae.attack.MarginAttack subclass, given every field
     r: float = spec(POSITIVE, when=_attacking)
     p: float = spec(UNIT, when=_attacking)
-    num_inputs: int = spec(POSITIVE_INT, when=_attacking)
     samples: int = spec(POSITIVE_INT, when=_attacking)
     starts: int = spec(POSITIVE_INT, when=_attacking)
     max_radius: float = spec((lambda v: _num(v) and 0 < v <= 1e6, "a positive number up to 1e6 (a radius in input"
@@ -280,7 +290,6 @@ class AttackConfig:
                              when=_attacking)
     grid_step: float = spec(POSITIVE, when=_attacking)
     pixel_range: bool = MISSING
-    latent: LatentAttackConfig = MISSING
 
 
 @dataclass
@@ -365,6 +374,7 @@ class RootConfig:
     logger: Any = None     # named entries, each a Lightning logger
     certify: Any = MISSING
     attack: Any = MISSING
+    margins: Any = MISSING
 
 
 GROUPS: dict[str, type] = {
@@ -374,6 +384,7 @@ GROUPS: dict[str, type] = {
     "data": ImageDataConfig,
     "certify": CertifyConfig,
     "attack": PgdAttackConfig,
+    "margins": MarginsConfig,
 }
 
 #: the schemas of the named entries lipvae ships (checked where the entry is present; the

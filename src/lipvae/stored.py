@@ -84,8 +84,8 @@ def locate(path: Path) -> tuple[Path, Path]:
 
 #: the config groups a recorded run's choices are read for (experiment and variant presets only
 #: set fields of these, which the recorded config holds already)
-_GROUPS = ("data", "module", "model", "trainer", "logger", "certify", "attack", "callbacks", "model/layer",
-           "attack/latent")
+_GROUPS = ("data", "module", "model", "trainer", "logger", "certify", "attack", "margins", "callbacks", "model/layer",
+           "margins/latent")
 
 def complete_config(run_dir: Path, cfg: DictConfig, defaults: DictConfig | dict | None = None) -> DictConfig:
     """A recorded run's config over today's defaults for the same group choices (a choice that

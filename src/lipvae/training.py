@@ -254,7 +254,7 @@ def margins(built: Built, cfg: DictConfig, run_dir: Path) -> Evaluation:
     the one pipeline, also ``python -m lipvae.evaluate``'s), its tables and figures written to the
     run folder (its timings: ``Evaluation.timings``). The global random state is left as it was, so the test
     metrics that follow draw what they would without the margins."""
-    if not (cfg.certify.enabled or cfg.attack.enabled):
+    if not (cfg.margins.certify or cfg.margins.attack):
         return Evaluation()
     with torch.random.fork_rng(devices=[]):
         return evaluate(built.vae, test_split(built.datamodule), cfg, run_dir, cfg.seed, loggers=built.loggers,

@@ -4,7 +4,7 @@
   ``attack`` config group subclasses), the resumable search state;
 - ``pgd``: lipvae's batched attack (``attack=pgd``);
 - ``lbfgs``: the reference procedure (``attack=lbfgs``);
-- ``latent``: the latent-space attack (``attack/latent=hard|soft``).
+- ``latent``: the latent-space attack (``margins/latent=hard|soft``).
 """
 
 from lipvae.attack.base import AttackResult, MarginAttack, SearchState, damage, robust_probability

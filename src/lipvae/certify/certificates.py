@@ -213,6 +213,22 @@ def certify_test_split(vae, test, num_inputs, constants, r, p, forms, batch_size
     )
 
 
+class Certifier:
+    """The certify group's object (``conf/certify/default.yaml``, built by ``instantiate``): the
+    certified margins at every (r, p) of ``r`` × ``p`` for each of ``forms`` (the first form and
+    the first (r, p) are summarised); ``coupled``: the coupled form's samples, alpha and seed."""
+
+    def __init__(self, r=(8.0,), p=(0.5,), forms=("tight", "exact", "paper"), coupled: dict | None = None) -> None:
+        self.r, self.p, self.forms = [float(v) for v in r], [float(v) for v in p], list(forms)
+        self.coupled = dict(coupled) if coupled is not None else None
+
+    def certify_split(self, vae, test, num_inputs: int | None, batch_size: int = 1000):
+        """The certified-margin table and summary of the first ``num_inputs`` (None: all) inputs
+        of a test split, from the VAE's measured constants."""
+        return certify_test_split(vae, test, num_inputs, vae.lipschitz_constants(), self.r, self.p, self.forms,
+                                  batch_size, self.coupled)
+
+
 def computed_gamma(vae) -> float:
     """The fixed σ the model actually computes with: γ rounded to the model's dtype (float32(0.1)
     is 0.10000000149 > 0.1, and a certificate may not rely on the nominal value)."""
