@@ -93,7 +93,7 @@ def test_default_writes_beside_the_run_and_reuses_an_unchanged_attack(run, capsy
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["model.latent_dim=3"], "error: model.latent_dim: cannot change in a re-evaluation; accepted: certify.*, attack, attack.*, seed"),
+        (["model.latent_dim=3"], "error: model.latent_dim: cannot change in a re-evaluation; accepted: certify.*, attack, attack.*, margins, margins.*, seed"),
         (["attack.stepz=3"], "error: attack.stepz: no such field; did you mean attack.steps?"),
         (["attack.steps=0"], "error: attack.steps: got 0; accepted: a positive integer"),
         (["attack.steps=abc"], "error: attack.steps: got 'abc'; accepted: a positive integer"),  # training's line
@@ -130,12 +130,11 @@ def test_latent_attack_summary_says_how_far_toward_the_target(tmp_path):
     vae = VAE(input_shape=(1, 28, 28), latent_dim=2, hidden=(16, 16), std_mode="fixed", gamma=0.1).freeze().eval()
     gen = torch.Generator().manual_seed(0)
     test = TensorBatches(torch.rand(6, 784, generator=gen), torch.tensor([0, 1, 0, 1, 0, 1]), torch.arange(6))
-    ac = OmegaConf.create({"pixel_range": True, "latent": {"kind": "hard", "budget": 0.0, "num_inputs": 6,
-                                                           "steps": 200, "penalty": None, "lr": None}})
-    still, _ = _latent_attack(vae, test, ac, "cpu", gen, tmp_path)
+    latent = OmegaConf.create({"kind": "hard", "budget": 0.0, "num_inputs": 6, "steps": 200, "penalty": None, "lr": None})
+    still, _ = _latent_attack(vae, test, latent, True, "cpu", gen, tmp_path)
     assert still["median_share_moved"] == 0.0 and still["closer_to_target"] == 0.0
-    ac.latent.budget = 28.0  # the pixel box's diameter: x + δ may become the target itself
-    far, _ = _latent_attack(vae, test, ac, "cpu", gen, tmp_path)
+    latent.budget = 28.0  # the pixel box's diameter: x + δ may become the target itself
+    far, _ = _latent_attack(vae, test, latent, True, "cpu", gen, tmp_path)
     assert far["median_share_moved"] == pytest.approx(1.0, abs=0.05) and far["closer_to_target"] == 1.0
 
 

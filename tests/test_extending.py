@@ -61,7 +61,7 @@ def my_conf(tmp_path):
     (conf / "model" / "layer" / "spectral.yaml").write_text(
         f"_target_: {__name__}.SpectralLinear\n_partial_: true\ninit_gain: 3.0\n")
     (conf / "attack" / "random.yaml").write_text(
-        f"defaults:\n  - base/common@_here_\n  - latent: hard\n  - _self_\n\n_target_: {__name__}.RandomDirectionAttack\ngrid_step: 0.25\n")
+        f"defaults:\n  - base/common@_here_\n  - _self_\n\n_target_: {__name__}.RandomDirectionAttack\ngrid_step: 0.25\n")
     return conf
 
 

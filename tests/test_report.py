@@ -32,7 +32,7 @@ def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):
     # compact table: model, then epochs and why training ended
     assert f"| L=5 | {epochs} | {stop} |" in md and f"| L=7 | {epochs} | {stop} |" in md
     assert "Soundness violations (certified > estimated): 0 in 2 checked run(s) of 2 completed" in md
-    for line in ("- **preset**: smoke", "- **data**: mnist resplit-test (432/48/120 train/val/test)",
+    for line in ("- **tier**: smoke", "- **data**: mnist resplit-test (432/48/120 train/val/test)",
                  "- **estimated margins**: r=8, p=0.5, 6 inputs, 20 samples × 2 starts, 10 steps, bisection"):
         assert line in md, line
     code = json.loads(next(sweep.glob("*_lipschitz_*/results.json")).read_text())["run"]["code"]

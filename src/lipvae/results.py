@@ -116,7 +116,7 @@ class Results:
             raise ResultsError(f"a JSON {type(record).__name__}, not an object")
         known = {f.name for f in fields(cls)} - {"extra"}
         parts = {k: v for k, v in record.items() if k in known}
-        return cls(**{"status": "unknown", "schema_version": 0, **parts}, extra={k: v for k, v in record.items() if k not in known})
+        return cls(**{"status": "unknown", "schema_version": None, **parts}, extra={k: v for k, v in record.items() if k not in known})
 
     @classmethod
     def read(cls, run_dir: Path) -> "Results":
@@ -171,17 +171,18 @@ class Results:
 
 
 def check_record_version(run_dir: Path, doing: str) -> None:
-    """A run recorded under another version of the record (``SCHEMA_VERSION``; none: before
-    versions were kept) is refused in one line before anything is read from it: its config does
-    not compose with today's groups. ``doing``: what was asked (resume, re-evaluate, certify).
-    A folder without a readable results.json (a run killed in training) is left to the caller."""
+    """A run recorded under another version of the record (``SCHEMA_VERSION``) is refused in one
+    line before anything is read from it: its config does not compose with today's groups.
+    ``doing``: what was asked (resume, evaluate). A folder without a readable, versioned
+    results.json (a run killed in training, a corrupt or foreign file: lipvae has written the
+    version since its first release) is left to the caller's own checks."""
     from lipvae.errors import UserError
 
     try:
         record = Results.read(run_dir)
     except ResultsError:
         return
-    if record.schema_version != SCHEMA_VERSION:
+    if record.schema_version is not None and record.schema_version != SCHEMA_VERSION:
         code = (record.run or {}).get("code") if isinstance(record.run, dict) else None
         raise UserError(
             f"run: {run_dir} was recorded with record version {record.schema_version} and this lipvae reads"

@@ -32,7 +32,7 @@ MAY_DIFFER_ON_RESUME = ("resume", "module.lr", "trainer.enable_progress_bar", "t
                         "module.num_importance", "objective", "likelihood_floor")
 # ... the evaluation's settings: the trained state does not depend on them, and the evaluation
 # of a resumed run starts over with the settings given; and the loggers
-MAY_DIFFER_PREFIXES = ("attack.", "certify.", "logger.")
+MAY_DIFFER_PREFIXES = ("attack.", "certify.", "margins.", "logger.")
 LOCK_FILE = ".lipvae.lock"
 
 

@@ -158,13 +158,14 @@ def _down(x: float, digits: int = 6) -> float:
 
 def recertify(path: Path, overrides: list[str] = (), replace: bool = False) -> dict:
     """``lipvae.certify model``: the evaluation pipeline (``lipvae.evaluation``, through ``lipvae.evaluate``) with other
-    certificate settings (``certify.*`` overrides). The stored estimated margins are reused when
+    certificate settings (``certify.*`` and ``margins.certified_inputs`` overrides). The stored estimated margins are reused when
     the attack is unchanged, so the soundness check is redone against the new certificates.
     Written to a new folder under ``<run>/evaluations/`` (``replace``: into the run, keeping the
     old files)."""
     from lipvae.evaluate import reevaluate
 
-    out, part = reevaluate(Path(path), list(overrides), replace=replace, changeable=("certify.",), certificates=True)
+    out, part = reevaluate(Path(path), list(overrides), replace=replace, changeable=("certify.", "margins.certified_inputs"),
+                            certificates=True)
     return {**part["certified"], "written_to": str(out), "soundness_violations": part["soundness_violations"]}
 
 
