@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
@@ -269,9 +271,6 @@ def cli() -> None:
     flags = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]
     # a single value where a list is meant (certify.r=8) is that list ([8]), for Hydra too
     sys.argv[1:] = flags + [as_list_where_meant(a) for a in sys.argv[1:] if a not in ("-m", "--multirun")]
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import ConfigCompositionException
-
     argv = sys.argv[1:]
     plain = not any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv)  # no other Hydra flag
     full_error = os.environ.get("HYDRA_FULL_ERROR")
@@ -289,10 +288,13 @@ def cli() -> None:
         try:
             main()
         except ConfigCompositionException as e:  # MissingConfigException included
-
             GlobalHydra.instance().clear()
-            overrides = [o for o, _ in parse_overrides([a for a in argv if a not in flags])]
-            raise composition_error(e, overrides, lambda items: compose_config(items)) from None
+            texts = [a for a in argv if "=" in a and not a.startswith("-")]  # the overrides, not the flags
+            try:
+                overrides = [o for o, _ in parse_overrides(texts)]
+            except UserError:
+                overrides = texts
+            raise composition_error(e, overrides, compose_config) from None
     except (UserError, Refused) as e:
         print(f"error: {e.args[0] if isinstance(e, Refused) else e}", file=sys.stderr)
         sys.exit(2)
