@@ -69,7 +69,7 @@ def test_certificate_holds_on_the_trained_network(runs, monkeypatch, synthetic_r
     monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))  # the data the runs trained on
     vae, cfg, _ = load_model(runs[("lipschitz", "learned")])
     table = pd.read_csv(runs[("lipschitz", "learned")] / "certified_margins.csv")
-    from lipvae.config import build_datamodule
+    from lipvae.build import build_datamodule
 
     test = build_datamodule(cfg.data, cfg.seed).split("test")
     torch.manual_seed(0)

@@ -119,7 +119,8 @@ def test_data_schema_covers_every_argument_of_the_data_module():
 def test_data_group_builds_its_target_old_records_included():
     from omegaconf import OmegaConf
 
-    from lipvae.config import build_datamodule, validate
+    from lipvae.build import build_datamodule
+    from lipvae.config import validate
 
     cfg = composed("data.limit=50")
     dm = build_datamodule(cfg.data, seed=3)

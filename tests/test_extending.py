@@ -10,7 +10,8 @@ import torch
 
 from conftest import CONF, composed
 from lipvae.attack import AttackResult, MarginAttack, robust_probability
-from lipvae.config import build_attack, build_vae, validate
+from lipvae.build import build_attack, build_vae
+from lipvae.config import validate
 from lipvae.data import TensorBatches
 from lipvae.evaluation import evaluate
 from lipvae.networks import LipschitzLinear

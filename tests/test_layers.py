@@ -13,7 +13,7 @@ import torch
 from torch.func import jacrev, vmap
 
 from conftest import composed, synthetic_data_dir
-from lipvae.config import build_layer
+from lipvae.build import build_layer
 from lipvae.errors import UserError
 from lipvae.module import StiefelAdam, make_optimizer
 from lipvae.networks import (

@@ -13,7 +13,7 @@ LAYERS = [
      "certify.bounds", "logs"},
     {"vae", "certify.coupled", "certify.certificates", "certify.tightness"},
     {"attack", "attack.base", "attack.pgd", "attack.lbfgs", "attack.latent", "module"},
-    {"schema", "runfolder"},
+    {"schema", "runfolder", "build"},
     {"config"},
     {"stored"},
     {"evaluation", "callbacks"},

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import SMOKE, composed, every_kth_fast, run_cli, start_cli
-from lipvae.config import build_entries, check_overrides, validate
+from lipvae.build import build_entries
+from lipvae.config import check_overrides, validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnException, VAEModule
@@ -644,7 +645,7 @@ def test_every_group_node_is_its_classs_arguments():
 
     from hydra.utils import get_class
 
-    from lipvae.config import build_attack, build_certifier
+    from lipvae.build import build_attack, build_certifier
 
     for option in ("pgd", "pgd_cold", "pgd_quick", "pgd_smoke", "lbfgs"):
         node = composed(f"attack={option}").attack

@@ -221,7 +221,7 @@ def test_two_devices_train_together_and_rank_zero_alone_records(tmp_path):
 
 
 def test_a_data_limit_too_small_for_the_splits_is_caught_before_training(synthetic_root):
-    from lipvae.config import build_datamodule
+    from lipvae.build import build_datamodule
 
     cfg = composed(*SMOKE, "data.limit=1", f"data.root={synthetic_root / 'mnist'}")
     with pytest.raises(UserError, match=r"data.limit: got 1, which leaves 0 training and 1 test images; accepted"):

@@ -178,7 +178,7 @@ def _phases(patience, finetune=None):
     and a one-batch loader for the scripted module."""
     from omegaconf import OmegaConf
 
-    from lipvae.config import build_entries
+    from lipvae.build import build_entries
 
     cfg = composed("~callbacks.model_checkpoint", "~callbacks.last_checkpoint")
     OmegaConf.update(cfg, "callbacks.early_stopping.patience", patience)

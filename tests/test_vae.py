@@ -58,7 +58,7 @@ def test_model_schema_covers_every_argument_of_the_vae():
     from lipvae.schema import ModelConfig
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    # VAE's argument -> the model field it is built from (lipvae.config.build_vae)
+    # VAE's argument -> the model field it is built from (lipvae.build.build_vae)
     source = {"encoder_mean_L": "lipschitz", "encoder_std_L": "lipschitz", "decoder_L": "lipschitz",
               "std_mode": "encoder_std", "gamma": "encoder_std", "max_norm": "encoder_std",
               "input_dim": None, "input_shape": None,  # the data's, given by the run

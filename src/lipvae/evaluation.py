@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig
 
 from lipvae.attack import latent_space_attack
-from lipvae.config import build_attack, build_certifier, check_certified_inputs
+from lipvae.build import build_attack, build_certifier
+from lipvae.config import check_certified_inputs
 from lipvae.errors import UserError
 from lipvae.certify.bounds import SAMPLED_FORMS
 from lipvae.certify.certificates import column_suffix

@@ -485,6 +485,12 @@ def fail(path: str, value, accepted: str):
     raise UserError(f"{path}: got {_plain(value)!r}; accepted: {accepted}")
 
 
+def check(ok: bool, path: str, value, accepted: str) -> None:
+    """``fail`` unless ``ok``."""
+    if not ok:
+        fail(path, value, accepted)
+
+
 def check_fields(root: DictConfig, prefix: str, schema: type) -> None:
     """Every constrained field of ``schema`` under ``prefix``, nested schemas included."""
     for f in dataclasses.fields(schema):

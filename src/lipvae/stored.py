@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lipvae.config import build_vae, hydra_compose
+from lipvae.build import build_vae
+from lipvae.config import hydra_compose
 from lipvae.errors import UserError
 from lipvae.results import FROZEN_MODEL, RunFolder, check_record_version
 from lipvae.safety import check_entries, check_targets, read_regular, targets_in, targets_in_folder
@@ -242,7 +243,7 @@ def rebuild_data(run_dir: Path, cfg: DictConfig):
     re-evaluation sets for its attack), checked against the recorded file and index digests.
     ``cfg.data`` may still point elsewhere for the files (``data.root``). One line when the
     split cannot be rebuilt exactly."""
-    from lipvae.config import build_datamodule
+    from lipvae.build import build_datamodule
 
     record = recorded_data(run_dir)
     seed = record.get("seed")

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.stored import input_shape_of, load_best_weights, load_checkpoint, load_state
-from lipvae.config import build_datamodule, build_entries, build_module, build_trainer, build_vae, validate
+from lipvae.build import build_datamodule, build_entries, build_module, build_trainer, build_vae
+from lipvae.config import validate
 from lipvae.data import check_datamodule
 from lipvae.errors import UserError
 from lipvae.evaluation import Evaluation, evaluate, test_split

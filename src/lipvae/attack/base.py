@@ -183,7 +183,7 @@ class MarginAttack:
     A new attack subclasses this and implements ``estimate``; a YAML file in ``conf/attack/``
     names it in ``_target_``. Its constructor takes the attack group's fields it needs, by name
     (``r``, ``p``, ``samples``, ``starts``, ``max_radius``, ``pixel_range``, … and any of its
-    own); ``lipvae.config.build_attack`` passes exactly those.
+    own); ``lipvae.build.build_attack`` passes exactly those.
     """
 
     #: how results.json names the attack (``estimated.method``); the class name when None
