@@ -35,6 +35,7 @@ from lipvae.config import check_certified_inputs
 from lipvae.errors import UserError
 from lipvae.evaluation import evaluate, test_split, write_evaluation
 from lipvae.results import code_version
+from lipvae.safety import packaged_config
 from lipvae.stored import load_best_weights
 
 log = logging.getLogger("lipvae")
@@ -118,24 +119,15 @@ class EstimatedMargins(MarginCallback):
         return dict(self.attack)
 
 
-def _packaged(*parts: str) -> dict:
-    """A packaged config file read as data (no Hydra composition, which an app may hold)."""
-    from importlib import resources
-
-    node = OmegaConf.to_container(OmegaConf.create((resources.files("lipvae.conf").joinpath(*parts)).read_text()))
-    node.pop("defaults", None)
-    return node
-
-
 def default_attack() -> dict:
     """The attack's default arguments: the packaged conf/attack/pgd.yaml on the settings every
     attack takes (conf/attack/base/common.yaml)."""
-    return {**_packaged("attack", "base", "common.yaml"), **_packaged("attack", "pgd.yaml")}
+    return {**packaged_config("attack", "base", "common.yaml"), **packaged_config("attack", "pgd.yaml")}
 
 
 def default_margins() -> dict:
     """The packaged conf/margins/default.yaml with its latent attack (conf/margins/latent/hard.yaml)."""
-    return {**_packaged("margins", "default.yaml"), "latent": _packaged("margins", "latent", "hard.yaml")}
+    return {**packaged_config("margins", "default.yaml"), "latent": packaged_config("margins", "latent", "hard.yaml")}
 
 
 #: the settings every attack takes (conf/attack/base/common.yaml)

@@ -402,9 +402,12 @@ class FineTune(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)
 
+    def epochs_for(self, vae) -> int:
+        """The epochs phase 2 adds for this VAE (0: it does not run, as on a standard VAE)."""
+        return self.max_epochs if self.max_epochs > 0 and getattr(vae, "kind", "lipschitz") == "lipschitz" else 0
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        vae = getattr(pl_module, "vae", None)
-        self.active = self.max_epochs > 0 and getattr(vae, "kind", "lipschitz") == "lipschitz"
+        self.active = self.epochs_for(getattr(pl_module, "vae", None)) > 0
         if not self.active:
             return
         if self.train_epochs is None and trainer.max_epochs is not None and trainer.max_epochs >= 0:

@@ -131,6 +131,17 @@ TRUSTED_PREFIXES = {"callbacks": ("lightning.pytorch.callbacks.",), "logger": ("
 
 
 @lru_cache(maxsize=1)
+def packaged_config(*parts: str) -> dict:
+    """A config file shipped in ``lipvae.conf`` (``packaged_config("certify", "default.yaml")``),
+    read as plain data by OmegaConf's safe loader, without its ``defaults`` list and without a
+    Hydra composition (which an app of the user's may hold)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(OmegaConf.create(resources.files("lipvae.conf").joinpath(*parts).read_text()))
+    node.pop("defaults", None)
+    return node
+
+
 def packaged_targets() -> frozenset[str]:
     """Every ``_target_`` that lipvae's packaged configs (``lipvae.conf``) name."""
     return frozenset(targets_in_folder(Path(str(resources.files("lipvae.conf")))))

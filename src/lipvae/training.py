@@ -326,7 +326,7 @@ def build(cfg: DictConfig, ctx: RunContext, schedule: Schedule, loggers: list, p
     vae = build_vae(cfg.model, datamodule.input_shape)
     module = build_module(cfg.module, vae)
     finetune = schedule.finetune  # phase 2's epochs come after trainer.max_epochs (phase 1's)
-    phase2 = finetune.max_epochs if finetune is not None and vae.kind == "lipschitz" and finetune.max_epochs > 0 else 0
+    phase2 = finetune.epochs_for(vae) if finetune is not None else 0
     trainer = build_trainer(cfg.trainer, ctx.run_dir, logger=loggers or False, callbacks=schedule.callbacks,
                             plugins=[AtomicCheckpointIO()], enable_progress_bar=progress,
                             **({"max_epochs": cfg.trainer.max_epochs + phase2} if phase2 else {}))

@@ -27,6 +27,7 @@ from lipvae.certify.bounds import (
 )
 from lipvae.certify.coupled import coupled_margin, dkw_width, self_damage
 from lipvae.networks import cpu_float64
+from lipvae.safety import packaged_config
 
 log = logging.getLogger("lipvae")
 #: A measured constant above nominal by more than this (relative; float rounding is ~1e-7) is
@@ -34,19 +35,10 @@ log = logging.getLogger("lipvae")
 LIPSCHITZ_TOLERANCE = 1e-5
 
 
-def _coupled_defaults() -> dict:
-    """The ``certify.coupled`` settings a run gets (``conf/certify/default.yaml``), read from that
-    file, so that a caller of ``certify`` who passes none gets the same ones."""
-    from importlib import resources
-
-    from omegaconf import OmegaConf
-
-    conf = resources.files("lipvae.conf") / "certify" / "default.yaml"
-    return dict(OmegaConf.to_container(OmegaConf.create(conf.read_text()).coupled))
-
-
-#: The coupled form's Monte Carlo: pairs per input, the certificate's failure probability, seed.
-COUPLED_DEFAULTS = _coupled_defaults()
+#: The coupled form's Monte Carlo: pairs per input, the certificate's failure probability, seed:
+#: the ``certify.coupled`` settings a run gets, so that a caller of ``certify`` who passes none
+#: gets the same ones.
+COUPLED_DEFAULTS = dict(packaged_config("certify", "default.yaml")["coupled"])
 
 
 def check_lipschitz(constants: dict) -> list[str]:
