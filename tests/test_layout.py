@@ -15,6 +15,7 @@ LAYERS = [
     {"attack", "attack.base", "attack.pgd", "attack.lbfgs", "attack.latent", "module"},
     {"schema", "runfolder", "build"},
     {"config"},
+    {"compose"},
     {"stored"},
     {"evaluation", "callbacks"},
     {"training", "report", "sweep"},

@@ -14,7 +14,8 @@ import torch
 
 from conftest import SMOKE, composed, every_kth_fast, run_cli, start_cli
 from lipvae.build import build_entries
-from lipvae.config import check_overrides, validate
+from lipvae.compose import check_overrides
+from lipvae.config import validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
 from lipvae.module import NonFiniteLossError, SaveOnException, VAEModule
@@ -22,12 +23,12 @@ from lipvae.results import Results
 from lipvae.vae import VAE
 
 BAD_INPUTS = [
-    (["enc_L=0"], "enc_L: got 0.0; accepted: a positive number"),
+    (["enc_L=0"], "enc_L: got 0; accepted: a positive number"),
     (["enc_L=abc"], "enc_L: got 'abc'; accepted: a positive number"),
-    (["dec_L=-2"], "dec_L: got -2.0; accepted: a positive number"),
-    (["model.lipschitz.decoder=0"], "model.lipschitz.decoder: got 0.0; accepted: a positive number"),
+    (["dec_L=-2"], "dec_L: got -2; accepted: a positive number"),
+    (["model.lipschitz.decoder=0"], "model.lipschitz.decoder: got 0; accepted: a positive number"),
     (["model.kind=wild"], "model.kind: got 'wild'; accepted: lipschitz, standard"),
-    (["certify.r=[0]"], "certify.r: got [0.0]; accepted: a list of numbers > 0"),
+    (["certify.r=[0]"], "certify.r: got [0]; accepted: a list of numbers > 0"),
     (["certify.p=[1.5]"], "certify.p: got [1.5]; accepted: a list of numbers in (0, 1)"),
     (["model.latent_dim=0"], "model.latent_dim: got 0; accepted: a positive integer"),
     (["model.latent_dim=1"], "model.latent_dim: got 1; accepted: an integer >= 2 when certifying"),
@@ -40,13 +41,13 @@ BAD_INPUTS = [
      "certify.coupled.alpha: got 0.7; accepted: a number in (0, 0.5]"),
     (["certify.forms=[coupled]", "certify.coupled.samples=10"],
      "certify.coupled.samples: got 10; accepted: an integer >= 100"),
-    (["model.encoder_std.mode=fixed", "model.encoder_std.gamma=0"], "model.encoder_std.gamma: got 0.0; accepted"),
+    (["model.encoder_std.mode=fixed", "model.encoder_std.gamma=0"], "model.encoder_std.gamma: got 0; accepted"),
     (["model.encoder_std.mode=bounded"], "model.encoder_std.max_norm: got None; accepted: a positive number"),
     (["model.encoder_std.mode=bounded", "model.encoder_std.max_norm=-1"], "model.encoder_std.max_norm: got -1"),
-    (["model.beta=-1"], "model.beta: got -1.0; accepted: a number >= 0"),
+    (["model.beta=-1"], "model.beta: got -1; accepted: a number >= 0"),
     (["data.limit=0"], "data.limit: got 0; accepted: a positive integer or null"),
     (["margins.attacked_inputs=0"], "margins.attacked_inputs: got 0; accepted: a positive integer"),
-    (["attack.p=0"], "attack.p: got 0.0; accepted: a number in (0, 1)"),
+    (["attack.p=0"], "attack.p: got 0; accepted: a number in (0, 1)"),
     (["attack.search=random"], "attack.search: got 'random'; accepted: bisection, grid"),
     (["data.resplit=maybe"], "data.resplit: got 'maybe'; accepted: True, False, auto"),
     (["name=x/../../escaped"], "name: got 'x/../../escaped'; accepted: letters, digits"),
@@ -58,7 +59,7 @@ BAD_INPUTS = [
     (["data.resplit_test_fraction=1.5"], "data.resplit_test_fraction: got 1.5; accepted: a number in (0, 1)"),
     (["data.eval_batch_size=0"], "data.eval_batch_size: got 0; accepted: a positive integer"),
     (["module.num_importance=-1"], "module.num_importance: got -1; accepted: an integer >= 0"),
-    (["module.lr=0"], "module.lr: got 0.0; accepted: a positive number"),
+    (["module.lr=0"], "module.lr: got 0; accepted: a positive number"),
     (["callbacks.early_stopping.patience=0"], "callbacks.early_stopping.patience: got 0; accepted: a positive integer"),
     (["callbacks.finetune.max_epochs=-1"], "callbacks.finetune.max_epochs: got -1; accepted: an integer >= 0"),
     (["+callbacks.finetune.colour=red"], "callbacks.finetune.colour: no such field"),
@@ -69,8 +70,8 @@ BAD_INPUTS = [
     (["trainer.precision=bf16-mixed"], "trainer.precision: got 'bf16-mixed'; accepted: 32-true"),
     (["trainer.accelerator=tpu"], "trainer.accelerator: got 'tpu'; accepted: auto, cpu, gpu, cuda, mps"),
     (["logger.wandb.mode=foo"], "logger.wandb.mode: got 'foo'; accepted: offline, online"),
-    (["model.hidden=[true,true]"], "model.hidden: got True; accepted: a non-empty list of positive integers"),
-    (["trainer.max_time=0"], "trainer.max_time: got 0.0; accepted: minutes > 0, or null"),
+    (["model.hidden=[true,true]"], "model.hidden: got [True, True]; accepted: a non-empty list of positive integers"),
+    (["trainer.max_time=0"], "trainer.max_time: got 0; accepted: minutes > 0, or null"),
     (["trainer.max_time=inf"], "trainer.max_time: got inf; accepted: minutes > 0, or null"),
     (["trainer.max_time=soon"], "trainer.max_time: got 'soon'; accepted: minutes > 0, or null"),
     (["trainer.accelerator=cpu", "trainer.devices=2"], "trainer.devices: got 2 on CPU; accepted: 1, or several with a strategy"),
@@ -84,10 +85,10 @@ BAD_INPUTS = [
     (["attack=lbfgs", "attack.lbfgs.maxcor=0"], "attack.lbfgs.maxcor: got 0; accepted: a positive integer"),
     (["attack=lbfgs", "attack.steps=5"],  # L-BFGS-B takes no steps
      "attack.steps: no such field of LBFGSAttack, which takes none of pgd's compile, search, steps, tol, warm_steps"),
-    (["attack=lbfgs", "attack.lbfgs.pgtol=-1"], "attack.lbfgs.pgtol: got -1.0; accepted: a positive number"),
+    (["attack=lbfgs", "attack.lbfgs.pgtol=-1"], "attack.lbfgs.pgtol: got -1; accepted: a positive number"),
     (["margins.latent.kind=medium"], "margins.latent.kind: got 'medium'; accepted: hard, soft"),
-    (["margins/latent=soft", "margins.latent.penalty=-1"], "margins.latent.penalty: got -1.0; accepted: a number >= 0"),
-    (["margins/latent=soft", "margins.latent.lr=0"], "margins.latent.lr: got 0.0; accepted: a positive number"),
+    (["margins/latent=soft", "margins.latent.penalty=-1"], "margins.latent.penalty: got -1; accepted: a number >= 0"),
+    (["margins/latent=soft", "margins.latent.lr=0"], "margins.latent.lr: got 0; accepted: a positive number"),
     (["model.layer=cayley"], "model.layer: got 'cayley'; accepted: a mapping with _target_"),
     (["model/layer=cayley"], "model/layer: got 'cayley'; accepted: aol, bjorck, stiefel, torchlip"),
     (["model.layer._target_=torch.nn.Linear"],
@@ -149,7 +150,7 @@ def test_presets_combine_with_the_reference_attack():
     "args,fragment",
     every_kth_fast([
         (["model.hidden=[31,32]"], "error: model.hidden: got [31, 32]; accepted: even widths"),
-        (["certify.p=[2]"], "error: certify.p: got [2.0]; accepted"),
+        (["certify.p=[2]"], "error: certify.p: got [2]; accepted"),
     ], 2),
 )
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, fragment):
@@ -558,7 +559,7 @@ def test_a_bad_sweep_value_refuses_its_job_whether_first_or_not(tmp_path):
     proc = run_cli(*SMOKE, "enc_L=-1,-2", "-m", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "error: 2 of 2 jobs failed or were refused" in proc.stderr
-    assert proc.stderr.count("enc_L: got -1.0") >= 1 and proc.stderr.count("enc_L: got -2.0") >= 1
+    assert proc.stderr.count("enc_L: got -1;") >= 1 and proc.stderr.count("enc_L: got -2;") >= 1
     shared = run_cli(*SMOKE, "enc_L=-1,-2", "model.hidden=[31,32]", f"hydra.sweep.dir={tmp_path / 'b'}", "-m")
     assert shared.returncode == 2  # what every job shares is still refused once, before any job
     assert shared.stderr.strip().splitlines()[-1].startswith("error: model.hidden: got [31, 32]")
@@ -579,17 +580,18 @@ def test_a_resume_compares_every_recorded_field():
     assert config_differences(OmegaConf.create(old), given) == ["model.arch.channels", "model.arch.kernel_size",
                                                                 "model.arch.kind"]
     conv = OmegaConf.to_container(composed("model/arch=conv"), resolve=False)
-    assert config_differences(OmegaConf.create(conv), given) == ["model.arch.kind"]
+    assert config_differences(OmegaConf.create(conv), given) == ["model.arch.channels", "model.arch.kernel_size",
+                                                                 "model.arch.kind"]
 
 
 def test_a_single_value_where_a_list_is_meant_is_that_list():
     """certify.r=8 was refused ('accepted: a list'); it means [8], for lipvae's checks and Hydra's."""
     proc = run_cli("certify.r=8", "certify.forms=tight", "model.hidden=64", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for line in ("  r:\n  - 8.0", "  forms:\n  - tight", "  hidden:\n  - 64"):
+    for line in ("  r:\n  - 8", "  forms:\n  - tight", "  hidden:\n  - 64"):
         assert line in proc.stdout, line
     bad = run_cli(*SMOKE, "certify.r=-8")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: certify.r: got [-8.0]")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: certify.r: got [-8]")
 
 
 @pytest.mark.parametrize("preset", ["fig3", "fig4", "fig5", "fig6_7"])
@@ -659,3 +661,31 @@ def test_every_group_node_is_its_classs_arguments():
     certifier = build_certifier(cfg.certify)
     assert (certifier.r, certifier.p, certifier.forms) == ([8.0], [0.5], ["tight", "exact", "paper"])
     assert set(cfg.margins) == {"certify", "certified_inputs", "attack", "attacked_inputs", "latent"}
+
+
+@pytest.mark.parametrize("overrides", [(), ("attack=lbfgs",), ("model/arch=conv",), ("margins/latent=soft",),
+                                       ("model=standard", "tier=official")])
+def test_every_field_of_the_schema_has_its_default_in_the_yaml_files(overrides):
+    """What a run records is what it used: no field of lipvae's own nodes takes a default from the
+    schema (lipvae.schema) that the composed YAML files lack; and the composed config passes."""
+    from omegaconf import OmegaConf
+    from pydantic import BaseModel
+
+    from lipvae.schema import ATTACKS, ENTRIES, ImageData, Root
+
+    cfg = composed(*overrides)
+
+    def walk(node, schema, path):
+        fields = {f.alias or name: f.annotation for name, f in schema.model_fields.items()}
+        assert set(fields) <= set(node), f"{path}: {sorted(set(fields) - set(node))} only in the schema"
+        for key, kind in fields.items():
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                walk(node[key], kind, f"{path}{key}.")
+
+    walk(cfg, Root, "")
+    walk(cfg.data, ImageData, "data.")
+    walk(cfg.attack, ATTACKS[cfg.attack._target_], "attack.")
+    for path, schema in ENTRIES.items():
+        if OmegaConf.select(cfg, path) is not None:
+            walk(OmegaConf.select(cfg, path), schema, path + ".")
+    validate(cfg, machine=False)

@@ -5,13 +5,11 @@ field (``UserError``). The checks themselves are ``lipvae.config``'s."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.data import ImageDataModule
 from lipvae.errors import UserError
-from lipvae.schema import check as _check, read
+from lipvae.schema import check as _check
 from lipvae.vae import VAE
 
 IMAGE_DATA = "lipvae.data.ImageDataModule"
@@ -134,12 +132,12 @@ def build_datamodule(data: DictConfig, seed: int) -> ImageDataModule:
 
 def _declared_data_fields(data: DictConfig) -> DictConfig:
     """``data`` less the fields that presets set on lipvae's own data modules (``limit``,
-    ``eval_batch_size``, ...: ``ImageDataConfig``'s) where the ``_target_`` does not declare them:
+    ``eval_batch_size``, ...: ``ImageData``'s) where the ``_target_`` does not declare them:
     a preset never hands a data module of the user's an argument it does not take. Any other
     field the class does not take stays, and its build names it."""
     import inspect
 
-    from lipvae.schema import ImageDataConfig
+    from lipvae.schema import ImageData
 
     if data._target_ == IMAGE_DATA:
         return data
@@ -149,7 +147,7 @@ def _declared_data_fields(data: DictConfig) -> DictConfig:
         return data
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return data
-    preset = {f.name for f in dataclasses.fields(ImageDataConfig)} - {"_target_"}
+    preset = set(ImageData.model_fields) - {"target"}
     dropped = [k for k in data if k in preset and k not in params]
     if not dropped:
         return data
@@ -176,7 +174,7 @@ def _entry_kinds() -> dict[str, tuple[type, str]]:
 
 def _entries(cfg: DictConfig, path: str) -> dict:
     """The named entries of ``callbacks`` or ``logger`` (an entry set to null is left out)."""
-    entries = read(cfg, path)
+    entries = OmegaConf.select(cfg, path)  # resolvable: checked by validate
     if entries is None:
         return {}
     _check(OmegaConf.is_dict(entries), path, entries, "a mapping of names to {_target_: ..., arguments}")

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
-from lipvae.config import check_yaml_files
+from lipvae.compose import check_yaml_files
 from lipvae.errors import NO_SPACE, UserError, signals_stop
 from lipvae.evaluation import MARGINS_TABLE, OUTPUTS, evaluate, write_evaluation
 from lipvae.logs import interactive, quiet_third_party
@@ -52,7 +52,7 @@ def reevaluation_config(run_dir: Path, overrides: list[str], changeable: tuple[s
     fields (a group's whole node for ``attack=lbfgs``) replace the run's. Only ``changeable``
     fields may change: the model and the data are the run's. ``config_dirs``: the user's config
     folders (``--config-dir``), for options of their own (``attack=random``)."""
-    from lipvae.config import compose_config, parse_overrides
+    from lipvae.compose import compose_config, parse_overrides
     from lipvae.stored import check_stored_targets, complete_config, load_config, resolved, run_choices
 
     parsed = parse_overrides(overrides, sweeps="refuse")

@@ -12,9 +12,28 @@ from typing import Any
 
 #: the version of what a run records (results.json and the config beside it). 2 (2026-12-07): the
 #: config's groups as today (tier and experiment apart, the checkpoints' entries, no margin
-#: callbacks); the numbers of results.json are as in 1, which the report still reads
-SCHEMA_VERSION = 2
+#: callbacks); 3 (2026-12-07): every default in the YAML files (no schema defaults: an MLP's
+#: model.arch has no channels, margins/latent=hard names penalty and lr as null, budget_minutes
+#: at the top). The numbers of results.json are as in 1, which the report still reads
+SCHEMA_VERSION = 3
 RESULTS_FILE = "results.json"
+
+#: what ``objective`` may name: each a number of results.json (its part and key) that a run returns
+#: to a sweeper; higher is better for each but test_kl and soundness_violations
+OBJECTIVES = {
+    "test_elbo": ("metrics", "test_elbo"),
+    "test_log_likelihood": ("metrics", "test_log_likelihood"),
+    "test_kl": ("metrics", "test_kl"),
+    "certified_mean": ("certified", "mean"),
+    "certified_median": ("certified", "median"),
+    "certified_fraction": ("certified", "fraction_certified"),
+    "global_margin": ("certified", "global_margin"),
+    "estimated_mean": ("estimated", "mean"),
+    "soundness_violations": ("soundness_violations",),
+    # the certified mean margin of a model whose test log-likelihood reaches likelihood_floor,
+    # -inf below it: "the largest certified margin at a minimum likelihood" as one number
+    "certified_mean_above_floor": ("certified", "mean"),
+}
 
 
 def _plain(value: Any) -> Any:

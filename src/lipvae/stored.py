@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.build import build_vae
-from lipvae.config import hydra_compose
+from lipvae.compose import hydra_compose
 from lipvae.errors import UserError
 from lipvae.results import FROZEN_MODEL, RunFolder, check_record_version
 from lipvae.safety import check_entries, check_targets, read_regular, targets_in, targets_in_folder
@@ -152,7 +152,7 @@ def load_config(path: Path) -> DictConfig:
     except PermissionError as e:
         raise UserError(f"config: cannot read {path} ({e.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        from lipvae.config import yaml_problem
+        from lipvae.compose import yaml_problem
 
         raise UserError(f"config: {path} is not valid YAML ({yaml_problem(e)})") from None
     except Exception as e:  # OmegaConf's own parse errors (a key it cannot hold, ...)

@@ -23,8 +23,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
-from lipvae.config import (as_list_where_meant, check_overrides, check_yaml_files, compose_config, composition_error,
-                           parse_overrides, validate)
+from lipvae.compose import as_list_where_meant, check_overrides, check_yaml_files, compose_config, parse_overrides
+from lipvae.config import composition_error, validate
 from lipvae.errors import NO_SPACE, UserError, signals_stop
 from lipvae.logs import quiet_third_party
 from lipvae.module import NonFiniteLossError, StopBetweenSteps
@@ -219,11 +219,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def objective_value(results: Results, objective, likelihood_floor: float | None = None) -> float | list[float]:
-    """What ``objective`` names (``lipvae.schema.OBJECTIVES``), read from the run's results: a
+    """What ``objective`` names (``lipvae.results.OBJECTIVES``), read from the run's results: a
     number, or a list of them for a list of names; NaN where the run has no such value.
     ``certified_mean_above_floor`` is -inf for a model whose test log-likelihood is below
     ``likelihood_floor``."""
-    from lipvae.schema import OBJECTIVES
+    from lipvae.results import OBJECTIVES
 
     def one(name: str) -> float:
         value = results.get(*OBJECTIVES[name])

@@ -29,12 +29,9 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 import numpy as np
-from hydra.core.config_store import ConfigStore
 
 from lipvae.certify.bounds import FORMS, global_margin, max_gamma, max_lipschitz
 from lipvae.errors import UserError
@@ -49,60 +46,41 @@ HELP_TERMS = """The arguments:
   form     which bound: tight (default), paper, exact or cantelli (docs/math.md §3)
   out      tightness: where the figure goes; samples: its Monte Carlo draws
 Exit status: 0 done, 2 bad input (one line naming the field)."""
-from lipvae.schema import POSITIVE, UNIT, _int, _list_of, check_fields, spec
+from lipvae.schema import Closed, accepts, check_node, listed, one_of, real
 
 DEFAULT_GAMMAS = (0.01, 0.05, 0.1, 0.2)
 DEFAULT_LS = (2.0, 5.0, 7.0, 10.0)
 USAGE = "\n    ".join(line.strip() for line in __doc__.splitlines() if line.startswith("    python -m lipvae.certify"))
-FINITE = (POSITIVE[0], "a positive finite number")
+Finite = real("a positive finite number", gt=0)
 
 
-@dataclass
-class DesignArgs:
+class DesignArgs(Closed):
     """``certify design``: the wanted global margin and the certificate's setting."""
 
-    target: float = spec(FINITE)
-    r: float = spec(FINITE, 8.0)
-    p: float = spec(UNIT, 0.5)
-    m: int = spec((lambda v: _int(v) and v >= 2, "an integer >= 2 (the χ² bound)"), 10)
-    gamma: List[float] = spec(_list_of(POSITIVE[0], "a list of positive finite numbers, e.g. [0.05,0.1]"),
-                              factory=lambda: list(DEFAULT_GAMMAS))
-    L: List[float] = spec(_list_of(POSITIVE[0], "a list of positive finite numbers, e.g. [5,7]"),
-                          factory=lambda: list(DEFAULT_LS))
-    form: str = spec((lambda v: v in FORMS, ", ".join(FORMS)), "tight")
+    target: Finite
+    r: Finite = 8.0
+    p: real("a number in (0, 1)", gt=0, lt=1) = 0.5
+    m: accepts("an integer >= 2 (the χ² bound)", int, strict=True, ge=2) = 10
+    gamma: listed("a list of positive finite numbers, e.g. [0.05,0.1]", Finite) = list(DEFAULT_GAMMAS)
+    L: listed("a list of positive finite numbers, e.g. [5,7]", Finite) = list(DEFAULT_LS)
+    form: one_of(*FORMS) = "tight"
 
 
-@dataclass
-class TightnessArgs:
+class TightnessArgs(Closed):
     """``certify tightness``: where the figure goes and the Monte Carlo samples per point."""
 
-    out: str = spec((lambda v: Path(v).parent.is_dir(), "a .png path in an existing folder"), "tightness.png")
-    samples: int = spec((lambda v: _int(v) and v >= 100, "an integer >= 100"), 100_000)
-
-
-#: each command's arguments, by the name its schema has in Hydra's ConfigStore
-ARGUMENTS = {DesignArgs: "certify_design", TightnessArgs: "certify_tightness"}
-for _schema, _name in ARGUMENTS.items():
-    ConfigStore.instance().store(name=_name, node=_schema)
+    out: accepts("a .png path in an existing folder", str, check=lambda v: Path(v).parent.is_dir()) = "tightness.png"
+    samples: accepts("an integer >= 100", int, strict=True, ge=100) = 100_000
 
 
 def _args(args: list[str], schema: type):
-    """The command's ``key=value`` arguments composed by Hydra onto ``schema`` (the types and the
-    one-line errors of training's command line), then each field's constraint."""
-    import dataclasses
-    import typing
+    """The command's ``key=value`` arguments, read by Hydra's grammar as training reads its command
+    line (a single value where a list is meant is that list: gamma=0.1 is gamma=[0.1]), checked by
+    ``schema``."""
+    from lipvae.compose import as_list_where_meant, parse_overrides
 
-    from lipvae.config import compose_config, parse_overrides
-
-    lists = {f.name for f in dataclasses.fields(schema) if typing.get_origin(f.type) in (list, List)
-             or str(f.type).startswith(("List", "list"))}
-    # a single value where a list is meant: gamma=0.1 is gamma=[0.1]
-    args = [f"{k}=[{v}]" if k in lists and v and not v.startswith("[") and "," not in v else a
-            for a in args for k, _, v in [a.partition("=")]]
-    cfg = compose_config([text for text, _ in parse_overrides(args, sweeps="refuse")], config_name=ARGUMENTS[schema],
-                         schema=schema)
-    check_fields(cfg, "", schema)
-    return cfg
+    parsed = parse_overrides([as_list_where_meant(a, schema) for a in args], sweeps="refuse")
+    return check_node({o.key_or_group: o.value() for _, o in parsed}, schema)
 
 
 def design(args: list[str]) -> str:
