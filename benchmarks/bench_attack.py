@@ -47,7 +47,7 @@ def trained_model(run: str | None, epochs: int):
         return load_model(Path(run))[0]
     import lightning as L
 
-    from lipvae.module import VAEModule
+    from lipvae.lightning.module import VAEModule
     from lipvae.vae import VAE
 
     L.seed_everything(0, verbose=False)

@@ -1,6 +1,6 @@
 """The Lipschitz layers on one benchmark: lipvae's Björck layer (its default: one in-graph
 iteration plus a 2-step projection after every optimiser step), the iteration-free AOL layer,
-the Stiefel-manifold layer (geoopt weights trained by lipvae.module.StiefelAdam) and
+the Stiefel-manifold layer (geoopt weights trained by lipvae.lightning.module.StiefelAdam) and
 deel-torchlip's SpectralLinear.
 
 Every layer trains the same VAE (μ, σ, g: 3-layer MLPs, hidden widths ``--hidden``, latent 10,
@@ -71,7 +71,7 @@ def measure(name: str, args: argparse.Namespace, threads: int) -> dict:
     """Everything measured for one layer, in this (child) process."""
     from lipvae.data import ImageDataModule
     from lipvae.evaluate import evaluate
-    from lipvae.module import make_optimizer
+    from lipvae.lightning.module import make_optimizer
 
     torch.set_num_threads(threads)
     hidden = tuple(args.hidden)

@@ -25,7 +25,7 @@ import torch
 
 from bench_train import batches, frozen_val_elbo, train_steps
 from lipvae.data import ImageDataModule
-from lipvae.module import StiefelAdam
+from lipvae.lightning.module import StiefelAdam
 from lipvae.networks import StiefelLinear, orthonormality_error
 from lipvae.vae import VAE
 from timing import MNIST_SHAPE, machine
@@ -75,7 +75,7 @@ def drift(args, x_train) -> None:
 def profile(args, x_train) -> None:
     """One step's parts on one thread, each the median of 15: forward and backward, the tangent
     projection, the retraction, and Adam's element-wise update (default, foreach, fused)."""
-    from lipvae.module import qr_retract
+    from lipvae.lightning.module import qr_retract
 
     torch.set_num_threads(1)
 

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lipvae.data import ImageDataModule
-from lipvae.module import StiefelAdam, make_optimizer
+from lipvae.lightning.module import StiefelAdam, make_optimizer
 from lipvae.networks import AOLLinear, BjorckLinear, StiefelLinear, orthonormality_error, project_bjorck_, set_bjorck
 from lipvae.vae import VAE
 from timing import MNIST_SHAPE, Timing, machine

@@ -8,11 +8,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lipvae.callbacks import CertifiedMargins, EstimatedMargins, default_margins
+from lipvae.lightning.margins import CertifiedMargins, EstimatedMargins, default_margins
 from lipvae.certify.certificates import certify_test_split
 from lipvae.data import ImageDataModule
 from lipvae.errors import UserError
-from lipvae.module import VAEModule
+from lipvae.lightning.module import VAEModule
 from lipvae.networks import AOLLinear, LipschitzLinear
 from lipvae.vae import VAE
 

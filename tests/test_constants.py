@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from lipvae.module import make_optimizer, qr_retract
+from lipvae.lightning.module import make_optimizer, qr_retract
 from lipvae.networks import StiefelLinear, TorchlipLinear, lipschitz_mlp, measured_lipschitz, orthonormality_error
 
 

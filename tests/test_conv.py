@@ -159,7 +159,7 @@ def test_a_trained_conv_vae_has_no_soundness_violation_under_a_strong_attack(mod
     gen = torch.Generator().manual_seed(1)
     vae = VAE(kind="lipschitz", input_shape=(1, 8, 8), latent_dim=3, arch="conv", channels=(4,), std_mode=mode,
               gamma=0.2, encoder_mean_L=4.0, encoder_std_L=4.0, decoder_L=4.0, layer=StiefelLinear)
-    from lipvae.module import make_optimizer
+    from lipvae.lightning.module import make_optimizer
 
     opt = make_optimizer(vae.parameters(), 3e-3)
     data = _blobs(256, 8, gen)

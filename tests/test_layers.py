@@ -15,7 +15,7 @@ from torch.func import jacrev, vmap
 from conftest import composed, synthetic_data_dir
 from lipvae.build import build_layer
 from lipvae.errors import UserError
-from lipvae.module import StiefelAdam, make_optimizer
+from lipvae.lightning.module import StiefelAdam, make_optimizer
 from lipvae.networks import (
     StiefelLinear,
     TorchlipLinear,
@@ -184,7 +184,7 @@ def test_stiefel_adam_resumed_from_its_state_retracts_where_the_uninterrupted_on
 
 
 def test_without_the_tangent_projection_the_step_is_adams_then_the_retraction():
-    from lipvae.module import qr_retract
+    from lipvae.lightning.module import qr_retract
 
     torch.manual_seed(0)
     net = lipschitz_mlp(SIZES, 4.0, layer=StiefelLinear)
@@ -232,7 +232,7 @@ def test_the_layer_trains_freezes_certifies_and_passes_the_soundness_check(layer
 def test_cholesky_qr_retraction_is_geoopts_qr_retraction():
     import geoopt
 
-    from lipvae.module import qr_retract
+    from lipvae.lightning.module import qr_retract
 
     g = torch.Generator().manual_seed(3)
     stiefel = geoopt.EuclideanStiefel()

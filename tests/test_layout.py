@@ -10,14 +10,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lipvae"
 #: each layer may import only from itself and the layers before it
 LAYERS = [
     {"errors", "safety", "catalog", "results", "plots", "networks", "conv", "data", "datamodules",
-     "certify.bounds", "logs"},
+     "certify.bounds", "logs", "lightning", "lightning.loggers"},
     {"vae", "certify.coupled", "certify.certificates", "certify.tightness"},
-    {"attack", "attack.base", "attack.pgd", "attack.lbfgs", "attack.latent", "module"},
+    {"attack", "attack.base", "attack.pgd", "attack.lbfgs", "attack.latent", "lightning.module", "lightning.callbacks"},
     {"schema", "runfolder", "build"},
     {"config"},
     {"compose"},
     {"stored"},
-    {"evaluation", "callbacks"},
+    {"evaluation", "lightning.margins"},
     {"training", "report", "sweep"},
     {"train", "evaluate", "certify.__main__"},
 ]
@@ -121,3 +121,14 @@ def test_no_write_to_a_trainers_loops():
                 if "_loop" in ast.unparse(target):
                     writes.append(f"{_module_name(path)}:{node.lineno}: {ast.unparse(node)}")
     assert not writes, writes
+
+
+def test_lightning_glue_lives_in_one_package():
+    """Every class of lipvae's built on a Lightning class (module, callbacks, loggers) is in
+    lipvae.lightning; the data modules (lipvae.data, lipvae.datamodules) are the one exception."""
+    from lightning import LightningDataModule
+
+    found = list(_lightning_classes())
+    elsewhere = [f"{c.__module__}.{c.__name__}" for c in found
+                 if not c.__module__.startswith("lipvae.lightning.") and not issubclass(c, LightningDataModule)]
+    assert len(found) >= 10 and not elsewhere, elsewhere

@@ -18,7 +18,8 @@ from lipvae.compose import check_overrides
 from lipvae.config import validate
 from lipvae.data import find_split
 from lipvae.errors import UserError
-from lipvae.module import NonFiniteLossError, SaveOnException, VAEModule
+from lipvae.lightning.module import NonFiniteLossError, VAEModule
+from lipvae.lightning.callbacks import SaveOnException
 from lipvae.results import Results
 from lipvae.vae import VAE
 
@@ -214,7 +215,7 @@ def test_callbacks_group_builds_lightning_callbacks():
     """Each entry of the callbacks group is its object, with the entry's fields as arguments."""
     from lightning.pytorch.callbacks import DeviceStatsMonitor, EarlyStopping, LearningRateMonitor
 
-    from lipvae.module import FineTune, RunCheckpoint
+    from lipvae.lightning.callbacks import FineTune, RunCheckpoint
 
     es, ckpt, last, finetune = build_entries(composed(  # the margins are not callbacks of a run: train() evaluates
         "callbacks.early_stopping.patience=7", "callbacks.finetune.max_epochs=3", "certify.r=[4.0,8.0]",
@@ -251,7 +252,7 @@ def test_bad_callback_entry_is_one_line(overrides, message):
 def test_loggers_are_built_in_the_run_folder(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-    from lipvae.logs import AppendingCSVLogger
+    from lipvae.lightning.loggers import AppendingCSVLogger
     from lipvae.training import RunContext, build_loggers
 
     ctx = RunContext(tmp_path, group="sweep_1")

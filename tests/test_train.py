@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import SMOKE, composed, run_cli
-from lipvae.module import FineTune
+from lipvae.lightning.callbacks import FineTune
 
 def load(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
@@ -230,7 +230,7 @@ def test_a_resume_after_training_ended_trains_no_more(tmp_path, val, max_epochs,
     """A run that stopped before its epoch limit, interrupted after its last checkpoint (as when
     stopped while the margins of its best model were evaluated): resumed from that checkpoint, it
     trained on (one epoch after early stopping; to the limit after the fine-tune phase)."""
-    from lipvae.module import KeepStop, RunCheckpoint
+    from lipvae.lightning.callbacks import KeepStop, RunCheckpoint
     from lipvae.training import stop_reason
 
     def fit(ckpt_path=None):
@@ -251,7 +251,7 @@ def test_a_resume_after_training_ended_trains_no_more(tmp_path, val, max_epochs,
 
 def test_a_time_budget_that_ends_the_last_epoch_is_still_the_stop_reason():
     """trainer.max_time stopping training within the only epoch was recorded as max_epochs (issue 27)."""
-    from lipvae.logs import EpochHistory, time_is_up
+    from lipvae.lightning.callbacks import EpochHistory, time_is_up
     from lightning.pytorch.callbacks import EarlyStopping
 
     from lipvae.training import stop_reason
@@ -294,7 +294,7 @@ def test_convergence_is_read_from_the_validation_curve(losses, reason, evaluated
 
 
 def test_epoch_history_keeps_the_curve_across_a_resume():
-    from lipvae.logs import EpochHistory
+    from lipvae.lightning.callbacks import EpochHistory
 
     first = EpochHistory(echo=False)
     first.val_losses = [5.0, 4.0]
@@ -308,7 +308,7 @@ def test_a_copied_run_folder_resumes_with_its_own_best_checkpoint(tmp_path):
     own best weights, not the original folder's, and keep the best score (issue 27)."""
     import shutil
 
-    from lipvae.module import RunCheckpoint
+    from lipvae.lightning.callbacks import RunCheckpoint
 
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(2, 1)), batch_size=2)
 

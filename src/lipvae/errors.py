@@ -28,7 +28,7 @@ def signals_stop(received: dict | None = None, defer=None):
     the process was started with SIGINT ignored, a script's ``&``), so that it stops cleanly;
     the caller's handlers are back afterwards. ``received["received"]`` is set to the signal's
     number; ``defer(name)`` True leaves the stop to the code that asked (training stops between
-    two steps, ``lipvae.module.StopBetweenSteps``)."""
+    two steps, ``lipvae.lightning.callbacks.StopBetweenSteps``)."""
     def on_signal(signum, frame) -> None:
         if received is not None:
             received["received"] = signum

@@ -233,7 +233,7 @@ class StiefelLinear(LipschitzLinear):
     """``y = scale · W x + b`` with ``W`` a point of the Stiefel manifold, orthonormal at every step.
 
     The weight is a ``geoopt.ManifoldParameter`` on ``EuclideanStiefel``. Trained with
-    ``lipvae.module.StiefelAdam`` (which ``VAEModule`` picks when a model holds such a weight):
+    ``lipvae.lightning.module.StiefelAdam`` (which ``VAEModule`` picks when a model holds such a weight):
     the gradient is projected onto the tangent space, Adam steps, and a QR retraction puts the
     weight back on the manifold. The forward pass is a plain linear layer, with no in-graph
     iteration, and freezing changes nothing. geoopt's matrices are tall (``n ≥ p``, orthonormal

@@ -14,7 +14,8 @@ from typing import Any
 #: config's groups as today (tier and experiment apart, the checkpoints' entries, no margin
 #: callbacks); 3 (2026-12-07): every default in the YAML files (no schema defaults: an MLP's
 #: model.arch has no channels, margins/latent=hard names penalty and lr as null, budget_minutes
-#: at the top). The numbers of results.json are as in 1, which the report still reads
+#: at the top) and the Lightning classes' targets under lipvae.lightning. The numbers of
+#: results.json are as in 1, which the report still reads
 SCHEMA_VERSION = 3
 RESULTS_FILE = "results.json"
 

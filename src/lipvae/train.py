@@ -27,7 +27,8 @@ from lipvae.compose import as_list_where_meant, check_overrides, check_yaml_file
 from lipvae.config import composition_error, validate
 from lipvae.errors import NO_SPACE, UserError, signals_stop
 from lipvae.logs import quiet_third_party
-from lipvae.module import NonFiniteLossError, StopBetweenSteps
+from lipvae.lightning.module import NonFiniteLossError
+from lipvae.lightning.callbacks import StopBetweenSteps
 from lipvae.results import Results, RunFolder, atomic_write_text
 from lipvae.runfolder import AlreadyCompleted, check_run_folder, claim, save_hydra_files
 from lipvae.sweep import note_refusal

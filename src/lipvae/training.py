@@ -20,7 +20,6 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
@@ -30,8 +29,11 @@ from lipvae.config import validate
 from lipvae.data import check_datamodule
 from lipvae.errors import UserError
 from lipvae.evaluation import Evaluation, evaluate, test_split
-from lipvae.logs import EpochHistory, convergence, describe, interactive, time_is_up, write_rows
-from lipvae.module import FineTune, KeepStop, RandomStates, SaveOnException, StopBetweenSteps, VAEModule
+from lipvae.logs import convergence, describe, interactive
+from lipvae.lightning.callbacks import (AtomicCheckpointIO, EpochHistory, FineTune, KeepStop, RandomStates,
+                                       SaveOnException, StopBetweenSteps, time_is_up)
+from lipvae.lightning.loggers import write_rows
+from lipvae.lightning.module import VAEModule
 from lipvae.networks import orthonormality_error
 from lipvae.plots import is_wandb, log_image, save_aggregate_posterior, save_prior_samples, save_reconstructions
 from lipvae.results import Results, RunFolder, code_version, replace_atomically, torch_save
@@ -111,16 +113,6 @@ def trim_metrics(path: Path, resumed_step: int) -> None:
 def _program() -> str:
     name = Path(sys.argv[0]).name
     return "python -m lipvae.train" if name in ("train.py", "__main__.py") else name
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints are written beside their name and renamed (``replace_atomically``): a full disk
-    or a kill never leaves a truncated ``last.ckpt`` behind (nor the partial file)."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)  # checkpoints/ on the first save
-        replace_atomically(Path(path), lambda partial: super(AtomicCheckpointIO, self).save_checkpoint(
-            checkpoint, partial, storage_options))
 
 
 def check_shapes(state: dict, expected: dict, path: Path) -> None:
