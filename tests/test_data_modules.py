@@ -201,7 +201,6 @@ def _tensor_file_example(tmp_path: Path) -> list[str]:
     code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     command = re.search(r"```bash\n(python -m lipvae\.train [^\n]*)\n```", section).group(1)
     import contextlib
-    import os
 
     with contextlib.chdir(tmp_path):
         exec(compile(code, "README.md", "exec"), {})
