@@ -108,10 +108,10 @@ def test_data_schema_covers_every_argument_of_the_data_module():
     """The schema is where ImageDataModule's arguments are checked, so it must know them all."""
     import inspect
 
-    from lipvae.schema import ImageData
+    from lipvae.schema import ImageDataConfig
 
     arguments = set(inspect.signature(ImageDataModule).parameters) - {"seed"}  # seed: the run's
-    assert set(ImageData.model_fields) - {"target"} == arguments
+    assert set(ImageDataConfig.model_fields) - {"target"} == arguments
 
 
 @pytest.mark.slow

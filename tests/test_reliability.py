@@ -672,7 +672,7 @@ def test_every_field_of_the_schema_has_its_default_in_the_yaml_files(overrides):
     from omegaconf import OmegaConf
     from pydantic import BaseModel
 
-    from lipvae.schema import ATTACKS, ENTRIES, ImageData, Root
+    from lipvae.schema import ATTACKS, ENTRIES, ImageDataConfig, RootConfig
 
     cfg = composed(*overrides)
 
@@ -683,8 +683,8 @@ def test_every_field_of_the_schema_has_its_default_in_the_yaml_files(overrides):
             if isinstance(kind, type) and issubclass(kind, BaseModel):
                 walk(node[key], kind, f"{path}{key}.")
 
-    walk(cfg, Root, "")
-    walk(cfg.data, ImageData, "data.")
+    walk(cfg, RootConfig, "")
+    walk(cfg.data, ImageDataConfig, "data.")
     walk(cfg.attack, ATTACKS[cfg.attack._target_], "attack.")
     for path, schema in ENTRIES.items():
         if OmegaConf.select(cfg, path) is not None:

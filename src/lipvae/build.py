@@ -137,7 +137,7 @@ def _declared_data_fields(data: DictConfig) -> DictConfig:
     field the class does not take stays, and its build names it."""
     import inspect
 
-    from lipvae.schema import ImageData
+    from lipvae.schema import ImageDataConfig
 
     if data._target_ == IMAGE_DATA:
         return data
@@ -147,7 +147,7 @@ def _declared_data_fields(data: DictConfig) -> DictConfig:
         return data
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return data
-    preset = set(ImageData.model_fields) - {"target"}
+    preset = set(ImageDataConfig.model_fields) - {"target"}
     dropped = [k for k in data if k in preset and k not in params]
     if not dropped:
         return data

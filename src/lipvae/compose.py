@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from lipvae.config import composition_error
 from lipvae.errors import UserError
-from lipvae.schema import Root, list_field
+from lipvae.schema import RootConfig, list_field
 
 
 def check_yaml_files(argv: list[str]) -> None:
@@ -61,7 +61,7 @@ def check_overrides(argv: list[str], config_module: str = "lipvae.conf", config_
     return compose_config([o for o, _ in overrides], config_module, config_name)
 
 
-def as_list_where_meant(text: str, root: type = Root) -> str:
+def as_list_where_meant(text: str, root: type = RootConfig) -> str:
     """``certify.r=8`` where a list is meant is ``certify.r=[8]``: a single plain value (no
     brackets, no comma, no sweep function) of a field whose schema type is a list."""
     key, eq, value = text.partition("=")

@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.build import IMAGE_DATA, _entries, _entry_kinds, build_attack, build_certifier, build_layer, target_class
 from lipvae.errors import UserError
-from lipvae.schema import (ATTACKS, ENTRIES, Closed, ImageData, OwnAttack, PgdAttack, Root, check, check_node,
-                           field_paths, no_such_field)
+from lipvae.schema import (ATTACKS, ENTRIES, Closed, ImageDataConfig, OwnAttackConfig, PgdAttackConfig, RootConfig,
+                           check, check_node, field_paths, no_such_field)
 
 #: (a setting, its value, a field that value needs, what the field accepts)
 NEEDED = [("model.encoder_std.mode", "fixed", "model.encoder_std.gamma", "a positive number"),
@@ -31,10 +31,10 @@ def validate(cfg: DictConfig, machine: bool = True) -> None:
     (lipvae.schema), then the rules that tie fields together and (``machine``) those that need
     the machine: a sweep submitted to a cluster leaves those to each job, on the node that runs
     it. Raises ``UserError`` on the first bad one."""
-    check_node(cfg, Root)
+    check_node(cfg, RootConfig)
     if cfg.data.get("_target_", IMAGE_DATA) == IMAGE_DATA:  # another data class checks its own arguments
-        check_node(cfg.data, ImageData, "data.")
-    check_node(cfg.attack, ATTACKS.get(cfg.attack.get("_target_"), OwnAttack), "attack.")
+        check_node(cfg.data, ImageDataConfig, "data.")
+    check_node(cfg.attack, ATTACKS.get(cfg.attack.get("_target_"), OwnAttackConfig), "attack.")
     for path, schema in ENTRIES.items():
         if OmegaConf.select(cfg, path) is not None:
             check_node(OmegaConf.select(cfg, path), schema, path + ".")
@@ -143,7 +143,7 @@ def composition_error(e: Exception, overrides: list[str], compose) -> UserError:
         return UserError(no_such_field(key, []))
     node, _, leaf = key.rpartition(".")
     schema = _schema_of(node, others)
-    theirs = set(PgdAttack.model_fields) - set(schema.model_fields) if node == "attack" else set()
+    theirs = set(PgdAttackConfig.model_fields) - set(schema.model_fields) if node == "attack" else set()
     if leaf in theirs:  # attack=lbfgs attack.steps=5: L-BFGS-B takes none of pgd's settings
         name = str(others.attack.get("_target_", "")).rsplit(".", 1)[-1]
         return UserError(f"{key}: no such field of {name}, which takes none of pgd's {', '.join(sorted(theirs))}")
@@ -155,9 +155,10 @@ def _schema_of(path: str, cfg: DictConfig):
     """The model that checks the node at ``path``; None where the schema leaves it open (``logger``,
     ``callbacks``, a layer's or another class's own arguments)."""
     parts = path.split(".") if path else []
-    node = {"data": ImageData if cfg.data.get("_target_") == IMAGE_DATA else None,
-            "attack": ATTACKS.get(cfg.attack.get("_target_"), OwnAttack)}.get(parts[0] if parts else "", Root)
-    for part in parts[0 if node is Root else 1:]:
+    groups = {"data": ImageDataConfig if cfg.data.get("_target_") == IMAGE_DATA else None,
+              "attack": ATTACKS.get(cfg.attack.get("_target_"), OwnAttackConfig)}
+    node = groups.get(parts[0] if parts else "", RootConfig)
+    for part in parts[0 if node is RootConfig else 1:]:
         field = getattr(node, "model_fields", {}).get(part)
         node = field.annotation if field is not None else None
     return node

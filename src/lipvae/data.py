@@ -434,7 +434,7 @@ class ImageDataModule(VAEDataModule):
         download: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, seed)  # checked by the data schema (lipvae.schema.ImageData)
+        super().__init__(batch_size, eval_batch_size, seed)  # checked by the data schema (lipvae.schema.ImageDataConfig)
         self.name, self.root, self.download = name, root, download
         self.val_fraction, self.resplit, self.test_fraction = val_fraction, resplit, resplit_test_fraction
         self.limit = limit

@@ -73,7 +73,7 @@ class Built(Closed):
     target: str = Field(alias="_target_")  # the class (or factory) built from the node's fields
 
 
-class EncoderStd(Closed):
+class EncoderStdConfig(Closed):
     mode: one_of(*STD_MODES)
     gamma: Optional[Positive] = None     # required with mode=fixed (lipvae.config.validate)
     max_norm: Optional[Positive] = None  # required with mode=bounded
@@ -85,34 +85,34 @@ class LipschitzConstants(Closed):
     decoder: Positive
 
 
-class Arch(Closed):  # fully connected (model.hidden) or convolutional (lipvae.conv)
+class ArchConfig(Closed):  # fully connected (model.hidden) or convolutional (lipvae.conv)
     kind: one_of("mlp", "conv")
     channels: Optional[listed("a non-empty list of positive even integers (GroupSort pairs)",
                               accepts("", StrictInt, check=lambda c: c > 0 and c % 2 == 0))] = None  # conv's
     kernel_size: Optional[accepts("a positive odd integer", StrictInt, check=lambda k: k > 0 and k % 2 == 1)] = None
 
 
-class Model(Built):  # the VAE's arguments; layer: the model/layer group's, checked by building it
+class ModelConfig(Built):  # the VAE's arguments; layer: the model/layer group's, checked by building it
     kind: one_of("lipschitz", "standard")
     latent_dim: PositiveInt
     hidden: listed("a non-empty list of positive integers", accepts("", StrictInt, gt=0))
     beta: Nonneg
     likelihood: one_of("continuous_bernoulli", "bernoulli", "gaussian")
     obs_std: Positive
-    encoder_std: EncoderStd
+    encoder_std: EncoderStdConfig
     lipschitz: LipschitzConstants
     layer: Any
-    arch: Arch
+    arch: ArchConfig
 
 
-class Module(Built):
+class ModuleConfig(Built):
     lr: Positive
     num_importance: accepts("an integer >= 0 (0 skips the log-likelihood)", StrictInt, ge=0)
     retract_every: PositiveInt
     tangent_projection: Bool
 
 
-class EarlyStopping(Built):
+class EarlyStoppingConfig(Built):
     monitor: str
     mode: one_of("min", "max")
     patience: PositiveInt
@@ -120,7 +120,7 @@ class EarlyStopping(Built):
     check_on_train_epoch_end: Bool = False
 
 
-class FineTune(Built):
+class FineTuneConfig(Built):
     max_epochs: NonnegInt
     bjorck_iters: PositiveInt
     lr: Positive
@@ -128,7 +128,7 @@ class FineTune(Built):
     patience: PositiveInt
 
 
-class Trainer(Built):  # max_time in minutes
+class TrainerConfig(Built):  # max_time in minutes
     accelerator: one_of("auto", "cpu", "gpu", "cuda", "mps")
     devices: accepts("a positive integer, -1 or auto", check=lambda v: v == "auto" or (
         type(v) is int and (v >= 1 or v == -1)))
@@ -142,7 +142,7 @@ class Trainer(Built):  # max_time in minutes
     num_sanity_val_steps: accepts("an integer >= -1", StrictInt, ge=-1) = 0
 
 
-class ImageData(Built):  # lipvae.data.ImageDataModule's arguments
+class ImageDataConfig(Built):  # lipvae.data.ImageDataModule's arguments
     name: one_of(*DATASETS)
     root: Optional[accepts("an existing folder holding the IDX files, or null to search", str,
                            check=lambda v: Path(v).expanduser().is_dir())] = None
@@ -155,20 +155,20 @@ class ImageData(Built):  # lipvae.data.ImageDataModule's arguments
     download: Bool = True
 
 
-class Coupled(Closed):
+class CoupledConfig(Closed):
     samples: accepts("an integer >= 100", StrictInt, ge=100)
     alpha: real("a number in (0, 0.5]", gt=0, le=0.5)
     seed: NonnegInt
 
 
-class Certify(Built):
+class CertifyConfig(Built):
     r: listed("a list of numbers > 0", Positive)
     p: listed("a list of numbers in (0, 1)", Unit)
     forms: listed(f"a list drawn from {', '.join(CERTIFY_FORMS)}", Literal[tuple(CERTIFY_FORMS)])
-    coupled: Coupled
+    coupled: CoupledConfig
 
 
-class Latent(Closed):
+class LatentConfig(Closed):
     kind: one_of("hard", "soft")
     budget: Optional[Nonneg] = None   # required by the hard attack
     penalty: Optional[Nonneg] = None  # and these two by the soft one
@@ -177,15 +177,15 @@ class Latent(Closed):
     steps: PositiveInt
 
 
-class Margins(Closed):  # which margins an evaluation computes, on which inputs; the latent attack
+class MarginsConfig(Closed):  # which margins an evaluation computes, on which inputs; the latent attack
     certify: Bool
     certified_inputs: PositiveOrNull = None
     attack: Bool
     attacked_inputs: PositiveInt
-    latent: Latent
+    latent: LatentConfig
 
 
-class Attack(Built):  # what every margin attack takes: arguments of its class
+class AttackConfig(Built):  # what every margin attack takes: arguments of its class
     r: Positive
     p: Unit
     samples: PositiveInt
@@ -196,7 +196,7 @@ class Attack(Built):  # what every margin attack takes: arguments of its class
     pixel_range: Bool
 
 
-class PgdAttack(Attack):
+class PgdAttackConfig(AttackConfig):
     steps: PositiveInt
     tol: Positive
     search: one_of("bisection", "grid")
@@ -204,26 +204,26 @@ class PgdAttack(Attack):
     warm_steps: NonnegInt = 0
 
 
-class Lbfgs(Closed):
+class LbfgsConfig(Closed):
     maxcor: PositiveInt
     factr: Positive
     pgtol: Positive
     maxiter: PositiveInt
 
 
-class LbfgsAttack(Attack):  # the reference procedure: none of pgd's steps, tolerance, warm starts
-    lbfgs: Lbfgs
+class LbfgsAttackConfig(AttackConfig):  # the reference procedure: none of pgd's steps, tolerance, warm starts
+    lbfgs: LbfgsConfig
 
 
-class OwnAttack(Attack):
+class OwnAttackConfig(AttackConfig):
     model_config = ConfigDict(extra="allow")  # a class of the user's: its own arguments too
 
 
 #: the schema of an ``attack`` node by its ``_target_`` (an attack class of the user's: OwnAttack)
-ATTACKS = {"lipvae.attack.PGDAttack": PgdAttack, "lipvae.attack.LBFGSAttack": LbfgsAttack}
+ATTACKS = {"lipvae.attack.PGDAttack": PgdAttackConfig, "lipvae.attack.LBFGSAttack": LbfgsAttackConfig}
 
 
-class Wandb(Built):
+class WandbConfig(Built):
     mode: one_of("offline", "online", "disabled")
     project: str
     entity: Optional[str] = None
@@ -233,13 +233,13 @@ class Wandb(Built):
 
 #: lipvae's own entries of ``callbacks`` and ``logger``, checked where present (the user's are
 #: left to their classes)
-ENTRIES = {"callbacks.early_stopping": EarlyStopping, "callbacks.finetune": FineTune, "logger.wandb": Wandb}
+ENTRIES = {"callbacks.early_stopping": EarlyStoppingConfig, "callbacks.finetune": FineTuneConfig, "logger.wandb": WandbConfig}
 
 
 Objective = Literal[tuple(OBJECTIVES)]
 
 
-class Root(BaseModel):
+class RootConfig(BaseModel):
     """The run's config; the top level also takes keys of the user's (for interpolations)."""
 
     model_config = ConfigDict(extra="allow")
@@ -257,13 +257,13 @@ class Root(BaseModel):
     budget_minutes: Optional[accepts("a mapping of tier names to minutes > 0, or null",
                                      dict[str, real("", gt=0)])] = None
     likelihood_floor: Optional[real("a number of nats, or null")] = None
-    model: Model
-    module: Module
-    trainer: Trainer
+    model: ModelConfig
+    module: ModuleConfig
+    trainer: TrainerConfig
     callbacks: Any = None  # named Lightning callbacks; lipvae's own checked as ENTRIES say
     logger: Any = None     # named Lightning loggers
-    certify: Certify
-    margins: Margins
+    certify: CertifyConfig
+    margins: MarginsConfig
     data: Any    # ImageData for lipvae's data module; another class checks its own arguments
     attack: Any  # by its _target_: ATTACKS
 
@@ -298,7 +298,7 @@ def check_node(node, schema: type[BaseModel], prefix: str = "") -> BaseModel:
         fail(path, error["input"], error["msg"] if error["type"] == "accepted" else TYPE_WORDS.get(error["type"], error["msg"]))
 
 
-def list_field(path: str, schema: type[BaseModel] = Root) -> bool:
+def list_field(path: str, schema: type[BaseModel] = RootConfig) -> bool:
     """Whether the dotted ``path`` names a list field of ``schema``."""
     import typing
 

@@ -61,7 +61,7 @@ class VAE(nn.Module):
         channels: Sequence[int] = (32, 64),
         kernel_size: int = 3,
     ) -> None:
-        super().__init__()  # the arguments are checked by the model schema (lipvae.schema.Model)
+        super().__init__()  # the arguments are checked by the model schema (lipvae.schema.ModelConfig)
         if input_shape is None:
             if input_dim is None:
                 raise TypeError("VAE needs the data's input_shape (C, H, W), or input_dim for flat vectors")
