@@ -412,6 +412,26 @@ def test_runs_are_labelled_by_what_tells_them_apart():
     same = [dict(rows[0]), dict(rows[0])]
     tag_rows(same)
     assert [label(r) for r in same] == ["L=5", "L=5"]  # nothing differs: nothing added
+    # a standard VAE has no layer: that tells nothing apart, so the Lipschitz runs get no tag
+    mixed = [dict(rows[0]), {"model": "standard", "arch": "mlp", "layer": None, "attack": "pgd",
+                             "std_mode": "learned", "data": "mnist"}]
+    tag_rows(mixed)
+    assert [label(r) for r in mixed] == ["L=5", "standard"]
+
+
+def test_scatter_labels_each_arm_once_at_its_mean():
+    """Seeds of one arm share one label (with their count) at the arm's mean point."""
+    import matplotlib.pyplot as plt
+
+    from lipvae.report import _label_points
+
+    rows = [{"model": "lipschitz", "enc_L": 5.0, "seed": s, "x": 1.0 + s, "y": 10.0 * s} for s in range(3)]
+    rows.append({"model": "standard", "seed": 0, "x": 0.5, "y": 7.0})
+    fig, ax = plt.subplots()
+    _label_points(ax, rows, "x", "y", fontsize=7)
+    texts = {t.get_text(): t.xy for t in ax.texts}
+    plt.close(fig)
+    assert texts == {"L=5 (3 seeds)": (2.0, 10.0), "standard": (0.5, 7.0)}
 
 
 def test_the_html_page_escapes_every_value_a_run_folder_brings():

@@ -167,7 +167,8 @@ DISTINGUISHING = ("arch", "layer", "attack", "std_mode", "data")
 def tag_rows(rows: list[dict]) -> None:
     """Give each row the settings that differ between the report's runs (``tag``), so that two
     runs of the same L with another layer or attack are told apart in every table and figure."""
-    varying = [f for f in DISTINGUISHING if len({str(r.get(f)) for r in rows}) > 1]
+    # a setting a run does not have (a standard VAE's layer) tells nothing apart
+    varying = [f for f in DISTINGUISHING if len({str(r.get(f)) for r in rows if r.get(f) is not None}) > 1]
     for r in rows:
         r["tag"] = " ".join(f"{r.get(f)}" for f in varying if r.get(f) is not None and f != "data")
 
@@ -278,9 +279,15 @@ def fig_likelihood_vs_robustness(rows, path: Path) -> Path | None:
 
 
 def _label_points(ax, rows: list[dict], x: str, y: str, fontsize: int) -> None:
-    """Each row's label beside its point (``x``, ``y``: the row's columns)."""
+    """One label per arm (the runs that differ only in their seed), beside the arm's mean point
+    (``x``, ``y``: the rows' columns), with how many seeds it has: seeds' labels would pile up."""
+    arms: dict[str, list[dict]] = {}
     for r in rows:
-        ax.annotate(label(r), (r[x], r[y]), fontsize=fontsize, xytext=(3, 3), textcoords="offset points")
+        arms.setdefault(label({**r, "seed": None}), []).append(r)
+    for name, group in arms.items():
+        text = name + (f" ({len(group)} seeds)" if len(group) > 1 else "")
+        at = (sum(r[x] for r in group) / len(group), sum(r[y] for r in group) / len(group))
+        ax.annotate(text, at, fontsize=fontsize, xytext=(4, 4), textcoords="offset points")
 
 
 def optuna_front(dirs: list[Path]) -> list[dict]:
