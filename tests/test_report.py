@@ -447,3 +447,23 @@ def test_the_html_page_escapes_every_value_a_run_folder_brings():
     assert "<script>" not in out and out.count("&lt;script&gt;") >= 5
     assert 'href="a&#39;b&#34;c/"' in out and 'href="x&#34;&gt;&lt;b&gt;bold&lt;/b&gt;"' in out
     assert "<b>bold</b>" not in out
+
+
+def test_model_rows_give_each_runs_table_row():
+    """sweeps/model_rows.py: the numbers of a record in docs/reproduction.md's row order."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rows", Path(__file__).parents[1] / "sweeps" / "model_rows.py")
+    rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rows)
+    record = {"status": "completed", "soundness_violations": 0, "timings": {"total_s": 90.0},
+              "config": {"enc_L": 7.0, "seed": 2, "model": {"kind": "lipschitz", "encoder_std": {"mode": "fixed", "gamma": 0.1}}},
+              "metrics": {"epochs": 12, "evaluated_epoch": 10, "stop_reason": "patience", "test_log_likelihood": 1470.94,
+                          "convergence": {"val_losses": [-1400.0, -1410.0, -1411.0, -1410.5, -1412.25]}},
+              "certified": {"mean": 0.6504, "fraction_certified": 0.75}, "estimated": {"mean": 2.0828}}
+    assert rows.row(record) == ("| L = 7 | 0.1 | 2 | 12 | 10 | patience | +2.25 | 1470.9 | 0.650 | 75.0% | 2.083 | 0 "
+                                "| 1.5 |")
+    standard = {**record, "config": {"seed": 3, "model": {"kind": "standard"}}, "certified": None,
+                "run": {"resumed_from": {"epoch": 39}}}
+    assert rows.row(standard) == ("| standard | – | 3 | 12 | 10 | patience | +2.25 | 1470.9 | – | – | 2.083 | – "
+                                  "| resumed (epoch 39); 1.5 after |")
