@@ -6,7 +6,9 @@ on the first ``--attacked`` test images), the same stopping rule for every arm: 
 the validation loss with patience ``--patience``, at most ``--max-epochs`` epochs, no time limit.
 Runs go two at a time with one thread each (the 2-core laptop's best throughput: bench_sweep.py),
 so both arms of a constant share the machine alike. Peak memory is each process's maximum
-resident set (``/usr/bin/time``). Resumable: a finished run is read back, not trained again.
+resident set (``/usr/bin/time``). Resumable: a finished run is read back, not trained again, and a
+stopped one continues from its last epoch (``resume=auto``); its training minutes are the sum of its
+epochs' seconds (results.json's ``timings.epochs_s``: the epochs before a stop included).
 
     python benchmarks/bench_conv.py [--out benchmarks/results/conv] [--L 5 10]
 
@@ -64,7 +66,7 @@ def row(rec: dict) -> str:
     conv = m.get("convergence") or {}
     return (f"| {rec['arch']} | {rec['L']:g} | {m['test_log_likelihood']:.1f} | {by[key]['tight']['mean']:.3f} | "
             f"{by[key]['cantelli']['mean']:.3f} | {r['estimated']['mean']:.3f} | {r['soundness_violations']} | "
-            f"{m['epochs']} ({m['stop_reason']}) | {r['timings']['fit_s'] / 60:.1f} | "
+            f"{m['epochs']} ({m['stop_reason']}) | {r['timings'].get('epochs_s', r['timings']['fit_s']) / 60:.1f} | "
             f"{rec['peak_mib']:.0f} | {conv.get('improvement_last_epoch') or float('nan'):.2f} |")
 
 
@@ -112,7 +114,7 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:  # two processes of one thread each
         records = list(pool.map(lambda job: run(*job, args, args.out), jobs))
     header = ("| arch | L | test log-lik. | certified mean (tight) | certified mean (Cantelli) | estimated mean | "
-              "violations | epochs (stop) | fit min | peak MiB | last-epoch improvement (nats) |\n"
+              "violations | epochs (stop) | training min | peak MiB | last-epoch improvement (nats) |\n"
               "|---|---|---|---|---|---|---|---|---|---|---|")
     table = "\n".join([f"{machine()}; two runs at a time, one thread each", "", header,
                        *(row(rec) for rec in records)])

@@ -23,6 +23,8 @@ def check_schema(r: dict) -> None:
         assert isinstance(r["metrics"][key], float)
     assert r["metrics"]["test_kl"] > 0
     assert r["timings"]["total_s"] >= r["timings"]["fit_s"] > 0
+    if r["run"].get("resumed_from") is None:  # every epoch lies inside this process's fit
+        assert 0 < r["timings"]["epochs_s"] <= r["timings"]["fit_s"]
 
 
 @pytest.mark.slow
@@ -293,14 +295,27 @@ def test_convergence_is_read_from_the_validation_curve(losses, reason, evaluated
         assert f"fell {expect['improvement_last_epoch']:.2f} nats in the last epoch" in line
 
 
-def test_epoch_history_keeps_the_curve_across_a_resume():
+def test_epoch_history_keeps_the_curve_and_the_epochs_seconds_across_a_resume(monkeypatch):
+    """Each epoch's seconds run from its start to its validation's end; a resumed history goes on
+    from the saved ones (results.json's timings.epochs_s is their sum)."""
+    from types import SimpleNamespace
+
+    import lipvae.lightning.callbacks as callbacks
     from lipvae.lightning.callbacks import EpochHistory
 
-    first = EpochHistory(echo=False)
-    first.val_losses = [5.0, 4.0]
-    again = EpochHistory(echo=False)
+    clock = iter([0.0, 10.0, 12.5, 12.5, 30.0, 100.0, 104.0, 108.0])
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/loss": 5.0}, max_epochs=9, global_step=0)
+    first = EpochHistory(echo=False)  # the clock's first reading
+    for _ in range(2):  # epochs of 12.5 - 10 and 30 - 12.5 seconds
+        first.on_train_epoch_start(trainer, None)
+        first.on_validation_epoch_end(trainer, None)
+    again = EpochHistory(echo=False)  # a resumed run's: 100.0
     again.load_state_dict(first.state_dict())
-    assert again.val_losses == [5.0, 4.0]
+    trainer.callback_metrics = {"val/loss": 4.0}
+    again.on_train_epoch_start(trainer, None)
+    again.on_validation_epoch_end(trainer, None)  # 108 - 104 seconds
+    assert again.val_losses == [5.0, 5.0, 4.0] and again.seconds == [2.5, 17.5, 4.0]
 
 
 def test_a_copied_run_folder_resumes_with_its_own_best_checkpoint(tmp_path):

@@ -235,7 +235,8 @@ def run(cfg: DictConfig, ctx: RunContext) -> Results | None:
     test, test_s = timed(lambda: test_metrics(built, cfg.seed))
     draw(built, ctx.run_dir, cfg.seed)
     results = record(cfg, ctx, built, trained, test, ev)
-    results.timings = {"fit_s": trained.fit_s, "test_s": test_s, **ev.timings(time.perf_counter() - t0)}
+    results.timings = {"fit_s": trained.fit_s, "epochs_s": sum(schedule.history.seconds), "test_s": test_s,
+                       **ev.timings(time.perf_counter() - t0)}
     results.write(ctx.run_dir)
     log.info("results written to %s", ctx.run_dir / "results.json")
     summarise_to_wandb(built.loggers, results, ev, ctx.run_dir)

@@ -29,20 +29,23 @@ def time_is_up(trainer: L.Trainer) -> bool:
 
 
 class EpochHistory(Callback):
-    """Records the validation loss of every epoch (kept in checkpoints, so a resumed run has the
-    whole curve) and, with ``echo``, logs one line per epoch: where no progress bar is drawn,
-    it is what a user watches."""
+    """Records the validation loss and the seconds (training and validation) of every epoch, kept
+    in checkpoints, so a resumed run has the whole curve and its whole training time (less the part
+    of an epoch before a stop); with ``echo``, logs one line per epoch: where no
+    progress bar is drawn, it is what a user watches."""
 
     def __init__(self, echo: bool = True) -> None:
         self.echo = echo
         self.val_losses: list[float] = []
+        self.seconds: list[float] = []
         self._start = time.monotonic()
 
     def state_dict(self) -> dict:
-        return {"val_losses": list(self.val_losses)}
+        return {"val_losses": list(self.val_losses), "seconds": list(self.seconds)}
 
     def load_state_dict(self, state: dict) -> None:
         self.val_losses = [float(v) for v in state.get("val_losses", [])]
+        self.seconds = [float(v) for v in state.get("seconds", [])]
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.monotonic()
@@ -52,6 +55,7 @@ class EpochHistory(Callback):
             return
         loss = float(trainer.callback_metrics["val/loss"])
         self.val_losses.append(loss)
+        self.seconds.append(time.monotonic() - self._start)
         if not self.echo:
             return
         best = min(self.val_losses)
@@ -59,7 +63,7 @@ class EpochHistory(Callback):
         train_text = "" if train is None else f"train loss {float(train):.2f}, "
         log.info("epoch %d/%d: %sval loss %.2f (best %.2f at epoch %d), %d steps, %.0f s",
                  len(self.val_losses), trainer.max_epochs, train_text, loss, best,
-                 self.val_losses.index(best) + 1, trainer.global_step, time.monotonic() - self._start)
+                 self.val_losses.index(best) + 1, trainer.global_step, self.seconds[-1])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
