@@ -1,12 +1,6 @@
-"""Paired comparison of estimated margins against the standard VAE, seed by seed.
-
-Every run attacks the same first test inputs, so each Lipschitz model can be compared with the
-standard VAE input by input: the mean difference of their estimated margins (Lipschitz minus
-standard), a 95 % bootstrap interval for it (10,000 resamples of the inputs, seed 0), and on how
-many inputs the Lipschitz model's margin is the larger one. Each Lipschitz run is paired with
-the standard VAE of its own seed. With several seeds, a summary per L gives the spread of the
-per-seed differences and a verdict: "more robust" when every seed's interval lies above 0,
-"less robust" when every one lies below, "undecided" otherwise.
+"""Paired comparison of estimated margins against the standard VAE, seed by seed, from the run
+folders below the given ones (the statistics: ``lipvae.paired``; 10,000 bootstrap resamples of
+the inputs, seed 0). ``lipvae.report`` shows the same tables for the runs it reports on.
 
     python sweeps/paired_margins.py <folder> [<folder> ...] [--standard <folder>]
 
@@ -20,8 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+
+from lipvae.paired import Arm, differences, summarise, undecided_arms, unpaired_seeds
 
 
 def load(run: Path) -> tuple[dict, pd.Series] | None:
@@ -56,59 +51,16 @@ def compare(*sweeps: Path, standard: Path | None = None, resamples: int = 10_000
     """One row per Lipschitz run: its paired difference against the standard VAE of its seed."""
     runs = _runs(sweeps)
     pool = _runs([standard]) if standard is not None else runs
-    bases: dict[int, list] = {}
-    for run, (r, m) in pool.items():
-        if r["model"]["kind"] == "standard":
-            bases.setdefault(_seed(r), []).append((run, m))
-    rng = np.random.default_rng(seed)
-    rows = []
-    for run, (r, margins) in runs.items():
-        if r["model"]["kind"] == "standard":
-            continue
-        s = _seed(r)
-        found = bases.get(s, [])
-        if len(found) != 1:
-            where = standard if standard is not None else ", ".join(map(str, sweeps))
-            raise SystemExit(f"error: {where}: found {len(found)} completed standard VAE runs with seed {s}; need"
-                             " exactly one (choose with --standard)")
-        base = found[0][1]
-        common = margins.index.intersection(base.index)
-        diff = (margins[common] - base[common]).to_numpy()
-        boot = rng.choice(diff, size=(resamples, len(diff))).mean(axis=1)
-        rows.append({
-            "run": run.name,
-            "L": f'{r["config"].get("enc_L"):g}',
-            "seed": s,
-            "inputs": len(diff),
-            "lipschitz_mean": float(margins[common].mean()),
-            "standard_mean": float(base[common].mean()),
-            "mean_difference": diff.mean(),
-            "ci_low": np.percentile(boot, 2.5),
-            "ci_high": np.percentile(boot, 97.5),
-            "larger_on": int((diff > 0).sum()),
-        })
-    table = pd.DataFrame(rows)
-    return table.sort_values(["L", "seed"], key=lambda c: c.astype(float)).reset_index(drop=True)
-
-
-def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Per L, over its seeds: the mean and range of the paired differences and a verdict."""
-    rows = []
-    for L, group in table.groupby("L", sort=False):
-        above, below = int((group.ci_low > 0).sum()), int((group.ci_high < 0).sum())
-        n = len(group)
-        verdict = "more robust" if above == n else "less robust" if below == n else "undecided"
-        rows.append({"L": L, "seeds": n, "mean_difference": group.mean_difference.mean(),
-                     "lowest": group.mean_difference.min(), "highest": group.mean_difference.max(),
-                     "seeds_above_0": above, "seeds_below_0": below, "verdict": verdict})
-    return pd.DataFrame(rows)
-
-
-def undecided_arms(table: pd.DataFrame) -> list[str]:
-    """The Lipschitz arms (as ``variant`` names) with a seed whose paired 95 % interval includes
-    0: the ones the paper's reproduction gives more seeds (``sweeps/paper.sh``)."""
-    open_ = table[(table.ci_low <= 0) & (table.ci_high >= 0)]
-    return [f"lipschitz_L{L}" for L in dict.fromkeys(open_.L)]
+    arms = [Arm(run.name, r["model"]["kind"], (r.get("config") or {}).get("enc_L"), _seed(r), m)
+            for run, (r, m) in runs.items() if r["model"]["kind"] != "standard"]
+    arms += [Arm(run.name, "standard", None, _seed(r), m) for run, (r, m) in pool.items()
+             if r["model"]["kind"] == "standard"]
+    for s in unpaired_seeds(arms):
+        where = standard if standard is not None else ", ".join(map(str, sweeps))
+        found = sum(a.kind == "standard" and a.seed == s for a in arms)
+        raise SystemExit(f"error: {where}: found {found} completed standard VAE runs with seed {s}; need"
+                         " exactly one (choose with --standard)")
+    return differences(arms, resamples=resamples, seed=seed)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lipvae"
 #: each layer may import only from itself and the layers before it
 LAYERS = [
     {"errors", "safety", "catalog", "results", "plots", "networks", "conv", "data", "datamodules",
-     "certify.bounds", "logs", "lightning", "lightning.loggers"},
+     "certify.bounds", "logs", "lightning", "lightning.loggers", "paired"},
     {"vae", "certify.coupled", "certify.certificates", "certify.tightness"},
     {"attack", "attack.base", "attack.pgd", "attack.lbfgs", "attack.latent", "lightning.module", "lightning.callbacks"},
     {"schema", "runfolder", "build"},

@@ -1,0 +1,74 @@
+"""Paired comparison of estimated margins against the standard VAE, seed by seed (paper Fig. 5).
+
+Every run of a sweep attacks the same first test inputs, so each Lipschitz model can be compared
+with the standard VAE input by input: the mean difference of their estimated margins (Lipschitz
+minus standard), a 95 % bootstrap interval for it (resampling the inputs) and on how many inputs
+the Lipschitz model's margin is the larger. Each Lipschitz run is paired with the standard VAE of
+its own seed. Over seeds, a verdict per L: "more robust" when every seed's interval lies above 0,
+"less robust" when every one lies below, "undecided" otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class Arm:
+    """One run's part in the comparison: its estimated margins indexed by test input."""
+
+    name: str
+    kind: str  # "lipschitz" or "standard"
+    L: float | None
+    seed: int
+    margins: pd.Series
+
+
+def unpaired_seeds(arms: list[Arm]) -> list[int]:
+    """The seeds of Lipschitz runs without exactly one standard VAE of the same seed."""
+    standard = pd.Series([a.seed for a in arms if a.kind == "standard"], dtype=int).value_counts()
+    return sorted({a.seed for a in arms if a.kind == "lipschitz" and standard.get(a.seed, 0) != 1})
+
+
+def differences(arms: list[Arm], resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    """One row per Lipschitz run paired with its seed's standard VAE (every seed must have exactly
+    one: ``unpaired_seeds`` is empty), sorted by L and seed."""
+    bases = {a.seed: a.margins for a in arms if a.kind == "standard"}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for arm in arms:
+        if arm.kind == "standard":
+            continue
+        base = bases[arm.seed]
+        common = arm.margins.index.intersection(base.index)
+        diff = (arm.margins[common] - base[common]).to_numpy(dtype=float)
+        boot = rng.choice(diff, size=(resamples, len(diff))).mean(axis=1)
+        rows.append({"run": arm.name, "L": f"{arm.L:g}", "seed": arm.seed, "inputs": len(diff),
+                     "lipschitz_mean": float(arm.margins[common].mean()), "standard_mean": float(base[common].mean()),
+                     "mean_difference": float(diff.mean()), "ci_low": float(np.percentile(boot, 2.5)),
+                     "ci_high": float(np.percentile(boot, 97.5)), "larger_on": int((diff > 0).sum())})
+    table = pd.DataFrame(rows, columns=["run", "L", "seed", "inputs", "lipschitz_mean", "standard_mean",
+                                        "mean_difference", "ci_low", "ci_high", "larger_on"])
+    return table.sort_values(["L", "seed"], key=lambda c: c.astype(float)).reset_index(drop=True)
+
+
+def summarise(table: pd.DataFrame) -> pd.DataFrame:
+    """Per L, over its seeds: the mean and range of the paired differences and a verdict."""
+    rows = []
+    for L, group in table.groupby("L", sort=False):
+        above, below = int((group.ci_low > 0).sum()), int((group.ci_high < 0).sum())
+        n = len(group)
+        verdict = "more robust" if above == n else "less robust" if below == n else "undecided"
+        rows.append({"L": L, "seeds": n, "mean_difference": group.mean_difference.mean(),
+                     "lowest": group.mean_difference.min(), "highest": group.mean_difference.max(),
+                     "seeds_above_0": above, "seeds_below_0": below, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def undecided_arms(table: pd.DataFrame) -> list[str]:
+    """The Lipschitz arms (as ``variant`` names) with a seed whose 95 % interval includes 0."""
+    open_ = table[(table.ci_low <= 0) & (table.ci_high >= 0)]
+    return [f"lipschitz_L{L}" for L in dict.fromkeys(open_.L)]
