@@ -690,3 +690,18 @@ def test_every_field_of_the_schema_has_its_default_in_the_yaml_files(overrides):
         if OmegaConf.select(cfg, path) is not None:
             walk(OmegaConf.select(cfg, path), schema, path + ".")
     validate(cfg, machine=False)
+
+
+def test_a_number_from_an_environment_variable_is_text_and_the_error_says_how_to_read_it(monkeypatch):
+    """${oc.env:NAME} is always a string, which the schema refuses for a number (the objects would
+    get text); the one line says so and how to decode it, and the decoded value passes."""
+    monkeypatch.setenv("LIPVAE_TEST_SEED", "3")
+    cfg = composed("seed=${oc.env:LIPVAE_TEST_SEED}")
+    with pytest.raises(UserError, match=re.escape("seed: got '3'; accepted: an integer in [0, 2^32) (this is text")):
+        validate(cfg, machine=False)
+    cfg.seed = "${oc.decode:${oc.env:LIPVAE_TEST_SEED}}"
+    validate(cfg, machine=False)
+    assert cfg.seed == 3
+    with pytest.raises(UserError) as plain_text:  # a word is not a number: no hint
+        validate(composed("seed=abc"), machine=False)
+    assert "oc.decode" not in str(plain_text.value)

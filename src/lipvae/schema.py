@@ -295,7 +295,10 @@ def check_node(node, schema: type[BaseModel], prefix: str = "") -> BaseModel:
             raise UserError(no_such_field(path, [k for k in others if k != path and not k.startswith(path + ".")])) from None
         if error["type"] == "missing":
             raise UserError(f"{path}: missing; give it a value") from None
-        fail(path, error["input"], error["msg"] if error["type"] == "accepted" else TYPE_WORDS.get(error["type"], error["msg"]))
+        words = error["msg"] if error["type"] == "accepted" else TYPE_WORDS.get(error["type"], error["msg"])
+        if isinstance(error["input"], str) and re.fullmatch(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?", error["input"].strip()):
+            words += " (this is text, as ${oc.env:NAME} always is: '...=\"${oc.decode:${oc.env:NAME}}\"' reads a number)"
+        fail(path, error["input"], words)
 
 
 def list_field(path: str, schema: type[BaseModel] = RootConfig) -> bool:
