@@ -705,3 +705,17 @@ def test_a_number_from_an_environment_variable_is_text_and_the_error_says_how_to
     with pytest.raises(UserError) as plain_text:  # a word is not a number: no hint
         validate(composed("seed=abc"), machine=False)
     assert "oc.decode" not in str(plain_text.value)
+
+
+def test_one_walk_of_the_schema_knows_lists_and_closed_nodes_everywhere():
+    """Which fields are lists (a single value is a list of one) and which nodes are closed (no
+    '+key' hint) come from one walk of the schema: lipvae's own callback and logger entries and
+    Optional list fields included; the top level offers no '+key' (a mistyped key is a typo)."""
+    from lipvae.compose import as_list_where_meant, compose_config
+
+    assert [as_list_where_meant(a) for a in ("logger.wandb.tags=x", "model.arch.channels=16", "enc_L=5")] == [
+        "logger.wandb.tags=[x]", "model.arch.channels=[16]", "enc_L=5"]
+    for override, hinted in (("callbacks.finetune.colour=red", False), ("enc_l=5", False), ("logger.tb=1", True)):
+        with pytest.raises(UserError) as err:
+            compose_config([override])
+        assert ("to add a new field" in str(err.value)) == hinted, str(err.value)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.build import IMAGE_DATA, _entries, _entry_kinds, build_attack, build_certifier, build_layer, target_class
 from lipvae.errors import UserError
 from lipvae.schema import (ATTACKS, ENTRIES, Closed, ImageDataConfig, OwnAttackConfig, PgdAttackConfig, RootConfig,
-                           check, check_node, field_paths, no_such_field)
+                           check, check_node, field_paths, no_such_field, schema_at)
 
 #: (a setting, its value, a field that value needs, what the field accepts)
 NEEDED = [("model.encoder_std.mode", "fixed", "model.encoder_std.gamma", "a positive number"),
@@ -147,21 +147,21 @@ def composition_error(e: Exception, overrides: list[str], compose) -> UserError:
     if leaf in theirs:  # attack=lbfgs attack.steps=5: L-BFGS-B takes none of pgd's settings
         name = str(others.attack.get("_target_", "")).rsplit(".", 1)[-1]
         return UserError(f"{key}: no such field of {name}, which takes none of pgd's {', '.join(sorted(theirs))}")
-    hint = "" if isinstance(schema, type) and issubclass(schema, Closed) else f" (to add a new field, write +{key}=...)"
+    closed = not node or isinstance(schema, type) and issubclass(schema, Closed)  # the top level: a typo, not a new key
+    hint = "" if closed else f" (to add a new field, write +{key}=...)"
     return UserError(no_such_field(key, field_paths(others)) + hint)
 
 
 def _schema_of(path: str, cfg: DictConfig):
-    """The model that checks the node at ``path``; None where the schema leaves it open (``logger``,
-    ``callbacks``, a layer's or another class's own arguments)."""
-    parts = path.split(".") if path else []
-    groups = {"data": ImageDataConfig if cfg.data.get("_target_") == IMAGE_DATA else None,
-              "attack": ATTACKS.get(cfg.attack.get("_target_"), OwnAttackConfig)}
-    node = groups.get(parts[0] if parts else "", RootConfig)
-    for part in parts[0 if node is RootConfig else 1:]:
-        field = getattr(node, "model_fields", {}).get(part)
-        node = field.annotation if field is not None else None
-    return node
+    """The model that checks the node at ``path``; anything else where the schema leaves the node
+    open (``logger``, ``callbacks`` of the user's, a layer's or another class's own arguments).
+    The ``data`` and ``attack`` nodes are checked by the model their ``_target_`` selects."""
+    group, _, rest = path.partition(".")
+    if group not in ("data", "attack"):
+        return schema_at(path)
+    schema = (ImageDataConfig if cfg.data.get("_target_") == IMAGE_DATA else None) if group == "data" else \
+        ATTACKS.get(cfg.attack.get("_target_"), OwnAttackConfig)
+    return schema_at(rest, schema) if schema is not None else None
 
 
 def _check_entry_classes(cfg: DictConfig) -> None:

@@ -4,8 +4,10 @@ Hydra's structured configs, which type fields but leave every constraint to code
 ``check_node`` turns the first refused field into ``<field>: got <value>; accepted: <words>``."""
 
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, WrapValidator
@@ -301,19 +303,40 @@ def check_node(node, schema: type[BaseModel], prefix: str = "") -> BaseModel:
         fail(path, error["input"], words)
 
 
+def schema_at(path: str, schema: type[BaseModel] = RootConfig) -> Any:
+    """The type ``schema`` gives the field at the dotted ``path`` (``Optional`` and pydantic's
+    ``Annotated`` unwrapped: a model class for a node it checks), None where it has no such field;
+    at the root, lipvae's own callback and logger entries (``ENTRIES``) count as fields. The one
+    walk of the schema by path: which fields are lists, which nodes are closed."""
+    parts = path.split(".") if path else []
+    if schema is RootConfig and ".".join(parts[:2]) in ENTRIES:
+        schema, parts = ENTRIES[".".join(parts[:2])], parts[2:]
+    node: Any = schema
+    for part in parts:
+        field = getattr(node, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        node = _unwrapped(field.annotation)
+    return node
+
+
+def _unwrapped(kind: Any) -> Any:
+    """``kind`` without ``Annotated[...]`` metadata and without ``Optional``."""
+    while True:
+        if typing.get_origin(kind) is Annotated:
+            kind = typing.get_args(kind)[0]
+        elif typing.get_origin(kind) in (Union, types.UnionType) and type(None) in typing.get_args(kind):
+            rest = [a for a in typing.get_args(kind) if a is not type(None)]
+            if len(rest) != 1:
+                return kind
+            kind = rest[0]
+        else:
+            return kind
+
+
 def list_field(path: str, schema: type[BaseModel] = RootConfig) -> bool:
     """Whether the dotted ``path`` names a list field of ``schema``."""
-    import typing
-
-    node: Any = schema
-    for part in path.split("."):
-        fields = getattr(node, "model_fields", {})
-        if part not in fields:
-            return False
-        node = fields[part].annotation
-        inner = [a for a in typing.get_args(node) if isinstance(a, type) and issubclass(a, BaseModel)]
-        node = inner[0] if inner else node
-    return typing.get_origin(node) is list
+    return typing.get_origin(schema_at(path, schema)) is list
 
 
 def fail(path: str, value, accepted: str):
