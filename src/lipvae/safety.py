@@ -130,7 +130,6 @@ def _check_entry(path: Path, directory: bool | None) -> None:
 TRUSTED_PREFIXES = {"callbacks": ("lightning.pytorch.callbacks.",), "logger": ("lightning.pytorch.loggers.",)}
 
 
-@lru_cache(maxsize=1)
 def packaged_config(*parts: str) -> dict:
     """A config file shipped in ``lipvae.conf`` (``packaged_config("certify", "default.yaml")``),
     read as plain data by OmegaConf's safe loader, without its ``defaults`` list and without a
@@ -142,6 +141,7 @@ def packaged_config(*parts: str) -> dict:
     return node
 
 
+@lru_cache(maxsize=1)
 def packaged_targets() -> frozenset[str]:
     """Every ``_target_`` that lipvae's packaged configs (``lipvae.conf``) name."""
     return frozenset(targets_in_folder(Path(str(resources.files("lipvae.conf")))))
