@@ -521,11 +521,12 @@ def build_report(dirs: list[Path], out: Path | None = None, tightness: bool = Fa
         row["files"] = [f for f in RUN_FIGURES if (run / f).is_file() and not (run / f).is_symlink()]
         row["wandb_url"] = _wandb_url(r)
     write_table(out / "results.csv", pd.DataFrame([*rows, *problems], columns=COLUMNS + ["seed"]))
+    margins = [_margins(run, r) for r, run in zip(results, run_dirs)]  # each run's table, read once
     page = Page(
         headline=f"{len(rows)} completed run(s), {len(problems)} not usable.", context=_context(results, rows, dirs),
         rows=rows, order=_order(rows), problems=problems, soundness=_soundness_line(rows),
-        figures=report_figures(rows, results, run_dirs, out, dirs, tightness),
-        tables=paired_tables(rows, results, run_dirs),
+        figures=report_figures(rows, results, run_dirs, margins, out, dirs, tightness),
+        tables=paired_tables(rows, margins),
     )
     atomic_write_text(out / "report.md", markdown(page, out))
     atomic_write_text(out / "report.html", html_page(page))
@@ -537,11 +538,11 @@ def build_report(dirs: list[Path], out: Path | None = None, tightness: bool = Fa
     return out / "report.md"
 
 
-def report_figures(rows: list[dict], results: list[dict], run_dirs: list[Path], out: Path,
+def report_figures(rows: list[dict], results: list[dict], run_dirs: list[Path], margins: list, out: Path,
                    dirs: list[Path] = (), tightness: bool = False) -> dict:
-    """The paper's figures that these runs can draw, by title (PNG files in ``out``); ``dirs``: the
-    folders reported on (an Optuna sweep's front is read there)."""
-    margins = [_margins(run, r) for r, run in zip(results, run_dirs)]
+    """The paper's figures that these runs can draw, by title (PNG files in ``out``); ``margins``:
+    each run's estimated-margins table (or None); ``dirs``: the folders reported on (an Optuna
+    sweep's front is read there)."""
     figures = {
         "Likelihood against certified margin: the front an Optuna sweep searched": fig_front(
             rows, list(dirs), out / "optuna_front.png"
@@ -577,14 +578,14 @@ def report_figures(rows: list[dict], results: list[dict], run_dirs: list[Path], 
 PAIRED = "Paired comparison against the standard VAE (paper Fig. 5)"
 
 
-def paired_tables(rows: list[dict], results: list[dict], run_dirs: list[Path]) -> list[tuple]:
-    """The paired comparison (``lipvae.paired``) of these runs' estimated margins, per run and, with
-    several seeds, per L; none unless every Lipschitz run's seed has exactly one standard VAE."""
+def paired_tables(rows: list[dict], margins: list) -> list[tuple]:
+    """The paired comparison (``lipvae.paired``) of these runs' estimated margins (``margins``: each
+    run's table, or None), per run and, with several seeds, per L; none unless every Lipschitz
+    run's seed has exactly one standard VAE."""
     from lipvae.paired import Arm, differences, summarise, unpaired_seeds
 
     arms = []
-    for row, r, run in zip(rows, results, run_dirs):
-        frame = _margins(run, r)
+    for row, frame in zip(rows, margins):
         lipschitz = row["model"] == "lipschitz" and row.get("enc_L") is not None
         if frame is not None and "index" in frame and (lipschitz or row["model"] == "standard"):
             arms.append(Arm(label(row), "lipschitz" if lipschitz else "standard", row.get("enc_L"),
