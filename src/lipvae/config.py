@@ -36,8 +36,8 @@ def validate(cfg: DictConfig, machine: bool = True) -> None:
         check_node(cfg.data, ImageDataConfig, "data.")
     check_node(cfg.attack, ATTACKS.get(cfg.attack.get("_target_"), OwnAttackConfig), "attack.")
     for path, schema in ENTRIES.items():
-        if OmegaConf.select(cfg, path) is not None:
-            check_node(OmegaConf.select(cfg, path), schema, path + ".")
+        if (entry := OmegaConf.select(cfg, path)) is not None:
+            check_node(entry, schema, path + ".")
     for setting, value, path, words in NEEDED:
         check(OmegaConf.select(cfg, setting) != value or OmegaConf.select(cfg, path) is not None, path, None, words)
     _check_entry_classes(cfg)  # each callback's and logger's class, before any data is read

@@ -55,7 +55,11 @@ PositiveInt = accepts("a positive integer", StrictInt, gt=0)
 NonnegInt = accepts("an integer >= 0", StrictInt, ge=0)
 PositiveOrNull = accepts("a positive integer or null", Optional[StrictInt], check=lambda v: v is None or v > 0)
 Bool = accepts("true or false", StrictBool)
-TriState = accepts("true, false, auto", check=lambda v: v is True or v is False or v == "auto")
+def _tri_state(v) -> bool:
+    return v is True or v is False or v == "auto"
+
+
+TriState = accepts("true, false, auto", check=_tri_state)
 PRECISIONS = ("32-true", "32", "64-true", "64")
 
 
@@ -151,7 +155,7 @@ class ImageDataConfig(Built):  # lipvae.data.ImageDataModule's arguments
     batch_size: PositiveInt
     eval_batch_size: PositiveInt
     val_fraction: Unit
-    resplit: accepts("True, False, auto", check=lambda v: v is True or v is False or v == "auto")
+    resplit: accepts("True, False, auto", check=_tri_state)
     resplit_test_fraction: Unit
     limit: PositiveOrNull = None
     download: Bool = True
