@@ -22,6 +22,8 @@ def row(record: dict) -> str:
     model = config.get("model") or {}
     lipschitz = model.get("kind") == "lipschitz"
     arm = f"L = {config.get('enc_L'):g}" if lipschitz else "standard"
+    if model.get("beta", 1) != 1:
+        arm += f", β = {model['beta']:g}"
     std = model.get("encoder_std") or {}
     gamma = f"{std['gamma']:g}" if std.get("mode") == "fixed" else "–"
     losses = (metrics.get("convergence") or {}).get("val_losses") or []

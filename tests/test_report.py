@@ -467,6 +467,8 @@ def test_model_rows_give_each_runs_table_row():
                 "run": {"resumed_from": {"epoch": 39}}}
     assert rows.row(standard) == ("| standard | – | 3 | 12 | 10 | patience | +2.25 | 1470.9 | – | – | 2.083 | – "
                                   "| resumed (epoch 39); 1.5 after |")
+    beta = {**record, "config": {"enc_L": 5.0, "seed": 0, "model": {"kind": "lipschitz", "beta": 5.0}}}
+    assert rows.row(beta).startswith("| L = 5, β = 5 | – | 0 |")
 
 
 def test_the_report_compares_each_lipschitz_run_with_its_seeds_standard_vae(tmp_path):
