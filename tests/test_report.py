@@ -434,6 +434,29 @@ def test_scatter_labels_each_arm_once_at_its_mean():
     assert texts == {"L=5 (3 seeds)": (2.0, 10.0), "standard": (0.5, 7.0)}
 
 
+def test_labels_of_nearby_arms_do_not_cover_each_other():
+    """Two arms whose points nearly coincide (Figure 4's two L = 5 models on MNIST) get labels
+    that do not overlap on the figure; both stay inside the figure."""
+    import matplotlib.pyplot as plt
+
+    from lipvae.report import _label_points
+
+    rows = [{"model": "lipschitz", "enc_L": 5.0, "seed": 0, "x": 3.58, "y": 1427.0},
+            {"model": "lipschitz", "enc_L": 5.0, "seed": 0, "std_mode": "fixed", "gamma": 0.1,
+             "x": 3.53, "y": 1414.0},
+            {"model": "lipschitz", "enc_L": 5.0, "seed": 0, "data": "fashion_mnist", "x": 2.40, "y": 838.0}]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.scatter([r["x"] for r in rows], [r["y"] for r in rows])
+    _label_points(ax, rows, "x", "y", fontsize=7)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    figure = fig.bbox
+    plt.close(fig)
+    assert len(boxes) == 3
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert all(figure.x0 <= b.x0 and b.x1 <= figure.x1 for b in boxes)
+
+
 def test_the_html_page_escapes_every_value_a_run_folder_brings():
     """Run names, statuses and W&B links come from run folders: shown as text, never as markup."""
     from lipvae.report import Page, html_page
@@ -447,6 +470,9 @@ def test_the_html_page_escapes_every_value_a_run_folder_brings():
     assert "<script>" not in out and out.count("&lt;script&gt;") >= 5
     assert 'href="a&#39;b&#34;c/"' in out and 'href="x&#34;&gt;&lt;b&gt;bold&lt;/b&gt;"' in out
     assert "<b>bold</b>" not in out
+    assert "<th>test_<wbr>log_<wbr>likelihood</th>" in out  # a long column name may wrap after "_"
+    page.tables = [("paired", "note", pd.DataFrame({hostile + "_x": [1.0]}))]
+    assert "<th>&lt;script&gt;alert(1)&lt;/script&gt;_<wbr>x</th>" in html_page(page)
 
 
 def test_model_rows_give_each_runs_table_row():

@@ -270,7 +270,7 @@ def fig_likelihood_vs_robustness(rows, path: Path) -> Path | None:
             continue
         ax.scatter([r["estimated_mean"] for r in group], [r["test_log_likelihood"] for r in group], c=colour,
                    marker=marker, label=f"{kind} VAE")
-        _label_points(ax, group, "estimated_mean", "test_log_likelihood", fontsize=7)
+    _label_points(ax, pts, "estimated_mean", "test_log_likelihood", fontsize=7)
     ax.set_xlabel("mean estimated margin")
     ax.set_ylabel("mean test log-likelihood (nats)")
     ax.set_title("likelihood vs robustness", fontsize=9)
@@ -284,10 +284,23 @@ def _label_points(ax, rows: list[dict], x: str, y: str, fontsize: int) -> None:
     arms: dict[str, list[dict]] = {}
     for r in rows:
         arms.setdefault(label({**r, "seed": None}), []).append(r)
-    for name, group in arms.items():
+    ax.autoscale_view()  # the final limits, to place the labels against each other
+    to_points = ax.transData + ax.figure.dpi_scale_trans.inverted()  # data -> inches (x 72: points)
+    right = (ax.transAxes + ax.figure.dpi_scale_trans.inverted()).transform((0.6, 0))[0] * 72
+    placed: list[tuple[float, float, float, float]] = []
+    for name, group in sorted(arms.items(), key=lambda arm: -sum(r[y] for r in arm[1]) / len(arm[1])):
         text = name + (f" ({len(group)} seeds)" if len(group) > 1 else "")
         at = (sum(r[x] for r in group) / len(group), sum(r[y] for r in group) / len(group))
-        ax.annotate(text, at, fontsize=fontsize, xytext=(4, 4), textcoords="offset points")
+        px, py = to_points.transform(at) * 72
+        width, height = 0.55 * fontsize * len(text), fontsize + 1
+        left = px > right  # a point in the right part of the plot gets its label on its left
+        x0 = px - 4 - width if left else px + 4
+        dy = 4.0
+        while any(x0 < b[2] and b[0] < x0 + width and py + dy < b[3] and b[1] < py + dy + height for b in placed):
+            dy -= height  # below the labels already placed that it would cover
+        placed.append((x0, py + dy, x0 + width, py + dy + height))
+        ax.annotate(text, at, fontsize=fontsize, xytext=(-4 if left else 4, dy), textcoords="offset points",
+                    ha="right" if left else "left")
 
 
 def optuna_front(dirs: list[Path]) -> list[dict]:
@@ -644,9 +657,12 @@ def html_page(page: Page) -> str:
     column of every run behind a fold; laid out by the package's ``templates/report.html.j2``
     (jinja2, every value escaped)."""
     import jinja2
+    import markupsafe
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("lipvae", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined)
+    # a column name may wrap after its underscores, so that the table fits the page
+    env.filters["breakable"] = lambda name: markupsafe.escape(name).replace("_", markupsafe.Markup("_<wbr>"))
     shown = [c for c in COLUMNS if c != "run"]
     rows = []
     for i in page.order:
