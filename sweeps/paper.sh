@@ -107,12 +107,6 @@ done
 whole=$(date +%s)
 for stage in "${stages[@]}"; do "stage_$stage"; done
 echo "== the paper's stages ${stages[*]}: $(( $(date +%s) - whole )) s wall in this call"
-# every completed model's own time (training, testing, certificates, attack), summed: what the
-# whole paper costs on one core, and half of it on two (a stop and a resume add nothing to it)
-"$PY" - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-times = [json.loads(p.read_text()).get("timings", {}).get("total_s") for p in Path(sys.argv[1]).glob("*/*/results.json")]
-done = [t for t in times if t]
-print(f"== {len(done)} completed models: {sum(done) / 3600:.2f} core-hours, {sum(done) / 7200:.2f} h on 2 cores")
-PY
+# per stage, what its models would take on idle cores (their fastest epochs, summed), beside the
+# wall time of this call: sweeps/paper_time.py (give it --log <this script's log> for every call's)
+"$PY" sweeps/paper_time.py "$OUT"

@@ -497,6 +497,31 @@ def test_model_rows_give_each_runs_table_row():
     assert rows.row(beta).startswith("| L = 5, β = 5 | – | 0 |")
 
 
+def test_paper_time_estimates_a_run_on_idle_cores_from_its_fastest_epochs(tmp_path, capsys):
+    """sweeps/paper_time.py: epochs x the fastest tenth of the epoch times + the evaluation's
+    seconds; each stage's calls' wall times from the sweep's log."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_time", Path(__file__).parents[1] / "sweeps" / "paper_time.py")
+    paper_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_time)
+    run = tmp_path / "fig9" / "0_lipschitz_encL5.0_decL5.0_seed0"
+    run.mkdir(parents=True)
+    seconds = [30, 21, 22, 45, 23, 22, 40, 22, 25, 24, 22, 60]  # 12 epochs; sorted, the fastest tenth's (index 12 // 10) is 22
+    (run / "train.log").write_text("".join(
+        f"[2026-12-07 10:00:00,000][lipvae][INFO] - epoch {i + 1}/400: train loss -1.00, val loss -2.00 "
+        f"(best -2.00 at epoch {i + 1}), {422 * (i + 1)} steps, {s} s\n" for i, s in enumerate(seconds)))
+    (run / "results.json").write_text(json.dumps({
+        "status": "completed", "metrics": {"epochs": 12},
+        "timings": {"test_s": 60.0, "certify_s": 6.0, "attack_s": 30.0, "total_s": 999.0}}))
+    assert paper_time.idle_seconds(run) == pytest.approx(12 * 22 + 96.0)
+    (tmp_path / "paper.log").write_text("== fig9: training, x\n== fig9: 100 s wall\n== fig9: training, y\n"
+                                        "== fig9: 250 s wall\n")
+    assert paper_time.main([str(tmp_path), "--log", str(tmp_path / "paper.log")]) == 0
+    out = capsys.readouterr().out
+    assert "| fig9 | 1 | 100 + 250 | 0.10 |" in out and "0.05 h on 2 cores" in out
+
+
 def test_the_report_compares_each_lipschitz_run_with_its_seeds_standard_vae(tmp_path):
     """report.md's paired section: lipvae.paired's numbers per run and, with several seeds, per L;
     none where a seed has no single standard VAE to pair with."""
