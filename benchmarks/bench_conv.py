@@ -91,10 +91,16 @@ def reconstructions(records: list[dict], out: Path, n: int = 8) -> Path:
             rows.append(("test images", x))
         with torch.no_grad():
             rows.append((f"{rec['arch']}, L={rec['L']:g}", vae.reconstruct(x, sample=False)))
+    shape = records[0]["results"]["data"]["input_shape"]  # C x H x W, as results.json records it
+
+    def picture(image):  # an image as imshow takes it: H x W (grey) or H x W x C
+        image = image.reshape(shape)
+        return image[0] if shape[0] == 1 else image.permute(1, 2, 0)
+
     fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.2 * len(rows)), squeeze=False)
     for r, (title, images) in enumerate(rows):
         for c in range(n):
-            axes[r][c].imshow(images[c].reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+            axes[r][c].imshow(picture(images[c]), cmap="gray", vmin=0, vmax=1)
             axes[r][c].set_xticks([])
             axes[r][c].set_yticks([])
         axes[r][0].set_ylabel(title, fontsize=7)
