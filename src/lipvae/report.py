@@ -287,10 +287,11 @@ def _label_points(ax, rows: list[dict], x: str, y: str, fontsize: int) -> None:
     ax.autoscale_view()  # the final limits, to place the labels against each other
     to_points = ax.transData + ax.figure.dpi_scale_trans.inverted()  # data -> inches (x 72: points)
     right = (ax.transAxes + ax.figure.dpi_scale_trans.inverted()).transform((0.6, 0))[0] * 72
+    points = [(name + (f" ({len(group)} seeds)" if len(group) > 1 else ""),
+               (sum(r[x] for r in group) / len(group), sum(r[y] for r in group) / len(group)))
+              for name, group in arms.items()]
     placed: list[tuple[float, float, float, float]] = []
-    for name, group in sorted(arms.items(), key=lambda arm: -sum(r[y] for r in arm[1]) / len(arm[1])):
-        text = name + (f" ({len(group)} seeds)" if len(group) > 1 else "")
-        at = (sum(r[x] for r in group) / len(group), sum(r[y] for r in group) / len(group))
+    for text, at in sorted(points, key=lambda point: -point[1][1]):  # the highest first
         px, py = to_points.transform(at) * 72
         width, height = 0.55 * fontsize * len(text), fontsize + 1
         left = px > right  # a point in the right part of the plot gets its label on its left
