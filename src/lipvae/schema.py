@@ -55,6 +55,8 @@ PositiveInt = accepts("a positive integer", StrictInt, gt=0)
 NonnegInt = accepts("an integer >= 0", StrictInt, ge=0)
 PositiveOrNull = accepts("a positive integer or null", Optional[StrictInt], check=lambda v: v is None or v > 0)
 Bool = accepts("true or false", StrictBool)
+
+
 def _tri_state(v) -> bool:
     return v is True or v is False or v == "auto"
 
