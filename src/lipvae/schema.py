@@ -57,11 +57,7 @@ PositiveOrNull = accepts("a positive integer or null", Optional[StrictInt], chec
 Bool = accepts("true or false", StrictBool)
 
 
-def _tri_state(v) -> bool:
-    return v is True or v is False or v == "auto"
-
-
-TriState = accepts("true, false, auto", check=_tri_state)
+TriState = accepts("true, false, auto", check=lambda v: v is True or v is False or v == "auto")
 PRECISIONS = ("32-true", "32", "64-true", "64")
 
 
@@ -157,7 +153,7 @@ class ImageDataConfig(Built):  # lipvae.data.ImageDataModule's arguments
     batch_size: PositiveInt
     eval_batch_size: PositiveInt
     val_fraction: Unit
-    resplit: accepts("True, False, auto", check=_tri_state)
+    resplit: TriState
     resplit_test_fraction: Unit
     limit: PositiveOrNull = None
     download: Bool = True
