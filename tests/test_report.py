@@ -417,6 +417,10 @@ def test_runs_are_labelled_by_what_tells_them_apart():
                              "std_mode": "learned", "data": "mnist"}]
     tag_rows(mixed)
     assert [label(r) for r in mixed] == ["L=5", "standard"]
+    # the paper's widths beside narrower networks of another layer: both settings are named
+    wide = [dict(rows[0], width="512-512"), dict(rows[1], width="256-256"), dict(rows[0], width="512-512", enc_L=10.0, dec_L=10.0)]
+    tag_rows(wide)
+    assert [label(r) for r in wide] == ["L=5 [512-512 stiefel]", "L=5 [256-256 bjorck]", "L=10 [512-512 stiefel]"]
 
 
 def test_scatter_labels_each_arm_once_at_its_mean():

@@ -28,7 +28,7 @@ from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomi
 log = logging.getLogger("lipvae")
 
 COLUMNS = [
-    "run", "status", "data", "split", "model", "arch", "layer", "attack", "enc_L", "dec_L", "std_mode", "gamma", "beta",
+    "run", "status", "data", "split", "model", "arch", "width", "layer", "attack", "enc_L", "dec_L", "std_mode", "gamma", "beta",
     "latent_dim",
     "lr", "epochs", "stopped_by", "test_log_likelihood", "test_elbo", "certified_mean", "certified_median", "certified_min",
     "fraction_certified", "global_margin", "estimated_mean", "estimated_median", "estimated_min",
@@ -73,6 +73,7 @@ def load_row(run: Path, root: Path) -> tuple[dict, Results | None]:
         "split": r.get("data", "split"),
         "model": r.get("model", "kind"),
         "arch": r.get("model", "arch") or "mlp",
+        "width": _width(r),
         "layer": _short(r.get("config", "model", "layer", "_target_")) if r.get("model", "kind") == "lipschitz" else None,
         "attack": r.get("estimated", "method"),
         "enc_L": r.get("lipschitz", "nominal", "encoder_mean"),
@@ -160,8 +161,16 @@ def _short(target) -> str | None:
     return name.removesuffix("Linear").lower() or name
 
 
+def _width(r: Results) -> str | None:
+    """The network's widths as ``512-512`` (an MLP's hidden layers; a conv net's channels)."""
+    arch = r.get("config", "model", "arch") or {}
+    widths = arch.get("channels") if isinstance(arch, dict) and arch.get("kind") == "conv" else \
+        r.get("config", "model", "hidden")
+    return "-".join(str(w) for w in widths) if isinstance(widths, list) and widths else None
+
+
 #: what may tell runs of one report apart beside the constants, γ, β and the seed (label's ``tag``)
-DISTINGUISHING = ("arch", "layer", "attack", "std_mode", "data")
+DISTINGUISHING = ("arch", "width", "layer", "attack", "std_mode", "data")
 
 
 def tag_rows(rows: list[dict]) -> None:
