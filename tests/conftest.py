@@ -236,6 +236,9 @@ def run_main(*args: str, module: str = "lipvae.train", env: dict | None = None, 
         HydraConfig.instance().cfg = None
         for s, handler in saved_signals.items():
             signal.signal(s, handler)
+        for handler in root.handlers:  # the run's own (its train.log): closed, as a process's exit would
+            if handler not in saved_handlers:
+                handler.close()
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
         os.chdir(saved_cwd)

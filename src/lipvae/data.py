@@ -258,6 +258,18 @@ class SplitInfo:
             )
 
 
+class ResumingLoader(DataLoader):
+    """The training loader of a ``VAEDataModule``: it resumes mid-epoch, from the data module's
+    own state (``VAEDataModule.state_dict``: the order's generator and the batches done). These
+    two methods tell Lightning so; it warns that a loader without them cannot resume."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class VAEDataModule(L.LightningDataModule):
     """What lipvae needs of a data module: the contract every ``data`` entry's ``_target_`` meets.
 
@@ -306,8 +318,8 @@ class VAEDataModule(L.LightningDataModule):
         self._sampler.resume_at, self._resume_at = getattr(self, "_resume_at", None), None
         # the generator too: the loader's iterators draw their base seed from it, not from torch's
         # global stream (the VAE's latent samples)
-        return DataLoader(self.split(split), batch_size=batch_size, sampler=self._sampler, collate_fn=_as_batch,
-                          generator=self._order())
+        return ResumingLoader(self.split(split), batch_size=batch_size, sampler=self._sampler, collate_fn=_as_batch,
+                              generator=self._order())
 
     def _order(self) -> torch.Generator:
         """The generator of the training batches' order: seeded once, advanced by every epoch's

@@ -22,6 +22,7 @@ _QUIET = (
     r"`\.fit\(ckpt_path=.*",  # Lightning's notes on resuming; lipvae logs its own
     r"\.fit\(ckpt_path=.*",
     r".*is set, but there is no last checkpoint available.*",
+    r"Checkpoint directory .* exists and is not empty",  # a resumed run's own checkpoints
 )
 
 
