@@ -310,6 +310,35 @@ def test_a_sweep_that_refused_a_job_exits_non_zero_and_names_it(tmp_path, caplog
     summary.on_multirun_end(config)
 
 
+def test_a_sweep_ends_with_its_report_unless_told_not_to(tmp_path, smoke_runs, caplog):
+    """The sweep's report (as ``python -m lipvae.report <sweep>`` writes it) when the multirun
+    ends; none with ``report=false``; one warning line, never a failed sweep, where it cannot be
+    written."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from lipvae.sweep import SweepSummary
+
+    caplog.set_level("INFO", logger="lipvae")
+    sweep = tmp_path / "sweep"
+    for run in smoke_runs.values():
+        shutil.copytree(run, sweep / run.name)
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
+    SweepSummary(report=False).on_multirun_end(config)
+    assert not (sweep / "report.md").exists()
+    SweepSummary().on_multirun_end(config)
+    md = (sweep / "report.md").read_text()
+    assert "4 completed run(s), 0 not usable." in md and (sweep / "report.html").is_file()
+    assert f"sweep report: {sweep / 'report.md'}" in caplog.text
+    (sweep / "report.md").unlink()
+    (sweep / "report.md").symlink_to(tmp_path / "elsewhere.md")  # refused by the report: a warning only
+    SweepSummary().on_multirun_end(config)
+    assert f"no sweep report ({sweep / 'report.md'}: is a symlink" in caplog.text
+    assert f"write it with: python -m lipvae.report {sweep}" in caplog.text
+    assert not (tmp_path / "elsewhere.md").exists()
+
+
 @pytest.mark.parametrize(
     "edit,reason",
     every_kth_fast([

@@ -1,4 +1,5 @@
-"""Hydra callback: at the end of a multirun, one line per failed or refused job and a non-zero exit."""
+"""Hydra callback: at the end of a multirun, the sweep's report, one line per failed or refused
+job and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -70,10 +71,15 @@ def _keep_first_record(sweep: Path) -> None:
 
 
 class SweepSummary(Callback):
-    """Ends a multirun with one line per job that failed or was refused, and keeps the sweep
-    folder's ``multirun.yaml`` (Hydra's record of the sweep's command) that of the sweep that
-    made the folder: a later multirun into it (a ``resume=auto`` re-run, or one with other
-    overrides) leaves its own as ``multirun-<time>.yaml`` beside it."""
+    """Ends a multirun with its report (``report``: ``lipvae.report`` on the sweep folder, as
+    ``python -m lipvae.report <sweep>`` writes it, when a job completed) and one line per job
+    that failed or was refused, and keeps the sweep folder's ``multirun.yaml`` (Hydra's record
+    of the sweep's command) that of the sweep that made the folder: a later multirun into it (a
+    ``resume=auto`` re-run, or one with other overrides) leaves its own as
+    ``multirun-<time>.yaml`` beside it."""
+
+    def __init__(self, report: bool = True) -> None:
+        self.report = report
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)
@@ -90,8 +96,24 @@ class SweepSummary(Callback):
             statuses[job] = f"refused by this multirun: {why}"
         failed = {k: v for k, v in statuses.items() if v != "completed"}
         log.info("sweep %s: %d of %d jobs completed", config.hydra.sweep.dir, len(statuses) - len(failed), len(statuses))
+        if self.report and len(failed) < len(statuses):
+            _write_report(Path(config.hydra.sweep.dir))
         for job, status in failed.items():
             log.error("job %s %s", job, status)
         if failed:
             print(f"error: {len(failed)} of {len(statuses)} jobs failed or were refused (listed above)", file=sys.stderr)
             sys.exit(1)
+
+
+def _write_report(sweep: Path) -> None:
+    """The sweep's report; one warning line (and the command that writes it) where it cannot be
+    written, since the runs themselves are done and recorded."""
+    from lipvae.report import build_report
+
+    try:
+        path = build_report([sweep])
+    except Exception as e:  # noqa: BLE001 (a report is derived from the runs: it never fails the sweep)
+        log.warning("no sweep report (%s); write it with: python -m lipvae.report %s",
+                    str(e).splitlines()[0] if str(e) else type(e).__name__, sweep)
+        return
+    log.info("sweep report: %s (and report.html, results.csv, figures beside it)", path)
