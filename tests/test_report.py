@@ -310,6 +310,7 @@ def test_a_sweep_that_refused_a_job_exits_non_zero_and_names_it(tmp_path, caplog
     summary.on_multirun_end(config)
 
 
+@pytest.mark.slow  # the session's trained models (smoke_runs)
 def test_a_sweep_ends_with_its_report_unless_told_not_to(tmp_path, smoke_runs, caplog):
     """The sweep's report (as ``python -m lipvae.report <sweep>`` writes it) when the multirun
     ends; none with ``report=false``; one warning line, never a failed sweep, where it cannot be
