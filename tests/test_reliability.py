@@ -163,6 +163,15 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, args, fragment):
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before the run folder was written
 
 
+def test_a_bad_sweep_callback_setting_is_one_line_before_any_job(tmp_path):
+    """lipvae's Hydra callbacks are built by Hydra: a value they refuse is the same one line."""
+    proc = run_cli(*SMOKE, "hydra.callbacks.sweep_summary.report=maybe", f"hydra.sweep.dir={tmp_path / 's'}", "-m")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: hydra.callbacks.sweep_summary.report: got 'maybe'; accepted: true, false")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "s").exists()
+
+
 def test_a_run_name_that_leaves_outputs_writes_nothing(tmp_path):
     """name=x/../../.. was refused only after .hydra/, results.json and train.log were written at
     the escaped path (issue 27)."""

@@ -79,6 +79,10 @@ class SweepSummary(Callback):
     ``multirun-<time>.yaml`` beside it."""
 
     def __init__(self, report: bool = True) -> None:
+        if not isinstance(report, bool):
+            from lipvae.errors import UserError
+
+            raise UserError(f"hydra.callbacks.sweep_summary.report: got {report!r}; accepted: true, false")
         self.report = report
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
-from hydra.errors import ConfigCompositionException
+from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
@@ -296,6 +296,10 @@ def cli() -> None:
             except UserError:
                 overrides = texts
             raise composition_error(e, overrides, compose_config) from None
+        except InstantiationException as e:  # a Hydra callback of lipvae's refused its arguments
+            if isinstance(e.__cause__, UserError):
+                raise e.__cause__ from None
+            raise
     except (UserError, Refused) as e:
         print(f"error: {e.args[0] if isinstance(e, Refused) else e}", file=sys.stderr)
         sys.exit(2)
