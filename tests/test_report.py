@@ -491,6 +491,28 @@ def test_labels_of_nearby_arms_do_not_cover_each_other():
     assert all(figure.x0 <= b.x0 and b.x1 <= figure.x1 for b in boxes)
 
 
+def test_labels_stacked_below_the_lowest_points_stay_inside_the_axes():
+    """Three arms at nearly one point at the bottom of the plot (the checks' L = 5 models): their
+    labels stack downward, and the y-axis widens so that none falls below the axes."""
+    import matplotlib.pyplot as plt
+
+    from lipvae.report import _label_points
+
+    rows = [{"model": "lipschitz", "enc_L": 5.0, "seed": 0, "tag": tag, "x": 3.60 + 0.02 * i, "y": 1423.0 + 2 * i}
+            for i, tag in enumerate(["256-256 bjorck", "256-256 stiefel", "512-512 stiefel"])]
+    rows += [{"model": "standard", "seed": 0, "x": 1.2, "y": 1720.0}, {"model": "standard", "seed": 0,
+                                                                        "tag": "512-512", "x": 1.3, "y": 1729.0}]
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.scatter([r["x"] for r in rows], [r["y"] for r in rows])
+    _label_points(ax, rows, "x", "y", fontsize=7)
+    fig.canvas.draw()
+    boxes, frame = [t.get_window_extent() for t in ax.texts], ax.get_window_extent()
+    plt.close(fig)
+    assert len(boxes) == 5
+    assert all(frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes), (frame, [(b.y0, b.y1) for b in boxes])
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
 def test_the_html_page_escapes_every_value_a_run_folder_brings():
     """Run names, statuses and W&B links come from run folders: shown as text, never as markup."""
     from lipvae.report import Page, html_page

@@ -311,6 +311,23 @@ def _label_points(ax, rows: list[dict], x: str, y: str, fontsize: int) -> None:
         placed.append((x0, py + dy, x0 + width, py + dy + height))
         ax.annotate(text, at, fontsize=fontsize, xytext=(-4 if left else 4, dy), textcoords="offset points",
                     ha="right" if left else "left")
+    _fit_labels(ax, placed)
+
+
+def _fit_labels(ax, placed: list[tuple[float, float, float, float]]) -> None:
+    """Widen the y-axis so that labels stacked below the lowest points (or above the highest)
+    stay inside the axes (``placed``: their boxes in points, as ``_label_points`` placed them)."""
+    if not placed:
+        return
+    frame = ax.transAxes + ax.figure.dpi_scale_trans.inverted()
+    bottom, top = (frame.transform(corner)[1] * 72 for corner in ((0, 0), (0, 1)))
+    below = max(0.0, bottom - min(b[1] for b in placed) + 4)  # 4: a text's descent below its box
+    above = max(0.0, max(b[3] for b in placed) - top + 4)
+    room = top - bottom - below - above
+    if (below or above) and room > (top - bottom) / 3:
+        y0, y1 = ax.get_ylim()
+        per_point = (y1 - y0) / room
+        ax.set_ylim(y0 - below * per_point, y1 + above * per_point)
 
 
 def optuna_front(dirs: list[Path]) -> list[dict]:
