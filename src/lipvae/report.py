@@ -295,7 +295,8 @@ def _label_points(ax, rows: list[dict], x: str, y: str, fontsize: int) -> None:
         arms.setdefault(label({**r, "seed": None}), []).append(r)
     ax.autoscale_view()  # the final limits, to place the labels against each other
     to_points = ax.transData + ax.figure.dpi_scale_trans.inverted()  # data -> inches (x 72: points)
-    right = (ax.transAxes + ax.figure.dpi_scale_trans.inverted()).transform((0.6, 0))[0] * 72
+    frame = ax.transAxes + ax.figure.dpi_scale_trans.inverted()  # axes fraction -> inches
+    right = frame.transform((0.6, 0))[0] * 72
     points = [(name + (f" ({len(group)} seeds)" if len(group) > 1 else ""),
                (sum(r[x] for r in group) / len(group), sum(r[y] for r in group) / len(group)))
               for name, group in arms.items()]
@@ -311,15 +312,15 @@ def _label_points(ax, rows: list[dict], x: str, y: str, fontsize: int) -> None:
         placed.append((x0, py + dy, x0 + width, py + dy + height))
         ax.annotate(text, at, fontsize=fontsize, xytext=(-4 if left else 4, dy), textcoords="offset points",
                     ha="right" if left else "left")
-    _fit_labels(ax, placed)
+    _fit_labels(ax, frame, placed)
 
 
-def _fit_labels(ax, placed: list[tuple[float, float, float, float]]) -> None:
+def _fit_labels(ax, frame, placed: list[tuple[float, float, float, float]]) -> None:
     """Widen the y-axis so that labels stacked below the lowest points (or above the highest)
-    stay inside the axes (``placed``: their boxes in points, as ``_label_points`` placed them)."""
+    stay inside the axes (``frame``: axes fraction to inches; ``placed``: the labels' boxes in
+    points, as ``_label_points`` placed them)."""
     if not placed:
         return
-    frame = ax.transAxes + ax.figure.dpi_scale_trans.inverted()
     bottom, top = (frame.transform(corner)[1] * 72 for corner in ((0, 0), (0, 1)))
     below = max(0.0, bottom - min(b[1] for b in placed) + 4)  # 4: a text's descent below its box
     above = max(0.0, max(b[3] for b in placed) - top + 4)

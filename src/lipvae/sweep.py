@@ -13,6 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lipvae.results import ResultsError, RunFolder
+from lipvae.schema import check
 
 log = logging.getLogger("lipvae")
 
@@ -79,10 +80,7 @@ class SweepSummary(Callback):
     ``multirun-<time>.yaml`` beside it."""
 
     def __init__(self, report: bool = True) -> None:
-        if not isinstance(report, bool):
-            from lipvae.errors import UserError
-
-            raise UserError(f"hydra.callbacks.sweep_summary.report: got {report!r}; accepted: true, false")
+        check(isinstance(report, bool), "hydra.callbacks.sweep_summary.report", report, "true, false")
         self.report = report
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -94,14 +92,15 @@ class SweepSummary(Callback):
             record.replace(sweep / KEPT_FILE)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        _keep_first_record(Path(config.hydra.sweep.dir))
-        statuses = job_statuses(Path(config.hydra.sweep.dir))
-        for job, why in refusals(Path(config.hydra.sweep.dir)).items():
+        sweep = Path(config.hydra.sweep.dir)
+        _keep_first_record(sweep)
+        statuses = job_statuses(sweep)
+        for job, why in refusals(sweep).items():
             statuses[job] = f"refused by this multirun: {why}"
         failed = {k: v for k, v in statuses.items() if v != "completed"}
-        log.info("sweep %s: %d of %d jobs completed", config.hydra.sweep.dir, len(statuses) - len(failed), len(statuses))
+        log.info("sweep %s: %d of %d jobs completed", sweep, len(statuses) - len(failed), len(statuses))
         if self.report and len(failed) < len(statuses):
-            _write_report(Path(config.hydra.sweep.dir))
+            _write_report(sweep)
         for job, status in failed.items():
             log.error("job %s %s", job, status)
         if failed:
