@@ -24,11 +24,11 @@ train() {  # train <stage> <overrides...>
   local start; start=$(date +%s)
   echo "== $stage: training, $(date -u +%FT%TZ)"
   "$PY" -m lipvae.train tier=converged "$@" hydra/launcher=joblib hydra.launcher.n_jobs="$N_JOBS" \
-      resume=auto hydra.sweep.dir="$OUT/$stage" -m
+      resume=auto hydra.sweep.dir="$OUT/$stage" hydra.callbacks.sweep_summary.report=false -m
   echo "== $stage: $(( $(date +%s) - start )) s wall"
 }
 
-report() {  # report <stage> <run folders or sweeps...>
+report() {  # report <stage> <run folders or sweeps...> (the stages' reports; the sweeps write none of their own)
   local stage=$1; shift
   "$PY" -m lipvae.report "$@" --out "$OUT/reports/$stage"
 }
