@@ -350,3 +350,33 @@ def test_evaluate_help_explains_its_arguments(capsys):
     assert evaluate_main(["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m lipvae.evaluate <run folder>") and "--replace" in out and "data.root=DIR" in out
+
+
+def test_a_command_reports_what_a_user_can_fix_in_one_line_and_nothing_else(capsys):
+    """lipvae.errors.command: the run's status; a UserError or a folder that cannot be written to
+    is one ``error:`` line and status 2; any other error propagates."""
+    import errno
+
+    from lipvae.errors import UserError, command
+
+    assert command(lambda: 7, "x") == 7
+    assert capsys.readouterr().err == ""
+
+    def bad():
+        raise UserError("a: got 1; accepted: 2")
+
+    assert command(bad, "x") == 2
+    assert capsys.readouterr().err == "error: a: got 1; accepted: 2\n"
+
+    def read_only():
+        raise OSError(errno.EACCES, "Permission denied", "/r/f")
+
+    assert command(read_only, "write it elsewhere", status=3) == 3
+    assert capsys.readouterr().err == ("error: cannot write to /r/f (Permission denied); make it writable or"
+                                       " write it elsewhere\n")
+
+    def missing():
+        raise OSError(errno.ENOENT, "No such file", "/r/f")
+
+    with pytest.raises(FileNotFoundError):
+        command(missing, "x")

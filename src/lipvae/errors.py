@@ -4,6 +4,7 @@ full disk) every entry point handles the same way."""
 import contextlib
 import errno
 import signal
+import sys
 
 #: the errors of a write that ran out of room: a full disk, a quota, a file-size limit
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -20,6 +21,21 @@ def unwritable(e: BaseException, where: str = "") -> UserError | None:
         return None
     return UserError(f"cannot write to {e.filename or 'the folder'} ({e.strerror}); make it writable"
                      f"{' or ' + where if where else ''}")
+
+
+def command(run, where: str, status: int = 2) -> int:
+    """A command's exit status: ``run()``'s, or ``status`` after one ``error:`` line on stderr
+    when it raised a ``UserError`` or could not write to a folder (``where``: what to do instead,
+    as ``unwritable`` takes it); any other error is left to propagate."""
+    try:
+        return run()
+    except UserError as e:
+        error = e
+    except OSError as e:
+        if (error := unwritable(e, where)) is None:
+            raise
+    print(f"error: {error}", file=sys.stderr)
+    return status
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.compose import check_yaml_files
-from lipvae.errors import NO_SPACE, UserError, signals_stop
+from lipvae.errors import NO_SPACE, UserError, command, signals_stop
 from lipvae.evaluation import MARGINS_TABLE, OUTPUTS, evaluate, write_evaluation
 from lipvae.logs import interactive, quiet_third_party
 from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, code_version
@@ -361,42 +361,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    try:
-        args, flags, dirs = _flags(argv)
-    except HelpWanted as e:
-        print(e)
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
+    def run() -> int:
+        try:
+            args, flags, dirs = _flags(argv)
+        except HelpWanted as e:
+            print(e)
+            return 0
         out, part = reevaluate(Path(args[0]), args[1:], replace="--replace" in flags, fresh="--fresh" in flags,
                                progress=interactive(), config_dirs=dirs)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        from lipvae.errors import unwritable
+        cert, est = part["certified"], part["estimated"]
+        line = [f"evaluation written to {out}"]
+        if cert:
+            line.append(f"certified mean {cert['mean']:.4g}")
+        if est:
+            line.append(f"estimated mean {est['mean']:.4g}")
+        if part["soundness_violations"] is not None:
+            line.append(f"soundness violations {part['soundness_violations']}")
+        print("; ".join(line))
+        return 0
 
-        if unwritable(e) is None:
-            raise
-        print(f"error: {unwritable(e, 'copy the run somewhere writable first')}", file=sys.stderr)
-        return 2
+    try:
+        return command(run, "copy the run somewhere writable first")
     except KeyboardInterrupt as e:
         print("error: interrupted; the run's own files are as they were (the partial evaluation is under "
               "its evaluations/; a replacement stopped midway is finished by the next command on the run)",
               file=sys.stderr)
         return 143 if str(e) == "SIGTERM" else 130  # 128 + the signal's number, as training exits
-    cert, est = part["certified"], part["estimated"]
-    line = [f"evaluation written to {out}"]
-    if cert:
-        line.append(f"certified mean {cert['mean']:.4g}")
-    if est:
-        line.append(f"estimated mean {est['mean']:.4g}")
-    if part["soundness_violations"] is not None:
-        line.append(f"soundness violations {part['soundness_violations']}")
-    print("; ".join(line))
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lipvae.errors import UserError
+from lipvae.errors import UserError, command
 from lipvae.plots import plt, save_figure
-from lipvae.errors import unwritable
 from lipvae.safety import REPORT_ENTRIES, check_entries
 from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, write_table
 
@@ -715,21 +714,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tightness", action="store_true",
                     help="add the data-free figure of Theorem 1's terms against Monte Carlo (paper Fig. 2)")
     args = ap.parse_args(argv)
-    try:
-        path = build_report(args.dirs, args.out, args.tightness)
-    except NothingCompleted as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        if unwritable(e) is None:
-            raise
-        print(f"error: {unwritable(e, 'write the report elsewhere (--out)')}", file=sys.stderr)
-        return 2
-    print(f"report written: {path} (and report.html, results.csv, figures beside it)")
-    return 0
+
+    def report() -> int:
+        try:
+            path = build_report(args.dirs, args.out, args.tightness)
+        except NothingCompleted as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"report written: {path} (and report.html, results.csv, figures beside it)")
+        return 0
+
+    return command(report, "write the report elsewhere (--out)")
 
 
 if __name__ == "__main__":

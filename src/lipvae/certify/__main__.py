@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from lipvae.certify.bounds import FORMS, global_margin, max_gamma, max_lipschitz
-from lipvae.errors import UserError
+from lipvae.errors import UserError, command
 
 HELP_TERMS = """The arguments:
   target   the certified margin every input must get (design), in input-space Euclidean norm
@@ -172,19 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in commands:
         print(f"usage:\n    {USAGE}\n(--help explains each argument)", file=sys.stderr)
         return 2
-    try:
-        print(commands[argv[0]](argv[1:]))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        from lipvae.errors import unwritable
-
-        if unwritable(e) is None:
-            raise
-        print(f"error: {unwritable(e, 'copy the run somewhere writable first')}", file=sys.stderr)
-        return 2
-    return 0
+    return command(lambda: print(commands[argv[0]](argv[1:])) or 0, "copy the run somewhere writable first")
 
 
 if __name__ == "__main__":
