@@ -526,7 +526,7 @@ def test_a_killed_joblib_sweep_leaves_no_worker_and_resumes(tmp_path):
     the same sweep with resume=auto then continues both from their checkpoints and completes."""
     sweep = tmp_path / "sweep"
     args = [*SMOKE, "enc_L=5,6", "trainer.max_epochs=8", "callbacks.early_stopping.patience=100",
-            "callbacks.finetune.max_epochs=0", "data.batch_size=4", "margins.attacked_inputs=2", "attack.steps=5",
+            "callbacks.finetune.max_epochs=0", "data.batch_size=8", "margins.attacked_inputs=2", "attack.steps=5",
             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}", "-m"]
     launcher = start_cli(*args)
     deadline = time.time() + 240
