@@ -32,6 +32,7 @@ def test_report_has_one_row_per_run_and_lists_broken_ones(sweep):
     # compact table: model, then epochs and why training ended
     assert f"| L=5 | {epochs} | {stop} |" in md and f"| L=7 | {epochs} | {stop} |" in md
     assert "Soundness violations (certified > estimated): 0 in 2 checked run(s) of 2 completed" in md
+    assert f"- **epochs trained**: {epochs}\n" in md  # the same for both runs: one number, not "2–2"
     for line in ("- **tier**: smoke", "- **data**: mnist resplit-test (432/48/120 train/val/test)",
                  "- **estimated margins**: r=8, p=0.5, 6 inputs, 20 samples × 2 starts, 10 steps, bisection"):
         assert line in md, line

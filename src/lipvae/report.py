@@ -500,7 +500,8 @@ def _context(results: list[dict], rows: list[dict], dirs: list[Path]) -> list[tu
         ("tier", distinct(r.get("run", "tier") for r in results)),
         ("commands", distinct(r.get("run", "command") for r in results)),
         ("data", splits),
-        ("epochs trained", f"{min(epochs)}–{max(epochs)} (per run in the table)" if epochs else "–"),
+        ("epochs trained", "–" if not epochs else str(epochs[0]) if min(epochs) == max(epochs) else
+         f"{min(epochs)}–{max(epochs)} (per run in the table)"),
         ("certified margins", certified),
         ("estimated margins", attack),
         ("code", distinct(r.get("run", "code") for r in results)),
