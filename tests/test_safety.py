@@ -289,6 +289,23 @@ def test_a_lock_left_by_an_ended_process_is_taken_over_with_a_log_line(tmp_path,
     assert (tmp_path / ".lipvae.lock").read_text() == f"{os.getpid()}\n"
 
 
+def test_a_released_claim_names_no_process_so_the_next_claim_is_quiet(tmp_path, caplog):
+    """A PID in the lock file means its process was killed while holding the folder: a claim given
+    up normally (lipvae.runfolder.release, as training and evaluation end) leaves the file empty."""
+    import logging
+
+    from lipvae.runfolder import claim, release
+
+    release(claim(tmp_path))
+    assert (tmp_path / ".lipvae.lock").read_text() == ""
+    (tmp_path / ".lipvae.lock").write_text("999999999\n")
+    with caplog.at_level(logging.INFO, logger="lipvae"):
+        release(claim(tmp_path))
+        assert caplog.text.count("taking over the lock") == 1
+        release(claim(tmp_path))
+    assert caplog.text.count("taking over the lock") == 1
+
+
 @pytest.mark.slow
 def test_a_read_only_run_or_report_folder_is_one_line(copied, tmp_path, capsys, monkeypatch):
     """As on a read-only mount (root ignores permission bits, so the file system's answer is simulated)."""

@@ -142,7 +142,7 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
     config folders of the user's own (``--config-dir``)."""
     from lipvae.stored import FROZEN, load_model, locate
     from lipvae.config import validate
-    from lipvae.runfolder import RunFolderError, claim
+    from lipvae.runfolder import RunFolderError, claim, release
 
     run_dir, weights = locate(Path(path))
     cfg = reevaluation_config(run_dir, overrides, changeable, config_dirs)
@@ -180,7 +180,7 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
                         " was: free some space and run the command again") from None
     finally:
         if lock is not None:
-            lock.release()
+            release(lock)
 
 
 def _reevaluate(vae, cfg, run_dir, weights, stored, overrides, replace, fresh, progress, made):

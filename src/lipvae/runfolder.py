@@ -149,6 +149,16 @@ def claim(run_dir: Path, hint: str = TRAINING_HINT) -> FileLock:
     return lock
 
 
+def release(lock: FileLock) -> None:
+    """Give up a claim, emptying the lock file first: a PID left in it means a process that was
+    killed before it could do this, and the next claim says so (``_note_stale_lock``)."""
+    try:
+        os.close(os.open(lock.lock_file, os.O_WRONLY | os.O_NOFOLLOW | os.O_TRUNC))
+    except OSError:  # the folder went read-only or away: the lock goes with the process anyway
+        pass
+    lock.release()
+
+
 def _note_stale_lock(path: Path, run_dir: Path) -> None:
     """A log line when the lock file names a process that has gone (killed before it could tidy
     up): the kernel released its lock with it, and this process takes the folder over."""

@@ -30,7 +30,7 @@ from lipvae.logs import quiet_third_party
 from lipvae.lightning.module import NonFiniteLossError
 from lipvae.lightning.callbacks import StopBetweenSteps
 from lipvae.results import Results, RunFolder, atomic_write_text
-from lipvae.runfolder import AlreadyCompleted, check_run_folder, claim, save_hydra_files
+from lipvae.runfolder import AlreadyCompleted, check_run_folder, claim, release, save_hydra_files
 from lipvae.sweep import note_refusal
 from lipvae.training import RunContext, run
 
@@ -127,7 +127,7 @@ def prepare_folder(cfg: DictConfig, ctx: RunContext, rank_zero: bool) -> bool:
         if not ValidateBeforeRun.done(cfg):  # a sweep's job: its own values (a run: checked before Hydra made its folder)
             validate(cfg)  # every field (resume included) before the folder is read
         check_run_folder(cfg, ctx.run_dir)
-        _claimed.append(claim(ctx.run_dir))  # held until the process ends
+        _claimed.append(claim(ctx.run_dir))  # held until the job ends (main), or with the process
     except AlreadyCompleted as e:
         log.info("%s", e)
         print(str(e), file=sys.stderr)
@@ -216,6 +216,8 @@ def main(cfg: DictConfig) -> float | None:
         if _watching and _watching[0].launcher_gone:  # nobody waits for this worker: end it, releasing the job's lock
             logging.shutdown()
             os._exit(128 + signal.SIGTERM)
+        while _claimed:  # the folder is free for the next command (a sweep's worker: its next job's)
+            release(_claimed.pop())
     return None if results is None else objective_value(results, cfg.objective, cfg.get("likelihood_floor"))
 
 
