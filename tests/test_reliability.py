@@ -370,6 +370,7 @@ def test_kill_then_resume_finishes_the_run(tmp_path):
     assert proc.returncode == 143, err[-2000:]
     failed = json.loads((tmp_path / "results.json").read_text())
     assert failed["status"] == "interrupted" and "resume=true" in failed["error"]
+    assert (tmp_path / ".lipvae.lock").read_text() == ""  # a stop is not a kill: the folder is handed back
     stopped_at = torch.load(last, weights_only=True)["epoch"]
     assert stopped_at < 4
     assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob(".*.tmp"))
