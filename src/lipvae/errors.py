@@ -23,8 +23,8 @@ def unwritable(e: BaseException, where: str = "") -> UserError | None:
                      f"{' or ' + where if where else ''}")
 
 
-def command(run, where: str, status: int = 2) -> int:
-    """A command's exit status: ``run()``'s, or ``status`` after one ``error:`` line on stderr
+def command(run, where: str) -> int:
+    """A command's exit status: ``run()``'s, or 2 after one ``error:`` line on stderr
     when it raised a ``UserError`` or could not write to a folder (``where``: what to do instead,
     as ``unwritable`` takes it); any other error is left to propagate."""
     try:
@@ -35,7 +35,7 @@ def command(run, where: str, status: int = 2) -> int:
         if (error := unwritable(e, where)) is None:
             raise
     print(f"error: {error}", file=sys.stderr)
-    return status
+    return 2
 
 
 @contextlib.contextmanager
