@@ -190,11 +190,15 @@ class _FullDisk:
             check(any(c in mode for c in "wax+"))
             return real_open(file, mode, *args, **kwargs)
 
+        def releasing(path, flags) -> bool:
+            """Emptying the lock of this process's own PID (lipvae.runfolder.release): frees space, never needs it."""
+            if os.path.basename(path) != ".lipvae.lock" or not flags & os.O_TRUNC or not os.path.isfile(path):
+                return False
+            with real_open(path) as f:
+                return f.read() == f"{os.getpid()}\n"
+
         def fake_os_open(path, flags, *args, **kwargs):
-            # emptying the lock of this process's own PID (lipvae.runfolder.release) frees space, never needs it
-            releasing = os.path.basename(path) == ".lipvae.lock" and flags & os.O_TRUNC and os.path.isfile(path) \
-                and real_open(path).read() == f"{os.getpid()}\n"
-            check(bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)) and not releasing)
+            check(bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)) and not releasing(path, flags))
             return real_os_open(path, flags, *args, **kwargs)
 
         monkeypatch.setattr(builtins, "open", fake_open)
