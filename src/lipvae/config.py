@@ -5,7 +5,6 @@ the value given and what is accepted; ``lipvae.build`` builds, ``lipvae.compose`
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
@@ -124,19 +123,17 @@ def _validate_devices(cfg: DictConfig) -> None:
 
 
 def composition_error(e: Exception, overrides: list[str], compose) -> UserError:
-    """The one line for what Hydra could not compose: an unknown choice of a group, or a field that
-    does not exist (with the closest one, from ``compose(overrides without it)``)."""
-    from hydra.errors import MissingConfigException
+    """The one line for what Hydra could not compose, read from the exception's fields (not its
+    text): an unknown choice of a group, or a field that does not exist (with the closest one,
+    from ``compose(overrides without it)``)."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    message = str(e)
-    missing = re.search(r"Could not find '([^']+)/([^'/]+)'", message)
-    if isinstance(e, MissingConfigException) and missing:
-        options = re.findall(r"^\t(\S+)$", message.split("Config search path")[0], flags=re.M)
-        return UserError(f"{missing.group(1)}: got {missing.group(2)!r}; accepted: {', '.join(options)}")
-    found = re.search(r"Could not override '([^']+)'", message)
-    if found is None:
-        return UserError(message.splitlines()[0])
-    key = found.group(1)
+    if "/" in (getattr(e, "missing_cfg_file", None) or ""):  # hydra's MissingConfigException
+        group, _, choice = e.missing_cfg_file.rpartition("/")
+        return UserError(f"{group}: got {choice!r}; accepted: {', '.join(e.options or [])}")
+    if not isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)):
+        return UserError(str(e).splitlines()[0])
+    key = e.__cause__.full_key
     try:
         others = compose([o for o in overrides if o.split("=", 1)[0] != key])
     except Exception:
