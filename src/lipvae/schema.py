@@ -323,17 +323,12 @@ def schema_at(path: str, schema: type[BaseModel] = RootConfig) -> Any:
 
 
 def _unwrapped(kind: Any) -> Any:
-    """``kind`` without ``Annotated[...]`` metadata and without ``Optional``."""
-    while True:
-        if typing.get_origin(kind) is Annotated:
-            kind = typing.get_args(kind)[0]
-        elif typing.get_origin(kind) in (Union, types.UnionType) and type(None) in typing.get_args(kind):
-            rest = [a for a in typing.get_args(kind) if a is not type(None)]
-            if len(rest) != 1:
-                return kind
-            kind = rest[0]
-        else:
-            return kind
+    """``kind`` without ``Optional`` and without ``Annotated[...]`` metadata (pydantic strips the
+    metadata of a field's own annotation, not of one inside ``Optional``)."""
+    rest = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) in (Union, types.UnionType) and len(rest) == 1:
+        kind = rest[0]
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is Annotated else kind
 
 
 def list_field(path: str, schema: type[BaseModel] = RootConfig) -> bool:
