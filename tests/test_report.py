@@ -160,6 +160,15 @@ def _fake_run(folder, status="completed", violations=0, kind="lipschitz", text=N
     (folder / "results.json").write_text(json.dumps(results))
 
 
+def test_report_help_names_the_command_and_the_exit_statuses_the_tests_check(capsys):
+    with pytest.raises(SystemExit) as stop:
+        report_main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m lipvae.report ") and "``" not in out
+    assert "exit status: 0 written, 1 runs found but none completed, 2 bad input or no runs" in " ".join(out.split())
+
+
 def test_report_with_no_completed_run_exits_1(tmp_path, capsys):
     _fake_run(tmp_path / "a", status="failed")
     _fake_run(tmp_path / "b", text="null")

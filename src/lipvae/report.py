@@ -709,8 +709,12 @@ def html_page(page: Page) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="lipvae-report", description=__doc__.splitlines()[0])
-    ap.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders")
+    ap = argparse.ArgumentParser(
+        prog="python -m lipvae.report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="One report of the runs found below the folders given: a sweep's, or several sweeps'.\n\n"
+        + __doc__.split("\n", 1)[1].strip().replace("``", "'"),
+        epilog="exit status: 0 written, 1 runs found but none completed, 2 bad input or no runs (one line)")
+    ap.add_argument("dirs", nargs="+", type=Path, help="run or sweep folders (searched for runs below them)")
     ap.add_argument("--out", type=Path, default=None, help="where to write the report (default: the first dir)")
     ap.add_argument("--tightness", action="store_true",
                     help="add the data-free figure of Theorem 1's terms against Monte Carlo (paper Fig. 2)")
