@@ -1,6 +1,7 @@
 """``python -m lipvae.evaluate``: the evaluation pipeline run again on a finished run."""
 
 import json
+import logging
 import shutil
 
 import pandas as pd
@@ -34,7 +35,6 @@ def _consistent(folder, record):
 
 @pytest.mark.slow
 def test_replace_updates_margins_figures_and_soundness_together(run, capsys, caplog):
-    import logging
 
     stored = json.loads((run / "results.json").read_text())
     scatter = (run / "certified_vs_estimated.png").stat().st_mtime_ns
@@ -73,10 +73,12 @@ def test_a_stop_during_replace_leaves_the_run_as_it_was(run, capsys, monkeypatch
 
 
 @pytest.mark.slow
-def test_default_writes_beside_the_run_and_reuses_an_unchanged_attack(run, capsys):
+def test_default_writes_beside_the_run_and_reuses_an_unchanged_attack(run, capsys, caplog):
     stored = json.loads((run / "results.json").read_text())
     margins = (run / "margins.csv").read_bytes()
-    assert evaluate_main([str(run), "certify.p=[0.5,0.9]"]) == 0
+    with caplog.at_level(logging.INFO, logger="lipvae"):
+        assert evaluate_main([str(run), "certify.p=[0.5,0.9]"]) == 0
+    assert stored["estimated"]["censored"] == 0 and "censored:" not in caplog.text
     first = sorted((run / "evaluations").iterdir())
     assert len(first) == 1
     e = json.loads((first[0] / "evaluation.json").read_text())
@@ -85,8 +87,16 @@ def test_default_writes_beside_the_run_and_reuses_an_unchanged_attack(run, capsy
     _consistent(first[0], e)
     assert "certified_tight_r8_p0.9" in pd.read_csv(first[0] / "certified_margins.csv").columns
     assert json.loads((run / "results.json").read_text()) == stored and (run / "margins.csv").read_bytes() == margins
-    # a changed attack (or --fresh) attacks again, into another folder
-    assert evaluate_main([str(run), "seed=3"]) == 0
+    # a changed attack (or --fresh) attacks again, into another folder; radii too small to move any
+    # reconstruction leave every margin censored, which is said
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lipvae"):
+        assert evaluate_main([str(run), "seed=3", "attack.max_radius=0.01"]) == 0
+    n = stored["estimated"]["num_inputs"]
+    assert f"{n} of {n} estimated margins are censored: no perturbation up to attack.max_radius=0.01" in caplog.text
+    tiny = json.loads((sorted((run / "evaluations").iterdir())[1] / "evaluation.json").read_text())
+    assert tiny["estimated"]["censored"] == n and tiny["estimated"]["max"] == pytest.approx(0.01)
+    assert tiny["certified"]["min"] > 0.01 and tiny["soundness_violations"] == 0  # certificates above a lower limit
     assert evaluate_main([str(run), "--fresh"]) == 0
     folders = sorted((run / "evaluations").iterdir())
     assert len(folders) == 3
@@ -159,6 +169,39 @@ def test_coupled_certificates_are_counted_apart_from_soundness_violations():
     got = coupled_exceedances(table, cols, alpha=0.25)
     assert got == {"observed": 2, "expected": 1.0, "inputs": 4, "alpha": 0.25, "indices": [1, 3]}
     assert coupled_exceedances(table, ["certified_tight"], alpha=0.25) is None
+
+
+def test_a_censored_estimate_contradicts_no_certificate():
+    """A censored estimate is the largest radius tried, at which the input was still robust: a lower
+    limit on its margin, so a larger certificate (deterministic or coupled) is no violation; an
+    estimate the attack reached is an upper one, so the same certificate above it is."""
+    import pandas as pd
+
+    from lipvae.evaluation import coupled_exceedances, soundness_violations
+
+    table = pd.DataFrame({"index": [0, 1, 2, 3], "estimated": [0.5, 0.5, 0.5, 2.0],
+                          "censored": [True, False, True, False],
+                          "certified_tight": [0.9, 0.9, 0.4, 1.0], "certified_coupled": [0.9, 0.9, 0.4, 2.5]})
+    assert soundness_violations(table, ["certified_tight"]) == [1]
+    assert coupled_exceedances(table, ["certified_coupled"], alpha=0.1)["indices"] == [1, 3]
+    assert soundness_violations(table.drop(columns="censored"), ["certified_tight"]) == [0, 1]  # no column: none censored
+
+
+def test_the_scatter_draws_censored_estimates_open(monkeypatch, tmp_path):
+    """certified_vs_estimated.png: a censored point may lie above the diagonal, so it is drawn
+    apart (an open marker, labelled as a lower limit) from the points that must lie below it."""
+    import pandas as pd
+
+    from lipvae import plots
+
+    drawn = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.setdefault("fig", fig) and path)
+    table = pd.DataFrame({"index": [0, 1, 2], "estimated": [1.0, 2.0, 3.0], "censored": [False, True, False],
+                          "certified_tight": [0.5, 2.5, 1.0]})
+    plots.save_margin_scatter(table, ["certified_tight"], tmp_path / "s.png")
+    filled, open_ = drawn["fig"].axes[0].collections[:2]
+    assert filled.get_offsets().tolist() == [[1.0, 0.5], [3.0, 1.0]] and open_.get_offsets().tolist() == [[2.0, 2.5]]
+    assert len(open_.get_facecolor()) == 0 and "censored" in open_.get_label()
 
 
 def _snapshot(folder):

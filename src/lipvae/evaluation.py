@@ -61,11 +61,17 @@ class Evaluation:
 
 
 def soundness_violations(table: pd.DataFrame, columns: list[str], slack: float = 1e-9) -> list[int]:
-    """Indices of inputs whose certified margin (any form) exceeds the estimated one."""
-    if not columns:
-        return []
-    certified = table[columns].max(axis=1)
-    return table.loc[certified > table["estimated"] + slack, "index"].astype(int).tolist()
+    """Indices of inputs whose certified margin (any form of ``columns``) exceeds the estimated
+    one (censored estimates excepted, ``_exceeds``)."""
+    return table.loc[_exceeds(table, columns, slack), "index"].astype(int).tolist() if columns else []
+
+
+def _exceeds(table: pd.DataFrame, columns: list[str], slack: float) -> pd.Series:
+    """Rows whose largest certified margin in ``columns`` exceeds an estimated margin the attack
+    reached (an upper estimate of the margin). A censored one (the input still robust at
+    attack.max_radius) says only that no breaking δ was found that far: no certificate contradicts it."""
+    over = table[columns].max(axis=1) > table["estimated"] + slack
+    return over & ~table["censored"].astype(bool) if "censored" in table else over
 
 
 def probabilistic(column: str) -> bool:
@@ -80,7 +86,7 @@ def coupled_exceedances(table: pd.DataFrame, columns: list[str], alpha: float, s
     cols = [c for c in columns if probabilistic(c)]
     if not cols:
         return None
-    over = table[cols].max(axis=1) > table["estimated"] + slack
+    over = _exceeds(table, cols, slack)
     n = len(table)
     return {"observed": int(over.sum()), "expected": float(alpha * n), "inputs": n, "alpha": float(alpha),
             "indices": table.loc[over, "index"].astype(int).tolist()}
@@ -218,6 +224,10 @@ def _attack(ev: Evaluation, vae, test, cfg: DictConfig, cert_table, seed: int, o
         ev.estimated["censored"], ac.max_radius,
         "" if ev.soundness_violations is None else f"; soundness violations: {ev.soundness_violations}",
     )
+    if ev.estimated["censored"]:
+        log.warning("%d of %d estimated margins are censored: no perturbation up to attack.max_radius=%g moved the"
+                    " reconstruction by more than r=%g, so these margins (and the mean) are lower limits; a larger"
+                    " attack.max_radius measures them", ev.estimated["censored"], n, ac.max_radius, ac.r)
     figures = []
     if cert_cols:
         figures.append(save_margin_scatter(

@@ -94,12 +94,19 @@ def save_margin_histogram(margins: dict, path: Path, title: str = "", xlabel: st
 
 def save_margin_scatter(table, certified_columns, path: Path, title: str = "") -> Path:
     """Certified (y) vs estimated (x) margin per input, one colour per form, with the
-    diagonal: every point must lie on or below it (paper Fig. 4, axes as there)."""
+    diagonal: every filled point must lie on or below it (paper Fig. 4, axes as there). A
+    censored estimate (still robust at the attack's largest radius) is an open marker: its
+    margin is at least x, so it may lie above."""
     fig, ax = plt.subplots(figsize=(4.2, 4.2))
     est = table["estimated"].to_numpy()
+    censored = table["censored"].to_numpy(dtype=bool) if "censored" in table else np.zeros(len(est), dtype=bool)
     top = 1.05 * max(float(np.nanmax(est)), float(np.nanmax(table[certified_columns].to_numpy())), 1e-3)
     for col in certified_columns:
-        ax.scatter(est, table[col], s=14, alpha=0.7, label=col.removeprefix("certified_"))
+        dots = ax.scatter(est[~censored], table[col].to_numpy()[~censored], s=14, alpha=0.7,
+                          label=col.removeprefix("certified_") if not censored.all() else None)
+        if censored.any():
+            ax.scatter(est[censored], table[col].to_numpy()[censored], s=14, facecolors="none",
+                       edgecolors=dots.get_facecolor()[:1], label=f"{col.removeprefix('certified_')}, censored (margin ≥ x)")
     ax.plot([0, top], [0, top], "k--", lw=1, label="certified = estimated")
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
