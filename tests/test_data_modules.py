@@ -194,6 +194,46 @@ def test_a_data_module_that_misses_the_contract_stops_before_training(tmp_path, 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("arch, shape", [("mlp", (40,)), ("conv", (1, 6, 6))])
+def test_no_radius_reconstructions_cannot_exceed_is_accepted(arch, shape):
+    """Reconstructions lie in [0, 1]^D (checked here on decoders of both kinds at latents far out,
+    where their sigmoid heads saturate), so none are √D or more apart: an r that large is refused,
+    for the certificates of a Lipschitz VAE and for the attack of either kind; smaller r pass."""
+    from omegaconf import OmegaConf
+
+    from lipvae.evaluation import check_radii
+    from lipvae.vae import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(input_shape=shape, latent_dim=3, hidden=(8, 8), arch=arch, channels=(4,), kernel_size=3)
+    out = vae.decode(100 * torch.randn(500, 3)).detach()
+    assert 0 <= float(out.min()) and float(out.max()) <= 1
+    top = float(np.prod(shape)) ** 0.5  # √36 = 6 for the conv case, √40 for the mlp one
+    assert float(torch.cdist(out, out).max()) < top
+    cfg = OmegaConf.create({"certify": {"r": [1.0, top]}, "attack": {"r": 2.0},
+                            "margins": {"certify": True, "attack": True}})
+    with pytest.raises(UserError, match=rf"^certify\.r: got {re.escape(str([1.0, top]))}; accepted: radii below √D = {top:.4g}"):
+        check_radii(cfg, shape, lipschitz=True)
+    check_radii(cfg, shape, lipschitz=False)  # a standard VAE has no certificates
+    cfg.certify.r, cfg.attack.r = [top - 0.01], top + 1
+    with pytest.raises(UserError, match=r"^attack\.r: got .*; accepted: radii below"):
+        check_radii(cfg, shape, lipschitz=False)
+    cfg.attack.r = top - 0.01
+    check_radii(cfg, shape, lipschitz=True)
+
+
+@pytest.mark.slow
+def test_a_radius_too_large_for_the_data_stops_before_training(tmp_path):
+    np.save(tmp_path / "vectors.npy", (np.random.default_rng(0).random((120, 40)) < 0.3).astype(np.float32))
+    proc = run_cli("data=tensor_file", f"data.path={tmp_path / 'vectors.npy'}", "tier=smoke",
+                   f"hydra.run.dir={tmp_path / 'run'}")  # certify.r=[8] by default, and √40 < 6.4
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: certify.r: got [8.0]; accepted: radii below √D = 6.325, the"
+                                                    " farthest two reconstructions of these inputs (D = 40 values in"
+                                                    " [0, 1]) can be apart")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def _tensor_file_example(tmp_path: Path) -> list[str]:
     """README's tensor-file example: its script run in ``tmp_path``, its command's overrides."""
     readme = (PROJECT / "docs" / "extending.md").read_text()

@@ -117,6 +117,8 @@ def test_default_writes_beside_the_run_and_reuses_an_unchanged_attack(run, capsy
         (["+attack.extra=1"], "error: +attack.extra=1: only key=value"),
         (["margins.certified_inputs=2"], "error: margins.certified_inputs: got 2; accepted: null, or at least margins.attacked_inputs=5"),
         (["--replce"], "error: unknown flag --replce; accepted: --replace, --fresh"),
+        (["certify.r=[28]"], "error: certify.r: got [28]; accepted: radii below √D = 28, the farthest two"
+                             " reconstructions of these inputs (D = 784 values in [0, 1]) can be apart"),
     ],
 )
 def test_bad_overrides_are_one_line_and_write_nothing(run, capsys, args, message):

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.certify.certificates import check_lipschitz
 from lipvae.compose import check_yaml_files
 from lipvae.errors import NO_SPACE, UserError, command, signals_stop
-from lipvae.evaluation import MARGINS_TABLE, OUTPUTS, evaluate, write_evaluation
+from lipvae.evaluation import MARGINS_TABLE, OUTPUTS, check_radii, evaluate, write_evaluation
 from lipvae.logs import interactive, quiet_third_party
 from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, code_version
 
@@ -151,6 +151,7 @@ def reevaluate(path: Path, overrides: list[str], replace: bool = False, fresh: b
         raise UserError(f"run: {run_dir} has no certificates to recompute (model.kind={cfg.model.kind}, "
                         f"margins.certify={cfg.margins.certify}); only Lipschitz VAEs have them")
     vae, cfg, run_dir = load_model(Path(path), cfg)
+    check_radii(cfg, vae.input_shape, vae.kind == "lipschitz")
     stored = _stored_record(run_dir)
     if replace and weights.name != FROZEN:
         raise UserError(f"--replace: {weights} is a checkpoint, not the run's evaluated model; drop --replace")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from lipvae.attack import latent_space_attack
 from lipvae.build import build_attack, build_certifier
 from lipvae.config import check_certified_inputs
 from lipvae.errors import UserError
+from lipvae.schema import check
 from lipvae.certify.bounds import SAMPLED_FORMS
 from lipvae.certify.certificates import column_suffix
 from lipvae.plots import is_wandb, log_image, save_latent_attack, save_margin_histogram, save_margin_scatter
@@ -58,6 +60,21 @@ class Evaluation:
         timings = record.get("timings") or {}
         return cls(**{part: record.get(part) for part in Results.EVALUATION_PARTS},
                    certify_s=timings.get("certify_s", 0.0), attack_s=timings.get("attack_s", 0.0))
+
+
+def check_radii(cfg: DictConfig, input_shape, lipschitz: bool) -> None:
+    """Every reconstruction lies in [0, 1]^D (the decoder ends in a sigmoid), so two of them are
+    less than √D apart: at a radius r ≥ √D no input's reconstruction can ever move by more than r,
+    every margin would be infinite and every estimate censored. Refused once the data's shape
+    (D values per input) is known, before any training or evaluation."""
+    values = math.prod(int(s) for s in input_shape)
+    radii = {"certify.r": list(cfg.certify.r)} if cfg.margins.certify and lipschitz else {}
+    if cfg.margins.attack:
+        radii["attack.r"] = float(cfg.attack.r)
+    for field, r in radii.items():
+        check(max(r if isinstance(r, list) else [r]) < values**0.5, field, r,
+              f"radii below √D = {values**0.5:.4g}, the farthest two reconstructions of these inputs"
+              f" (D = {values} values in [0, 1]) can be apart")
 
 
 def soundness_violations(table: pd.DataFrame, columns: list[str], slack: float = 1e-9) -> list[int]:

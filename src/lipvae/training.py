@@ -28,7 +28,7 @@ from lipvae.build import build_datamodule, build_entries, build_module, build_tr
 from lipvae.config import validate
 from lipvae.data import check_datamodule
 from lipvae.errors import UserError
-from lipvae.evaluation import Evaluation, evaluate, test_split
+from lipvae.evaluation import Evaluation, check_radii, evaluate, test_split
 from lipvae.logs import convergence, describe, interactive
 from lipvae.lightning.callbacks import (AtomicCheckpointIO, EpochHistory, FineTune, KeepStop, RandomStates,
                                        SaveOnException, StopBetweenSteps, time_is_up)
@@ -315,6 +315,7 @@ def build(cfg: DictConfig, ctx: RunContext, schedule: Schedule, loggers: list, p
     datamodule = build_datamodule(cfg.data, cfg.seed)
     datamodule.setup()
     check_datamodule(datamodule)  # the contract (lipvae.data.VAEDataModule), before any model is built
+    check_radii(cfg, datamodule.input_shape, cfg.model.kind == "lipschitz")
     log.info("data: %s", datamodule.info.as_dict())
     vae = build_vae(cfg.model, datamodule.input_shape)
     module = build_module(cfg.module, vae)

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from lipvae.certify.certificates import COUPLED_DEFAULTS, check_lipschitz
 from lipvae.config import check_certified_inputs
 from lipvae.errors import UserError
-from lipvae.evaluation import evaluate, test_split, write_evaluation
+from lipvae.evaluation import check_radii, evaluate, test_split, write_evaluation
 from lipvae.results import code_version
 from lipvae.safety import packaged_config
 from lipvae.stored import load_best_weights
@@ -64,7 +64,9 @@ class MarginCallback(Callback):
         margin_callbacks = [cb for cb in trainer.callbacks if isinstance(cb, MarginCallback)]
         if margin_callbacks[0] is self:
             cfg = evaluation_settings(margin_callbacks)
-            check_certified_inputs(cfg.margins, pl_module.vae.kind == "lipschitz")
+            lipschitz = pl_module.vae.kind == "lipschitz"
+            check_certified_inputs(cfg.margins, lipschitz)
+            check_radii(cfg, pl_module.vae.input_shape, lipschitz)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         margin_callbacks = [cb for cb in trainer.callbacks if isinstance(cb, MarginCallback)]
