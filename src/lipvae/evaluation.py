@@ -242,9 +242,10 @@ def _attack(ev: Evaluation, vae, test, cfg: DictConfig, cert_table, seed: int, o
         "" if ev.soundness_violations is None else f"; soundness violations: {ev.soundness_violations}",
     )
     if ev.estimated["censored"]:
-        log.warning("%d of %d estimated margins are censored: no perturbation up to attack.max_radius=%g moved the"
-                    " reconstruction by more than r=%g, so these margins (and the mean) are lower limits; a larger"
-                    " attack.max_radius measures them", ev.estimated["censored"], n, ac.max_radius, ac.r)
+        log.warning("%d of %d estimated margins are censored: no perturbation up to attack.max_radius=%g was found to"
+                    " move the reconstruction by more than r=%g, so they are recorded as %g and the mean understates"
+                    " them; a larger attack.max_radius measures them", ev.estimated["censored"], n, ac.max_radius,
+                    ac.r, ac.max_radius)
     figures = []
     if cert_cols:
         figures.append(save_margin_scatter(
