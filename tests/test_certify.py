@@ -166,6 +166,26 @@ def test_design_cli_rows_reach_the_target(capsys):
     assert "enc_L=5 dec_L=5" in out[3]
 
 
+def test_design_overrides_train_a_run_that_certifies_at_the_designed_setting(capsys):
+    """The printed overrides, composed as training composes them, certify and attack at the design's
+    r and p with its form first (the one results.json summarises), and the composed constants reach
+    the target with that form; at the defaults the overrides name none of these."""
+    from lipvae.compose import compose_config
+
+    assert certify_main(["design", "target=1", "r=12", "p=0.9", "form=exact", "gamma=[0.1]", "L=[3]"]) == 0
+    rows = [line.split("  ")[-1].split() for line in capsys.readouterr().out.splitlines() if line.startswith("largest")]
+    assert len(rows) == 2
+    for overrides in rows:
+        cfg = compose_config(overrides)
+        assert list(cfg.certify.r) == [12] and list(cfg.certify.p) == [0.9] and cfg.certify.forms[0] == "exact"
+        assert (cfg.attack.r, cfg.attack.p) == (12, 0.9)
+        got = global_margin(cfg.dec_L / 4, cfg.enc_L, gamma=cfg.model.encoder_std.gamma, m=cfg.model.latent_dim,
+                            r=12, p=0.9, form="exact").margin
+        assert float(got) >= 1 - 1e-6
+    assert certify_main(["design", "target=1", "gamma=[0.1]", "L=[3]"]) == 0
+    assert not any(k in capsys.readouterr().out for k in ("certify.", "attack."))
+
+
 def test_certify_cli_errors_are_one_line(capsys, tmp_path):
     assert certify_main(["design", "target=1", "form=loose"]) == 2
     assert capsys.readouterr().err.strip() == "error: form: got 'loose'; accepted: paper, exact, tight"

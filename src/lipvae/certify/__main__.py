@@ -112,6 +112,7 @@ def design(args: list[str]) -> str:
         f" constants up to {SLACK:g} above these, as a trained model's measured ones may be):",
         f"{'question':18s} {'enc_L':>10s} {'dec_L':>10s} {'gamma':>10s} {'margin':>10s}  overrides",
     ]
+    settings = _certificate_overrides(r, p, form)
     for question, enc, dec, gamma in rows:
         if enc is None or gamma is None:
             why = f"unreachable: even γ → 0 leaves the margin below r/(ab) = {r / (SIGMOID * enc * enc):.4g}"
@@ -120,10 +121,21 @@ def design(args: list[str]) -> str:
         got = float(global_margin(SIGMOID * dec, enc, gamma=gamma, m=m, r=r, p=p, form=form).margin)
         overrides = (
             f"model=lipschitz enc_L={enc:.6g} dec_L={dec:.6g} model.latent_dim={m} "
-            f"model.encoder_std.mode=fixed model.encoder_std.gamma={gamma:.6g}"
+            f"model.encoder_std.mode=fixed model.encoder_std.gamma={gamma:.6g}{settings}"
         )
         lines.append(f"{question:18s} {enc:10.4g} {dec:10.4g} {gamma:10.4g} {got:10.4g}  {overrides}")
     return "\n".join(lines)
+
+
+def _certificate_overrides(r: float, p: float, form: str) -> str:
+    """What a training run needs beyond its defaults to certify (and attack) at this ``r`` and
+    ``p`` with ``form`` as its primary form (the one results.json summarises)."""
+    from lipvae.safety import packaged_config
+
+    certify, attack = packaged_config("certify", "default.yaml"), packaged_config("attack", "base", "common.yaml")
+    out = "" if [r] == certify["r"] and r == attack["r"] else f" certify.r=[{r:g}] attack.r={r:g}"
+    out += "" if [p] == certify["p"] and p == attack["p"] else f" certify.p=[{p:g}] attack.p={p:g}"
+    return out + ("" if form == certify["forms"][0] else f" certify.forms=[{form}]")
 
 
 def _down(x: float, digits: int = 6) -> float:
