@@ -68,13 +68,15 @@ def check_radii(cfg: DictConfig, input_shape, lipschitz: bool) -> None:
     every margin would be infinite and every estimate censored. Refused once the data's shape
     (D values per input) is known, before any training or evaluation."""
     values = math.prod(int(s) for s in input_shape)
-    radii = {"certify.r": list(cfg.certify.r)} if cfg.margins.certify and lipschitz else {}
+    top = values**0.5
+    radii = []  # (field, its value as given, its largest radius)
+    if cfg.margins.certify and lipschitz:
+        radii.append(("certify.r", list(cfg.certify.r), max(cfg.certify.r)))
     if cfg.margins.attack:
-        radii["attack.r"] = float(cfg.attack.r)
-    for field, r in radii.items():
-        check(max(r if isinstance(r, list) else [r]) < values**0.5, field, r,
-              f"radii below √D = {values**0.5:.4g}, the farthest two reconstructions of these inputs"
-              f" (D = {values} values in [0, 1]) can be apart")
+        radii.append(("attack.r", float(cfg.attack.r), float(cfg.attack.r)))
+    for field, given, largest in radii:
+        check(largest < top, field, given, f"radii below √D = {top:.4g}, the farthest two reconstructions of these"
+              f" inputs (D = {values} values in [0, 1]) can be apart")
 
 
 def soundness_violations(table: pd.DataFrame, columns: list[str], slack: float = 1e-9) -> list[int]:
