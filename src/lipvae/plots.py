@@ -102,11 +102,11 @@ def save_margin_scatter(table, certified_columns, path: Path, title: str = "") -
     censored = table["censored"].to_numpy(dtype=bool) if "censored" in table else np.zeros(len(est), dtype=bool)
     top = 1.05 * max(float(np.nanmax(est)), float(np.nanmax(table[certified_columns].to_numpy())), 1e-3)
     for col in certified_columns:
-        dots = ax.scatter(est[~censored], table[col].to_numpy()[~censored], s=14, alpha=0.7,
-                          label=col.removeprefix("certified_") if not censored.all() else None)
+        cert, form = table[col].to_numpy(), col.removeprefix("certified_")
+        dots = ax.scatter(est[~censored], cert[~censored], s=14, alpha=0.7, label=form if not censored.all() else None)
         if censored.any():
-            ax.scatter(est[censored], table[col].to_numpy()[censored], s=14, facecolors="none",
-                       edgecolors=dots.get_facecolor()[:1], label=f"{col.removeprefix('certified_')}, censored (margin ≥ x)")
+            ax.scatter(est[censored], cert[censored], s=14, facecolors="none", edgecolors=dots.get_facecolor()[:1],
+                       label=f"{form}, censored (margin ≥ x)")
     ax.plot([0, top], [0, top], "k--", lw=1, label="certified = estimated")
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
