@@ -126,9 +126,10 @@ def composition_error(e: Exception, overrides: list[str], compose) -> UserError:
     """The one line for what Hydra could not compose, read from the exception's fields (not its
     text): an unknown choice of a group, or a field that does not exist (with the closest one,
     from ``compose(overrides without it)``)."""
+    from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    if "/" in (getattr(e, "missing_cfg_file", None) or ""):  # hydra's MissingConfigException
+    if isinstance(e, MissingConfigException) and "/" in (e.missing_cfg_file or ""):  # a group's choice
         group, _, choice = e.missing_cfg_file.rpartition("/")
         return UserError(f"{group}: got {choice!r}; accepted: {', '.join(e.options or [])}")
     if not isinstance(e.__cause__, (ConfigAttributeError, ConfigKeyError)):
