@@ -87,8 +87,13 @@ def test_conv_networks_constants_bound_their_jacobians(shape):
 
 
 def test_shapes_that_the_stages_cannot_halve_are_one_line():
-    with pytest.raises(UserError, match=r"^model\.channels: 3 stages halve 28×28 images 3 times; accepted: .* at most 2"):
+    with pytest.raises(UserError, match=r"^model\.arch\.channels: got \[4, 8, 16\], whose stages halve 28×28 images 3 times; accepted: .*"
+                       r"at most 2 here, e.g. model\.arch\.channels=\[4, 8\]\), or .*data\.size="):
         conv_encoder((1, 28, 28), (4, 8, 16), 4, 1.0)
+    with pytest.raises(UserError, match=r"^model\.arch\.channels: got \[4\], whose stages halve 25×30 images once; .*\(none here: use model/arch=mlp\)"):
+        conv_encoder((1, 25, 30), (4,), 4, 1.0)
+    with pytest.raises(UserError, match=r"^model\.arch\.channels: got \[4, 3\]; accepted: positive even"):
+        conv_encoder((1, 28, 28), (4, 3), 4, 1.0)
     with pytest.raises(UserError, match=r"^model\.arch: got conv for inputs of shape \(784,\)"):
         conv_encoder((784,), (4,), 4, 1.0)
 

@@ -96,6 +96,50 @@ def test_an_image_folder_with_class_subfolders(tmp_path):
         ImageFolderDataModule(str(tmp_path / "img")).setup()
 
 
+def _bilinear(image: np.ndarray, size) -> np.ndarray:
+    """An independent resize (torch's anti-aliased bilinear interpolation, made to match PIL's) of
+    one ``C × H × W`` uint8 image, in [0, 1]."""
+    t = torch.as_tensor(image, dtype=torch.float64)[None] / 255
+    return torch.nn.functional.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)[0].numpy()
+
+
+def test_images_of_several_sizes_are_resized_to_data_size(tmp_path):
+    from PIL import Image
+
+    gen = np.random.default_rng(5)
+    originals = {}
+    for i, (h, w) in enumerate([(20, 24), (9, 13), (16, 16), (31, 17)]):
+        originals[i] = gen.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(originals[i]).save(tmp_path / f"{i}.png")
+    with pytest.raises(UserError, match=r"holds images of 4 sizes .*; accepted: images of one size, or data\.size="):
+        ImageFolderDataModule(str(tmp_path), channels=3).setup()
+    dm = ImageFolderDataModule(str(tmp_path), channels=3, size=[16, 12], val_fraction=0.25, test_fraction=0.25)
+    _check_split(dm, (3, 16, 12), 4)
+    for split in ("train", "val", "test"):
+        part = dm.split(split)
+        for image, index in zip(part.images, part.index):
+            expected = _bilinear(originals[int(index)].transpose(2, 0, 1), (16, 12))
+            assert np.abs(image.view(3, 16, 12).numpy() - expected).max() <= 2.5 / 255  # rounding to uint8 apart
+    again = ImageFolderDataModule(str(tmp_path), channels=3, size=[16, 12], val_fraction=0.25, test_fraction=0.25)
+    again.setup()
+    assert again.info.sources == dm.info.sources  # the same pixels: a re-evaluation finds its inputs
+    square = ImageFolderDataModule(str(tmp_path), channels=1, size=16, val_fraction=0.25, test_fraction=0.25)
+    _check_split(square, (1, 16, 16), 4)
+    same = [p for p in ("train", "val", "test") if 2 in square.split(p).index.tolist()][0]
+    row = square.split(same).index.tolist().index(2)  # the 16 × 16 image is read unchanged
+    expected = np.asarray(Image.fromarray(originals[2]).convert("L"), dtype=np.float32) / 255
+    assert np.array_equal(square.split(same).images[row].view(16, 16).numpy(), expected)
+
+
+@pytest.mark.parametrize("size", [0, -3, [16], [16, 0], "big", [16, 2.5], True])
+def test_a_size_that_is_not_one_is_one_line(tmp_path, size):
+    with pytest.raises(UserError, match=r"^data\.size: got .*; accepted: null \(the images' own size\), a positive"
+                       r" integer \(a square\) or \[height, width\]$"):
+        ImageFolderDataModule(str(tmp_path), size=size)
+    with pytest.raises(UserError, match=r"^data\.size: got"):
+        TorchvisionDataModule("MNIST", str(tmp_path), size=size)
+
+
 def test_a_torchvision_data_set_by_class_name(tmp_path):
     """torchvision's MNIST class reading IDX files placed in its raw/ layout, offline."""
     import struct
@@ -111,6 +155,13 @@ def test_a_torchvision_data_set_by_class_name(tmp_path):
     _check_split(dm, (1, 28, 28), 42, n_test_source=12)
     assert dm.info.split == "train-test" and dm.info.num_test == 12
     assert set(dm.info.sources) == {"torchvision/MNIST/train", "torchvision/MNIST/test"}
+    small = TorchvisionDataModule("MNIST", str(tmp_path), download=False, size=[14, 10])
+    _check_split(small, (1, 14, 10), 42, n_test_source=12)
+    train = synthetic_digits(30, 1)[0]
+    part = small.split("val")
+    for image, index in zip(part.images, part.index):
+        expected = _bilinear(train[int(index)][None], (14, 10))
+        assert np.abs(image.view(1, 14, 10).numpy() - expected).max() <= 2.5 / 255
     with pytest.raises(UserError, match=r"^data\.dataset: got 'NoSuchSet'; accepted: a class of torchvision\.datasets"):
         TorchvisionDataModule("NoSuchSet", str(tmp_path))
     with pytest.raises(UserError, match=r"^data: torchvision's FashionMNIST cannot be read from"):

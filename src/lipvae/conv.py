@@ -153,11 +153,15 @@ def check_conv_shape(input_shape: Sequence[int], channels: Sequence[int]) -> tup
     c, h, w = (int(s) for s in input_shape)
     k = 2 ** len(channels)
     if h % k or w % k:
-        raise UserError(f"model.channels: {len(channels)} stages halve {h}×{w} images {len(channels)} times;"
-                        f" accepted: as many stages as keep H and W divisible (here at most"
-                        f" {_halvings(h, w)}), e.g. model.channels=[16]")
+        n = _halvings(h, w)
+        fits = f"at most {n} here, e.g. model.arch.channels={list(channels[:n])}" if n else "none here:" \
+            " use model/arch=mlp"
+        times = {1: "once", 2: "twice"}.get(len(channels), f"{len(channels)} times")
+        raise UserError(f"model.arch.channels: got {list(channels)}, whose stages halve {h}×{w} images {times};"
+                        f" accepted: as many stages as keep H and W divisible ({fits}), or images resized to a"
+                        " size that divides (data.size=[H,W] with data=image_folder or torchvision)")
     if any(ch <= 0 or ch % 2 for ch in channels):
-        raise UserError(f"model.channels: got {list(channels)}; accepted: positive even channel counts"
+        raise UserError(f"model.arch.channels: got {list(channels)}; accepted: positive even channel counts"
                         " (GroupSort groups of 2)")
     return c, h, w
 

@@ -33,6 +33,43 @@ def as_unit_images(array, what: str) -> torch.Tensor:
     return t
 
 
+def image_size(size) -> tuple[int, int] | None:
+    """``data.size`` as ``(H, W)``: null keeps the images' own size, an integer is a square, a
+    pair is height and width; one line otherwise."""
+    pair = (size, size) if isinstance(size, int) and not isinstance(size, bool) else size
+    try:
+        h, w = pair
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (h, w))
+    except (TypeError, ValueError):
+        ok = False
+    if size is not None and not ok:
+        raise UserError(f"data.size: got {size!r}; accepted: null (the images' own size), a positive integer (a"
+                        " square) or [height, width]")
+    return None if size is None else (h, w)
+
+
+def pixels(img, size: tuple[int, int] | None, mode: str | None = None) -> np.ndarray:
+    """A PIL image's uint8 pixels as ``C × H × W``, converted to ``mode`` and resized to ``size``
+    (bilinear, anti-aliased; PIL's 8-bit resampling is integer arithmetic, so every machine reads
+    the same pixels and the recorded digests hold)."""
+    from PIL import Image
+
+    img = img.convert(mode) if mode else img
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    a = np.asarray(img, dtype=np.uint8)
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
+
+
+def one_size(arrays: list[np.ndarray], field: str, where) -> np.ndarray:
+    """``arrays`` (``C × H × W`` each) stacked; one line when they differ in size."""
+    sizes = sorted({a.shape for a in arrays})
+    if len(sizes) > 1:
+        raise UserError(f"{field}: {where} holds images of {len(sizes)} sizes ({[s[1:] for s in sizes[:3]]} ...);"
+                        " accepted: images of one size, or data.size=[H,W] to resize them")
+    return np.stack(arrays)
+
+
 class DividedDataModule(VAEDataModule):
     """A data module that reads its inputs (``load``: a training pool and, where the source has
     one, a test set) and divides them with ``seed``: ``test_fraction`` of the pool held out for
@@ -146,11 +183,13 @@ class TorchvisionDataModule(DividedDataModule):
     from ``root`` (downloaded there when ``download`` and the network allow): its training and
     test splits, inputs scaled to [0, 1]; validation is ``val_fraction`` of the training split."""
 
-    def __init__(self, dataset: str, root: str, download: bool = True, batch_size: int = 128,
+    def __init__(self, dataset: str, root: str, download: bool = True, size=None, batch_size: int = 128,
                  eval_batch_size: int = 1000, val_fraction: float = 0.1, test_fraction: float = 0.2,
                  limit: int | None = None, seed: int = 0) -> None:
         super().__init__(batch_size, eval_batch_size, val_fraction, test_fraction, limit, seed)
         import torchvision
+
+        self.size = image_size(size)
 
         cls = getattr(torchvision.datasets, str(dataset), None)
         if not isinstance(cls, type) or not issubclass(cls, torchvision.datasets.VisionDataset):
@@ -170,15 +209,22 @@ class TorchvisionDataModule(DividedDataModule):
             raise UserError(f"data: torchvision's {self.cls.__name__} cannot be read from {self.root}"
                             f" ({type(e).__name__}: {str(e).splitlines()[0][:120]}); put its files there or allow"
                             " data.download") from None
+        what = f"data ({self.cls.__name__})"
         data, targets = getattr(ds, "data", None), getattr(ds, "targets", None)
-        if data is not None and targets is not None:  # the fast path: arrays of uint8 pixels
+        if data is not None and targets is not None:  # the fast path: arrays of pixels
             array = np.asarray(data)
             array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2) if array.shape[-1] in (1, 3) else array
-            return as_unit_images(array, f"data ({self.cls.__name__})"), torch.as_tensor(np.asarray(targets))
-        from torchvision.transforms.functional import pil_to_tensor
+            if self.size is not None and array.dtype == np.uint8 and array.ndim == 4:
+                from PIL import Image
 
-        images, labels = zip(*((pil_to_tensor(img), int(t)) for img, t in ds))
-        return as_unit_images(torch.stack(images).numpy(), f"data ({self.cls.__name__})"), torch.tensor(labels)
+                array = np.stack([pixels(Image.fromarray(a[0] if len(a) == 1 else a.transpose(1, 2, 0)), self.size)
+                                  for a in array])
+            elif self.size is not None:
+                raise UserError(f"data.size: got {list(self.size)}; accepted: null for {self.cls.__name__}, whose"
+                                " inputs are not uint8 images")
+            return as_unit_images(array, what), torch.as_tensor(np.asarray(targets))
+        images, labels = zip(*((pixels(img, self.size), int(t)) for img, t in ds))
+        return as_unit_images(one_size(list(images), "data", self.cls.__name__), what), torch.tensor(labels)
 
     def load(self) -> tuple[dict, str]:
         return {"train": self._read(True), "test": self._read(False)}, str(self.root.resolve())
@@ -186,13 +232,14 @@ class TorchvisionDataModule(DividedDataModule):
 
 class ImageFolderDataModule(DividedDataModule):
     """A folder of images: class subfolders (torchvision's ``ImageFolder`` layout, labels from
-    their names) or image files directly in it (no labels). All images must have one size;
-    ``channels`` 1 reads them as grey-scale, 3 as RGB. Divided into train/val/test with ``seed``."""
+    their names) or image files directly in it (no labels). All images must have one size, or
+    are resized to ``size``; ``channels`` 1 reads them as grey-scale, 3 as RGB. Divided into
+    train/val/test with ``seed``."""
 
     kind = "image_folder"
     SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
-    def __init__(self, root: str, channels: int = 1, batch_size: int = 128, eval_batch_size: int = 1000,
+    def __init__(self, root: str, channels: int = 1, size=None, batch_size: int = 128, eval_batch_size: int = 1000,
                  val_fraction: float = 0.1, test_fraction: float = 0.2, limit: int | None = None, seed: int = 0) -> None:
         super().__init__(batch_size, eval_batch_size, val_fraction, test_fraction, limit, seed)
         if root is None:
@@ -202,7 +249,7 @@ class ImageFolderDataModule(DividedDataModule):
             raise UserError(f"data.root: got {str(root)!r}, which is not a folder; accepted: a folder of images")
         if channels not in (1, 3):
             raise UserError(f"data.channels: got {channels!r}; accepted: 1 (grey-scale), 3 (RGB)")
-        self.channels = channels
+        self.channels, self.size = channels, image_size(size)
 
     def load(self) -> tuple[dict, str]:
         from PIL import Image
@@ -214,15 +261,9 @@ class ImageFolderDataModule(DividedDataModule):
             files = [(f, -1) for f in sorted(self.root.iterdir()) if f.suffix.lower() in self.SUFFIXES]
         if not files:
             raise UserError(f"data.root: {self.root} holds no images ({', '.join(self.SUFFIXES)})")
-        mode = "L" if self.channels == 1 else "RGB"
-        arrays, sizes = [], set()
+        arrays = []
         for f, _ in files:
             with Image.open(f) as img:
-                a = np.asarray(img.convert(mode), dtype=np.uint8)
-            sizes.add(a.shape[:2])
-            arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-        if len(sizes) > 1:
-            raise UserError(f"data.root: {self.root} holds images of {len(sizes)} sizes ({sorted(sizes)[:3]} ...);"
-                            " accepted: images of one size")
-        x = as_unit_images(np.stack(arrays), f"data.root ({self.root})")
+                arrays.append(pixels(img, self.size, "L" if self.channels == 1 else "RGB"))
+        x = as_unit_images(one_size(arrays, "data.root", self.root), f"data.root ({self.root})")
         return {"train": (x, torch.tensor([label for _, label in files]))}, str(self.root.resolve())
