@@ -5,7 +5,9 @@ the inputs, seed 0). ``lipvae.report`` shows the same tables for the runs it rep
     python sweeps/paired_margins.py <folder> [<folder> ...] [--standard <folder>]
 
 Runs are found anywhere below the folders. ``--standard`` takes the standard VAEs from that
-folder alone (when the folders hold more than one per seed).
+folder alone (when the folders hold more than one per seed). A Lipschitz run pairs only with a
+standard VAE whose margins were measured on the same inputs (the same data, read identically,
+and the same attack r and p).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lipvae.paired import Arm, differences, summarise, undecided_arms, unpaired_seeds
+from lipvae.paired import Arm, differences, measured_on, summarise, undecided_arms, unpaired_seeds
 
 
 def load(run: Path) -> tuple[dict, pd.Series] | None:
@@ -51,15 +53,20 @@ def compare(*sweeps: Path, standard: Path | None = None, resamples: int = 10_000
     """One row per Lipschitz run: its paired difference against the standard VAE of its seed."""
     runs = _runs(sweeps)
     pool = _runs([standard]) if standard is not None else runs
-    arms = [Arm(run.name, r["model"]["kind"], (r.get("config") or {}).get("enc_L"), _seed(r), m)
+    def arm(run, r, m, kind, L):
+        return Arm(run.name, kind, L, _seed(r), m, measured_on(r.get("data"), r.get("estimated")))
+
+    arms = [arm(run, r, m, r["model"]["kind"], (r.get("config") or {}).get("enc_L"))
             for run, (r, m) in runs.items() if r["model"]["kind"] != "standard"]
-    arms += [Arm(run.name, "standard", None, _seed(r), m) for run, (r, m) in pool.items()
-             if r["model"]["kind"] == "standard"]
-    for s in unpaired_seeds(arms):
+    arms += [arm(run, r, m, "standard", None) for run, (r, m) in pool.items() if r["model"]["kind"] == "standard"]
+    if unpaired_seeds(arms):
         where = standard if standard is not None else ", ".join(map(str, sweeps))
-        found = sum(a.kind == "standard" and a.seed == s for a in arms)
-        raise SystemExit(f"error: {where}: found {found} completed standard VAE runs with seed {s}; need"
-                         " exactly one (choose with --standard)")
+        for lip in (a for a in arms if a.kind == "lipschitz"):
+            found = sum(a.kind == "standard" and (a.seed, a.inputs) == (lip.seed, lip.inputs) for a in arms)
+            if found != 1:
+                raise SystemExit(f"error: {where}: found {found} completed standard VAE runs with seed {lip.seed}"
+                                 f" measured on the same inputs (data and attack r, p) as {lip.name}; need exactly"
+                                 " one (choose with --standard)")
     return differences(arms, resamples=resamples, seed=seed)
 
 

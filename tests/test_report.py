@@ -243,6 +243,12 @@ def test_paired_margins_against_the_standard_vae(tmp_path):
     assert table.loc["5", "larger_on"] == 3 and table.loc["10", "larger_on"] == 0
     assert table.loc["10", "ci_low"] == pytest.approx(-0.5) and table.loc["10", "ci_high"] == pytest.approx(-0.5)
     assert -1 <= table.loc["5", "ci_low"] < 0.375 < table.loc["5", "ci_high"] <= 1
+    make("3_L7", "lipschitz", 7.0, [1.0] * 4)
+    results = json.loads((tmp_path / "3_L7" / "results.json").read_text())
+    results["estimated"]["r"] = 4.0  # margins at another r: nothing to pair it with
+    (tmp_path / "3_L7" / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match="found 0 completed standard VAE runs with seed 0 measured on the same inputs"):
+        paired.compare(tmp_path, resamples=10)
 
 
 def test_paired_margins_pair_each_seed_with_its_own_standard_vae(tmp_path):
@@ -611,4 +617,50 @@ def test_the_report_compares_each_lipschitz_run_with_its_seeds_standard_vae(tmp_
     md = markdown(page, tmp_path)
     assert f"## {PAIRED}" in md and "| L=5 s1 | 5 | 1 | 4 | 2.000 | 3.000 | -1.000 | -1.000 | -1.000 | 0 |" in md
     twice = [*rows[:2], {"model": "standard", "seed": 1}, rows[3]]  # seed 1 has two standard VAEs
-    assert paired_tables(twice, [frames[0], frames[1], table(margins["std1"]), frames[3]]) == []
+    (title, note, empty), = paired_tables(twice, [frames[0], frames[1], table(margins["std1"]), frames[3]])
+    assert title == PAIRED and note.startswith("Not made: the Lipschitz runs of seed 1 need exactly one") and empty.empty
+    md = markdown(Page(headline="", context=[], rows=twice, order=[0, 1, 2, 3], problems=[], soundness="", figures={},
+                       tables=[(title, note, empty)]), tmp_path)
+    assert f"## {PAIRED}\n\nNot made: " in md and "mean_difference" not in md
+    assert paired_tables(rows[:2], frames[:2]) == []  # no Lipschitz run: nothing to say
+
+
+def test_runs_measured_on_other_inputs_are_never_paired(tmp_path, monkeypatch):
+    """A Lipschitz run and a standard VAE of the same seed pair only when their margins were
+    measured on the same inputs: the same data read identically and the same attack r and p."""
+    import numpy as np
+
+    from lipvae.paired import measured_on
+    from lipvae.plots import plt
+    from lipvae.report import fig_latent_attack_pair, paired_tables
+
+    mnist = {"name": "mnist", "sources": {"mnist/train": "aa", "mnist/test": "bb"}}
+    estimated = {"r": 8.0, "p": 0.5, "mean": 3.0}
+    same = measured_on(mnist, estimated)
+    assert same == measured_on(dict(mnist), {**estimated, "mean": 1.0})  # results differ, inputs do not
+    others = [measured_on({**mnist, "name": "image_folder"}, estimated),
+              measured_on({**mnist, "sources": {"mnist/train": "aa", "mnist/test": "cc"}}, estimated),  # limit, files
+              measured_on(mnist, {**estimated, "r": 4.0}), measured_on(mnist, {**estimated, "p": 0.9})]
+    assert len({same, *others}) == 5
+    frames = [pd.DataFrame({"index": range(3), "estimated": v}) for v in ([1.0] * 3, [2.0] * 3)]
+    for inputs in others:
+        rows = [{"model": "standard", "seed": 0, "inputs": inputs}, {"model": "lipschitz", "enc_L": 5.0, "seed": 0,
+                                                                     "inputs": same}]
+        (_, note, table), = paired_tables(rows, frames)
+        assert note.startswith("Not made") and table.empty
+    rows[0]["inputs"] = same
+    (_, _, table), = paired_tables(rows, frames)
+    assert table.mean_difference.tolist() == [1.0]
+    # the Fig. 1 pair: the standard VAE of the Lipschitz run's data, none of another
+    runs = []
+    for name in ("std_fashion", "lip_mnist", "std_mnist"):
+        (tmp_path / name).mkdir()
+        plt.imsave(tmp_path / name / "latent_attack.png", np.zeros((4, 4)))
+        runs.append(tmp_path / name)
+    rows = [{"model": "standard", "enc_L": None, "data": "fashion_mnist"},
+            {"model": "lipschitz", "enc_L": 5.0, "data": "mnist"}, {"model": "standard", "enc_L": None, "data": "mnist"}]
+    assert fig_latent_attack_pair(rows[:2], runs[:2], tmp_path / "pair.png") is None
+    read, imread = [], plt.imread
+    monkeypatch.setattr(plt, "imread", lambda path: read.append(Path(path).parent.name) or imread(path))
+    assert fig_latent_attack_pair(rows, runs, tmp_path / "pair.png") == tmp_path / "pair.png"
+    assert read == ["std_mnist", "lip_mnist"]

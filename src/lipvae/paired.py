@@ -4,12 +4,15 @@ Every run of a sweep attacks the same first test inputs, so each Lipschitz model
 with the standard VAE input by input: the mean difference of their estimated margins (Lipschitz
 minus standard), a 95 % bootstrap interval for it (resampling the inputs) and on how many inputs
 the Lipschitz model's margin is the larger. Each Lipschitz run is paired with the standard VAE of
-its own seed. Over seeds, a verdict per L: "more robust" when every seed's interval lies above 0,
+its own seed whose margins were measured on the same inputs (``measured_on``: the data read, by
+its digests, and the attack's r and p); runs of other data or another r are never paired. Over seeds, a verdict per L: "more robust" when every seed's interval lies above 0,
 "less robust" when every one lies below, "undecided" otherwise.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,24 +28,34 @@ class Arm:
     L: float | None
     seed: int
     margins: pd.Series
+    inputs: str = ""  # what the margins were measured on (``measured_on``); only equal ones pair
+
+
+def measured_on(data: dict | None, estimated: dict | None) -> str:
+    """What a run's estimated margins were measured on, from its results.json ``data`` and
+    ``estimated``: the data set and the digests of what was read (a margin table's ``index``
+    counts in those sources), and the attack's r and p."""
+    data, estimated = data or {}, estimated or {}
+    return json.dumps([data.get("name"), data.get("sources"), estimated.get("r"), estimated.get("p")], sort_keys=True)
 
 
 def unpaired_seeds(arms: list[Arm]) -> list[int]:
-    """The seeds of Lipschitz runs without exactly one standard VAE of the same seed."""
-    standard = pd.Series([a.seed for a in arms if a.kind == "standard"], dtype=int).value_counts()
-    return sorted({a.seed for a in arms if a.kind == "lipschitz" and standard.get(a.seed, 0) != 1})
+    """The seeds of Lipschitz runs without exactly one standard VAE of the same seed measured on
+    the same inputs."""
+    standard = Counter((a.inputs, a.seed) for a in arms if a.kind == "standard")
+    return sorted({a.seed for a in arms if a.kind == "lipschitz" and standard[(a.inputs, a.seed)] != 1})
 
 
 def differences(arms: list[Arm], resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
-    """One row per Lipschitz run paired with its seed's standard VAE (every seed must have exactly
-    one: ``unpaired_seeds`` is empty), sorted by L and seed."""
-    bases = {a.seed: a.margins for a in arms if a.kind == "standard"}
+    """One row per Lipschitz run paired with its seed's standard VAE on the same inputs (each must
+    have exactly one: ``unpaired_seeds`` is empty), sorted by L and seed."""
+    bases = {(a.inputs, a.seed): a.margins for a in arms if a.kind == "standard"}
     rng = np.random.default_rng(seed)
     rows = []
     for arm in arms:
         if arm.kind == "standard":
             continue
-        base = bases[arm.seed]
+        base = bases[(arm.inputs, arm.seed)]
         common = arm.margins.index.intersection(base.index)
         diff = (arm.margins[common] - base[common]).to_numpy(dtype=float)
         boot = rng.choice(diff, size=(resamples, len(diff))).mean(axis=1)

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from lipvae.errors import UserError, command
+from lipvae.paired import measured_on
 from lipvae.plots import plt, save_figure
 from lipvae.safety import REPORT_ENTRIES, check_entries
 from lipvae.results import RESULTS_FILE, Results, ResultsError, RunFolder, atomic_write_text, write_table
@@ -105,6 +106,7 @@ def load_row(run: Path, root: Path) -> tuple[dict, Results | None]:
         "wandb_run_id": r.get("run", "wandb_run_id"),
     }
     row["seed"] = r.get("config", "seed")
+    row["inputs"] = measured_on(r.get("data"), r.get("estimated"))  # which runs' margins pair (not a column)
     return row, r
 
 
@@ -372,22 +374,21 @@ def fig_front(rows, dirs: list[Path], path: Path) -> Path | None:
 
 def fig_latent_attack_pair(rows, runs, path: Path) -> Path | None:
     """Paper Fig. 1: the latent-space attack on a standard VAE and on a Lipschitz VAE (the
-    smallest L), side by side, from the runs' own ``latent_attack.png``."""
-    def first(kind):
-        for i in _order(rows):
-            if (rows[i]["model"] == "lipschitz") == (kind == "lipschitz") and (runs[i] / "latent_attack.png").is_file():
-                return i
-        return None
+    smallest L) of the same data, side by side, from the runs' own ``latent_attack.png``."""
+    def first(lipschitz: bool, data=None):
+        return next((i for i in _order(rows) if (rows[i]["model"] == "lipschitz") == lipschitz
+                     and data in (None, rows[i].get("data")) and (runs[i] / "latent_attack.png").is_file()), None)
 
-    pair = [i for i in (first("standard"), first("lipschitz")) if i is not None]
-    if len(pair) < 2:
+    lip = first(True)
+    std = None if lip is None else first(False, rows[lip].get("data"))
+    if std is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 5.5))
-    for ax, i in zip(axes, pair):
+    for ax, i, title in zip(axes, (std, lip), ("standard VAE" + label(rows[std])[len("standard"):],
+                                                "Lipschitz VAE, " + label(rows[lip]))):
         ax.imshow(plt.imread(runs[i] / "latent_attack.png"))
         ax.set_axis_off()
-        ax.set_title(f"{'standard VAE' if rows[i]['model'] != 'lipschitz' else 'Lipschitz VAE, ' + label(rows[i])}",
-                     fontsize=10)
+        ax.set_title(title, fontsize=10)
     return save_figure(fig, path)
 
 
@@ -622,7 +623,7 @@ PAIRED = "Paired comparison against the standard VAE (paper Fig. 5)"
 def paired_tables(rows: list[dict], margins: list) -> list[tuple]:
     """The paired comparison (``lipvae.paired``) of these runs' estimated margins (``margins``: each
     run's table, or None), per run and, with several seeds, per L; none unless every Lipschitz
-    run's seed has exactly one standard VAE."""
+    run's seed has exactly one standard VAE measured on the same inputs (data and r, p)."""
     from lipvae.paired import Arm, differences, summarise, unpaired_seeds
 
     arms = []
@@ -630,10 +631,13 @@ def paired_tables(rows: list[dict], margins: list) -> list[tuple]:
         lipschitz = row["model"] == "lipschitz" and row.get("enc_L") is not None
         if frame is not None and "index" in frame and (lipschitz or row["model"] == "standard"):
             arms.append(Arm(label(row), "lipschitz" if lipschitz else "standard", row.get("enc_L"),
-                            int(row.get("seed") or 0), frame.set_index("index")["estimated"]))
-    kinds = {a.kind for a in arms}
-    if kinds != {"lipschitz", "standard"} or unpaired_seeds(arms):
+                            int(row.get("seed") or 0), frame.set_index("index")["estimated"], row.get("inputs", "")))
+    if {a.kind for a in arms} != {"lipschitz", "standard"}:
         return []
+    if unpaired := unpaired_seeds(arms):
+        return [(PAIRED, f"Not made: the Lipschitz runs of seed {', '.join(map(str, unpaired))} need exactly one"
+                 " standard VAE of the same seed whose margins were measured on the same inputs (the same data,"
+                 " read identically, and the same attack r and p).", pd.DataFrame())]
     table = differences(arms)
     note = ("Each Lipschitz run against the standard VAE of its seed, on the same attacked inputs: the "
             "mean difference of their estimated margins, its 95 % bootstrap interval (10,000 resamples of "
@@ -670,7 +674,10 @@ def markdown(page: Page, out: Path) -> str:
         md += [f"- `{p['run']}`: {p['status']}" for p in page.problems]
     md.append(f"\n**{page.soundness}**\n")
     for title, note, frame in page.tables:
-        md.append(f"## {title}\n\n{note}\n\n| " + " | ".join(frame.columns) + " |")
+        md.append(f"## {title}\n\n{note}\n")
+        if frame.empty:
+            continue
+        md.append("| " + " | ".join(frame.columns) + " |")
         md.append("|" + "---|" * len(frame.columns))
         md += ["| " + " | ".join(cells) + " |" for cells in _cells(frame)]
         md.append("")
