@@ -105,6 +105,30 @@ def test_default_writes_beside_the_run_and_reuses_an_unchanged_attack(run, capsy
 
 
 @pytest.mark.slow
+def test_a_run_trained_in_float64_is_evaluated_and_re_evaluated_in_float64(tmp_path, synthetic_root, monkeypatch):
+    """trainer.precision=64-true (with layers that keep float64 weights) trains, certifies,
+    attacks and records; the frozen model is float64, and a re-evaluation loads it as such and
+    gets the run's own numbers."""
+    from conftest import SMOKE, run_cli
+    from lipvae.stored import load_model
+
+    monkeypatch.setenv("LIPVAE_DATA_DIR", str(synthetic_root))
+    folder = tmp_path / "run64"
+    proc = run_cli(*SMOKE, "model/layer=aol", "trainer.precision=64-true", "margins.attacked_inputs=3",
+                   f"hydra.run.dir={folder}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stored = json.loads((folder / "results.json").read_text())
+    assert stored["status"] == "completed" and stored["soundness_violations"] == 0
+    assert stored["certified"]["fraction_certified"] > 0 and stored["estimated"]["num_inputs"] == 3
+    assert torch.load(folder / "frozen_model.pt", weights_only=True)["encoder_mean.0.weight"].dtype == torch.float64
+    assert load_model(folder)[0].dtype == torch.float64
+    assert evaluate_main([str(folder), "--fresh"]) == 0
+    again = json.loads((next((folder / "evaluations").iterdir()) / "evaluation.json").read_text())
+    assert again["certified"]["mean"] == pytest.approx(stored["certified"]["mean"], rel=1e-12)
+    assert again["estimated"]["mean"] == pytest.approx(stored["estimated"]["mean"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -17,6 +17,22 @@ def tiny(**kw):
     return VAE(**args)
 
 
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_a_float64_model_takes_float32_inputs_and_latents(arch):
+    """After training with trainer.precision=64-true the weights are float64 while data and
+    latent draws stay float32: encode and decode compute in the weights' dtype."""
+    from lipvae.networks import AOLLinear
+
+    torch.manual_seed(0)
+    vae = VAE(input_shape=(1, 8, 8), latent_dim=3, hidden=(8,), layer=AOLLinear, arch=arch, channels=(4,)).double()
+    x, z = torch.rand(5, 64), torch.randn(5, 3)
+    assert vae.dtype == torch.float64 and x.dtype == torch.float32
+    q, q64 = vae.encode(x), vae.encode(x.double())
+    assert q.mean.dtype == torch.float64 and torch.equal(q.mean, q64.mean) and torch.equal(q.std, q64.std)
+    assert torch.equal(vae.decode(z), vae.decode(z.double())) and vae.decode(z).dtype == torch.float64
+    assert vae.float().encode(x).mean.dtype == torch.float32  # a float32 model computes as before
+
+
 def test_kl_matches_torch_distributions():
     vae = tiny()
     q = vae.encode(torch.rand(7, 20))

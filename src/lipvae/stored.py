@@ -200,6 +200,8 @@ def load_model(path: Path, cfg: DictConfig | None = None):
         raise UserError(f"checkpoint: {weights} holds non-finite weights ({', '.join(broken[:3])}); no certificate or"
                         " attack means anything for it: train the run again")
     vae = build_vae(cfg.model, input_shape_of(state, weights))
+    vae.to(next((v.dtype for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()),
+                torch.float32))  # the dtype it was trained in (trainer.precision=64-true: float64)
     frozen = weights.name == FROZEN
     if frozen:
         vae.freeze()

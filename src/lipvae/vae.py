@@ -145,7 +145,14 @@ class VAE(nn.Module):
             channels=tuple(arch.get("channels") or (32, 64)), kernel_size=int(arch.get("kernel_size") or 3),
         )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (float64 after training with ``trainer.precision=64-true``); inputs
+        and latents are cast to it, so float32 data and draws work with either."""
+        return next(self.parameters()).dtype
+
     def encode(self, x: torch.Tensor) -> Posterior:
+        x = x.to(self.dtype)
         mean = self.encoder_mean(x)
         if self.encoder_std is None:
             std = torch.full_like(mean, self.gamma)
@@ -161,7 +168,7 @@ class VAE(nn.Module):
         return Posterior(mean, std, log_std)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z)
+        return self.decoder(z.to(self.dtype))
 
     def log_likelihood(self, x: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """``log p(x|z)`` summed over pixels; ``probs = g(z)``, broadcast against ``x``."""
