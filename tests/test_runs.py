@@ -215,9 +215,14 @@ def test_two_devices_train_together_and_rank_zero_alone_records(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["status"] == "completed" and r["metrics"]["epochs"] == 2 and r["soundness_violations"] == 0
-    other = (tmp_path / "train_ddp_process_1.log").read_text()
-    assert "results written" not in other and "results written" in (tmp_path / "train.log").read_text()
+    other, zero = (tmp_path / "train_ddp_process_1.log").read_text(), (tmp_path / "train.log").read_text()
+    assert "results written" not in other and "results written" in zero
     assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob(".*.tmp"))
+    # every epoch metric is averaged over the devices (each validates half the inputs, and the best
+    # checkpoint, early stopping and the fine-tune stop must decide alike): Lightning warns of any
+    # metric that is not; the epoch's line is rank zero's alone
+    assert "sync_dist=True" not in proc.stderr, proc.stderr[-3000:]
+    assert zero.count("epoch 1/2:") == 1 and "epoch 1/2:" not in other
 
 
 def test_a_data_limit_too_small_for_the_splits_is_caught_before_training(synthetic_root):

@@ -336,6 +336,8 @@ def fit(built: Built, tr: DictConfig, ckpt_path: str | None) -> tuple[float, int
     if built.trainer.world_size > 1:
         if not built.trainer.is_global_zero:
             return None
+        if torch.distributed.is_initialized():  # the devices are done together; what follows is rank zero's
+            torch.distributed.destroy_process_group()
         built.trainer = build_trainer(tr, built.trainer.default_root_dir, devices=1, strategy="auto",
                                       logger=built.loggers or False, plugins=[AtomicCheckpointIO()],
                                       enable_progress_bar=built.progress, enable_checkpointing=False)

@@ -56,7 +56,7 @@ class EpochHistory(Callback):
         loss = float(trainer.callback_metrics["val/loss"])
         self.val_losses.append(loss)
         self.seconds.append(time.monotonic() - self._start)
-        if not self.echo:
+        if not self.echo or not trainer.is_global_zero:  # on several devices, one line per epoch
             return
         best = min(self.val_losses)
         train = trainer.callback_metrics.get("train/loss_epoch")
@@ -297,7 +297,8 @@ class FineTune(Callback):
         if not self.active:
             return
         self.phase_epochs += 1
-        if time_is_up(trainer):  # trainer.max_time ends training in either phase
+        # trainer.max_time ends training in either phase; rank zero's clock decides for every device
+        if trainer.strategy.broadcast(time_is_up(trainer)):
             return
         if self.phase == "train":
             early = any(c.stopping_reason != EarlyStoppingReason.NOT_STOPPED for c in trainer.early_stopping_callbacks)
@@ -315,4 +316,4 @@ class FineTune(Callback):
                 self.stop_reason = "finetune_converged" if self.stale >= self.patience else "finetune_max_epochs"
                 self.phase = "done"
             trainer.should_stop = self.phase == "done"  # early stopping has no say in this phase
-        pl_module.log("phase", {"train": 0.0, "finetune": 1.0, "done": 2.0}[self.phase], on_epoch=True)
+        pl_module.log("phase", {"train": 0.0, "finetune": 1.0, "done": 2.0}[self.phase], on_epoch=True, sync_dist=True)

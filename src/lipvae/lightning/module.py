@@ -63,10 +63,13 @@ class VAEModule(L.LightningModule):
         x = batch[0]
         out = self.vae.elbo(x)
         loss = -out["elbo"].mean()
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(x))
-        self.log(f"{stage}/rec", out["rec"].mean(), on_step=False, on_epoch=True, batch_size=len(x))
-        self.log(f"{stage}/kl", out["kl"].mean(), on_step=False, on_epoch=True, batch_size=len(x))
+        # averaged over the devices (sync_dist; a no-op on one): on several, each sees a share of the
+        # inputs, and the best checkpoint, early stopping and the fine-tune phase's stop must decide
+        # alike on every device, from the whole validation loss and the whole training loss
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, batch_size=len(x),
+                 sync_dist=True)
+        self.log(f"{stage}/rec", out["rec"].mean(), on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
+        self.log(f"{stage}/kl", out["kl"].mean(), on_step=False, on_epoch=True, batch_size=len(x), sync_dist=True)
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -85,11 +88,11 @@ class VAEModule(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         x = batch[0]
         out = self.vae.elbo(x)
-        self.log("test/elbo", out["elbo"].mean(), batch_size=len(x))
-        self.log("test/kl", out["kl"].mean(), batch_size=len(x))
+        self.log("test/elbo", out["elbo"].mean(), batch_size=len(x), sync_dist=True)
+        self.log("test/kl", out["kl"].mean(), batch_size=len(x), sync_dist=True)
         if self.num_importance:
             ll = self.vae.importance_log_likelihood(x, self.num_importance)
-            self.log("test/log_likelihood", ll.mean(), batch_size=len(x))
+            self.log("test/log_likelihood", ll.mean(), batch_size=len(x), sync_dist=True)
 
     def configure_optimizers(self):
         return make_optimizer(self.parameters(), self.lr, retract_every=self.retract_every,
