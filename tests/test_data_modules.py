@@ -140,7 +140,7 @@ def test_a_size_that_is_not_one_is_one_line(tmp_path, size):
         TorchvisionDataModule("MNIST", str(tmp_path), size=size)
 
 
-def test_a_torchvision_data_set_by_class_name(tmp_path):
+def test_a_torchvision_data_set_by_class_name(tmp_path, monkeypatch):
     """torchvision's MNIST class reading IDX files placed in its raw/ layout, offline."""
     import struct
 
@@ -164,8 +164,20 @@ def test_a_torchvision_data_set_by_class_name(tmp_path):
         assert np.abs(image.view(1, 14, 10).numpy() - expected).max() <= 2.5 / 255
     with pytest.raises(UserError, match=r"^data\.dataset: got 'NoSuchSet'; accepted: a class of torchvision\.datasets"):
         TorchvisionDataModule("NoSuchSet", str(tmp_path))
-    with pytest.raises(UserError, match=r"^data: torchvision's FashionMNIST cannot be read from"):
+    with pytest.raises(UserError, match=r"^data: torchvision's FashionMNIST cannot be read from .*; put its files there"
+                       r" or allow data\.download$"):
         TorchvisionDataModule("FashionMNIST", str(tmp_path), download=False).setup()
+    import torchvision
+    from urllib.error import URLError
+
+    class Offline(torchvision.datasets.FashionMNIST):  # a download on a machine without network
+        def __init__(self, *args, **kwargs):
+            raise URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", Offline)
+    with pytest.raises(UserError, match=r"^data: torchvision's Offline cannot be read from .*URLError.*; put its files"
+                       r" there \(the download failed\)$"):
+        TorchvisionDataModule("FashionMNIST", str(tmp_path), download=True).setup()
 
 
 class _NoShape(VAEDataModule):

@@ -206,9 +206,10 @@ class TorchvisionDataModule(DividedDataModule):
         try:
             ds = self.cls(root=str(self.root), download=self.download, **how)
         except Exception as e:
+            todo = "put its files there (the download failed)" if self.download else \
+                "put its files there or allow data.download"
             raise UserError(f"data: torchvision's {self.cls.__name__} cannot be read from {self.root}"
-                            f" ({type(e).__name__}: {str(e).splitlines()[0][:120]}); put its files there or allow"
-                            " data.download") from None
+                            f" ({type(e).__name__}: {str(e).splitlines()[0][:120]}); {todo}") from None
         what = f"data ({self.cls.__name__})"
         data, targets = getattr(ds, "data", None), getattr(ds, "targets", None)
         if data is not None and targets is not None:  # the fast path: arrays of pixels
