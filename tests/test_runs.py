@@ -284,3 +284,16 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(RunFolderError, match=r"^run: cannot write to .* \(Permission denied\); make it writable"):
         claim(tmp_path)
 
+
+
+def test_a_sweepers_long_constants_make_short_run_names():
+    """Optuna proposes constants such as 7.4881350392732475; the run (and its folder) is named with
+    6 significant digits, while the constants as written keep their names."""
+    from lipvae import short_number
+
+    assert short_number(7.4881350392732475) == "7.48814" and short_number(12.000000000000002) == "12"
+    assert [short_number(v) for v in (5.0, 0.25, 10.5, 3, "x")] == [5.0, 0.25, 10.5, 3, "x"]
+    assert composed("enc_L=7.4881350392732475", "dec_L=12.000000000000002").name == "lipschitz_encL7.48814_decL12"
+    assert composed().name == "lipschitz_encL5.0_decL5.0" and composed("enc_L=7", "dec_L=0.25").name == \
+        "lipschitz_encL7_decL0.25"
+    assert composed("model=standard").name == "standard"
