@@ -246,6 +246,21 @@ def test_an_accelerator_that_is_not_there_is_refused():
             validate(composed(*SMOKE, "trainer.accelerator=mps"))
 
 
+def test_float64_on_apples_mps_is_refused_before_any_work(monkeypatch):
+    """MPS has no float64: trainer.precision=64-true where Lightning would pick MPS (a Mac without
+    CUDA, accelerator auto or mps) is one line; on the CPU it is allowed."""
+    from lipvae.config import validate
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for accelerator in ("auto", "mps"):
+        with pytest.raises(UserError, match=r"^trainer\.precision: got '64-true' on Apple's MPS, which has no float64;"
+                           r" accepted: 32-true, or trainer\.accelerator=cpu$"):
+            validate(composed(*SMOKE, "model/layer=aol", "trainer.precision=64-true", f"trainer.accelerator={accelerator}"))
+    validate(composed(*SMOKE, "model/layer=aol", "trainer.precision=64-true", "trainer.accelerator=cpu"))
+    validate(composed(*SMOKE, "trainer.accelerator=mps"))  # 32-bit on MPS is fine
+
+
 def test_checkpoints_for_resume_are_lightning_checkpoints_loaded_safely(tmp_path):
     """A plain state dict as last.ckpt (a 36-line KeyError inside Lightning) and a malicious
     best.ckpt (a 38-line UnpicklingError) are one line each (issue 27)."""

@@ -109,8 +109,12 @@ def _validate_accelerator(cfg: DictConfig) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(f"trainer.accelerator: got {accelerator!r}, but no CUDA device is visible; accepted: auto, cpu")
     mps = getattr(torch.backends, "mps", None)
-    if accelerator == "mps" and not (mps is not None and mps.is_available()):
+    mps = mps is not None and mps.is_available()
+    if accelerator == "mps" and not mps:
         raise UserError("trainer.accelerator: got 'mps', but MPS is not available here; accepted: auto, cpu")
+    if str(cfg.trainer.precision).startswith("64") and mps and accelerator in ("mps", "auto") and not torch.cuda.is_available():
+        raise UserError(f"trainer.precision: got {cfg.trainer.precision!r} on Apple's MPS, which has no float64;"
+                        " accepted: 32-true, or trainer.accelerator=cpu")
 
 
 def _validate_devices(cfg: DictConfig) -> None:
