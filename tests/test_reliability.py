@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SMOKE, composed, every_kth_fast, run_cli, start_cli
+from conftest import SMOKE, composed, every_kth_fast, run_cli, run_main, start_cli
 from lipvae.build import build_entries
 from lipvae.compose import check_overrides
 from lipvae.config import validate
@@ -277,6 +277,21 @@ def test_loggers_are_built_in_the_run_folder(tmp_path):
         build_loggers(composed("+logger.a._target_=lightning.pytorch.callbacks.EarlyStopping"), ctx)
     with pytest.raises(UserError, match=r"^logger.a._target_: got 'collections.OrderedDict'; accepted: a lightning"):
         build_loggers(composed("+logger.a._target_=collections.OrderedDict"), ctx)
+
+
+def test_wandb_online_without_an_api_key_is_one_line_before_any_data(tmp_path, monkeypatch, capsys):
+    """W&B online with no key anywhere (not in the environment, not in ~/.netrc) and no terminal
+    to ask in: one line from the logger's construction, not W&B's traceback after the data."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("NETRC", raising=False)
+    proc = run_main(*SMOKE, "logger=default", f"hydra.run.dir={tmp_path / 'run'}", env={"WANDB_MODE": "online"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: logger.wandb.mode: online (logger.wandb.mode or WANDB_MODE), but W&B says: No API"
+                           " key configured") and line.endswith("offline (wandb sync uploads later) or logger=csv")
+    assert "Traceback" not in proc.stderr and "data: {" not in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_valid_overrides_and_sweeps_pass_the_check():

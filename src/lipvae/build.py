@@ -199,8 +199,9 @@ def build_entries(cfg: DictConfig, path: str, run: dict | None = None) -> list:
     built = []
     for field, spec in _entries(cfg, path).items():
         cls = target_class(field, spec._target_, base, accepted)
+        extra = run(cls, spec) if run else {}  # what the run adds (its own one-line errors)
         try:
-            obj = instantiate(spec, _partial_=True)(**(run(cls, spec) if run else {}))  # `config` may be an argument
+            obj = instantiate(spec, _partial_=True)(**extra)  # `config` may be an argument
         except Exception as e:  # a wrong argument
             raise _cannot_build(field, spec._target_, e) from None
         built.append(obj)

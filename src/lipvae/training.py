@@ -304,9 +304,24 @@ def build_loggers(cfg: DictConfig, ctx: RunContext) -> list:
             if not os.environ.get("WANDB_MODE"):  # the environment decides where it says (W&B reads it too)
                 os.environ["WANDB_MODE"] = str(spec.get("mode") or "offline")
             extra["mode"] = os.environ["WANDB_MODE"]
+            if extra["mode"] == "online":
+                wandb_credentials()
         return extra
 
     return build_entries(cfg, "logger", run)
+
+
+def wandb_credentials() -> None:
+    """An online W&B logger needs an API key: found (or, in a terminal, asked for) before any data
+    is read, else one line (W&B's own error comes from deep inside the first log call)."""
+    import wandb
+
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError as e:
+        raise UserError(f"logger.wandb.mode: online (logger.wandb.mode or WANDB_MODE), but W&B says: {e}; accepted:"
+                        " online with an API key (wandb login, or WANDB_API_KEY), offline (wandb sync uploads"
+                        " later) or logger=csv") from None
 
 
 def build(cfg: DictConfig, ctx: RunContext, schedule: Schedule, loggers: list, progress: bool) -> Built:
