@@ -423,3 +423,21 @@ def test_evaluate_exits_143_on_sigterm_as_training_does(monkeypatch, capsys):
     monkeypatch.setattr(ev, "reevaluate", terminated)
     assert ev.main(["some/run"]) == 143
     assert "error: interrupted" in capsys.readouterr().err
+
+
+def test_asking_to_attack_more_inputs_than_the_test_split_holds_is_said(tmp_path, caplog):
+    """margins.attacked_inputs beyond the test split attacks every test input, and says so."""
+    from conftest import SMOKE, composed
+    from lipvae.build import build_vae
+    from lipvae.data import TensorBatches
+    from lipvae.evaluation import evaluate
+
+    cfg = composed(*SMOKE, "model.hidden=[8,8]", "model.latent_dim=2", "margins.attacked_inputs=5",
+                   "margins.certify=false", "attack.steps=2", "attack.starts=1", "attack.samples=4")
+    torch.manual_seed(0)
+    vae = build_vae(cfg.model, (1, 4, 4)).freeze().eval()
+    test = TensorBatches(torch.rand(3, 16, generator=torch.Generator().manual_seed(1)), torch.arange(3), torch.arange(3))
+    with caplog.at_level(logging.INFO, logger="lipvae"):
+        ev = evaluate(vae, test, cfg, tmp_path, seed=0, progress=False)
+    assert ev.estimated["num_inputs"] == 3 and len(pd.read_csv(tmp_path / "margins.csv")) == 3
+    assert "margins.attacked_inputs=5, but the test split holds 3 inputs: all 3 are attacked" in caplog.text
