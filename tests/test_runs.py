@@ -59,6 +59,14 @@ def test_resume_checks_before_anything_is_written(tmp_path):
     assert config_differences(composed(*SMOKE), composed(*SMOKE, "model.hidden=[16,16]", "seed=3")) == [
         "model.hidden", "seed"
     ]
+    # written differently, the same once resolved: a run named by an older lipvae's pattern, an
+    # interpolation given as its value
+    older = composed(*SMOKE)
+    older.name = "lipschitz_encL${enc_L}_decL${dec_L}"
+    assert config_differences(older, composed(*SMOKE)) == []
+    assert config_differences(composed(*SMOKE), composed(*SMOKE, "dec_L=5.0")) == []
+    assert config_differences(composed(*SMOKE), composed(*SMOKE, "dec_L=6.0")) == ["dec_L"]
+    assert config_differences(older, composed(*SMOKE, "enc_L=6.0")) == ["enc_L", "name"]
 
 
 def test_a_checkpoint_from_other_networks_is_one_line():

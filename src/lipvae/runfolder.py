@@ -54,14 +54,24 @@ def _flat(node, prefix: str = "") -> dict:
 
 
 def config_differences(stored: DictConfig, given: DictConfig) -> list[str]:
-    """Dotted keys whose (unresolved) values differ, less those a resume may change."""
-    a = _flat(OmegaConf.to_container(stored, resolve=False))
-    b = _flat(OmegaConf.to_container(given, resolve=False))
+    """Dotted keys whose values differ, less those a resume may change: as written, and (where
+    they are written differently, e.g. ``dec_L: ${enc_L}`` and ``dec_L: 5.0``, or a name pattern
+    changed by a newer lipvae) once resolved, where both resolve."""
+    a, b = (_flat(OmegaConf.to_container(c, resolve=False)) for c in (stored, given))
+    a_resolved, b_resolved = (_resolved(c) for c in (stored, given))
     return [
         k for k in sorted(set(a) | set(b))
         if a.get(k, "<absent>") != b.get(k, "<absent>")
+        and (a_resolved is None or b_resolved is None or a_resolved.get(k, "<absent>") != b_resolved.get(k, "<absent>"))
         and k not in MAY_DIFFER_ON_RESUME and not k.startswith(MAY_DIFFER_PREFIXES)
     ]
+
+
+def _resolved(cfg: DictConfig) -> dict | None:
+    try:
+        return _flat(OmegaConf.to_container(cfg, resolve=True))
+    except Exception:  # an interpolation that does not resolve here: compare as written
+        return None
 
 
 def check_run_folder(cfg: DictConfig, run_dir: Path) -> None:
