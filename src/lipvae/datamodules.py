@@ -49,15 +49,15 @@ def image_size(size) -> tuple[int, int] | None:
 
 
 def pixels(img, size: tuple[int, int] | None, mode: str | None = None) -> np.ndarray:
-    """A PIL image's uint8 pixels as ``C × H × W``, converted to ``mode`` and resized to ``size``
-    (bilinear, anti-aliased; PIL's 8-bit resampling is integer arithmetic, so every machine reads
-    the same pixels and the recorded digests hold)."""
+    """A PIL image's pixels as ``C × H × W`` (of its own dtype, which ``as_unit_images`` judges),
+    converted to ``mode`` and resized to ``size`` (bilinear, anti-aliased; PIL's 8-bit resampling
+    is integer arithmetic, so every machine reads the same pixels and the recorded digests hold)."""
     from PIL import Image
 
     img = img.convert(mode) if mode else img
     if size is not None and img.size != (size[1], size[0]):
         img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-    a = np.asarray(img, dtype=np.uint8)
+    a = np.asarray(img)
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 

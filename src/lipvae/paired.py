@@ -5,8 +5,9 @@ with the standard VAE input by input: the mean difference of their estimated mar
 minus standard), a 95 % bootstrap interval for it (resampling the inputs) and on how many inputs
 the Lipschitz model's margin is the larger. Each Lipschitz run is paired with the standard VAE of
 its own seed whose margins were measured on the same inputs (``measured_on``: the data read, by
-its digests, and the attack's r and p); runs of other data or another r are never paired. Over seeds, a verdict per L: "more robust" when every seed's interval lies above 0,
-"less robust" when every one lies below, "undecided" otherwise.
+its digests, and the attack's r and p); runs of other data or another r are never paired. Over
+seeds, a verdict per L: "more robust" when every seed's interval lies above 0, "less robust" when
+every one lies below, "undecided" otherwise.
 """
 
 from __future__ import annotations
