@@ -78,6 +78,8 @@ BAD_INPUTS = [
     (["trainer.max_time=soon"], "trainer.max_time: got 'soon'; accepted: minutes > 0, or null"),
     (["trainer.accelerator=cpu", "trainer.devices=2"], "trainer.devices: got 2 on CPU; accepted: 1, or several with a strategy"),
     (["trainer.strategy=dpp"], "trainer.strategy: got 'dpp'; accepted: auto or a Lightning strategy name"),
+    (["trainer.strategy=ddp_spawn"], "trainer.strategy: got 'ddp_spawn'; accepted: auto or a Lightning strategy name"
+                                     " that runs this command on every device (ddp, fsdp, ...; not ddp_spawn"),
     (["trainer.devices=0"], "trainer.devices: got 0; accepted: a positive integer, -1 or auto"),
     (["evaluate=first"], "evaluate: got 'first'; accepted: best, last"),
     (["attack=cw"], "attack: got 'cw'; accepted: lbfgs, pgd, pgd_cold, pgd_quick, pgd_smoke"),

@@ -62,9 +62,11 @@ PRECISIONS = ("32-true", "32", "64-true", "64")
 
 
 def _strategies() -> list[str]:
-    from lightning.pytorch.strategies import StrategyRegistry
+    """Lightning's strategies but those that start the devices' processes by spawn or fork: the
+    run's record is read from the state training leaves in this process, which they keep apart."""
+    from lightning.pytorch.strategies import StrategyRegistry as S
 
-    return ["auto", *StrategyRegistry.available_strategies()]
+    return ["auto", *(n for n in S.available_strategies() if S[n]["init_params"].get("start_method") not in ("spawn", "fork"))]
 
 
 class Closed(BaseModel):
@@ -136,7 +138,8 @@ class TrainerConfig(Built):  # max_time in minutes
     accelerator: one_of("auto", "cpu", "gpu", "cuda", "mps")
     devices: accepts("a positive integer, -1 or auto", check=lambda v: v == "auto" or (
         type(v) is int and (v >= 1 or v == -1)))
-    strategy: accepts("auto or a Lightning strategy name (ddp, ddp_spawn, fsdp, ...)", str,
+    strategy: accepts("auto or a Lightning strategy name that runs this command on every device (ddp, fsdp, ...;"
+                      " not ddp_spawn, ddp_fork, ddp_notebook)", str,
                       check=lambda v: v in _strategies())
     precision: one_of(*PRECISIONS)
     max_epochs: PositiveInt
