@@ -54,7 +54,7 @@ def test_a_tensor_file_of_images_or_vectors_is_divided_with_the_seed(tmp_path):
 @pytest.mark.parametrize("content, message", [
     (np.full((10, 4), 2.0), r"float values outside \[0, 1\]"),
     (np.zeros((10, 2, 2)), r"shape \(10, 2, 2\); accepted: N × C × H × W"),
-    (np.zeros((10, 4), dtype=np.int32), r"int32 values; accepted: uint8"),
+    (np.zeros((10, 4), dtype=np.int32), r"int32 values; accepted: uint8 or uint16"),
 ])
 def test_a_tensor_file_that_is_not_inputs_is_one_line(tmp_path, content, message):
     np.save(tmp_path / "bad.npy", content)
@@ -138,6 +138,38 @@ def test_a_size_that_is_not_one_is_one_line(tmp_path, size):
         ImageFolderDataModule(str(tmp_path), size=size)
     with pytest.raises(UserError, match=r"^data\.size: got"):
         TorchvisionDataModule("MNIST", str(tmp_path), size=size)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """A folder of 16-bit grey-scale PNGs (microscopy, medical imaging) is read as value / 65,535:
+    PIL's conversion to 8 bits would clip every value above 255 to white. 32-bit pixels of unknown
+    range, and a folder mixing bit depths, are one line; a uint16 tensor file is scaled alike."""
+    from PIL import Image
+
+    gen = np.random.default_rng(7)
+    deep = {i: gen.integers(0, 65536, (6, 5), dtype=np.uint16) for i in range(6)}
+    for i, a in deep.items():
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    assert Image.open(tmp_path / "0.png").mode == "I;16"
+    for channels in (1, 3):
+        dm = ImageFolderDataModule(str(tmp_path), channels=channels, val_fraction=0.2, test_fraction=0.2)
+        _check_split(dm, (channels, 6, 5), 6)
+        for split in ("train", "val", "test"):
+            part = dm.split(split)
+            for image, index in zip(part.images, part.index):
+                expected = np.repeat(deep[int(index)][None].astype(np.float64) / 65535, channels, axis=0)
+                assert np.abs(image.view(channels, 6, 5).numpy() - expected).max() < 1e-6
+    np.save(tmp_path / "deep.npy", np.stack(list(deep.values()))[:, None])
+    vectors = TensorFileDataModule(str(tmp_path / "deep.npy"))
+    vectors.setup()
+    assert float(vectors.split("train").images.max()) <= 1 and float(vectors.split("train").images.max()) > 0.5
+    Image.fromarray(np.full((6, 5), 200, dtype=np.uint8)).save(tmp_path / "eight.png")
+    with pytest.raises(UserError, match=r"^data\.root: .* holds images of uint16 and uint8 pixels; accepted: one bit"):
+        ImageFolderDataModule(str(tmp_path)).setup()
+    (tmp_path / "eight.png").unlink()
+    Image.fromarray(np.full((6, 5), 70000, dtype=np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(UserError, match=r"^data\.root: .*wide\.tif holds 32-bit pixels \(PIL mode I\) of unknown range"):
+        ImageFolderDataModule(str(tmp_path)).setup()
 
 
 def test_a_torchvision_data_set_by_class_name(tmp_path, monkeypatch):

@@ -16,16 +16,18 @@ from lipvae.errors import UserError
 
 
 def as_unit_images(array, what: str) -> torch.Tensor:
-    """``N × C × H × W`` (or ``N × D``) float32 in [0, 1] from integer pixels (divided by 255)
-    or floats already in [0, 1]; one line naming ``what`` otherwise."""
-    t = torch.as_tensor(np.asarray(array))
-    if t.ndim not in (2, 4):
-        raise UserError(f"{what}: got an array of shape {tuple(t.shape)}; accepted: N × C × H × W images or N × D"
+    """``N × C × H × W`` (or ``N × D``) float32 in [0, 1] from 8- or 16-bit pixels (divided by 255
+    or 65,535) or floats already in [0, 1]; one line naming ``what`` otherwise."""
+    array = np.asarray(array)
+    if array.ndim not in (2, 4):
+        raise UserError(f"{what}: got an array of shape {array.shape}; accepted: N × C × H × W images or N × D"
                         " vectors")
-    if t.dtype == torch.uint8:
-        return t.to(torch.float32) / 255.0
+    if array.dtype in (np.uint8, np.uint16):
+        return torch.as_tensor(array.astype(np.float32)) / float(np.iinfo(array.dtype).max)
+    t = torch.as_tensor(array)
     if not t.is_floating_point():
-        raise UserError(f"{what}: got {t.dtype} values; accepted: uint8 pixels (0-255) or floats in [0, 1]")
+        raise UserError(f"{what}: got {t.dtype} values; accepted: uint8 or uint16 pixels (0-255, 0-65535) or floats"
+                        " in [0, 1]")
     t = t.to(torch.float32)
     if len(t) == 0 or not bool(torch.isfinite(t).all()) or float(t.min()) < 0 or float(t.max()) > 1:
         raise UserError(f"{what}: float values outside [0, 1] (or none, or not finite); accepted: inputs scaled to"
@@ -62,11 +64,13 @@ def pixels(img, size: tuple[int, int] | None, mode: str | None = None) -> np.nda
 
 
 def one_size(arrays: list[np.ndarray], field: str, where) -> np.ndarray:
-    """``arrays`` (``C × H × W`` each) stacked; one line when they differ in size."""
+    """``arrays`` (``C × H × W`` each) stacked; one line when they differ in size or bit depth."""
     sizes = sorted({a.shape for a in arrays})
     if len(sizes) > 1:
         raise UserError(f"{field}: {where} holds images of {len(sizes)} sizes ({[s[1:] for s in sizes[:3]]} ...);"
                         " accepted: images of one size, or data.size=[H,W] to resize them")
+    if len(depths := sorted({str(a.dtype) for a in arrays})) > 1:
+        raise UserError(f"{field}: {where} holds images of {' and '.join(depths)} pixels; accepted: one bit depth")
     return np.stack(arrays)
 
 
@@ -137,7 +141,7 @@ class TensorFileDataModule(DividedDataModule):
     """Inputs from one tensor file: ``.npy`` (an array), ``.npz`` (``images`` or ``x``, and
     optionally ``labels`` or ``y``) or ``.pt`` (a tensor, or a dict with those keys; read with
     ``weights_only=True``: no code runs). Arrays are ``N × C × H × W`` images or ``N × D``
-    vectors, uint8 pixels or floats in [0, 1]. Divided into train/val/test with ``seed``."""
+    vectors, uint8 or uint16 pixels or floats in [0, 1]. Divided into train/val/test with ``seed``."""
 
     kind = "tensor_file"
 
@@ -265,6 +269,11 @@ class ImageFolderDataModule(DividedDataModule):
         arrays = []
         for f, _ in files:
             with Image.open(f) as img:
-                arrays.append(pixels(img, self.size, "L" if self.channels == 1 else "RGB"))
+                if img.mode in ("I", "F"):  # PIL's conversion to 8 bits would clip them, not scale them
+                    raise UserError(f"data.root: {f} holds 32-bit pixels (PIL mode {img.mode}) of unknown range;"
+                                    " accepted: 8- or 16-bit images, or data=tensor_file with floats in [0, 1]")
+                deep = img.mode.startswith("I;16")  # 16-bit grey-scale, kept as it is (scaled by 65,535)
+                a = pixels(img, self.size, None if deep else "L" if self.channels == 1 else "RGB")
+                arrays.append(np.repeat(a, self.channels, axis=0) if deep else a)
         x = as_unit_images(one_size(arrays, "data.root", self.root), f"data.root ({self.root})")
         return {"train": (x, torch.tensor([label for _, label in files]))}, str(self.root.resolve())
