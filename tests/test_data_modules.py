@@ -51,9 +51,28 @@ def test_a_tensor_file_of_images_or_vectors_is_divided_with_the_seed(tmp_path):
     assert set(torch.cat([vectors.split(s).labels for s in ("train", "val", "test")]).tolist()) == set(range(30))
 
 
+def test_a_tensor_file_of_grey_or_channels_last_images_is_read_channels_first(tmp_path, caplog):
+    """N × H × W arrays (Keras's MNIST) are grey-scale images; N × H × W × C ones (Keras's CIFAR)
+    are transposed, not read as H channels of W × C images; the log says how each was read."""
+    import logging
+
+    gen = np.random.default_rng(3)
+    grey, rgb = gen.integers(0, 256, (20, 8, 6), dtype=np.uint8), gen.integers(0, 256, (20, 8, 6, 3), dtype=np.uint8)
+    for name, array, shape, as_nchw in (("grey", grey, (1, 8, 6), grey[:, None]),
+                                        ("rgb", rgb, (3, 8, 6), rgb.transpose(0, 3, 1, 2))):
+        np.save(tmp_path / f"{name}.npy", array)
+        dm = TensorFileDataModule(str(tmp_path / f"{name}.npy"), val_fraction=0.25, test_fraction=0.25)
+        with caplog.at_level(logging.INFO, logger="lipvae"):
+            _check_split(dm, shape, 20)
+        part = dm.split("train")
+        assert torch.equal(part.images, torch.as_tensor(as_nchw[part.index.numpy()].reshape(len(part.index), -1)) / 255.0)
+    assert "read (20, 8, 6) as N × H × W grey-scale images" in caplog.text
+    assert "read (20, 8, 6, 3) as N × H × W × C images (channels last)" in caplog.text
+
+
 @pytest.mark.parametrize("content, message", [
     (np.full((10, 4), 2.0), r"float values outside \[0, 1\]"),
-    (np.zeros((10, 2, 2)), r"shape \(10, 2, 2\); accepted: N × C × H × W"),
+    (np.zeros((10, 1, 2, 2, 2)), r"shape \(10, 1, 2, 2, 2\); accepted: N × C × H × W"),
     (np.zeros((10, 4), dtype=np.int32), r"int32 values; accepted: uint8 or uint16"),
 ])
 def test_a_tensor_file_that_is_not_inputs_is_one_line(tmp_path, content, message):

@@ -6,6 +6,7 @@ digests of what was read, so that a re-evaluation tests on exactly the same inpu
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ import torch
 
 from lipvae.data import SplitInfo, TensorBatches, VAEDataModule, digest
 from lipvae.errors import UserError
+
+log = logging.getLogger("lipvae")
 
 
 def as_unit_images(array, what: str) -> torch.Tensor:
@@ -33,6 +36,18 @@ def as_unit_images(array, what: str) -> torch.Tensor:
         raise UserError(f"{what}: float values outside [0, 1] (or none, or not finite); accepted: inputs scaled to"
                         " [0, 1]")
     return t
+
+
+def channels_first(array: np.ndarray, what: str) -> np.ndarray:
+    """Images as ``N × C × H × W``: ``N × H × W`` is grey-scale, and ``N × H × W × C`` with 1, 3
+    or 4 channels last (NumPy's and Keras's layout) is transposed, as the log says."""
+    if array.ndim == 3:
+        log.info("%s: read %s as N × H × W grey-scale images", what, array.shape)
+        return array[:, None]
+    if array.ndim == 4 and array.shape[-1] in (1, 3, 4) and array.shape[1] not in (1, 3, 4):
+        log.info("%s: read %s as N × H × W × C images (channels last)", what, array.shape)
+        return array.transpose(0, 3, 1, 2)
+    return array
 
 
 def image_size(size) -> tuple[int, int] | None:
@@ -175,7 +190,7 @@ class TensorFileDataModule(DividedDataModule):
             if images is None:
                 raise UserError(f"{what}: holds the keys {sorted(content)}; accepted: 'images' (or 'x'), and"
                                 " optionally 'labels' (or 'y')")
-        x = as_unit_images(images, what)
+        x = as_unit_images(channels_first(np.asarray(images), what), what)
         y = torch.full((len(x),), -1, dtype=torch.int64) if labels is None else torch.as_tensor(np.asarray(labels))
         if y.shape != (len(x),):
             raise UserError(f"{what}: {len(x)} inputs but labels of shape {tuple(y.shape)}; accepted: one label each")
@@ -217,8 +232,7 @@ class TorchvisionDataModule(DividedDataModule):
         what = f"data ({self.cls.__name__})"
         data, targets = getattr(ds, "data", None), getattr(ds, "targets", None)
         if data is not None and targets is not None:  # the fast path: arrays of pixels
-            array = np.asarray(data)
-            array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2) if array.shape[-1] in (1, 3) else array
+            array = channels_first(np.asarray(data), what)
             if self.size is not None and array.dtype == np.uint8 and array.ndim == 4:
                 from PIL import Image
 
