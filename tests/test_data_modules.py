@@ -70,6 +70,24 @@ def test_a_tensor_file_of_grey_or_channels_last_images_is_read_channels_first(tm
     assert "read (20, 8, 6, 3) as N × H × W × C images (channels last)" in caplog.text
 
 
+def test_tensor_file_labels_are_class_ids_or_names(tmp_path):
+    """Names are numbered in sorted order (as image folders' are), whole floats are ids, and
+    fractional labels (regression targets) are one line instead of being truncated to ids."""
+    x = np.random.default_rng(4).integers(0, 256, (12, 1, 4, 4), dtype=np.uint8)
+    names = np.array(["dog", "cat", "owl"] * 4)
+    for labels, ids in ((names, [1, 0, 2] * 4), (np.array([2.0, 0.0, 1.0] * 4), [2, 0, 1] * 4)):
+        np.savez(tmp_path / "d.npz", x=x, y=labels)
+        dm = TensorFileDataModule(str(tmp_path / "d.npz"), val_fraction=0.25, test_fraction=0.25)
+        dm.setup()
+        for split in ("train", "val", "test"):
+            part = dm.split(split)
+            assert part.labels.tolist() == [ids[i] for i in part.index.tolist()]
+    np.savez(tmp_path / "d.npz", x=x, y=np.linspace(0, 1, 12))
+    with pytest.raises(UserError, match=r"^data\.path \(d\.npz\): labels of float64 values that are not whole"
+                       r" numbers; accepted: class ids \(integers\) or class names \(strings\)$"):
+        TensorFileDataModule(str(tmp_path / "d.npz")).setup()
+
+
 @pytest.mark.parametrize("content, message", [
     (np.full((10, 4), 2.0), r"float values outside \[0, 1\]"),
     (np.zeros((10, 1, 2, 2, 2)), r"shape \(10, 1, 2, 2, 2\); accepted: N × C × H × W"),

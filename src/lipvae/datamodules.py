@@ -50,6 +50,20 @@ def channels_first(array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
+def class_ids(labels: np.ndarray, what: str) -> torch.Tensor:
+    """Labels as integer class ids: integers (or whole floats) as they are, names (strings)
+    numbered in sorted order, as folder names are; one line for anything else."""
+    if labels.dtype.kind in "USO":
+        names, ids = np.unique(labels.astype(str), return_inverse=True)
+        log.info("%s: %d class names numbered in sorted order (%s)", what, len(names), ", ".join(names[:10]))
+        return torch.as_tensor(ids.reshape(labels.shape), dtype=torch.int64)
+    if labels.dtype.kind in "iub" or (labels.dtype.kind == "f" and np.isfinite(labels).all()
+                                       and (labels == np.round(labels)).all()):
+        return torch.as_tensor(labels.astype(np.int64))
+    raise UserError(f"{what}: labels of {labels.dtype} values that are not whole numbers; accepted: class ids"
+                    " (integers) or class names (strings)")
+
+
 def image_size(size) -> tuple[int, int] | None:
     """``data.size`` as ``(H, W)``: null keeps the images' own size, an integer is a square, a
     pair is height and width; one line otherwise."""
@@ -191,7 +205,7 @@ class TensorFileDataModule(DividedDataModule):
                 raise UserError(f"{what}: holds the keys {sorted(content)}; accepted: 'images' (or 'x'), and"
                                 " optionally 'labels' (or 'y')")
         x = as_unit_images(channels_first(np.asarray(images), what), what)
-        y = torch.full((len(x),), -1, dtype=torch.int64) if labels is None else torch.as_tensor(np.asarray(labels))
+        y = torch.full((len(x),), -1, dtype=torch.int64) if labels is None else class_ids(np.asarray(labels), what)
         if y.shape != (len(x),):
             raise UserError(f"{what}: {len(x)} inputs but labels of shape {tuple(y.shape)}; accepted: one label each")
         return {"train": (x, y)}, str(self.path.resolve())
