@@ -230,6 +230,25 @@ def test_the_scatter_draws_censored_estimates_open(monkeypatch, tmp_path):
     assert len(open_.get_facecolor()) == 0 and "censored" in open_.get_label()
 
 
+def test_the_aggregate_posterior_of_unlabelled_data_has_no_class_colours(monkeypatch, tmp_path):
+    """Fig. 6 colours the latent means by class; data without labels (-1: an image folder without
+    class folders, a tensor file without labels) is one colour and has no class colour bar."""
+    from lipvae import plots
+    from lipvae.vae import VAE
+
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.append(fig) or path)
+    torch.manual_seed(0)
+    vae = VAE(input_shape=(16,), latent_dim=2, hidden=(8,))
+    x = torch.rand(20, 16)
+    plots.save_aggregate_posterior(vae, x, torch.full((20,), -1), tmp_path / "a.png")
+    plots.save_aggregate_posterior(vae, x, torch.arange(20) % 3, tmp_path / "b.png")
+    (unlabelled,), (labelled, bar) = (fig.axes for fig in drawn)
+    assert unlabelled.collections[0].get_array() is None  # one colour, no class mapping
+    assert len({tuple(c) for c in unlabelled.collections[0].get_facecolor()}) == 1
+    assert sorted(set(labelled.collections[0].get_array().tolist())) == [0, 1, 2] and bar.get_ylabel() == "class"
+
+
 def _snapshot(folder):
     """Every file below ``folder`` and its bytes (the lock file aside: a lock, not content)."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))

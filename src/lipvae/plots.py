@@ -146,12 +146,14 @@ def save_latent_attack(x, attack, target, path: Path, budget: float | None, shap
 
 @torch.no_grad()
 def save_aggregate_posterior(vae, x: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
-    """Paper Fig. 6: posterior means μ(x) of test inputs in a 2-D latent space, by class,
-    with the prior's 1σ and 2σ circles."""
+    """Paper Fig. 6: posterior means μ(x) of test inputs in a 2-D latent space, by class (one
+    colour for data without labels, which are -1), with the prior's 1σ and 2σ circles."""
     vae.eval()
     mu = torch.cat([vae.encode(chunk).mean for chunk in torch.split(x, 1000)]).cpu()
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    sc = ax.scatter(mu[:, 0], mu[:, 1], c=labels.cpu(), cmap="tab10", s=4, alpha=0.7)
+    labelled = bool((labels >= 0).any())
+    sc = ax.scatter(mu[:, 0], mu[:, 1], c=labels.cpu() if labelled else "tab:blue", cmap="tab10" if labelled else None,
+                    s=4, alpha=0.7)
     theta = np.linspace(0, 2 * np.pi, 200)
     for k in (1, 2):
         ax.plot(k * np.cos(theta), k * np.sin(theta), "k--", lw=0.8)
@@ -159,7 +161,8 @@ def save_aggregate_posterior(vae, x: torch.Tensor, labels: torch.Tensor, path: P
     ax.set_xlabel("z₁")
     ax.set_ylabel("z₂")
     ax.set_title("aggregate posterior (dashed: prior 1σ, 2σ)", fontsize=9)
-    fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04, label="class")
+    if labelled:
+        fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04, label="class")
     return save_figure(fig, path)
 
 
