@@ -111,18 +111,17 @@ def coupled_exceedances(table: pd.DataFrame, columns: list[str], alpha: float, s
             "indices": table.loc[over, "index"].astype(int).tolist()}
 
 
-def other_class_targets(labels: torch.Tensor) -> torch.Tensor:
-    """For each input, the position of the next test image (cyclically) of another class."""
-    n = len(labels)
-    targets = torch.empty(n, dtype=torch.long)
-    for i in range(n):
-        for k in range(1, n):
-            j = (i + k) % n
-            if labels[j] != labels[i]:
-                targets[i] = j
-                break
-        else:
-            targets[i] = (i + 1) % n
+def other_class_targets(labels: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """For each of the first ``n`` inputs (None: all), the position of the next test image
+    (cyclically) of another class; the next image where there is none (unlabelled data: -1 for
+    all). One vectorised scan per input: O(n · len(labels)), not quadratic in the test split."""
+    labels = labels.cpu()
+    total = len(labels)
+    targets = torch.empty(total if n is None else min(n, total), dtype=torch.long)
+    for i in range(len(targets)):
+        after = torch.roll(labels, -(i + 1))  # the labels at positions i + 1, i + 2, ... (cyclically)
+        other = torch.nonzero(after != labels[i])
+        targets[i] = (i + 1 + (int(other[0]) if len(other) else 0)) % total
     return targets
 
 
@@ -346,7 +345,7 @@ def _join_certified(table, cert_table, cc, r: float, p: float) -> list[str]:
 
 def _latent_attack(vae, test, lat, pixel_range: bool, device, gen, out_dir: Path):
     n = min(lat.num_inputs, len(test))
-    targets = other_class_targets(test.labels)[:n]
+    targets = other_class_targets(test.labels, n)
     x, xt = test.images[:n].to(device), test.images[targets].to(device)
     soft = lat.kind == "soft"
     res = latent_space_attack(
