@@ -625,6 +625,27 @@ def test_the_report_compares_each_lipschitz_run_with_its_seeds_standard_vae(tmp_
     assert paired_tables(rows[:2], frames[:2]) == []  # no Lipschitz run: nothing to say
 
 
+def test_a_report_over_two_data_sets_compares_within_each(tmp_path):
+    """A sweep over data sets (data=mnist,fashion_mnist model=lipschitz,standard seed=0,1): one
+    paired comparison and one verdict per data set, never a verdict over both."""
+    from lipvae.paired import measured_on
+    from lipvae.report import PAIRED, paired_tables
+
+    rows, frames = [], []
+    for data, lip in (("mnist", 3.0), ("fashion_mnist", 0.0)):  # Lipschitz ahead on MNIST, behind on Fashion
+        inputs = measured_on({"name": data, "sources": {data: "d"}}, {"r": 8.0, "p": 0.5})
+        for seed in (0, 1):
+            rows += [{"model": "standard", "seed": seed, "data": data, "inputs": inputs},
+                     {"model": "lipschitz", "enc_L": 5.0, "seed": seed, "data": data, "inputs": inputs}]
+            frames += [pd.DataFrame({"index": range(3), "estimated": [1.0 + seed] * 3}),
+                       pd.DataFrame({"index": range(3), "estimated": [lip + seed] * 3})]
+    tables = paired_tables(rows, frames)
+    assert [t[0] for t in tables] == [f"{PAIRED}: mnist, r=8, p=0.5", "Per L, over seeds: mnist, r=8, p=0.5",
+                                      f"{PAIRED}: fashion_mnist, r=8, p=0.5", "Per L, over seeds: fashion_mnist, r=8, p=0.5"]
+    assert tables[1][2].verdict.tolist() == ["more robust"] and tables[3][2].verdict.tolist() == ["less robust"]
+    assert tables[0][2].mean_difference.tolist() == [2.0, 2.0] and tables[2][2].mean_difference.tolist() == [-1.0, -1.0]
+
+
 def test_runs_measured_on_other_inputs_are_never_paired(tmp_path, monkeypatch):
     """A Lipschitz run and a standard VAE of the same seed pair only when their margins were
     measured on the same inputs: the same data read identically and the same attack r and p."""

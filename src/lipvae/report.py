@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import logging
 import os
 import sys
@@ -622,31 +623,48 @@ PAIRED = "Paired comparison against the standard VAE (paper Fig. 5)"
 
 def paired_tables(rows: list[dict], margins: list) -> list[tuple]:
     """The paired comparison (``lipvae.paired``) of these runs' estimated margins (``margins``: each
-    run's table, or None), per run and, with several seeds, per L; none unless every Lipschitz
-    run's seed has exactly one standard VAE measured on the same inputs (data and r, p)."""
+    run's table, or None), per run and, with several seeds, per L: one comparison per set of
+    inputs the margins were measured on (data and r, p; titled by them where there are several),
+    each made only when every Lipschitz run's seed has exactly one standard VAE measured on them."""
     from lipvae.paired import Arm, differences, summarise, unpaired_seeds
 
-    arms = []
+    groups: dict[str, list] = {}
     for row, frame in zip(rows, margins):
         lipschitz = row["model"] == "lipschitz" and row.get("enc_L") is not None
         if frame is not None and "index" in frame and (lipschitz or row["model"] == "standard"):
-            arms.append(Arm(label(row), "lipschitz" if lipschitz else "standard", row.get("enc_L"),
-                            int(row.get("seed") or 0), frame.set_index("index")["estimated"], row.get("inputs", "")))
-    if {a.kind for a in arms} != {"lipschitz", "standard"}:
+            groups.setdefault(row.get("inputs", ""), []).append(Arm(
+                label(row), "lipschitz" if lipschitz else "standard", row.get("enc_L"), int(row.get("seed") or 0),
+                frame.set_index("index")["estimated"], row.get("inputs", "")))
+    if {a.kind for arms in groups.values() for a in arms} != {"lipschitz", "standard"}:
         return []
-    if unpaired := unpaired_seeds(arms):
-        return [(PAIRED, f"Not made: the Lipschitz runs of seed {', '.join(map(str, unpaired))} need exactly one"
-                 " standard VAE of the same seed whose margins were measured on the same inputs (the same data,"
-                 " read identically, and the same attack r and p).", pd.DataFrame())]
-    table = differences(arms)
-    note = ("Each Lipschitz run against the standard VAE of its seed, on the same attacked inputs: the "
-            "mean difference of their estimated margins, its 95 % bootstrap interval (10,000 resamples of "
-            "the inputs) and on how many inputs the Lipschitz margin is the larger.")
-    tables = [(PAIRED, note, table)]
-    if table.seed.nunique() > 1:
-        tables.append(("Per L, over seeds", "more robust: every seed's interval above 0; less robust: every "
-                       "one below; undecided otherwise.", summarise(table)))
+    tables = []
+    for inputs, arms in groups.items():
+        if not any(a.kind == "lipschitz" for a in arms):
+            continue
+        title = PAIRED + (f": {_inputs_words(inputs)}" if len(groups) > 1 else "")
+        if unpaired := unpaired_seeds(arms):
+            tables.append((title, f"Not made: the Lipschitz runs of seed {', '.join(map(str, unpaired))} need exactly"
+                           " one standard VAE of the same seed whose margins were measured on the same inputs (the"
+                           " same data, read identically, and the same attack r and p).", pd.DataFrame()))
+            continue
+        table = differences(arms)
+        tables.append((title, "Each Lipschitz run against the standard VAE of its seed, on the same attacked inputs:"
+                       " the mean difference of their estimated margins, its 95 % bootstrap interval (10,000"
+                       " resamples of the inputs) and on how many inputs the Lipschitz margin is the larger.", table))
+        if table.seed.nunique() > 1:
+            tables.append(("Per L, over seeds" + (f": {_inputs_words(inputs)}" if len(groups) > 1 else ""),
+                           "more robust: every seed's interval above 0; less robust: every one below; undecided"
+                           " otherwise.", summarise(table)))
     return tables
+
+
+def _inputs_words(inputs: str) -> str:
+    """``lipvae.paired.measured_on``'s key in words: the data set and the attack's r and p."""
+    try:
+        name, _, r, p = json.loads(inputs)
+        return f"{name}, r={r:g}, p={p:g}"
+    except (ValueError, TypeError):
+        return "other inputs"
 
 
 def _cells(frame: pd.DataFrame) -> list[list[str]]:
