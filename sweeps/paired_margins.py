@@ -21,7 +21,7 @@ import pandas as pd
 from lipvae.paired import Arm, differences, measured_on, summarise, undecided_arms, unpaired_seeds
 
 
-def load(run: Path) -> tuple[dict, pd.Series] | None:
+def load(run: Path) -> tuple[dict, pd.DataFrame] | None:
     results = run / "results.json"
     if not results.is_file():
         return None
@@ -32,8 +32,7 @@ def load(run: Path) -> tuple[dict, pd.Series] | None:
     table = (r.get("estimated") or {}).get("table")
     if r.get("status") != "completed" or not table or not (run / table).is_file():
         return None
-    margins = pd.read_csv(run / table).set_index("index")["estimated"]
-    return r, margins
+    return r, pd.read_csv(run / table).set_index("index")
 
 
 def _seed(r: dict) -> int:
@@ -54,7 +53,8 @@ def compare(*sweeps: Path, standard: Path | None = None, resamples: int = 10_000
     runs = _runs(sweeps)
     pool = _runs([standard]) if standard is not None else runs
     def arm(run, r, m, kind, L):
-        return Arm(run.name, kind, L, _seed(r), m, measured_on(r.get("data"), r.get("estimated")))
+        return Arm(run.name, kind, L, _seed(r), m["estimated"], measured_on(r.get("data"), r.get("estimated")),
+                   m["censored"] if "censored" in m else None)
 
     arms = [arm(run, r, m, r["model"]["kind"], (r.get("config") or {}).get("enc_L"))
             for run, (r, m) in runs.items() if r["model"]["kind"] != "standard"]

@@ -685,3 +685,34 @@ def test_runs_measured_on_other_inputs_are_never_paired(tmp_path, monkeypatch):
     monkeypatch.setattr(plt, "imread", lambda path: read.append(Path(path).parent.name) or imread(path))
     assert fig_latent_attack_pair(rows, runs, tmp_path / "pair.png") == tmp_path / "pair.png"
     assert read == ["std_mnist", "lip_mnist"]
+
+
+def test_censored_margins_block_only_the_verdict_they_could_overturn():
+    """A censored margin is a lower bound: censored standard-VAE margins can only make the true
+    difference smaller, so they leave "more robust" unproven but not "less robust"; censored
+    Lipschitz margins the other way round. The table counts them on each side."""
+    from lipvae.paired import Arm, differences, summarise
+
+    idx = pd.Index(range(4))
+
+    def arm(kind, seed, value, censored=()):
+        flags = pd.Series([i in censored for i in idx], index=idx)
+        return Arm(kind, kind, 5.0 if kind == "lipschitz" else None, seed, pd.Series([value] * 4, index=idx),
+                   "same", flags)
+
+    def verdict(lip, std):
+        table = differences([*lip, *std], resamples=200)
+        return table, summarise(table).verdict.tolist()[0]
+
+    above = [arm("lipschitz", s, 3.0) for s in (0, 1)]
+    below = [arm("lipschitz", s, 0.5) for s in (0, 1)]
+    plain = [arm("standard", s, 1.0) for s in (0, 1)]
+    capped = [arm("standard", s, 1.0, censored=(0, 2)) for s in (0, 1)]
+    assert verdict(above, plain)[1] == "more robust" and verdict(below, plain)[1] == "less robust"
+    table, said = verdict(above, capped)
+    assert said == "undecided (standard VAE margins censored)" and table.standard_censored.tolist() == [2, 2]
+    assert verdict(below, capped)[1] == "less robust"  # the true difference is even lower
+    lip_capped = [arm("lipschitz", s, 0.5, censored=(1,)) for s in (0, 1)]
+    table, said = verdict(lip_capped, plain)
+    assert said == "undecided (Lipschitz margins censored)" and table.lipschitz_censored.tolist() == [1, 1]
+    assert verdict([arm("lipschitz", s, 3.0, censored=(1,)) for s in (0, 1)], plain)[1] == "more robust"

@@ -30,6 +30,7 @@ class Arm:
     seed: int
     margins: pd.Series
     inputs: str = ""  # what the margins were measured on (``measured_on``); only equal ones pair
+    censored: pd.Series | None = None  # by input: the attack reached its max_radius (a lower bound)
 
 
 def measured_on(data: dict | None, estimated: dict | None) -> str:
@@ -50,32 +51,44 @@ def unpaired_seeds(arms: list[Arm]) -> list[int]:
 def differences(arms: list[Arm], resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
     """One row per Lipschitz run paired with its seed's standard VAE on the same inputs (each must
     have exactly one: ``unpaired_seeds`` is empty), sorted by L and seed."""
-    bases = {(a.inputs, a.seed): a.margins for a in arms if a.kind == "standard"}
+    bases = {(a.inputs, a.seed): a for a in arms if a.kind == "standard"}
     rng = np.random.default_rng(seed)
     rows = []
     for arm in arms:
         if arm.kind == "standard":
             continue
         base = bases[(arm.inputs, arm.seed)]
-        common = arm.margins.index.intersection(base.index)
-        diff = (arm.margins[common] - base[common]).to_numpy(dtype=float)
+        common = arm.margins.index.intersection(base.margins.index)
+        diff = (arm.margins[common] - base.margins[common]).to_numpy(dtype=float)
         boot = rng.choice(diff, size=(resamples, len(diff))).mean(axis=1)
         rows.append({"run": arm.name, "L": f"{arm.L:g}", "seed": arm.seed, "inputs": len(diff),
-                     "lipschitz_mean": float(arm.margins[common].mean()), "standard_mean": float(base[common].mean()),
+                     "lipschitz_mean": float(arm.margins[common].mean()), "standard_mean": float(base.margins[common].mean()),
                      "mean_difference": float(diff.mean()), "ci_low": float(np.percentile(boot, 2.5)),
-                     "ci_high": float(np.percentile(boot, 97.5)), "larger_on": int((diff > 0).sum())})
+                     "ci_high": float(np.percentile(boot, 97.5)), "larger_on": int((diff > 0).sum()),
+                     "lipschitz_censored": _censored(arm, common), "standard_censored": _censored(base, common)})
     table = pd.DataFrame(rows, columns=["run", "L", "seed", "inputs", "lipschitz_mean", "standard_mean",
-                                        "mean_difference", "ci_low", "ci_high", "larger_on"])
+                                        "mean_difference", "ci_low", "ci_high", "larger_on", "lipschitz_censored",
+                                        "standard_censored"])
     return table.sort_values(["L", "seed"], key=lambda c: c.astype(float)).reset_index(drop=True)
 
 
+def _censored(arm: Arm, common) -> int:
+    return 0 if arm.censored is None else int(arm.censored.reindex(common, fill_value=False).astype(bool).sum())
+
+
 def summarise(table: pd.DataFrame) -> pd.DataFrame:
-    """Per L, over its seeds: the mean and range of the paired differences and a verdict."""
+    """Per L, over its seeds: the mean and range of the paired differences and a verdict. A
+    censored margin is a lower bound, so it can only move a difference one way: censored standard
+    margins leave "more robust" unproven, censored Lipschitz ones "less robust" (then: undecided,
+    saying why)."""
     rows = []
     for L, group in table.groupby("L", sort=False):
         above, below = int((group.ci_low > 0).sum()), int((group.ci_high < 0).sum())
         n = len(group)
         verdict = "more robust" if above == n else "less robust" if below == n else "undecided"
+        blocked = {"more robust": "standard", "less robust": "lipschitz"}.get(verdict)
+        if blocked and group.get(f"{blocked}_censored", pd.Series([0])).sum() > 0:
+            verdict = f"undecided ({'standard VAE' if blocked == 'standard' else 'Lipschitz'} margins censored)"
         rows.append({"L": L, "seeds": n, "mean_difference": group.mean_difference.mean(),
                      "lowest": group.mean_difference.min(), "highest": group.mean_difference.max(),
                      "seeds_above_0": above, "seeds_below_0": below, "verdict": verdict})

@@ -632,9 +632,10 @@ def paired_tables(rows: list[dict], margins: list) -> list[tuple]:
     for row, frame in zip(rows, margins):
         lipschitz = row["model"] == "lipschitz" and row.get("enc_L") is not None
         if frame is not None and "index" in frame and (lipschitz or row["model"] == "standard"):
+            by_input = frame.set_index("index")
             groups.setdefault(row.get("inputs", ""), []).append(Arm(
                 label(row), "lipschitz" if lipschitz else "standard", row.get("enc_L"), int(row.get("seed") or 0),
-                frame.set_index("index")["estimated"], row.get("inputs", "")))
+                by_input["estimated"], row.get("inputs", ""), by_input["censored"] if "censored" in by_input else None))
     if {a.kind for arms in groups.values() for a in arms} != {"lipschitz", "standard"}:
         return []
     tables = []
@@ -650,11 +651,14 @@ def paired_tables(rows: list[dict], margins: list) -> list[tuple]:
         table = differences(arms)
         tables.append((title, "Each Lipschitz run against the standard VAE of its seed, on the same attacked inputs:"
                        " the mean difference of their estimated margins, its 95 % bootstrap interval (10,000"
-                       " resamples of the inputs) and on how many inputs the Lipschitz margin is the larger.", table))
+                       " resamples of the inputs), on how many inputs the Lipschitz margin is the larger, and how many"
+                       " margins of each are censored (the attack reached attack.max_radius: a lower bound, which"
+                       " bounds the difference from one side only).", table))
         if table.seed.nunique() > 1:
             tables.append(("Per L, over seeds" + (f": {_inputs_words(inputs)}" if len(groups) > 1 else ""),
-                           "more robust: every seed's interval above 0; less robust: every one below; undecided"
-                           " otherwise.", summarise(table)))
+                           "more robust: every seed's interval above 0 (and no standard VAE margin censored); less"
+                           " robust: every one below (and no Lipschitz margin censored); undecided otherwise.",
+                           summarise(table)))
     return tables
 
 
