@@ -70,6 +70,16 @@ def test_a_tensor_file_of_grey_or_channels_last_images_is_read_channels_first(tm
     assert "read (20, 8, 6, 3) as N × H × W × C images (channels last)" in caplog.text
 
 
+def test_too_few_inputs_say_whether_the_limit_or_the_data_is_short(tmp_path):
+    np.save(tmp_path / "two.npy", np.zeros((2, 1, 4, 4), dtype=np.uint8))
+    with pytest.raises(UserError, match=r"^data: 2 inputs leave no training split; accepted: at least 3 inputs \(more"
+                       r" inputs in the data\)$"):
+        TensorFileDataModule(str(tmp_path / "two.npy")).setup()
+    np.save(tmp_path / "many.npy", np.zeros((20, 1, 4, 4), dtype=np.uint8))
+    with pytest.raises(UserError, match=r"\(data\.limit above 2\)$"):
+        TensorFileDataModule(str(tmp_path / "many.npy"), limit=3, val_fraction=0.5, test_fraction=0.5).setup()
+
+
 def test_tensor_file_labels_are_class_ids_or_names(tmp_path):
     """Names are numbered in sorted order (as image folders' are), whole floats are ids, and
     fractional labels (regression targets) are one line instead of being truncated to ids."""
