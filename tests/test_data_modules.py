@@ -72,11 +72,12 @@ def test_a_tensor_file_of_grey_or_channels_last_images_is_read_channels_first(tm
 
 def test_too_few_inputs_say_whether_the_limit_or_the_data_is_short(tmp_path):
     np.save(tmp_path / "two.npy", np.zeros((2, 1, 4, 4), dtype=np.uint8))
-    with pytest.raises(UserError, match=r"^data: 2 inputs leave no training split; accepted: at least 3 inputs \(more"
-                       r" inputs in the data\)$"):
+    with pytest.raises(UserError, match=r"^data: 2 inputs leave no training split after 1 test and 1 validation inputs;"
+                       r" accepted: more inputs \(more in the data\), or smaller data\.test_fraction and"):
         TensorFileDataModule(str(tmp_path / "two.npy")).setup()
     np.save(tmp_path / "many.npy", np.zeros((20, 1, 4, 4), dtype=np.uint8))
-    with pytest.raises(UserError, match=r"\(data\.limit above 2\)$"):
+    with pytest.raises(UserError, match=r"^data: 3 inputs leave no training split after 2 test and 1 validation inputs;"
+                       r" accepted: more inputs \(data\.limit above 3\)"):
         TensorFileDataModule(str(tmp_path / "many.npy"), limit=3, val_fraction=0.5, test_fraction=0.5).setup()
 
 

@@ -152,9 +152,10 @@ class DividedDataModule(VAEDataModule):
         n_val = max(1, int(round(self.val_fraction * len(x))))
         val, train = perm[:n_val], perm[n_val:]
         if len(train) == 0:
-            more = f"data.limit above {self.limit}" if self.limit else "more inputs in the data"
-            raise UserError(f"data: {len(x) + len(parts['test'][0])} inputs leave no training split; accepted: at"
-                            f" least 3 inputs ({more})")
+            more = f"data.limit above {self.limit}" if self.limit else "more in the data"
+            raise UserError(f"data: {len(x) + len(parts['test'][0])} inputs leave no training split after"
+                            f" {len(parts['test'][0])} test and {n_val} validation inputs; accepted: more inputs"
+                            f" ({more}), or smaller data.test_fraction and data.val_fraction")
         tx, ty, tindex = parts["test"]
         splits = {
             "train": TensorBatches(x[train].flatten(1), y[train], index[train]),
