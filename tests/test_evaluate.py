@@ -155,6 +155,11 @@ def test_bad_overrides_are_one_line_and_write_nothing(run, capsys, args, message
 def test_missing_run_is_one_line(tmp_path, capsys):
     assert evaluate_main([str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip().startswith("error: run:")
+    stamp = tmp_path / "run" / "evaluations" / "20261208-040701"  # a re-evaluation's folder given for its run
+    stamp.mkdir(parents=True)
+    assert evaluate_main([str(stamp)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: run: {stamp} is an evaluation of the run {tmp_path / 'run'};" \
+        " give that run"
 
 
 @pytest.mark.slow

@@ -76,6 +76,8 @@ def locate(path: Path) -> tuple[Path, Path]:
         raise UserError(f"run: {path} does not exist; give a run folder or a checkpoint file")
     check_entries(run_dir)  # a symlink or special file among its entries: refused before anything is read
     if not RunFolder(run_dir).config_file.is_file():
+        if run_dir.parent.name == "evaluations":  # one of a run's re-evaluations, not the run
+            raise UserError(f"run: {run_dir} is an evaluation of the run {run_dir.parent.parent}; give that run")
         raise UserError(f"run: {run_dir} has no .hydra/config.yaml; is it a lipvae run folder?")
     check_record_version(run_dir, "evaluate")
     if not weights.is_file():
