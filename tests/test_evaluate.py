@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -252,6 +253,30 @@ def test_the_aggregate_posterior_of_unlabelled_data_has_no_class_colours(monkeyp
     assert unlabelled.collections[0].get_array() is None  # one colour, no class mapping
     assert len({tuple(c) for c in unlabelled.collections[0].get_facecolor()}) == 1
     assert sorted(set(labelled.collections[0].get_array().tolist())) == [0, 1, 2] and bar.get_ylabel() == "class"
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4, 5])
+def test_inputs_of_any_channel_count_are_drawn(channels, tmp_path):
+    """Reconstructions, prior samples and the latent attack draw inputs of the data's shape: grey,
+    RGB, RGBA (without alpha), and other channel counts side by side in grey (a 2-channel tensor
+    file crashed matplotlib after the whole evaluation)."""
+    from lipvae.plots import as_image, save_prior_samples, save_reconstructions
+    from lipvae.vae import VAE
+
+    shape = (channels, 4, 6)
+    v = torch.arange(channels * 24, dtype=torch.float32) / (channels * 24)
+    img = as_image(v, shape)
+    planes = v.reshape(shape)
+    if channels in (3, 4):
+        assert img.shape == (4, 6, 3) and np.array_equal(img, planes[:3].permute(1, 2, 0).numpy())
+    else:
+        assert img.shape == (4, 6 * channels)
+        assert all(np.array_equal(img[:, 6 * c:6 * (c + 1)], planes[c].numpy()) for c in range(channels))
+    torch.manual_seed(0)
+    vae = VAE(input_shape=shape, latent_dim=2, hidden=(8,))
+    save_reconstructions(vae, torch.rand(3, channels * 24), tmp_path / "r.png")
+    save_prior_samples(vae, tmp_path / "p.png", n=2)
+    assert (tmp_path / "r.png").is_file() and (tmp_path / "p.png").is_file()
 
 
 def _snapshot(folder):

@@ -27,13 +27,16 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def as_image(v: torch.Tensor, shape) -> np.ndarray:
-    """A flat input as an image to show: ``shape`` (C, H, W) gives H × W (one channel) or
-    H × W × C (colour); a flat shape (D,) a square when D is one, else a 1 × D strip."""
+    """A flat input as an image to show: ``shape`` (C, H, W) gives H × W (one channel), H × W × 3
+    (RGB, or RGBA without its alpha) or, for other channel counts, the channels side by side in
+    grey (H × C·W); a flat shape (D,) a square when D is one, else a 1 × D strip."""
     v = v.detach().cpu().to(torch.float32)
     shape = tuple(int(s) for s in shape)
     if len(shape) == 3:
         img = v.reshape(shape)
-        return (img[0] if shape[0] == 1 else img.permute(1, 2, 0)[..., :3]).numpy()
+        if shape[0] in (3, 4):
+            return img.permute(1, 2, 0)[..., :3].numpy()
+        return torch.cat(list(img), dim=1).numpy()  # one channel: itself
     side = int(round(v.numel() ** 0.5))
     return v.reshape(side, side).numpy() if side * side == v.numel() else v.reshape(1, -1).numpy()
 
