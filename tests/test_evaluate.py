@@ -490,3 +490,23 @@ def test_asking_to_attack_more_inputs_than_the_test_split_holds_is_said(tmp_path
         ev = evaluate(vae, test, cfg, tmp_path, seed=0, progress=False)
     assert ev.estimated["num_inputs"] == 3 and len(pd.read_csv(tmp_path / "margins.csv")) == 3
     assert "margins.attacked_inputs=5, but the test split holds 3 inputs: all 3 are attacked" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_run_on_a_relative_data_path_is_reevaluated_from_another_folder(tmp_path, monkeypatch, caplog):
+    """data.path=my.npy, trained in one folder and re-evaluated from another: the run's recorded
+    absolute location is read (its digests checked as always); a relative path given anew is not
+    replaced."""
+    from conftest import run_cli
+
+    (tmp_path / "work").mkdir()
+    np.save(tmp_path / "work" / "my.npy", np.random.default_rng(0).integers(0, 256, (60, 1, 8, 8), dtype=np.uint8))
+    proc = run_cli("tier=smoke", "trainer.enable_progress_bar=false", "data=tensor_file", "data.path=my.npy", "model.hidden=[8,8]", "certify.r=[4]", "attack.r=4",
+                   "margins.attacked_inputs=2", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path / "work")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="lipvae"):
+        assert evaluate_main([str(tmp_path / "run")]) == 0
+    assert f"data.path: my.npy is not found from {tmp_path}; reading the run's recorded {tmp_path / 'work' / 'my.npy'}" \
+        in caplog.text
+    assert evaluate_main([str(tmp_path / "run"), "data.path=other.npy"]) == 2  # given anew: taken as given

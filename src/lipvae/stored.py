@@ -240,6 +240,20 @@ def warn_unchecked_data(run_dir: Path, record: dict) -> None:
     print(message, file=sys.stderr)
 
 
+def _recorded_location(data: DictConfig, record: dict, run_dir: Path) -> None:
+    """A run trained on a relative ``data.path``/``data.root`` is re-evaluated from another
+    folder: where the run's own (not overridden) relative location is not found from here, the
+    absolute one its record holds is read instead (and checked against its digests as always)."""
+    folder = record.get("folder")
+    trained = load_config(RunFolder(run_dir).config_file).get("data") or {}
+    for key in ("path", "root"):
+        given = data.get(key)
+        if (isinstance(given, str) and given == trained.get(key) and not Path(given).expanduser().is_absolute()
+                and not Path(given).expanduser().exists() and isinstance(folder, str) and Path(folder).exists()):
+            log.info("data.%s: %s is not found from %s; reading the run's recorded %s", key, given, Path.cwd(), folder)
+            data[key] = folder
+
+
 def rebuild_data(run_dir: Path, cfg: DictConfig):
     """The data module of a finished run with the split it was trained on, rebuilt from its
     record, never from today's defaults or environment: the recorded kind of split (official
@@ -260,6 +274,7 @@ def rebuild_data(run_dir: Path, cfg: DictConfig):
     if not (record.get("sources") and record.get("indices")):
         warn_unchecked_data(run_dir, record)
     data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+    _recorded_location(data, record, run_dir)
     if record.get("split") in ("official", "resplit-test"):
         data.resplit = record["split"] == "resplit-test"
     dm = build_datamodule(data, int(seed))
