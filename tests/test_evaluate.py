@@ -489,7 +489,7 @@ def test_asking_to_attack_more_inputs_than_the_test_split_holds_is_said(tmp_path
     with caplog.at_level(logging.INFO, logger="lipvae"):
         ev = evaluate(vae, test, cfg, tmp_path, seed=0, progress=False)
     assert ev.estimated["num_inputs"] == 3 and len(pd.read_csv(tmp_path / "margins.csv")) == 3
-    assert "margins.attacked_inputs=5, but the test split holds 3 inputs: all 3 are attacked" in caplog.text
+    assert "margins.attacked_inputs=5, but the test split holds only 3: all of them are attacked" in caplog.text
 
 
 @pytest.mark.slow

@@ -230,8 +230,8 @@ def _attack(ev: Evaluation, vae, test, cfg: DictConfig, cert_table, seed: int, o
     gen = torch.Generator(device=device).manual_seed(seed)
     n = min(cfg.margins.attacked_inputs, len(test))
     if n < cfg.margins.attacked_inputs:
-        log.warning("margins.attacked_inputs=%d, but the test split holds %d inputs: all %d are attacked",
-                    cfg.margins.attacked_inputs, n, n)
+        log.warning("margins.attacked_inputs=%d, but the test split holds only %d: all of them are attacked",
+                    cfg.margins.attacked_inputs, n)
     attack = build_attack(ac)
     table = _estimate(attack, vae, test, n, gen, seed, out) if reuse is None else _reused(reuse)
     cert_cols = _join_certified(table, cert_table, cfg.certify, float(ac.r), float(ac.p))
