@@ -240,12 +240,13 @@ def warn_unchecked_data(run_dir: Path, record: dict) -> None:
     print(message, file=sys.stderr)
 
 
-def _recorded_location(data: DictConfig, record: dict, run_dir: Path) -> None:
+def _recorded_location(data: DictConfig, record: dict, trained: DictConfig) -> None:
     """A run trained on a relative ``data.path``/``data.root`` is re-evaluated from another
-    folder: where the run's own (not overridden) relative location is not found from here, the
-    absolute one its record holds is read instead (and checked against its digests as always)."""
+    folder: where the run's own (``trained``, not overridden) relative location is not found from
+    here, the absolute one its record holds is read instead (and checked against its digests as
+    always)."""
     folder = record.get("folder")
-    trained = load_config(RunFolder(run_dir).config_file).get("data") or {}
+    trained = trained.get("data") or {}
     for key in ("path", "root"):
         given = data.get(key)
         if (isinstance(given, str) and given == trained.get(key) and not Path(given).expanduser().is_absolute()
@@ -268,13 +269,13 @@ def rebuild_data(run_dir: Path, cfg: DictConfig):
     if not (isinstance(seed, int) and not isinstance(seed, bool)) and seed is not None:
         raise UserError(f"data.seed: {run_dir}/results.json records {str(seed)[:40]!r}; accepted: an integer"
                         " (the record is damaged: re-run the training)")
+    trained = load_config(RunFolder(run_dir).config_file)  # the run's own config, as it was trained
     if seed is None:  # recorded before the field existed: the seed the run was trained with
-        trained = load_config(RunFolder(run_dir).config_file)
         seed = trained.get("seed", cfg.seed)
     if not (record.get("sources") and record.get("indices")):
         warn_unchecked_data(run_dir, record)
     data = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
-    _recorded_location(data, record, run_dir)
+    _recorded_location(data, record, trained)
     if record.get("split") in ("official", "resplit-test"):
         data.resplit = record["split"] == "resplit-test"
     dm = build_datamodule(data, int(seed))

@@ -224,8 +224,7 @@ class Certifier:
 def computed_gamma(vae) -> float:
     """The fixed σ the model actually computes with: γ rounded to the model's dtype (float32(0.1)
     is 0.10000000149 > 0.1, and a certificate may not rely on the nominal value)."""
-    dtype = next(vae.parameters()).dtype
-    return float(torch.tensor(vae.gamma, dtype=dtype).item())
+    return float(torch.tensor(vae.gamma, dtype=vae.dtype).item())
 
 
 def max_norm_bound(vae) -> float:
@@ -235,8 +234,7 @@ def max_norm_bound(vae) -> float:
     relative rounding error is at most ``γ_m ≈ m·u`` for any summation order, the division and
     the product add ``u`` each (``u`` the unit roundoff), so ``‖σ'‖ ≤ max_norm (1 + u)² / (1 − γ_m)``.
     Rounded up generously to ``max_norm · (1 + 2 (m + 2) u)`` (docs/math.md)."""
-    dtype = next(vae.parameters()).dtype
-    u = torch.finfo(dtype).eps / 2
+    u = torch.finfo(vae.dtype).eps / 2
     bound = float(vae.max_norm) * (1.0 + 2.0 * (vae.latent_dim + 2) * u)
     return float(np.nextafter(bound, np.inf))
 
