@@ -53,8 +53,7 @@ def compare(*sweeps: Path, standard: Path | None = None, resamples: int = 10_000
     runs = _runs(sweeps)
     pool = _runs([standard]) if standard is not None else runs
     def arm(run, r, m, kind, L):
-        return Arm(run.name, kind, L, _seed(r), m["estimated"], measured_on(r.get("data"), r.get("estimated")),
-                   m["censored"] if "censored" in m else None)
+        return Arm.of_table(run.name, kind, L, _seed(r), m, measured_on(r.get("data"), r.get("estimated")))
 
     arms = [arm(run, r, m, r["model"]["kind"], (r.get("config") or {}).get("enc_L"))
             for run, (r, m) in runs.items() if r["model"]["kind"] != "standard"]

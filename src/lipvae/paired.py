@@ -32,6 +32,12 @@ class Arm:
     inputs: str = ""  # what the margins were measured on (``measured_on``); only equal ones pair
     censored: pd.Series | None = None  # by input: the attack reached its max_radius (a lower bound)
 
+    @classmethod
+    def of_table(cls, name: str, kind: str, L: float | None, seed: int, table: pd.DataFrame, inputs: str) -> Arm:
+        """An arm from a run's margins table (``margins.csv``, indexed by ``index``): its estimated
+        margins and, where the table has them, their censoring flags."""
+        return cls(name, kind, L, seed, table["estimated"], inputs, table["censored"] if "censored" in table else None)
+
 
 def measured_on(data: dict | None, estimated: dict | None) -> str:
     """What a run's estimated margins were measured on, from its results.json ``data`` and
@@ -39,6 +45,15 @@ def measured_on(data: dict | None, estimated: dict | None) -> str:
     counts in those sources), and the attack's r and p."""
     data, estimated = data or {}, estimated or {}
     return json.dumps([data.get("name"), data.get("sources"), estimated.get("r"), estimated.get("p")], sort_keys=True)
+
+
+def inputs_words(inputs: str) -> str:
+    """A ``measured_on`` key in words: the data set and the attack's r and p."""
+    try:
+        name, _, r, p = json.loads(inputs)
+        return f"{name}, r={r:g}, p={p:g}"
+    except (ValueError, TypeError):
+        return "other inputs"
 
 
 def unpaired_seeds(arms: list[Arm]) -> list[int]:
@@ -62,7 +77,8 @@ def differences(arms: list[Arm], resamples: int = 10_000, seed: int = 0) -> pd.D
         diff = (arm.margins[common] - base.margins[common]).to_numpy(dtype=float)
         boot = rng.choice(diff, size=(resamples, len(diff))).mean(axis=1)
         rows.append({"run": arm.name, "L": f"{arm.L:g}", "seed": arm.seed, "inputs": len(diff),
-                     "lipschitz_mean": float(arm.margins[common].mean()), "standard_mean": float(base.margins[common].mean()),
+                     "lipschitz_mean": float(arm.margins[common].mean()),
+                     "standard_mean": float(base.margins[common].mean()),
                      "mean_difference": float(diff.mean()), "ci_low": float(np.percentile(boot, 2.5)),
                      "ci_high": float(np.percentile(boot, 97.5)), "larger_on": int((diff > 0).sum()),
                      "lipschitz_censored": _censored(arm, common), "standard_censored": _censored(base, common)})
@@ -86,9 +102,10 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
         above, below = int((group.ci_low > 0).sum()), int((group.ci_high < 0).sum())
         n = len(group)
         verdict = "more robust" if above == n else "less robust" if below == n else "undecided"
-        blocked = {"more robust": "standard", "less robust": "lipschitz"}.get(verdict)
-        if blocked and group.get(f"{blocked}_censored", pd.Series([0])).sum() > 0:
-            verdict = f"undecided ({'standard VAE' if blocked == 'standard' else 'Lipschitz'} margins censored)"
+        blocked = {"more robust": ("standard_censored", "standard VAE"),
+                   "less robust": ("lipschitz_censored", "Lipschitz")}.get(verdict)
+        if blocked and group[blocked[0]].sum() > 0:
+            verdict = f"undecided ({blocked[1]} margins censored)"
         rows.append({"L": L, "seeds": n, "mean_difference": group.mean_difference.mean(),
                      "lowest": group.mean_difference.min(), "highest": group.mean_difference.max(),
                      "seeds_above_0": above, "seeds_below_0": below, "verdict": verdict})

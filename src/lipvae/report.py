@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import logging
 import os
 import sys
@@ -626,49 +625,40 @@ def paired_tables(rows: list[dict], margins: list) -> list[tuple]:
     run's table, or None), per run and, with several seeds, per L: one comparison per set of
     inputs the margins were measured on (data and r, p; titled by them where there are several),
     each made only when every Lipschitz run's seed has exactly one standard VAE measured on them."""
-    from lipvae.paired import Arm, differences, summarise, unpaired_seeds
+    from lipvae.paired import Arm, differences, inputs_words, summarise, unpaired_seeds
 
     groups: dict[str, list] = {}
     for row, frame in zip(rows, margins):
         lipschitz = row["model"] == "lipschitz" and row.get("enc_L") is not None
         if frame is not None and "index" in frame and (lipschitz or row["model"] == "standard"):
-            by_input = frame.set_index("index")
-            groups.setdefault(row.get("inputs", ""), []).append(Arm(
+            inputs = row.get("inputs", "")
+            groups.setdefault(inputs, []).append(Arm.of_table(
                 label(row), "lipschitz" if lipschitz else "standard", row.get("enc_L"), int(row.get("seed") or 0),
-                by_input["estimated"], row.get("inputs", ""), by_input["censored"] if "censored" in by_input else None))
+                frame.set_index("index"), inputs))
     if {a.kind for arms in groups.values() for a in arms} != {"lipschitz", "standard"}:
         return []
     tables = []
     for inputs, arms in groups.items():
         if not any(a.kind == "lipschitz" for a in arms):
             continue
-        title = PAIRED + (f": {_inputs_words(inputs)}" if len(groups) > 1 else "")
+        of = f": {inputs_words(inputs)}" if len(groups) > 1 else ""  # which inputs, where there are several
         if unpaired := unpaired_seeds(arms):
-            tables.append((title, f"Not made: the Lipschitz runs of seed {', '.join(map(str, unpaired))} need exactly"
-                           " one standard VAE of the same seed whose margins were measured on the same inputs (the"
-                           " same data, read identically, and the same attack r and p).", pd.DataFrame()))
+            tables.append((PAIRED + of, f"Not made: the Lipschitz runs of seed {', '.join(map(str, unpaired))} need"
+                           " exactly one standard VAE of the same seed whose margins were measured on the same inputs"
+                           " (the same data, read identically, and the same attack r and p).", pd.DataFrame()))
             continue
         table = differences(arms)
-        tables.append((title, "Each Lipschitz run against the standard VAE of its seed, on the same attacked inputs:"
-                       " the mean difference of their estimated margins, its 95 % bootstrap interval (10,000"
+        tables.append((PAIRED + of, "Each Lipschitz run against the standard VAE of its seed, on the same attacked"
+                       " inputs: the mean difference of their estimated margins, its 95 % bootstrap interval (10,000"
                        " resamples of the inputs), on how many inputs the Lipschitz margin is the larger, and how many"
                        " margins of each are censored (the attack reached attack.max_radius: a lower bound, which"
                        " bounds the difference from one side only).", table))
         if table.seed.nunique() > 1:
-            tables.append(("Per L, over seeds" + (f": {_inputs_words(inputs)}" if len(groups) > 1 else ""),
+            tables.append(("Per L, over seeds" + of,
                            "more robust: every seed's interval above 0 (and no standard VAE margin censored); less"
                            " robust: every one below (and no Lipschitz margin censored); undecided otherwise.",
                            summarise(table)))
     return tables
-
-
-def _inputs_words(inputs: str) -> str:
-    """``lipvae.paired.measured_on``'s key in words: the data set and the attack's r and p."""
-    try:
-        name, _, r, p = json.loads(inputs)
-        return f"{name}, r={r:g}, p={p:g}"
-    except (ValueError, TypeError):
-        return "other inputs"
 
 
 def _cells(frame: pd.DataFrame) -> list[list[str]]:
